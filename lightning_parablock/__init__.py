@@ -1,0 +1,23 @@
+"""ParaBlock for PyTorch Lightning: federated block-coordinate fine-tuning with overlapped communication."""
+
+from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
+from lightning_parablock.callback import ParaBlockCallback, RoundRecord, RunSummary
+from lightning_parablock.comm import CommunicationError, SimulatedLink
+from lightning_parablock.schedule import BlockSchedule
+from lightning_parablock.strategy import FederatedBlockStrategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "BlockPartition",
+    "BlockSchedule",
+    "CommunicationError",
+    "FederatedBlockStrategy",
+    "ParaBlockCallback",
+    "RoundRecord",
+    "RunSummary",
+    "SimulatedLink",
+    "partition_by_patterns",
+    "partition_decoder",
+]

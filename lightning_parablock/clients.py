@@ -1,0 +1,83 @@
+"""Virtual clients: what each one owns beyond the single shared global model.
+
+By the invariant of ParaBlock (paper Eq. 3-4) a client's model is always the
+global model plus its own not-yet-aggregated block deltas, so a client is a data
+shard, those pending deltas and its optimizer state; never a model copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_parablock.schedule import seeded_generator
+
+
+@dataclass
+class BlockDelta:
+    """Δ^i_t: how far one client moved one block in one round, kept in fp32."""
+
+    round: int
+    block: int
+    tensors: dict[str, Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class VirtualClient:
+    """A client of the simulated federation."""
+
+    index: int
+    sample_indices: list[int]
+    pending: dict[int, BlockDelta] = field(default_factory=dict)  # round -> own delta, not yet aggregated
+    optimizers: dict[int, Optimizer] = field(default_factory=dict)  # block -> optimizer, when state is kept per block
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_indices)
+
+    def state_nbytes(self) -> int:
+        """Bytes this client holds on top of the global model (pending deltas and optimizer state)."""
+        total = sum(delta.nbytes for delta in self.pending.values())
+        for optimizer in self.optimizers.values():
+            for state in optimizer.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+        return total
+
+
+def participants_per_round(num_clients: int, participation: float, clients_per_round: int | None) -> int:
+    """How many clients train each round, from a fraction or an explicit count."""
+    if clients_per_round is not None:
+        if not 1 <= clients_per_round <= num_clients:
+            raise ValueError(
+                f"`clients_per_round` must be between 1 and num_clients={num_clients}, got {clients_per_round}."
+            )
+        return clients_per_round
+    if not 0.0 < participation <= 1.0:
+        raise ValueError(f"`participation` is the fraction of clients per round and must be in (0, 1], got {participation}.")
+    return max(1, round(participation * num_clients))
+
+
+def sample_participants(round_index: int, num_clients: int, count: int, seed: int) -> list[int]:
+    """The clients of round ``round_index``: all of them, or ``count`` drawn without replacement (seeded)."""
+    if count >= num_clients:
+        return list(range(num_clients))
+    generator = seeded_generator(seed, 0xC11E, round_index)
+    return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
+
+
+def aggregation_weights(clients: Sequence[VirtualClient], weighting: str) -> list[float]:
+    """w_i over the given clients, summing to one: uniform, or by sample count."""
+    if weighting == "uniform":
+        return [1.0 / len(clients)] * len(clients)
+    if weighting == "samples":
+        total = sum(c.num_samples for c in clients)
+        return [c.num_samples / total for c in clients]
+    raise ValueError(f"`weighting` must be 'uniform' or 'samples', got {weighting!r}.")

@@ -1,0 +1,197 @@
+"""The link between clients and server, and the background thread that uses it.
+
+A :class:`SimulatedLink` models bandwidth and latency. The :class:`CommWorker`
+does the real work of one exchange on a background thread (device-to-host
+copies of every client's delta, the aggregation) and then waits only for what is
+left of the modelled link time, so compute on the main thread overlaps it just
+as it would overlap a real network.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from lightning_parablock.aggregate import weighted_mean
+
+_BYTE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "bit": 1 / 8, "kbit": 10**3 / 8, "mbit": 10**6 / 8, "gbit": 10**9 / 8,
+}  # fmt: skip
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+_BANDWIDTH = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ]+)\s*(?:/\s*s|ps)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ]*)\s*$", re.IGNORECASE)
+
+
+def parse_bandwidth(value: Union[str, float, int]) -> float:
+    """Bytes per second from ``"100MB/s"``, ``"1Gbit/s"``, ``"800Mbps"`` or a number of bytes per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        bytes_per_second = float(value)
+    else:
+        match = _BANDWIDTH.match(str(value))
+        unit = match.group(2).lower() if match else ""
+        if unit.endswith("b") and unit not in _BYTE_UNITS and unit[:-1] + "bit" in _BYTE_UNITS:
+            unit = unit[:-1] + "bit"  # "Mbps" style: lower-case b after a prefix means bits
+        if not match or unit not in _BYTE_UNITS:
+            raise ValueError(
+                f"Could not parse bandwidth {value!r}. Use a number with a unit per second, e.g. '100MB/s',"
+                f" '1.5GiB/s', '800Mbit/s', '800Mbps', or a number of bytes per second."
+            )
+        bytes_per_second = float(match.group(1)) * _BYTE_UNITS[unit]
+    if not bytes_per_second > 0:
+        raise ValueError(f"Bandwidth must be positive, got {value!r}.")
+    return bytes_per_second
+
+
+def parse_duration(value: Union[str, float, int]) -> float:
+    """Seconds from ``"20ms"``, ``"0.5s"``, ``"150us"`` or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        unit = (match.group(2) or "s").lower() if match else ""
+        if not match or unit not in _TIME_UNITS:
+            raise ValueError(f"Could not parse duration {value!r}. Use e.g. '20ms', '0.5s', '150us' or seconds.")
+        seconds = float(match.group(1)) * _TIME_UNITS[unit]
+    if seconds < 0:
+        raise ValueError(f"A duration cannot be negative, got {value!r}.")
+    return seconds
+
+
+class SimulatedLink:
+    """A client-server link of fixed bandwidth and latency, each client with its own link.
+
+    Args:
+        bandwidth: bytes per second each way, e.g. ``"100MB/s"`` (the paper studies 50, 100 and
+            150 MB/s). ``None`` models an infinitely fast link: only the real work is timed.
+        latency: one-way latency added to every transfer, e.g. ``"20ms"``.
+    """
+
+    def __init__(self, bandwidth: Optional[Union[str, float]] = None, latency: Union[str, float] = 0.0) -> None:
+        self.bandwidth = bandwidth
+        self.latency = latency
+        self.bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
+        self.latency_s = parse_duration(latency)
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        """Modelled time to move ``nbytes`` one way."""
+        if self.bytes_per_second is None:
+            return self.latency_s
+        return self.latency_s + nbytes / self.bytes_per_second
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bandwidth={self.bandwidth!r}, latency={self.latency!r})"
+
+
+class CommunicationError(RuntimeError):
+    """The exchange of a round failed or timed out on the communication thread."""
+
+
+@dataclass
+class RoundExchange:
+    """What one exchange produced and what it cost."""
+
+    round: int
+    block: int
+    aggregate: dict[str, Tensor]  # Δ_t in fp32, on the host
+    bytes_up: int  # summed over clients
+    bytes_down: int  # summed over clients
+    link_seconds: float  # modelled: clients in parallel, upload then download
+    work_seconds: float  # measured: copies and aggregation on the thread
+
+
+def _tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def exchange(
+    round_index: int,
+    block: int,
+    deltas: Mapping[int, Mapping[str, Tensor]],
+    weights: Mapping[int, float],
+    link: SimulatedLink,
+) -> RoundExchange:
+    """Upload every client's delta, aggregate, download the aggregate; return after the modelled link time."""
+    start = time.perf_counter()
+    with torch.no_grad():  # grad mode is per thread: the worker starts with it on
+        uploaded = {
+            client: {name: t.detach().to("cpu", copy=True) for name, t in delta.items()}
+            for client, delta in deltas.items()
+        }
+        aggregate = weighted_mean(uploaded, weights)
+    upload_bytes = {client: _tensor_bytes(delta) for client, delta in uploaded.items()}
+    download_bytes = _tensor_bytes(aggregate)
+    link_seconds = max(link.transfer_seconds(n) for n in upload_bytes.values()) + link.transfer_seconds(download_bytes)
+    work_seconds = time.perf_counter() - start
+    if link_seconds > work_seconds:
+        time.sleep(link_seconds - work_seconds)
+    return RoundExchange(
+        round=round_index,
+        block=block,
+        aggregate=aggregate,
+        bytes_up=sum(upload_bytes.values()),
+        bytes_down=download_bytes * len(uploaded),
+        link_seconds=link_seconds,
+        work_seconds=work_seconds,
+    )
+
+
+class CommWorker:
+    """Runs exchanges on one background thread; the main thread collects them at round boundaries.
+
+    The thread never logs and never touches the model: it reads the deltas it was given and
+    returns a new aggregate. Its errors re-raise in the main thread, in :meth:`wait`, with the round.
+    """
+
+    def __init__(self, link: SimulatedLink, timeout_s: float) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._in_flight: dict[int, tuple[int, Future]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parablock-comm")
+            future = self._executor.submit(exchange, round_index, block, dict(deltas), dict(weights), self.link)
+            self._in_flight[round_index] = (block, future)
+
+    def in_flight(self, round_index: int) -> bool:
+        return round_index in self._in_flight
+
+    def wait(self, round_index: int) -> RoundExchange:
+        """Block until the exchange of ``round_index`` is done and return it, re-raising its failure."""
+        block, future = self._in_flight.pop(round_index)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise CommunicationError(
+                f"The exchange of round {round_index} (block {block}) did not finish within"
+                f" comm_timeout={self.timeout_s}s."
+            ) from None
+        except Exception as error:
+            raise CommunicationError(
+                f"The exchange of round {round_index} (block {block}) failed on the communication thread:"
+                f" {type(error).__name__}: {error}"
+            ) from error
+
+    def shutdown(self) -> None:
+        """Stop the thread without waiting for exchanges nobody will collect."""
+        with self._lock:
+            for _, future in self._in_flight.values():
+                future.cancel()
+            self._in_flight.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None

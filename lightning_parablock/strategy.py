@@ -1,0 +1,453 @@
+"""``FederatedBlockStrategy``: N virtual clients on one device, one global model.
+
+The LightningModule's parameters *are* the global model. When the training loop
+reaches a client's batches the strategy loads that client's view (global plus its
+own pending deltas) into the blocks it touches and gives the loop that client's
+optimizer; when the client is done its delta is recorded and the saved global
+values are copied back, bit for bit. Rounds are epochs; the exchange of deltas
+and the round boundary belong to :class:`~lightning_parablock.ParaBlockCallback`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import torch
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_parablock.blocks import (
+    BlockPartition,
+    LayerSplit,
+    RemainderPolicy,
+    partition_by_patterns,
+    partition_decoder,
+)
+from lightning_parablock.clients import (
+    BlockDelta,
+    VirtualClient,
+    aggregation_weights,
+    participants_per_round,
+    sample_participants,
+)
+from lightning_parablock.sampler import FederatedBatchSampler
+from lightning_parablock.schedule import BlockSchedule, ScheduleKind
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+OptimizerStatePolicy = Literal["reset", "per_block"]
+Weighting = Literal["uniform", "samples"]
+
+
+@dataclass
+class _ActiveClient:
+    """The client whose view is loaded in the model right now."""
+
+    client: VirtualClient
+    global_values: dict[str, Tensor]  # exact global values of every block the view touches
+    start_values: dict[str, Tensor]  # θ_0 of the round's block, fp32
+    started_at: float
+
+
+@dataclass
+class RoundState:
+    """What the strategy knows about the round in progress."""
+
+    index: int
+    block: int
+    participants: list[int]
+    compute_seconds: dict[int, float] = field(default_factory=dict)
+    finished: bool = False
+
+
+class FederatedBlockStrategy(SingleDeviceStrategy):
+    """Simulates a federation of block-coordinate fine-tuning clients on one device.
+
+    Each epoch is one round: the round's block is unfrozen, every participant trains it for
+    ``local_steps`` optimizer steps (times ``accumulate_grad_batches`` micro-batches) from its
+    own view of the model, and its change to the block is kept as a pending delta until the
+    callback aggregates it. Memory is one model plus, per client, at most ``staleness + 1``
+    block deltas (and optimizer state when it is kept per block).
+
+    Args:
+        num_clients: clients in the federation.
+        local_steps: optimizer steps each participant takes per round (K).
+        layers_per_block: consecutive decoder layers per block.
+        layer_split: ``"attention_mlp"`` makes attention and MLP of each layer separate blocks.
+        remainder: what to do when ``layers_per_block`` does not divide the layer count.
+        include_embeddings: make the input embeddings a block (frozen otherwise).
+        include_head: make the final norm and LM head a block (frozen otherwise).
+        block_patterns: regular expressions over parameter names, one entry per block, for
+            models without a decoder stack; replaces the decoder detection.
+        schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``.
+        client_optimizer: builds a client's optimizer from the block's parameters. Defaults to the
+            LightningModule's ``configure_optimizers``, called once per client and round.
+        optimizer_state: ``"reset"`` starts every client's optimizer afresh at each block switch (the
+            paper); ``"per_block"`` keeps each client's state for each block it has trained.
+        global_lr: η, the step the server and the clients take along aggregated deltas.
+        participation: fraction of clients that train each round, in (0, 1].
+        clients_per_round: number of clients per round; overrides ``participation``.
+        weighting: aggregation weights, ``"uniform"`` or by client sample count (``"samples"``).
+        seed: seeds the block schedule, the participants and each client's data order.
+        device: the device of the global model; by default the accelerator's first device.
+    """
+
+    strategy_name = "federated_block"
+
+    def __init__(
+        self,
+        num_clients: int = 10,
+        local_steps: int = 8,
+        layers_per_block: int = 1,
+        layer_split: LayerSplit = "none",
+        remainder: RemainderPolicy = "error",
+        include_embeddings: bool = False,
+        include_head: bool = False,
+        block_patterns: Optional[list[Union[str, list[str]]]] = None,
+        schedule: ScheduleKind = "random",
+        client_optimizer: Optional[OptimizerCallable] = None,
+        optimizer_state: OptimizerStatePolicy = "reset",
+        global_lr: float = 1.0,
+        participation: float = 1.0,
+        clients_per_round: Optional[int] = None,
+        weighting: Weighting = "uniform",
+        seed: int = 0,
+        device: Optional[_DEVICE] = None,
+        accelerator: Optional[Accelerator] = None,
+    ) -> None:
+        super().__init__(device="cpu" if device is None else device, accelerator=accelerator)
+        if num_clients < 1:
+            raise ValueError(f"`num_clients` must be at least 1, got {num_clients}.")
+        if local_steps < 1:
+            raise ValueError(f"`local_steps` must be at least 1, got {local_steps}.")
+        if not global_lr > 0:
+            raise ValueError(f"`global_lr` (η) must be positive, got {global_lr}.")
+        if optimizer_state not in ("reset", "per_block"):
+            raise ValueError(f"`optimizer_state` must be 'reset' or 'per_block', got {optimizer_state!r}.")
+        if weighting not in ("uniform", "samples"):
+            raise ValueError(f"`weighting` must be 'uniform' or 'samples', got {weighting!r}.")
+        self.num_clients = num_clients
+        self.local_steps = local_steps
+        self.block_options = dict(
+            layers_per_block=layers_per_block,
+            layer_split=layer_split,
+            remainder=remainder,
+            include_embeddings=include_embeddings,
+            include_head=include_head,
+        )
+        self.block_patterns = block_patterns
+        self.schedule_kind = schedule
+        self.client_optimizer = client_optimizer
+        self.optimizer_state = optimizer_state
+        self.global_lr = float(global_lr)
+        self.clients_per_round = participants_per_round(num_clients, participation, clients_per_round)
+        self.weighting = weighting
+        self.seed = seed
+        self._device_given = device is not None
+
+        self.partition: Optional[BlockPartition] = None
+        self.schedule: Optional[BlockSchedule] = None
+        self.clients: list[VirtualClient] = []
+        self.batch_sampler: Optional[FederatedBatchSampler] = None
+        self.current: Optional[RoundState] = None
+        self._round_blocks: dict[int, int] = {}
+        self._participants: dict[int, list[int]] = {}
+        self._active: Optional[_ActiveClient] = None
+        self._last_module_optimizer: Optional[Optimizer] = None
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.accelerator is not None:
+            devices = type(self.accelerator).get_parallel_devices(1)
+            if devices:
+                return torch.device(devices[0])
+        return self._root_device
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._validate_trainer(trainer)
+            model = self.lightning_module
+            self.partition = (
+                partition_by_patterns(model, self.block_patterns)
+                if self.block_patterns
+                else partition_decoder(model, **self.block_options)
+            )
+            self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
+
+    def _validate_trainer(self, trainer: "pl.Trainer") -> None:
+        if not self.lightning_module.automatic_optimization:
+            raise MisconfigurationException(
+                "FederatedBlockStrategy needs automatic optimization: it hands each client's optimizer to"
+                " Lightning's loop. Set `self.automatic_optimization = True` in your LightningModule."
+            )
+        if trainer.limit_train_batches != 1.0:
+            raise MisconfigurationException(
+                f"`limit_train_batches={trainer.limit_train_batches}` would cut rounds short: one epoch is one"
+                " federated round. Leave it at 1.0 and set `local_steps` on the strategy instead."
+            )
+        if trainer.val_check_interval != 1.0:
+            raise MisconfigurationException(
+                f"`val_check_interval={trainer.val_check_interval}` would validate in the middle of a client's"
+                " turn. Validate at round ends with `check_val_every_n_epoch` instead."
+            )
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        """No optimizer up front: each client gets its own when its turn starts."""
+        if self.client_optimizer is None:
+            self._check_module_optimizers_are_fresh()
+        self.optimizers, self.lr_scheduler_configs = [], []
+
+    def _check_module_optimizers_are_fresh(self) -> None:
+        first, second = self._optimizer_from_module(), self._optimizer_from_module()
+        if first is second:
+            raise MisconfigurationException(
+                "`configure_optimizers` returns the same optimizer object on every call (LightningCLI's"
+                " `--optimizer` does this), so all clients would share one optimizer state. Pass"
+                " `client_optimizer=` to FederatedBlockStrategy instead."
+            )
+        self._last_module_optimizer = None
+
+    def _optimizer_from_module(self) -> Optimizer:
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        if len(optimizers) != 1 or schedulers:
+            raise MisconfigurationException(
+                f"FederatedBlockStrategy needs `configure_optimizers` to return exactly one optimizer and no LR"
+                f" scheduler (got {len(optimizers)} optimizers and {len(schedulers)} schedulers): clients"
+                " restart their optimizer every round."
+            )
+        optimizer = optimizers[0]
+        if optimizer is self._last_module_optimizer:
+            raise MisconfigurationException(
+                "`configure_optimizers` returned an optimizer object it had returned before; every client"
+                " needs its own. Build a new optimizer on every call or pass `client_optimizer=`."
+            )
+        self._last_module_optimizer = optimizer
+        return optimizer
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """Replace the training sampler by the round-by-round federated batch sampler."""
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset, IterableDataset):
+            raise MisconfigurationException(
+                f"FederatedBlockStrategy splits a map-style dataset among clients; the train dataloader must be a"
+                f" torch DataLoader over a map-style dataset, got {type(dataloader).__name__}."
+            )
+        if dataloader.batch_size is None:
+            raise MisconfigurationException(
+                "The train DataLoader has no `batch_size` (a custom batch_sampler?); give it a batch_size."
+            )
+        self.clients = self._make_clients(trainer, len(dataloader.dataset))
+        self.batch_sampler = FederatedBatchSampler(
+            client_indices=[c.sample_indices for c in self.clients],
+            batch_size=dataloader.batch_size,
+            batches_per_turn=self.batches_per_turn,
+            participants=self.participants_of,
+            current_round=lambda: trainer.current_epoch,
+            seed=self.seed,
+        )
+        extra = {}
+        if dataloader.num_workers > 0:
+            extra = dict(prefetch_factor=dataloader.prefetch_factor, persistent_workers=dataloader.persistent_workers)
+        return DataLoader(
+            dataloader.dataset,
+            batch_sampler=self.batch_sampler,
+            num_workers=dataloader.num_workers,
+            collate_fn=dataloader.collate_fn,
+            pin_memory=dataloader.pin_memory,
+            timeout=dataloader.timeout,
+            worker_init_fn=dataloader.worker_init_fn,
+            multiprocessing_context=dataloader.multiprocessing_context,
+            **extra,
+        )
+
+    def _make_clients(self, trainer: "pl.Trainer", num_examples: int) -> list[VirtualClient]:
+        """Client shards from the datamodule's ``client_partition(num_clients)``, else an iid split."""
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "client_partition"):
+            shards = datamodule.client_partition(self.num_clients)
+            if len(shards) != self.num_clients:
+                raise MisconfigurationException(
+                    f"`{type(datamodule).__name__}.client_partition` returned {len(shards)} shards for"
+                    f" num_clients={self.num_clients}."
+                )
+        else:
+            if num_examples < self.num_clients:
+                raise MisconfigurationException(
+                    f"The training set has {num_examples} examples, fewer than num_clients={self.num_clients}."
+                )
+            order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            shards = [order[i :: self.num_clients] for i in range(self.num_clients)]
+        for index, shard in enumerate(shards):
+            if len(shard) == 0:
+                raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
+        previous = {c.index: c for c in self.clients}
+        return [
+            VirtualClient(index=i, sample_indices=list(shard), pending=previous[i].pending if i in previous else {})
+            for i, shard in enumerate(shards)
+        ]
+
+    @property
+    def batches_per_turn(self) -> int:
+        """Micro-batches a participant consumes per round: K optimizer steps × accumulation."""
+        return self.local_steps * self.lightning_module.trainer.accumulate_grad_batches
+
+    # ----------------------------------------------------------------- rounds
+
+    def participants_of(self, round_index: int) -> list[int]:
+        if round_index not in self._participants:
+            self._participants[round_index] = sample_participants(
+                round_index, self.num_clients, self.clients_per_round, self.seed
+            )
+        return self._participants[round_index]
+
+    def block_of(self, round_index: int) -> int:
+        assert self.schedule is not None, "the strategy is not set up"
+        if round_index not in self._round_blocks:
+            self._round_blocks[round_index] = self.schedule.block_for_round(round_index)
+        return self._round_blocks[round_index]
+
+    def begin_round(self, round_index: int) -> RoundState:
+        """Unfreeze the round's block; clients are entered as their batches arrive."""
+        assert self.partition is not None, "the strategy is not set up"
+        self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index))
+        self.partition.freeze_all_but(self.lightning_module, self.current.block)
+        return self.current
+
+    def finish_round(self) -> RoundState:
+        """Close the last client's turn; the model holds the global values again."""
+        assert self.current is not None, "no round in progress"
+        self._leave_client()
+        self.current.finished = True
+        return self.current
+
+    def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
+        """Each client's own delta of ``round_index``, by client id."""
+        return {c.index: c.pending[round_index].tensors for c in self.clients if round_index in c.pending}
+
+    def round_weights(self, round_index: int) -> dict[int, float]:
+        """Aggregation weights over the clients that sent a delta in ``round_index``."""
+        senders = [c for c in self.clients if round_index in c.pending]
+        return {c.index: w for c, w in zip(senders, aggregation_weights(senders, self.weighting))}
+
+    def pending_rounds(self) -> list[int]:
+        return sorted({r for c in self.clients for r in c.pending})
+
+    @torch.no_grad()
+    def apply_aggregate(self, round_index: int, block: int, aggregate: dict[str, Tensor]) -> None:
+        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i.
+
+        Dropping Δ^i is the correction η(Δ − Δ^i) in the invariant's terms: a client's view is the
+        global model plus its pending deltas, so the view's block moves by η Δ − η Δ^i.
+        """
+        assert self._active is None, "cannot aggregate while a client's view is loaded"
+        params = self.partition.parameters(self.lightning_module, block)
+        for name, delta in aggregate.items():
+            param = params[name]
+            param.copy_((param.float() + self.global_lr * delta.to(param.device)).to(param.dtype))
+        for client in self.clients:
+            client.pending.pop(round_index, None)
+
+    def client_view(self, client_index: int) -> dict[str, Tensor]:
+        """The full model of one client (global plus its pending deltas), for tests and inspection."""
+        assert self._active is None, "cannot materialize a view while another client's view is loaded"
+        state = {n: p.detach().float().clone() for n, p in self.lightning_module.named_parameters()}
+        for delta in sorted(self.clients[client_index].pending.values(), key=lambda d: d.round):
+            for name, tensor in delta.tensors.items():
+                state[name] += self.global_lr * tensor.to(state[name].device)
+        return state
+
+    def client_state_nbytes(self) -> int:
+        """Bytes all clients hold beyond the global model."""
+        return sum(c.state_nbytes() for c in self.clients)
+
+    # ------------------------------------------------------------ client turns
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        assert self.current is not None, "ParaBlockCallback must begin every round (is it in the Trainer's callbacks?)"
+        client = self.clients[self.current.participants[batch_idx // self.batches_per_turn]]
+        if self._active is None or self._active.client is not client:
+            self._leave_client()
+            self._enter_client(client)
+
+    @override
+    def on_validation_start(self) -> None:
+        # Validation at a round's end evaluates the global model, not the last client's view.
+        self._leave_client()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._leave_client(record=False)
+
+    @torch.no_grad()
+    def _enter_client(self, client: VirtualClient) -> None:
+        """Load global + η Σ pending deltas into the touched blocks, and the client's optimizer."""
+        assert self.current is not None and self.partition is not None
+        model, block = self.lightning_module, self.current.block
+        pending = sorted(client.pending.values(), key=lambda d: d.round)
+        touched = {block} | {d.block for d in pending}
+        params = {n: p for b in touched for n, p in self.partition.parameters(model, b).items()}
+        global_values = {name: p.detach().clone() for name, p in params.items()}
+        views: dict[str, Tensor] = {}
+        for delta in pending:
+            for name, tensor in delta.tensors.items():
+                base = views.get(name, global_values[name].float())
+                views[name] = base + self.global_lr * tensor.to(base.device)
+        for name, value in views.items():
+            params[name].copy_(value.to(params[name].dtype))
+        start_values = {n: p.detach().float().clone() for n, p in self.partition.parameters(model, block).items()}
+        self._active = _ActiveClient(client, global_values, start_values, time.perf_counter())
+        self.optimizers = [self._client_optimizer(client, block)]
+
+    @torch.no_grad()
+    def _leave_client(self, record: bool = True) -> None:
+        """Record Δ^i_t and copy the exact global values back."""
+        active, self._active = self._active, None
+        if active is None:
+            return
+        assert self.current is not None and self.partition is not None
+        model, block = self.lightning_module, self.current.block
+        params = self.partition.parameters(model, block)
+        if record:
+            delta = {name: params[name].detach().float() - start for name, start in active.start_values.items()}
+            active.client.pending[self.current.index] = BlockDelta(self.current.index, block, delta)
+        all_params = dict(model.named_parameters())
+        for name, value in active.global_values.items():
+            all_params[name].copy_(value)
+        for param in params.values():
+            param.grad = None
+        if self.root_device.type == "cuda":
+            torch.cuda.synchronize(self.root_device)
+        self.current.compute_seconds[active.client.index] = time.perf_counter() - active.started_at
+
+    def _client_optimizer(self, client: VirtualClient, block: int) -> Optimizer:
+        if self.optimizer_state == "per_block" and block in client.optimizers:
+            return client.optimizers[block]
+        if self.client_optimizer is not None:
+            optimizer = self.client_optimizer(list(self.partition.parameters(self.lightning_module, block).values()))
+        else:
+            optimizer = self._optimizer_from_module()
+        if self.optimizer_state == "per_block":
+            client.optimizers[block] = optimizer
+        return optimizer

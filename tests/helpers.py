@@ -1,0 +1,81 @@
+"""Run a toy federation through Lightning and through the plain-PyTorch reference on the same plan."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from lightning import Trainer
+from torch.utils.data import default_collate
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from reference_parablock import RoundSpec, run_reference
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def lightning_and_reference(
+    staleness: int,
+    num_clients: int,
+    optimizer: str = "sgd",
+    rounds: int = 4,
+    local_steps: int = 2,
+    accumulate: int = 1,
+    clients_per_round: Optional[int] = None,
+    weighting: str = "uniform",
+    global_lr: float = 1.0,
+    schedule: str = "random",
+    dataset=None,
+):
+    """Train the toy module under the strategy, then replay the same plan through the reference loop."""
+    module = ToyModule(optimizer=optimizer)
+    initial = copy.deepcopy(module)
+    dataset = dataset if dataset is not None else toy_dataset()
+    strategy = FederatedBlockStrategy(
+        num_clients=num_clients,
+        local_steps=local_steps,
+        clients_per_round=clients_per_round,
+        weighting=weighting,
+        global_lr=global_lr,
+        schedule=schedule,
+        seed=3,
+    )
+    callback = ParaBlockCallback(staleness=staleness)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[callback], max_epochs=rounds, accumulate_grad_batches=accumulate)
+    trainer.fit(module, toy_loader(dataset))
+
+    specs = []
+    for t in range(rounds):
+        block = list(strategy.partition[strategy.block_of(t)].param_names)
+        batches = {
+            turn.client: [default_collate([dataset[i] for i in batch]) for batch in turn.batches]
+            for turn in strategy.batch_sampler.plan(t)
+        }
+        specs.append(RoundSpec(block=block, batches=batches))
+    if optimizer == "sgd":
+        factory = lambda params: torch.optim.SGD(params, lr=initial.lr, momentum=0.5)  # noqa: E731
+    else:
+        factory = lambda params: torch.optim.AdamW(params, lr=initial.lr, weight_decay=0.01)  # noqa: E731
+    weights = [c.num_samples for c in strategy.clients] if weighting == "samples" else None
+    reference = run_reference(
+        initial, toy_loss, specs, num_clients, factory, staleness, global_lr, accumulate, client_weights=weights
+    )
+    return module, reference, strategy, callback
+
+
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    b_params = dict(b.named_parameters())
+    return max((p.detach() - b_params[n].detach()).abs().max().item() for n, p in a.named_parameters())
