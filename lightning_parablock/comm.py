@@ -38,9 +38,10 @@ def parse_bandwidth(value: Union[str, float, int]) -> float:
         bytes_per_second = float(value)
     else:
         match = _BANDWIDTH.match(str(value))
-        unit = match.group(2).lower() if match else ""
-        if unit.endswith("b") and unit not in _BYTE_UNITS and unit[:-1] + "bit" in _BYTE_UNITS:
-            unit = unit[:-1] + "bit"  # "Mbps" style: lower-case b after a prefix means bits
+        raw_unit = match.group(2) if match else ""
+        unit = raw_unit.lower()
+        if raw_unit.endswith("b") and unit[:-1] + "bit" in _BYTE_UNITS:
+            unit = unit[:-1] + "bit"  # "800Mbps", "800Mb/s": a lower-case b means bits, an upper-case B bytes
         if not match or unit not in _BYTE_UNITS:
             raise ValueError(
                 f"Could not parse bandwidth {value!r}. Use a number with a unit per second, e.g. '100MB/s',"

@@ -42,6 +42,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
         current_round: the round to yield when iterated; read at ``iter()`` time because
             Lightning calls ``iter()`` before any epoch hook on resume.
         seed: seeds the shard permutations.
+        shuffle: read each shard in a fresh seeded permutation per pass (else in the given order).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
         participants: Callable[[int], list[int]],
         current_round: Callable[[], int],
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         for client, indices in enumerate(client_indices):
             if len(indices) == 0:
@@ -64,6 +66,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
         self.participants = participants
         self.current_round = current_round
         self.seed = seed
+        self.shuffle = shuffle
 
     def __len__(self) -> int:
         return len(self.participants(0)) * self.batches_per_turn
@@ -93,6 +96,8 @@ class FederatedBatchSampler(Sampler[list[int]]):
 
     def _stream_item(self, client: int, shard: list[int], position: int) -> int:
         epoch, offset = divmod(position, len(shard))
+        if not self.shuffle:
+            return shard[offset]
         return shard[int(self._permutation(client, len(shard), epoch)[offset])]
 
     @staticmethod

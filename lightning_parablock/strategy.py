@@ -101,6 +101,8 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         clients_per_round: number of clients per round; overrides ``participation``.
         weighting: aggregation weights, ``"uniform"`` or by client sample count (``"samples"``).
         seed: seeds the block schedule, the participants and each client's data order.
+        shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
+            ``False`` in the order the datamodule gave.
         device: the device of the global model; by default the accelerator's first device.
     """
 
@@ -124,6 +126,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         clients_per_round: Optional[int] = None,
         weighting: Weighting = "uniform",
         seed: int = 0,
+        shuffle: bool = True,
         device: Optional[_DEVICE] = None,
         accelerator: Optional[Accelerator] = None,
     ) -> None:
@@ -155,6 +158,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.clients_per_round = participants_per_round(num_clients, participation, clients_per_round)
         self.weighting = weighting
         self.seed = seed
+        self.shuffle = shuffle
         self._device_given = device is not None
 
         self.partition: Optional[BlockPartition] = None
@@ -265,6 +269,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             participants=self.participants_of,
             current_round=lambda: trainer.current_epoch,
             seed=self.seed,
+            shuffle=self.shuffle,
         )
         extra = {}
         if dataloader.num_workers > 0:
@@ -385,7 +390,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        assert self.current is not None, "ParaBlockCallback must begin every round (is it in the Trainer's callbacks?)"
+        if self.current is None:
+            raise MisconfigurationException(
+                "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
+                " callbacks; it begins and ends every round."
+            )
         client = self.clients[self.current.participants[batch_idx // self.batches_per_turn]]
         if self._active is None or self._active.client is not client:
             self._leave_client()

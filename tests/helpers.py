@@ -39,6 +39,7 @@ def lightning_and_reference(
     global_lr: float = 1.0,
     schedule: str = "random",
     dataset=None,
+    extra_callbacks=(),
 ):
     """Train the toy module under the strategy, then replay the same plan through the reference loop."""
     module = ToyModule(optimizer=optimizer)
@@ -54,7 +55,12 @@ def lightning_and_reference(
         seed=3,
     )
     callback = ParaBlockCallback(staleness=staleness)
-    trainer = quiet_trainer(strategy=strategy, callbacks=[callback], max_epochs=rounds, accumulate_grad_batches=accumulate)
+    trainer = quiet_trainer(
+        strategy=strategy,
+        callbacks=[callback, *extra_callbacks],
+        max_epochs=rounds,
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(module, toy_loader(dataset))
 
     specs = []

@@ -1,0 +1,88 @@
+"""Alpaca prompts and prompt-masked tokenization for supervised fine-tuning.
+
+Instruction tuning trains only on the answer: the prompt is context, so its tokens get label ``-100``
+and the loss covers the response and the closing eos, which teaches the model where to stop.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+"""Label value that ``torch.nn.CrossEntropyLoss`` (and so every HF causal LM) leaves out of the loss."""
+
+PREAMBLE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+PREAMBLE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+INSTRUCTION_HEADER = "### Instruction:\n"
+INPUT_HEADER = "### Input:\n"
+RESPONSE_HEADER = "### Response:\n"
+
+PROMPT_NO_INPUT = f"{PREAMBLE_NO_INPUT}\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n{RESPONSE_HEADER}"
+"""Stanford Alpaca's template for examples without an ``input`` field."""
+
+PROMPT_WITH_INPUT = (
+    f"{PREAMBLE_WITH_INPUT}\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n{INPUT_HEADER}{{input}}\n\n{RESPONSE_HEADER}"
+)
+"""Stanford Alpaca's template for examples with an ``input`` field."""
+
+
+def format_prompt(instruction: str, input: Optional[str] = None) -> str:
+    """Render the Alpaca prompt; an empty or missing ``input`` uses the template without it, as Alpaca does."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def tokenize_for_sft(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[int]]:
+    """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``.
+
+    Prompt and response are tokenized separately so the mask boundary is exact. Sequences longer than
+    ``max_length`` are cut from the right, so an over-long prompt leaves no supervised token at all.
+
+    Returns:
+        Lists ``input_ids``, ``attention_mask`` and ``labels`` of equal length, at most ``max_length``.
+    """
+    if max_length < 1:
+        raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
+            f" eos={tokenizer.eos_token!r}."
+        )
+    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    response_ids = [*tokenizer.encode(response, add_special_tokens=False), tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass(frozen=True)
+class SFTCollator:
+    """Right-pad a list of :func:`tokenize_for_sft` outputs into a batch of ``torch.long`` tensors.
+
+    Padding positions get ``pad_token_id`` in ``input_ids``, ``0`` in ``attention_mask`` and ``-100`` in
+    ``labels``, so they neither attend nor count towards the loss.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("`SFTCollator` got an empty list of features; pass at least one example.")
+        width = max(len(feature["input_ids"]) for feature in features)
+        pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {
+            key: torch.tensor(
+                [list(feature[key]) + [pad] * (width - len(feature[key])) for feature in features], dtype=torch.long
+            )
+            for key, pad in pad_values.items()
+        }

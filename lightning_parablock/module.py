@@ -1,0 +1,91 @@
+"""A LightningModule around any Hugging Face causal LM, ready for block-wise federated fine-tuning."""
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class CausalLMModule(L.LightningModule):
+    """Train a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss).
+
+    The model is built in ``__init__`` so a strategy can inspect and freeze its parameters before training.
+    Its parameters are registered under ``model.``, e.g. ``model.model.layers.0.mlp.up_proj.weight`` for Llama.
+
+    Args:
+        model_name_or_path: Checkpoint for ``AutoModelForCausalLM.from_pretrained`` (hub name or local folder).
+        config: Keyword arguments for ``AutoConfig.for_model``, including ``model_type``, to train from scratch.
+            Exactly one of ``model_name_or_path`` and ``config`` must be given.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        seed: Seeds the random initialization of a model built from ``config``, without touching global RNG state.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        config: Optional[dict[str, Any]] = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (model_name_or_path is None) == (config is None):
+            raise ValueError(
+                "Pass exactly one of `model_name_or_path` (a pretrained checkpoint) and `config` (a dict for"
+                f" `AutoConfig.for_model`), got model_name_or_path={model_name_or_path!r} and config={config!r}."
+            )
+        if config is not None and "model_type" not in config:
+            raise ValueError(f"`config` must name a `model_type` such as 'llama', got keys {sorted(config)}.")
+        self.save_hyperparameters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if model_name_or_path is not None:
+                self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
+            else:
+                self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The wrapped Hugging Face model."""
+        return self.model
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed."""
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self(**batch).loss
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+
+    def configure_optimizers(self) -> torch.optim.AdamW:
+        """A fresh AdamW over the parameters that require grad right now.
+
+        The block-coordinate strategy freezes all but the active block and calls this per client and round,
+        so optimizer state never leaks across blocks and frozen parameters carry no AdamW state.
+        """
+        params = [param for param in self.parameters() if param.requires_grad]
+        if not params:
+            raise RuntimeError(
+                "`CausalLMModule.configure_optimizers` found no parameter with `requires_grad=True`;"
+                " unfreeze at least one block before building the optimizer."
+            )
+        hparams = self.hparams
+        return torch.optim.AdamW(
+            params, lr=hparams.learning_rate, weight_decay=hparams.weight_decay, betas=tuple(hparams.betas)
+        )
+
+    def save_pretrained(self, path: Union[str, Path], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
+        """Write the model (and ``tokenizer``, if given) in Hugging Face format, loadable with ``from_pretrained``."""
+        self.model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
