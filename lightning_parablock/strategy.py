@@ -220,13 +220,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.optimizers, self.lr_scheduler_configs = [], []
 
     def _check_module_optimizers_are_fresh(self) -> None:
-        first, second = self._optimizer_from_module(), self._optimizer_from_module()
-        if first is second:
-            raise MisconfigurationException(
-                "`configure_optimizers` returns the same optimizer object on every call (LightningCLI's"
-                " `--optimizer` does this), so all clients would share one optimizer state. Pass"
-                " `client_optimizer=` to FederatedBlockStrategy instead."
-            )
+        """Fail before training if ``configure_optimizers`` would hand every client one shared optimizer."""
+        self._optimizer_from_module()
+        self._optimizer_from_module()
         self._last_module_optimizer = None
 
     def _optimizer_from_module(self) -> Optimizer:
@@ -240,8 +236,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         optimizer = optimizers[0]
         if optimizer is self._last_module_optimizer:
             raise MisconfigurationException(
-                "`configure_optimizers` returned an optimizer object it had returned before; every client"
-                " needs its own. Build a new optimizer on every call or pass `client_optimizer=`."
+                "`configure_optimizers` returns the same optimizer object on every call (LightningCLI's"
+                " `--optimizer` does this), so all clients would share one optimizer state. Build a new"
+                " optimizer on every call, or pass `client_optimizer=` to FederatedBlockStrategy."
             )
         self._last_module_optimizer = optimizer
         return optimizer

@@ -1,0 +1,130 @@
+"""The strategy and callback inside a user's Trainer: errors, faults, and a user's own module."""
+
+import math
+
+import pytest
+import torch
+from lightning import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from helpers import quiet_trainer
+from lightning_parablock import CommunicationError, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+
+def fit(module=None, strategy=None, callbacks=None, **trainer_kwargs):
+    module = module if module is not None else ToyModule()
+    strategy = strategy if strategy is not None else FederatedBlockStrategy(num_clients=3, local_steps=2)
+    callbacks = callbacks if callbacks is not None else [ParaBlockCallback()]
+    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, **{"max_epochs": 3, **trainer_kwargs})
+    trainer.fit(module, toy_loader(toy_dataset()))
+    return module, trainer
+
+
+def test_users_own_module_learns_under_the_strategy():
+    module = ToyModule(optimizer="adamw", lr=0.02)
+    dataset = toy_dataset()
+    full_batch = tuple(t for t in dataset.tensors)
+    before = toy_loss(module, full_batch).item()
+    strategy = FederatedBlockStrategy(num_clients=4, local_steps=4, schedule="sequential")
+    fit(module, strategy, [ParaBlockCallback(staleness=1, link=SimulatedLink("10MB/s", "1ms"))], max_epochs=8)
+    after = toy_loss(module, full_batch).item()
+    assert after < 0.7 * before
+
+
+class PoisonDelta(Callback):
+    """Turns one client's pending delta into NaN just before it is sent."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            delta = trainer.strategy.clients[1].pending[1]
+            next(iter(delta.tensors.values())).fill_(math.nan)
+
+
+def test_comm_thread_error_reaches_the_caller_with_round_and_cause():
+    module = ToyModule()
+    with pytest.raises(CommunicationError, match=r"round 1 .*NonFiniteDeltaError.*Client 1") as error:
+        fit(module, callbacks=[PoisonDelta(), ParaBlockCallback(staleness=1)], max_epochs=4)
+    assert error.value.__cause__ is not None
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_strategy_without_callback_is_refused():
+    with pytest.raises(MisconfigurationException, match="add `ParaBlockCallback"):
+        fit(callbacks=[])
+
+
+def test_callback_without_strategy_is_refused():
+    trainer = quiet_trainer(callbacks=[ParaBlockCallback()], max_epochs=1)
+    with pytest.raises(MisconfigurationException, match="FederatedBlockStrategy"):
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+
+
+def test_staleness_not_below_rounds_is_refused():
+    with pytest.raises(MisconfigurationException, match=r"staleness=3.*max_epochs=3"):
+        fit(callbacks=[ParaBlockCallback(staleness=3)], max_epochs=3)
+
+
+class SharedOptimizerModule(ToyModule):
+    def configure_optimizers(self):
+        if not hasattr(self, "_shared"):
+            self._shared = torch.optim.SGD(self.parameters(), lr=0.1)
+        return self._shared
+
+
+def test_optimizer_shared_by_clients_is_refused():
+    with pytest.raises(MisconfigurationException, match="same optimizer object"):
+        fit(SharedOptimizerModule())
+
+
+def test_client_optimizer_callable_replaces_configure_optimizers():
+    made = []
+
+    def client_optimizer(params):
+        made.append(torch.optim.SGD(params, lr=0.1))
+        return made[-1]
+
+    fit(SharedOptimizerModule(), FederatedBlockStrategy(num_clients=2, local_steps=1, client_optimizer=client_optimizer))
+    assert len(made) == 3 * 2  # one per client per round
+    assert all(len(o.param_groups[0]["params"]) == 2 for o in made)  # one block: a Linear's weight and bias
+
+
+class ManualModule(ToyModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused():
+    with pytest.raises(MisconfigurationException, match="automatic optimization"):
+        fit(ManualModule())
+
+
+def test_training_stopped_inside_a_round_still_flushes():
+    module, trainer = fit(max_steps=5)  # 3 clients × 2 steps per round: stops in round 0's last client
+    assert trainer.strategy.pending_rounds() == []
+    callback = trainer.callbacks[0]
+    assert callback.records[-1].flush
+
+
+class ValidatingModule(ToyModule):
+    def validation_step(self, batch, batch_idx):
+        self.seen = {n: p.detach().clone() for n, p in self.named_parameters()}
+
+
+def test_validation_sees_the_global_model_not_a_client_view():
+    module = ValidatingModule()
+    strategy = FederatedBlockStrategy(num_clients=3, local_steps=2)
+    recorder = GlobalAtRoundEnd()
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1), recorder], max_epochs=3)
+    trainer.fit(module, toy_loader(toy_dataset()), toy_loader(toy_dataset(n=8)))
+    # validation runs before the boundary of its round: it sees the global model of the previous boundary
+    assert all(torch.equal(module.seen[n], p) for n, p in recorder.globals[1].items())
+
+
+class GlobalAtRoundEnd(Callback):
+    def __init__(self):
+        self.globals = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.globals.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
