@@ -3,6 +3,7 @@
 from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
 from lightning_parablock.callback import ParaBlockCallback, RoundRecord, RunSummary
 from lightning_parablock.comm import CommunicationError, SimulatedLink
+from lightning_parablock.module import CausalLMModule
 from lightning_parablock.schedule import BlockSchedule
 from lightning_parablock.strategy import FederatedBlockStrategy
 
@@ -12,6 +13,7 @@ __all__ = [
     "Block",
     "BlockPartition",
     "BlockSchedule",
+    "CausalLMModule",
     "CommunicationError",
     "FederatedBlockStrategy",
     "ParaBlockCallback",

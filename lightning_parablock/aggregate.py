@@ -33,6 +33,11 @@ def weighted_mean(
             raise ValueError(f"Client {client} sent tensors {list(delta)}, expected {names}.")
         for name in names:
             tensor = delta[name]
+            if tensor.shape != aggregate[name].shape:  # add_ would broadcast a wrong shape silently
+                raise ValueError(
+                    f"Client {client} sent {name!r} of shape {tuple(tensor.shape)},"
+                    f" expected {tuple(aggregate[name].shape)}."
+                )
             if not torch.isfinite(tensor).all():
                 raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
             aggregate[name].add_(tensor.float(), alpha=weights[client])

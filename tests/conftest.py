@@ -1,0 +1,19 @@
+import pytest
+
+
+@pytest.fixture
+def tiny_llama_config() -> dict:
+    """A ~30k-parameter Llama whose vocabulary fits the character tokenizer (105 tokens) and 48-token sequences."""
+    return {
+        "model_type": "llama",
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }

@@ -1,0 +1,108 @@
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_parablock.data import CHAR_VOCAB_SIZE, SyntheticArithmeticDataModule
+from lightning_parablock.module import CausalLMModule
+
+
+@pytest.fixture
+def datamodule():
+    return SyntheticArithmeticDataModule(num_examples=64, val_examples=16, batch_size=8, seed=0)
+
+
+def _batch_loss(module: CausalLMModule, batch: dict[str, torch.Tensor]) -> float:
+    module.eval()
+    with torch.no_grad():
+        return module(**batch).loss.item()
+
+
+def test_tiny_config_fits_tokenizer(tiny_llama_config):
+    assert tiny_llama_config["vocab_size"] >= CHAR_VOCAB_SIZE
+
+
+def test_requires_exactly_one_model_source(tiny_llama_config):
+    with pytest.raises(ValueError, match="exactly one.*model_name_or_path=None and config=None"):
+        CausalLMModule()
+    with pytest.raises(ValueError, match="exactly one"):
+        CausalLMModule(model_name_or_path="some/model", config=tiny_llama_config)
+    with pytest.raises(ValueError, match="model_type"):
+        CausalLMModule(config={"hidden_size": 32})
+
+
+def test_seed_makes_init_reproducible(tiny_llama_config):
+    rng_state = torch.get_rng_state()
+    first = CausalLMModule(config=tiny_llama_config, seed=1).state_dict()
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    second = CausalLMModule(config=tiny_llama_config, seed=1).state_dict()
+    other = CausalLMModule(config=tiny_llama_config, seed=2).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_training_step_returns_loss(tiny_llama_config, datamodule):
+    module = CausalLMModule(config=tiny_llama_config)
+    batch = next(iter(datamodule.train_dataloader()))
+    loss = module.training_step(batch, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+
+
+def test_trainer_fit_decreases_loss_on_fixed_batch(tiny_llama_config, datamodule):
+    module = CausalLMModule(config=tiny_llama_config, learning_rate=1e-2)
+    batch = next(iter(datamodule.train_dataloader()))
+    before = _batch_loss(module, batch)
+    trainer = L.Trainer(
+        max_steps=30,
+        limit_train_batches=1,  # the unshuffled loader then yields the same first batch every epoch
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    after = _batch_loss(module, batch)
+    assert trainer.global_step == 30
+    assert after < 0.7 * before
+    assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
+
+
+def test_configure_optimizers_is_fresh_and_follows_requires_grad(tiny_llama_config):
+    module = CausalLMModule(config=tiny_llama_config, learning_rate=3e-3, weight_decay=0.1, betas=(0.8, 0.9))
+    first, second = module.configure_optimizers(), module.configure_optimizers()
+    assert first is not second
+    assert isinstance(first, torch.optim.AdamW)
+    group = first.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (3e-3, 0.1, (0.8, 0.9))
+    assert sum(len(g["params"]) for g in first.param_groups) == len(list(module.parameters()))
+
+    module.requires_grad_(False)
+    active = list(module.hf_model.model.layers[1].parameters())
+    for param in active:
+        param.requires_grad_(True)
+    optimized = [param for g in module.configure_optimizers().param_groups for param in g["params"]]
+    assert {id(param) for param in optimized} == {id(param) for param in active}
+
+
+def test_configure_optimizers_without_trainable_params_raises(tiny_llama_config):
+    module = CausalLMModule(config=tiny_llama_config)
+    module.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="requires_grad=True"):
+        module.configure_optimizers()
+
+
+def test_save_pretrained_roundtrip(tiny_llama_config, datamodule, tmp_path):
+    module = CausalLMModule(config=tiny_llama_config)
+    module.save_pretrained(tmp_path, tokenizer=datamodule.tokenizer)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    expected = module.hf_model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == datamodule.tokenizer.get_vocab()
+
+    reloaded = CausalLMModule(model_name_or_path=str(tmp_path))
+    batch = next(iter(datamodule.train_dataloader()))
+    assert _batch_loss(reloaded, batch) == pytest.approx(_batch_loss(module, batch))
