@@ -17,8 +17,10 @@ from torch import nn
 RemainderPolicy = Literal["error", "last_smaller", "merge_into_last"]
 LayerSplit = Literal["none", "attention_mlp"]
 
-# Child modules of a decoder layer that belong to the attention half when a layer is split in two.
-_ATTENTION_CHILD = re.compile(r"attn|attention|input_layernorm|ln_1|pre_attention|input_norm")
+# Child modules of a decoder layer that form the attention half when a layer is split in two: the
+# attention itself and the norm before it. ``post_attention_layernorm`` is Llama's pre-MLP norm, so
+# anything named ``post_*`` goes with the MLP half.
+_ATTENTION_CHILD = re.compile(r"^(?!post_).*(attn|attention)|^(input_layernorm|ln_1|pre_attention_layernorm)$")
 
 
 @dataclass(frozen=True)
