@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
-from lightning.fabric.utilities.types import _DEVICE
+from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
@@ -153,7 +153,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.block_patterns = block_patterns
         self.schedule_kind = schedule
         self.client_optimizer = client_optimizer
-        self.optimizer_state = optimizer_state
+        self.optimizer_state_policy = optimizer_state
         self.global_lr = float(global_lr)
         self.clients_per_round = participants_per_round(num_clients, participation, clients_per_round)
         self.weighting = weighting
@@ -170,6 +170,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._participants: dict[int, list[int]] = {}
         self._active: Optional[_ActiveClient] = None
         self._last_module_optimizer: Optional[Optimizer] = None
+        self._restored_pending: Optional[dict[int, dict[int, dict[str, Any]]]] = None
+        self._saved_blocks: Optional[list[list[str]]] = None
+        self._restored_optimizer_states: dict[tuple[int, int], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -194,6 +197,17 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 else partition_decoder(model, **self.block_options)
             )
             self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
+            self._check_restored_blocks()
+
+    def _check_restored_blocks(self) -> None:
+        saved, self._saved_blocks = self._saved_blocks, None
+        current = [list(b.param_names) for b in self.partition.blocks]
+        if saved is not None and saved != current:
+            raise MisconfigurationException(
+                f"The checkpoint was written with {len(saved)} blocks and this run partitions the model into"
+                f" {len(current)} blocks{'' if len(saved) != len(current) else ' of other parameters'}; resume"
+                " with the block options of the original run."
+            )
 
     def _validate_trainer(self, trainer: "pl.Trainer") -> None:
         if not self.lightning_module.automatic_optimization:
@@ -303,11 +317,16 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         for index, shard in enumerate(shards):
             if len(shard) == 0:
                 raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
-        previous = {c.index: c for c in self.clients}
-        return [
-            VirtualClient(index=i, sample_indices=list(shard), pending=previous[i].pending if i in previous else {})
-            for i, shard in enumerate(shards)
-        ]
+        clients = [VirtualClient(index=i, sample_indices=list(shard)) for i, shard in enumerate(shards)]
+        if self._restored_pending is not None:
+            for client in clients:
+                saved = self._restored_pending.get(client.index, {})
+                client.pending = {r: BlockDelta(r, d["block"], d["tensors"]) for r, d in saved.items()}
+            self._restored_pending = None
+        else:
+            for client, old in zip(clients, self.clients):
+                client.pending = old.pending
+        return clients
 
     @property
     def batches_per_turn(self) -> int:
@@ -443,17 +462,72 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             all_params[name].copy_(value)
         for param in params.values():
             param.grad = None
+        self.optimizers = []  # checkpoints carry no stale client optimizer
         if self.root_device.type == "cuda":
             torch.cuda.synchronize(self.root_device)
         self.current.compute_seconds[active.client.index] = time.perf_counter() - active.started_at
 
     def _client_optimizer(self, client: VirtualClient, block: int) -> Optimizer:
-        if self.optimizer_state == "per_block" and block in client.optimizers:
+        if self.optimizer_state_policy == "per_block" and block in client.optimizers:
             return client.optimizers[block]
         if self.client_optimizer is not None:
             optimizer = self.client_optimizer(list(self.partition.parameters(self.lightning_module, block).values()))
         else:
             optimizer = self._optimizer_from_module()
-        if self.optimizer_state == "per_block":
+        if self.optimizer_state_policy == "per_block":
+            saved = self._restored_optimizer_states.pop((client.index, block), None)
+            if saved is not None:
+                optimizer.load_state_dict(saved)
             client.optimizers[block] = optimizer
         return optimizer
+
+    # ------------------------------------------------------------- checkpoints
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Add every client's pending deltas and kept optimizer states: with the global weights, the federation."""
+        if self._active is not None:
+            raise MisconfigurationException(
+                f"A checkpoint was requested in the middle of round {self.current.index} (client"
+                f" {self._active.client.index}'s turn), when the model holds a client's view. Save at round"
+                " boundaries: `ModelCheckpoint(every_n_epochs=...)` rather than `every_n_train_steps`."
+            )
+        checkpoint["federation"] = {
+            "num_clients": self.num_clients,
+            "blocks": [list(b.param_names) for b in self.partition.blocks] if self.partition else None,
+            "pending": {
+                c.index: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
+                for c in self.clients
+            },
+            "optimizers": {
+                c.index: {block: optimizer.state_dict() for block, optimizer in c.optimizers.items()}
+                for c in self.clients
+            },
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        """Client optimizers are built per turn; at a round boundary there is none to restore."""
+        return False
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        federation = checkpoint.get("federation")
+        if federation is None:
+            return checkpoint
+        if federation["num_clients"] != self.num_clients:
+            raise MisconfigurationException(
+                f"The checkpoint {checkpoint_path} was written with num_clients={federation['num_clients']},"
+                f" this run has num_clients={self.num_clients}."
+            )
+        self._saved_blocks = federation["blocks"]
+        self._restored_pending = federation["pending"]
+        self._restored_optimizer_states = {
+            (client, block): state
+            for client, states in federation["optimizers"].items()
+            for block, state in states.items()
+        }
+        return checkpoint
