@@ -1,11 +1,12 @@
 """ParaBlock for PyTorch Lightning: federated block-coordinate fine-tuning with overlapped communication."""
 
 from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
-from lightning_parablock.callback import ParaBlockCallback, RoundRecord, RunSummary
+from lightning_parablock.callback import ParaBlockCallback
 from lightning_parablock.comm import CommunicationError, SimulatedLink
 from lightning_parablock.module import CausalLMModule
 from lightning_parablock.schedule import BlockSchedule
 from lightning_parablock.strategy import FederatedBlockStrategy
+from lightning_parablock.timeline import RoundRecord, RunSummary, load_timeline, modelled_wallclock
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,8 @@ __all__ = [
     "RoundRecord",
     "RunSummary",
     "SimulatedLink",
+    "load_timeline",
+    "modelled_wallclock",
     "partition_by_patterns",
     "partition_decoder",
 ]

@@ -10,53 +10,21 @@ last round it flushes the ``s`` rounds still pending, synchronously.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_parablock.comm import CommWorker, RoundExchange, SimulatedLink, parse_duration
 from lightning_parablock.strategy import FederatedBlockStrategy
+from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, save_timeline
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-
-@dataclass
-class RoundRecord:
-    """What one round did and cost, measured on this process."""
-
-    round: int
-    block: int
-    participants: list[int]
-    compute_seconds: dict[int, float]
-    exchanged_round: Optional[int] = None  # the round whose deltas crossed the link during this one
-    bytes_up: int = 0
-    bytes_down: int = 0
-    link_seconds: float = 0.0  # modelled
-    comm_work_seconds: float = 0.0  # measured on the comm thread
-    exposed_wait_seconds: float = 0.0  # measured: main thread blocked at the boundary
-    wall_seconds: float = 0.0  # measured: the whole round on this process
-    flush: bool = False
-
-
-@dataclass
-class RunSummary:
-    rounds: int
-    bytes_moved: int
-    measured_seconds: float
-    exposed_wait_seconds: float
-    compute_seconds: float
-    records: list[RoundRecord] = field(default_factory=list)
-
-    def format(self) -> str:
-        return (
-            f"rounds: {self.rounds}  bytes moved: {self.bytes_moved / 1e6:.2f} MB"
-            f"  measured time: {self.measured_seconds:.1f}s (compute {self.compute_seconds:.1f}s,"
-            f" exposed comm wait {self.exposed_wait_seconds:.2f}s)"
-        )
 
 
 class ParaBlockCallback(Callback):
@@ -89,6 +57,7 @@ class ParaBlockCallback(Callback):
         self.records: list[RoundRecord] = []
         self._worker: Optional[CommWorker] = None
         self._round_started_at = 0.0
+        self._client_loss: dict[int, tuple[Tensor, int]] = {}  # client -> (summed loss, micro-batches)
 
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
@@ -116,10 +85,32 @@ class ParaBlockCallback(Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         strategy = self._strategy(trainer)
         self._round_started_at = time.perf_counter()
+        self._client_loss = {}
         round_state = strategy.begin_round(trainer.current_epoch)
         stale_round = round_state.index - self.staleness
         if self.staleness > 0 and stale_round in strategy.pending_rounds():
             self._submit(strategy, stale_round)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = self._strategy(trainer)
+        client = strategy.active_client
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if client is None or loss is None:
+            return
+        total, count = self._client_loss.get(client, (0.0, 0))
+        # Lightning hands back the loss divided by the accumulation factor; undo it. Kept on the device
+        # until the round ends so logging it costs no synchronization per step.
+        self._client_loss[client] = (total + loss.detach() * trainer.accumulate_grad_batches, count + 1)
+        pl_module.log_dict(
+            {"block": float(strategy.current.block), "client": float(client)},
+            prog_bar=True,
+            logger=False,
+            on_step=True,
+            on_epoch=False,
+        )
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -130,6 +121,7 @@ class ParaBlockCallback(Callback):
             block=round_state.block,
             participants=list(round_state.participants),
             compute_seconds=dict(round_state.compute_seconds),
+            client_loss={c: float(total) / count for c, (total, count) in self._client_loss.items()},
         )
         exchanged = round_state.index - self.staleness
         if self.staleness == 0:
@@ -139,6 +131,7 @@ class ParaBlockCallback(Callback):
         record.wall_seconds = time.perf_counter() - self._round_started_at
         self.records.append(record)
         self._log(pl_module, record)
+        self._save_timeline(trainer)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -153,6 +146,7 @@ class ParaBlockCallback(Callback):
             self._collect(strategy, pending_round, record)
             record.wall_seconds = time.perf_counter() - started
             self.records.append(record)
+        self._save_timeline(trainer)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -179,7 +173,7 @@ class ParaBlockCallback(Callback):
         record.exposed_wait_seconds = time.perf_counter() - waited_from
         strategy.apply_aggregate(result.round, result.block, result.aggregate)
         record.exchanged_round = result.round
-        record.bytes_up, record.bytes_down = result.bytes_up, result.bytes_down
+        record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
         record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
 
     def _log(self, pl_module: "pl.LightningModule", record: RoundRecord) -> None:
@@ -189,20 +183,29 @@ class ParaBlockCallback(Callback):
             "parablock/compute_s": sum(record.compute_seconds.values()),
             "parablock/exposed_wait_s": record.exposed_wait_seconds,
             "parablock/link_s": record.link_seconds,
-            "parablock/bytes_moved": float(record.bytes_up + record.bytes_down),
+            "parablock/bytes_moved": float(record.bytes_moved),
         }
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
     def summary(self) -> RunSummary:
-        """Totals over the run so far, all measured on this process except bytes (counted)."""
-        return RunSummary(
-            rounds=sum(not r.flush for r in self.records),
-            bytes_moved=sum(r.bytes_up + r.bytes_down for r in self.records),
-            measured_seconds=sum(r.wall_seconds for r in self.records),
-            exposed_wait_seconds=sum(r.exposed_wait_seconds for r in self.records),
-            compute_seconds=sum(sum(r.compute_seconds.values()) for r in self.records),
-            records=list(self.records),
-        )
+        """Totals over the run so far: seconds measured on this process, bytes counted."""
+        return RunSummary.of(self.records)
+
+    def timeline_path(self, trainer: "pl.Trainer") -> Path:
+        """``parablock_timeline.json`` beside the run's logs (or in ``default_root_dir`` without a logger)."""
+        return Path(trainer.log_dir or trainer.default_root_dir) / TIMELINE_FILENAME
+
+    def _save_timeline(self, trainer: "pl.Trainer") -> None:
+        if not trainer.is_global_zero:
+            return
+        strategy = self._strategy(trainer)
+        meta = {
+            "staleness": self.staleness,
+            "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
+            "num_clients": strategy.num_clients,
+            "num_blocks": len(strategy.partition) if strategy.partition is not None else None,
+        }
+        save_timeline(self.timeline_path(trainer), self.records, meta)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -210,4 +213,4 @@ class ParaBlockCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.records = [RoundRecord(**r) for r in state_dict["records"]]
+        self.records = [record_from_json(r) for r in state_dict["records"]]

@@ -2,17 +2,20 @@
 
 ``parablock fit --config recipes/tiny.yaml`` trains; afterwards it prints rounds, held-out
 loss before and after, bytes moved, measured time and the exposed communication wait, and
-writes the global model with ``save_pretrained`` to ``--output_dir``.
+writes the global model with ``save_pretrained`` to ``--output_dir``. ``parablock report
+RUN_DIR`` prints the run's table and draws its figures (see :mod:`lightning_parablock.report`).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_parablock import report
 from lightning_parablock.callback import ParaBlockCallback
 
 _LOSS_KEY = "val/loss"
@@ -72,13 +75,18 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    """``parablock report ...`` draws a finished run; anything else goes to LightningCLI (fit, validate ...)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        report.main(argv[1:])
+        return
     ParaBlockCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=argv,
     )
 
 

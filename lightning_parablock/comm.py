@@ -104,8 +104,8 @@ class RoundExchange:
     round: int
     block: int
     aggregate: dict[str, Tensor]  # Δ_t in fp32, on the host
-    bytes_up: int  # summed over clients
-    bytes_down: int  # summed over clients
+    upload_bytes: dict[int, int]  # per client
+    download_bytes: int  # the aggregate, received by each client
     link_seconds: float  # modelled: clients in parallel, upload then download
     work_seconds: float  # measured: copies and aggregation on the thread
 
@@ -139,8 +139,8 @@ def exchange(
         round=round_index,
         block=block,
         aggregate=aggregate,
-        bytes_up=sum(upload_bytes.values()),
-        bytes_down=download_bytes * len(uploaded),
+        upload_bytes=upload_bytes,
+        download_bytes=download_bytes,
         link_seconds=link_seconds,
         work_seconds=work_seconds,
     )

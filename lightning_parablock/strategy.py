@@ -398,6 +398,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 state[name] += self.global_lr * tensor.to(state[name].device)
         return state
 
+    @property
+    def active_client(self) -> Optional[int]:
+        """The client whose view is loaded, or ``None`` between turns."""
+        return None if self._active is None else self._active.client.index
+
     def client_state_nbytes(self) -> int:
         """Bytes all clients hold beyond the global model."""
         return sum(c.state_nbytes() for c in self.clients)

@@ -125,8 +125,8 @@ def test_exchange_returns_the_weighted_mean_and_counts_bytes():
     torch.testing.assert_close(result.aggregate["a"], torch.full((4,), expected))
     torch.testing.assert_close(result.aggregate["b"], torch.full((2, 2), 2 * expected))
     per_client = (4 + 4) * 4  # 8 fp32 values
-    assert result.bytes_up == 3 * per_client  # every client uploads its delta
-    assert result.bytes_down == 3 * per_client  # every client downloads the aggregate
+    assert result.upload_bytes == {0: per_client, 1: per_client, 2: per_client}  # every client uploads its delta
+    assert result.download_bytes == per_client  # and downloads the aggregate
     assert result.link_seconds == 0.0 and result.work_seconds >= 0.0
 
 
@@ -134,8 +134,8 @@ def test_exchange_counts_wire_bytes_in_the_delta_dtype_and_aggregates_in_fp32():
     deltas = deltas_of(1.0, 3.0, numel=10, dtype=torch.bfloat16)
     result = exchange(0, 0, deltas, {0: 0.5, 1: 0.5}, SimulatedLink())
     assert result.aggregate["a"].dtype == torch.float32
-    assert result.bytes_up == 2 * (10 + 4) * 2  # bf16 on the way up
-    assert result.bytes_down == 2 * (10 + 4) * 4  # the fp32 aggregate on the way down
+    assert sum(result.upload_bytes.values()) == 2 * (10 + 4) * 2  # bf16 on the way up
+    assert result.download_bytes * 2 == 2 * (10 + 4) * 4  # the fp32 aggregate on the way down
     torch.testing.assert_close(result.aggregate["a"], torch.full((10,), 2.0))
 
 
@@ -149,7 +149,7 @@ def test_exchange_takes_at_least_the_modelled_link_time():
     assert result.link_seconds == pytest.approx(0.2)
     assert elapsed >= result.link_seconds - 1e-3
     assert elapsed < result.link_seconds + 1.0
-    assert result.bytes_up == 200_000 and result.bytes_down == 200_000
+    assert sum(result.upload_bytes.values()) == 200_000 and result.download_bytes * len(result.upload_bytes) == 200_000
 
 
 def test_exchange_link_time_uses_the_slowest_upload():
