@@ -1,5 +1,6 @@
 """ParaBlock for PyTorch Lightning: federated block-coordinate fine-tuning with overlapped communication."""
 
+from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
 from lightning_parablock.callback import ParaBlockCallback
 from lightning_parablock.comm import CommunicationError, SimulatedLink
@@ -11,6 +12,7 @@ from lightning_parablock.timeline import RoundRecord, RunSummary, load_timeline,
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregator",
     "Block",
     "BlockPartition",
     "BlockSchedule",

@@ -1,44 +1,170 @@
-"""Server aggregation: Δ_t = Σ_i w_i Δ^i_t over the round's participants, in fp32."""
+"""Server aggregation: Δ_t from the round's client deltas, in fp32.
+
+The paper aggregates with the weighted mean Σ_i w_i Δ^i_t. For cross-silo runs where a
+client may send garbage, :class:`Aggregator` adds per-client norm clipping, the
+coordinate-wise median and the trimmed mean, and a policy for non-finite deltas.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
+
+Deltas = Mapping[int, Mapping[str, Tensor]]
+AggregationMethod = Literal["mean", "median", "trimmed_mean"]
+NonFinitePolicy = Literal["raise", "skip"]
 
 
 class NonFiniteDeltaError(FloatingPointError):
     """A client sent a delta with NaN or Inf; aggregating it would poison the global model."""
 
 
-def weighted_mean(
-    deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]
-) -> dict[str, Tensor]:
-    """Weighted mean of per-client block deltas keyed by client id.
-
-    Every client must send the same tensors. Accumulation is in fp32 whatever the
-    dtype on the wire, so bf16 deltas do not lose their small components here.
-    """
+def check_deltas(deltas: Deltas) -> list[str]:
+    """The tensor names every client sent; a ValueError when clients disagree on names or shapes."""
     if not deltas:
         raise ValueError("Cannot aggregate a round with no client deltas.")
-    if set(deltas) != set(weights):
-        raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
-    clients: Sequence[int] = sorted(deltas)
-    names = list(deltas[clients[0]])
-    aggregate = {name: torch.zeros_like(deltas[clients[0]][name], dtype=torch.float32) for name in names}
+    clients = sorted(deltas)
+    reference = deltas[clients[0]]
+    names = list(reference)
     for client in clients:
         delta = deltas[client]
         if list(delta) != names:
             raise ValueError(f"Client {client} sent tensors {list(delta)}, expected {names}.")
         for name in names:
-            tensor = delta[name]
-            if tensor.shape != aggregate[name].shape:  # add_ would broadcast a wrong shape silently
+            if delta[name].shape != reference[name].shape:  # add_ would broadcast a wrong shape silently
                 raise ValueError(
-                    f"Client {client} sent {name!r} of shape {tuple(tensor.shape)},"
-                    f" expected {tuple(aggregate[name].shape)}."
+                    f"Client {client} sent {name!r} of shape {tuple(delta[name].shape)},"
+                    f" expected {tuple(reference[name].shape)}."
                 )
-            if not torch.isfinite(tensor).all():
-                raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
-            aggregate[name].add_(tensor.float(), alpha=weights[client])
+    return names
+
+
+def non_finite_clients(deltas: Deltas) -> dict[int, str]:
+    """Clients whose delta holds NaN or Inf, with the first offending tensor's name."""
+    found = {}
+    for client in sorted(deltas):
+        bad = next((name for name, t in deltas[client].items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            found[client] = bad
+    return found
+
+
+def weighted_mean(deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Tensor]:
+    """Σ_i w_i Δ^i over clients keyed by id.
+
+    Accumulation is in fp32 whatever the dtype on the wire, so bf16 deltas do not lose
+    their small components here.
+    """
+    names = check_deltas(deltas)
+    if set(deltas) != set(weights):
+        raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
+    bad = non_finite_clients(deltas)
+    if bad:
+        client, name = next(iter(bad.items()))
+        raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
+    first = deltas[min(deltas)]
+    aggregate = {name: torch.zeros_like(first[name], dtype=torch.float32) for name in names}
+    for client in sorted(deltas):
+        for name in names:
+            aggregate[name].add_(deltas[client][name].float(), alpha=weights[client])
     return aggregate
+
+
+def _stacked(deltas: Deltas, name: str) -> Tensor:
+    return torch.stack([deltas[client][name].float() for client in sorted(deltas)])
+
+
+def coordinate_median(deltas: Deltas) -> dict[str, Tensor]:
+    """Coordinate-wise median (the lower one for an even count); unweighted, robust to < half bad clients."""
+    return {name: _stacked(deltas, name).median(dim=0).values for name in check_deltas(deltas)}
+
+
+def trimmed_mean(deltas: Deltas, trim_fraction: float) -> dict[str, Tensor]:
+    """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest values; unweighted."""
+    names = check_deltas(deltas)
+    trimmed = math.floor(trim_fraction * len(deltas))
+    result = {}
+    for name in names:
+        ordered = _stacked(deltas, name).sort(dim=0).values
+        result[name] = ordered[trimmed : len(deltas) - trimmed].mean(dim=0)
+    return result
+
+
+def clip_by_norm(delta: Mapping[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """Scale a client's whole block delta so its L2 norm is at most ``max_norm``."""
+    norm = torch.sqrt(sum(t.float().pow(2).sum() for t in delta.values()))
+    scale = min(1.0, max_norm / float(norm)) if float(norm) > 0 else 1.0
+    return {name: t.float() * scale for name, t in delta.items()}
+
+
+@dataclass
+class AggregateResult:
+    aggregate: dict[str, Tensor]
+    skipped_clients: list[int]  # non-finite deltas left out under the "skip" policy
+
+
+class Aggregator:
+    """How the server combines a round's deltas.
+
+    Args:
+        method: ``"mean"`` (weighted by the strategy's weights; the paper), ``"median"``
+            (coordinate-wise) or ``"trimmed_mean"``; the robust two ignore the weights.
+        clip_norm: clip each client's block delta to this L2 norm before combining.
+        trim_fraction: share of clients dropped at each end by ``"trimmed_mean"``, in [0, 0.5).
+        nonfinite: a client whose delta holds NaN/Inf makes the exchange fail (``"raise"``) or is
+            left out of this round with a warning (``"skip"``); it never reaches the global model.
+    """
+
+    def __init__(
+        self,
+        method: AggregationMethod = "mean",
+        clip_norm: Optional[float] = None,
+        trim_fraction: float = 0.1,
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        if method not in ("mean", "median", "trimmed_mean"):
+            raise ValueError(f"`method` must be 'mean', 'median' or 'trimmed_mean', got {method!r}.")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"`clip_norm` must be positive or None, got {clip_norm}.")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"`trim_fraction` must be in [0, 0.5), got {trim_fraction}.")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"`nonfinite` must be 'raise' or 'skip', got {nonfinite!r}.")
+        self.method = method
+        self.clip_norm = clip_norm
+        self.trim_fraction = trim_fraction
+        self.nonfinite = nonfinite
+
+    def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
+        check_deltas(deltas)
+        bad = non_finite_clients(deltas)
+        if bad and self.nonfinite == "raise":
+            client, name = next(iter(bad.items()))
+            raise NonFiniteDeltaError(
+                f"Client {client} sent a non-finite delta for {name!r} (Aggregator(nonfinite='skip') leaves"
+                " such clients out instead)."
+            )
+        kept = {client: delta for client, delta in deltas.items() if client not in bad}
+        if not kept:
+            raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {sorted(bad)}.")
+        if self.clip_norm is not None:
+            kept = {client: clip_by_norm(delta, self.clip_norm) for client, delta in kept.items()}
+        if self.method == "median":
+            aggregate = coordinate_median(kept)
+        elif self.method == "trimmed_mean":
+            aggregate = trimmed_mean(kept, self.trim_fraction)
+        else:
+            total = sum(weights[client] for client in kept)
+            aggregate = weighted_mean(kept, {client: weights[client] / total for client in kept})
+        return AggregateResult(aggregate, sorted(bad))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(method={self.method!r}, clip_norm={self.clip_norm},"
+            f" trim_fraction={self.trim_fraction}, nonfinite={self.nonfinite!r})"
+        )

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.comm import CommWorker, RoundExchange, SimulatedLink, parse_duration
 from lightning_parablock.strategy import FederatedBlockStrategy
 from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, save_timeline
@@ -35,6 +37,9 @@ class ParaBlockCallback(Callback):
             then exchange, synchronously), ``1`` is ParaBlock (exchange round ``t − 1`` while
             training round ``t``), ``k ≥ 2`` the paper's multi-round staleness.
         link: the modelled link; by default an infinitely fast one (only real work is timed).
+        aggregator: how the server combines deltas; by default the weighted mean of the paper, raising
+            on a non-finite delta. See :class:`~lightning_parablock.aggregate.Aggregator` for the robust
+            rules and for skipping non-finite clients.
         comm_timeout: longest wait at a boundary for one exchange before it counts as failed, in
             seconds or as a string such as ``"600s"``.
     """
@@ -43,6 +48,7 @@ class ParaBlockCallback(Callback):
         self,
         staleness: int = 1,
         link: Optional[SimulatedLink] = None,
+        aggregator: Optional[Aggregator] = None,
         comm_timeout: float | str = 1800.0,
     ) -> None:
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
@@ -51,6 +57,7 @@ class ParaBlockCallback(Callback):
             )
         self.staleness = staleness
         self.link = link if link is not None else SimulatedLink()
+        self.aggregator = aggregator if aggregator is not None else Aggregator()
         self.comm_timeout = parse_duration(comm_timeout)
         if self.comm_timeout <= 0:
             raise ValueError(f"`comm_timeout` must be positive, got {comm_timeout!r}.")
@@ -79,7 +86,7 @@ class ParaBlockCallback(Callback):
                 f"`staleness={self.staleness}` is not below the number of rounds (max_epochs={max_epochs}):"
                 f" no exchange would overlap training. Use a staleness from 0 to {max_epochs - 1}."
             )
-        self._worker = CommWorker(self.link, self.comm_timeout)
+        self._worker = CommWorker(self.link, self.comm_timeout, self.aggregator)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -171,8 +178,14 @@ class ParaBlockCallback(Callback):
         waited_from = time.perf_counter()
         result: RoundExchange = self._worker.wait(round_index)
         record.exposed_wait_seconds = time.perf_counter() - waited_from
-        strategy.apply_aggregate(result.round, result.block, result.aggregate)
+        strategy.apply_aggregate(result.round, result.block, result.aggregate, left_out=result.skipped_clients)
         record.exchanged_round = result.round
+        record.skipped_clients = result.skipped_clients
+        if result.skipped_clients:
+            rank_zero_warn(
+                f"Round {result.round}: left clients {result.skipped_clients} out of the aggregate for a non-finite"
+                " delta; they resume from the global model."
+            )
         record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
         record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
 

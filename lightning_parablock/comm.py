@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_parablock.aggregate import weighted_mean
+from lightning_parablock.aggregate import Aggregator
 
 _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -104,6 +104,7 @@ class RoundExchange:
     round: int
     block: int
     aggregate: dict[str, Tensor]  # Δ_t in fp32, on the host
+    skipped_clients: list[int]  # left out for a non-finite delta
     upload_bytes: dict[int, int]  # per client
     download_bytes: int  # the aggregate, received by each client
     link_seconds: float  # modelled: clients in parallel, upload then download
@@ -120,6 +121,7 @@ def exchange(
     deltas: Mapping[int, Mapping[str, Tensor]],
     weights: Mapping[int, float],
     link: SimulatedLink,
+    aggregator: Optional[Aggregator] = None,
 ) -> RoundExchange:
     """Upload every client's delta, aggregate, download the aggregate; return after the modelled link time."""
     start = time.perf_counter()
@@ -128,9 +130,9 @@ def exchange(
             client: {name: t.detach().to("cpu", copy=True) for name, t in delta.items()}
             for client, delta in deltas.items()
         }
-        aggregate = weighted_mean(uploaded, weights)
+        result = (aggregator or Aggregator())(uploaded, weights)
     upload_bytes = {client: _tensor_bytes(delta) for client, delta in uploaded.items()}
-    download_bytes = _tensor_bytes(aggregate)
+    download_bytes = _tensor_bytes(result.aggregate)
     link_seconds = max(link.transfer_seconds(n) for n in upload_bytes.values()) + link.transfer_seconds(download_bytes)
     work_seconds = time.perf_counter() - start
     if link_seconds > work_seconds:
@@ -138,7 +140,8 @@ def exchange(
     return RoundExchange(
         round=round_index,
         block=block,
-        aggregate=aggregate,
+        aggregate=result.aggregate,
+        skipped_clients=result.skipped_clients,
         upload_bytes=upload_bytes,
         download_bytes=download_bytes,
         link_seconds=link_seconds,
@@ -153,9 +156,10 @@ class CommWorker:
     returns a new aggregate. Its errors re-raise in the main thread, in :meth:`wait`, with the round.
     """
 
-    def __init__(self, link: SimulatedLink, timeout_s: float) -> None:
+    def __init__(self, link: SimulatedLink, timeout_s: float, aggregator: Optional[Aggregator] = None) -> None:
         self.link = link
         self.timeout_s = timeout_s
+        self.aggregator = aggregator or Aggregator()
         self._executor: Optional[ThreadPoolExecutor] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
@@ -164,7 +168,9 @@ class CommWorker:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parablock-comm")
-            future = self._executor.submit(exchange, round_index, block, dict(deltas), dict(weights), self.link)
+            future = self._executor.submit(
+                exchange, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator
+            )
             self._in_flight[round_index] = (block, future)
 
     def in_flight(self, round_index: int) -> bool:

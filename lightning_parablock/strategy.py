@@ -11,6 +11,7 @@ and the round boundary belong to :class:`~lightning_parablock.ParaBlockCallback`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -375,11 +376,15 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         return sorted({r for c in self.clients for r in c.pending})
 
     @torch.no_grad()
-    def apply_aggregate(self, round_index: int, block: int, aggregate: dict[str, Tensor]) -> None:
+    def apply_aggregate(
+        self, round_index: int, block: int, aggregate: dict[str, Tensor], left_out: Sequence[int] = ()
+    ) -> None:
         """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i.
 
         Dropping Δ^i is the correction η(Δ − Δ^i) in the invariant's terms: a client's view is the
-        global model plus its pending deltas, so the view's block moves by η Δ − η Δ^i.
+        global model plus its pending deltas, so the view's block moves by η Δ − η Δ^i. Clients
+        ``left_out`` of the aggregate (a non-finite delta) drop every pending delta: what they trained
+        since was built on the bad state, and they restart from the global model.
         """
         assert self._active is None, "cannot aggregate while a client's view is loaded"
         params = self.partition.parameters(self.lightning_module, block)
@@ -387,6 +392,8 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             param = params[name]
             param.copy_((param.float() + self.global_lr * delta.to(param.device)).to(param.dtype))
         for client in self.clients:
+            if client.index in left_out:
+                client.pending.clear()
             client.pending.pop(round_index, None)
 
     def client_view(self, client_index: int) -> dict[str, Tensor]:

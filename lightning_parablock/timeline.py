@@ -34,6 +34,7 @@ class RoundRecord:
     exchanged_round: Optional[int] = None  # the round whose deltas crossed the link during this one
     upload_bytes: dict[int, int] = field(default_factory=dict)  # per sender of the exchanged round
     download_bytes: int = 0  # the aggregate, received by each sender
+    skipped_clients: list[int] = field(default_factory=list)  # left out for a non-finite delta
     link_seconds: float = 0.0  # modelled: slowest client, upload then download
     comm_work_seconds: float = 0.0  # measured on the comm thread: copies and aggregation
     exposed_wait_seconds: float = 0.0  # measured: main thread blocked at the boundary

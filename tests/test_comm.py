@@ -208,13 +208,13 @@ def test_exchange_runs_on_a_background_thread(worker_factory, monkeypatch):
     import lightning_parablock.comm as comm
 
     threads = []
-    original = comm.weighted_mean
+    original = comm.Aggregator.__call__
 
-    def spy(deltas, weights):
+    def spy(self, deltas, weights):
         threads.append(threading.current_thread())
-        return original(deltas, weights)
+        return original(self, deltas, weights)
 
-    monkeypatch.setattr(comm, "weighted_mean", spy)
+    monkeypatch.setattr(comm.Aggregator, "__call__", spy)
     worker = worker_factory()
     worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
     worker.wait(0)
