@@ -40,26 +40,52 @@ def format_prompt(instruction: str, input: Optional[str] = None) -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def chat_prompt_and_response(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, input: Optional[str], response: str
+) -> tuple[str, str]:
+    """Render one user turn and the assistant's answer with the tokenizer's chat template, split where the answer
+    starts: the prompt is the conversation up to the generation prompt, the response everything the template adds
+    after it (the answer and its end-of-turn markers), so the loss covers exactly what the model must generate.
+    """
+    user = {"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "The tokenizer's chat template renders the conversation with the answer differently from the prompt"
+            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use `prompt_format='alpaca'`."
+        )
+    return prompt, full[len(prompt) :]
+
+
 def tokenize_for_sft(
-    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+    prompt: str,
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    add_special_tokens: bool = True,
 ) -> dict[str, list[int]]:
     """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``.
 
     Prompt and response are tokenized separately so the mask boundary is exact. Sequences longer than
     ``max_length`` are cut from the right, so an over-long prompt leaves no supervised token at all.
+    With ``add_special_tokens=False`` no bos or eos is added: a chat template writes its own.
 
     Returns:
         Lists ``input_ids``, ``attention_mask`` and ``labels`` of equal length, at most ``max_length``.
     """
     if max_length < 1:
         raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
-            f" eos={tokenizer.eos_token!r}."
-        )
-    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
-    response_ids = [*tokenizer.encode(response, add_special_tokens=False), tokenizer.eos_token_id]
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    if add_special_tokens:
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
+                f" eos={tokenizer.eos_token!r}."
+            )
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+        response_ids = [*response_ids, tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}

@@ -1,15 +1,19 @@
-"""Split a dataset's indices across federated clients, IID or label-skewed.
+"""Split a dataset's indices across federated clients: IID, label-skewed, by natural groups, or by topic.
 
-Pure NumPy on purpose: a partition is a list of example indices per client, with no framework in it,
-so it can be computed, saved and inspected anywhere.
+No training framework in here on purpose: a partition is a list of example indices per client, so it can be
+computed, saved and inspected anywhere.
 """
 
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 _MAX_DIRICHLET_TRIES = 1000
+_TFIDF_FEATURES = 20_000
+_KMEANS_INITS = 3
+_INDEX_COLUMN = "__parablock_index__"
 
 
 def _check_num_clients(num_clients: int, num_examples: int, min_size: int = 1) -> None:
@@ -72,6 +76,102 @@ def dirichlet_partition(
     )
 
 
+def natural_partition(labels: Sequence[Hashable], num_clients: int) -> list[list[int]]:
+    """One client per label value, as for data that comes pre-grouped (a ``source`` column, a user id).
+
+    Clients are ordered by the sorted label values (by their ``str`` when values are not comparable), so the
+    same labels always give the same clients.
+
+    Returns:
+        One sorted list of indices into ``labels`` per client; together they cover every index once.
+    """
+    values = label_values(labels)
+    if num_clients != len(values):
+        shown = ", ".join(repr(value) for value in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise ValueError(
+            f"A natural partition gives one client per label value: `num_clients={num_clients}` but the labels"
+            f" take {len(values)} values ({shown}). Set `num_clients={len(values)}`, or use a Dirichlet partition."
+        )
+    position = {value: client for client, value in enumerate(values)}
+    parts: list[list[int]] = [[] for _ in values]
+    for index, label in enumerate(labels):
+        parts[position[label]].append(index)
+    return parts
+
+
+def cluster_labels(texts: Sequence[str], num_clusters: int, seed: int) -> list[int]:
+    """Pseudo-labels for unlabeled text: k-means over TF-IDF vectors, so a Dirichlet split can skew topics.
+
+    Federated instruction-tuning papers cluster Alpaca-style instructions this way to simulate clients whose
+    requests differ in kind. Returns the cluster id (``0 .. num_clusters - 1``) of every text.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if num_clusters < 1:
+        raise ValueError(f"`num_clusters` must be a positive integer, got {num_clusters}.")
+    if num_clusters > len(texts):
+        raise ValueError(
+            f"Cannot form `num_clusters={num_clusters}` clusters from {len(texts)} texts; use at most {len(texts)}."
+        )
+    vectors = TfidfVectorizer(max_features=_TFIDF_FEATURES, sublinear_tf=True).fit_transform(texts)
+    kmeans = KMeans(n_clusters=num_clusters, n_init=_KMEANS_INITS, random_state=seed)
+    return kmeans.fit_predict(vectors).tolist()
+
+
+def partition_with_flwr(partitioner: Any, dataset: Any) -> list[list[int]]:
+    """Indices per client from a flwr-datasets ``Partitioner`` applied to a Hugging Face ``Dataset``.
+
+    Lets any Flower partitioner (shard, pathological, size-based, ...) drive the split: the partitioner sees the
+    dataset with an extra index column, and each partition it loads is read back as indices.
+    """
+    indexed = dataset.add_column(_INDEX_COLUMN, list(range(len(dataset))))
+    partitioner.dataset = indexed
+    return [sorted(partitioner.load_partition(i)[_INDEX_COLUMN]) for i in range(partitioner.num_partitions)]
+
+
 def label_histogram(partition: Sequence[Sequence[int]], labels: Sequence[Hashable]) -> list[dict[Hashable, int]]:
     """Count each client's examples per label, to inspect or log how skewed a partition is."""
     return [dict(Counter(labels[index] for index in part)) for part in partition]
+
+
+def format_partition_table(
+    partition: Sequence[Sequence[int]], labels: Optional[Sequence[Hashable]] = None, max_label_columns: int = 12
+) -> str:
+    """A plain-text table of each client's size and, given labels, its examples per label.
+
+    Labels beyond the ``max_label_columns`` most frequent are summed in an ``other`` column, so the table stays
+    readable for hundreds of values. A final ``total`` row sums every column.
+    """
+    header = ["client", "size"]
+    rows = [[str(client), str(len(part))] for client, part in enumerate(partition)]
+    total = ["total", str(sum(len(part) for part in partition))]
+    if labels is not None:
+        histograms = label_histogram(partition, labels)
+        counts = Counter(labels[index] for part in partition for index in part)
+        shown = [value for value, _ in counts.most_common(max_label_columns)]
+        shown = label_values(shown)
+        others = len(counts) > len(shown)
+        header += [str(value) for value in shown] + (["other"] if others else [])
+        for row, histogram in zip(rows, histograms):
+            row += [str(histogram.get(value, 0)) for value in shown]
+            if others:
+                row.append(str(sum(n for value, n in histogram.items() if value not in shown)))
+        total += [str(counts[value]) for value in shown]
+        if others:
+            total.append(str(sum(n for value, n in counts.items() if value not in shown)))
+    table = [header, *rows, total]
+    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines)
+
+
+def label_values(labels: Iterable[Hashable]) -> list[Hashable]:
+    """The distinct labels in a stable order: sorted, or sorted by ``str`` when the values are not comparable."""
+    values = set(labels)
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)

@@ -1,0 +1,78 @@
+"""Bad input is refused before training, each with a message naming the value and what is accepted."""
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, IterableDataset
+
+from helpers import quiet_trainer
+from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock.data import dirichlet_partition, iid_partition
+from toy import ToyModule, toy_dataset, toy_loader
+
+CONSTRUCTION_ERRORS = [
+    (lambda: FederatedBlockStrategy(num_clients=0), r"`num_clients` must be at least 1, got 0"),
+    (lambda: FederatedBlockStrategy(local_steps=0), r"`local_steps` must be at least 1, got 0"),
+    (lambda: FederatedBlockStrategy(global_lr=0.0), r"`global_lr` \(η\) must be positive, got 0.0"),
+    (lambda: FederatedBlockStrategy(participation=1.5), r"in \(0, 1\], got 1.5"),
+    (lambda: FederatedBlockStrategy(participation=0.0), r"in \(0, 1\], got 0.0"),
+    (lambda: FederatedBlockStrategy(num_clients=4, clients_per_round=5), r"between 1 and num_clients=4, got 5"),
+    (lambda: FederatedBlockStrategy(optimizer_state="shared"), r"'reset' or 'per_block', got 'shared'"),
+    (lambda: FederatedBlockStrategy(weighting="tokens"), r"'uniform' or 'samples', got 'tokens'"),
+    (lambda: ParaBlockCallback(staleness=-1), r"non-negative integer .* got -1"),
+    (lambda: ParaBlockCallback(staleness=1.5), r"non-negative integer .* got 1.5"),
+    (lambda: ParaBlockCallback(comm_timeout="soon"), r"Could not parse duration 'soon'"),
+    (lambda: ParaBlockCallback(comm_timeout=0), r"`comm_timeout` must be positive, got 0"),
+    (lambda: SimulatedLink(bandwidth="fast"), r"Could not parse bandwidth 'fast'.*'100MB/s'"),
+    (lambda: SimulatedLink(bandwidth="100MB"), r"Could not parse bandwidth '100MB'"),
+    (lambda: SimulatedLink(latency="-5ms"), r"Could not parse duration '-5ms'"),
+    (lambda: Aggregator(method="krum"), r"'mean', 'median' or 'trimmed_mean', got 'krum'"),
+    (lambda: dirichlet_partition(["a", "b"] * 10, 2, alpha=0.0, seed=0), r"alpha"),
+    (lambda: iid_partition(3, 5, seed=0), r"5"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), CONSTRUCTION_ERRORS, ids=[m for _, m in CONSTRUCTION_ERRORS])
+def test_bad_arguments_are_refused_on_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+
+
+class NoIterable(IterableDataset):
+    def __iter__(self):
+        yield from toy_dataset()
+
+
+def fit(strategy=None, callback=None, module=None, loader=None, **trainer_kwargs):
+    trainer = quiet_trainer(
+        strategy=strategy or FederatedBlockStrategy(num_clients=3, local_steps=1),
+        callbacks=[callback or ParaBlockCallback()],
+        **{"max_epochs": 3, **trainer_kwargs},
+    )
+    trainer.fit(module or ToyModule(), loader if loader is not None else toy_loader(toy_dataset()))
+
+
+SETUP_ERRORS = [
+    (dict(strategy=FederatedBlockStrategy(layers_per_block=3)), ValueError, r"`layers_per_block=3` does not divide the model's 4 layers. Use one of \[1, 2, 4\]"),
+    (dict(strategy=FederatedBlockStrategy(layers_per_block=8)), ValueError, r"`layers_per_block=8` exceeds the model's 4 layers"),
+    (dict(strategy=FederatedBlockStrategy(block_patterns=[r"net\.head", r"decoder"])), ValueError, r"pattern 'decoder' \(block 1\) matches no parameter"),
+    (dict(strategy=FederatedBlockStrategy(layer_split="attention_mlp")), ValueError, r"Could not split layer"),
+    (dict(strategy=FederatedBlockStrategy(schedule="shuffled")), ValueError, r"one of \('random', 'sequential', 'reverse'\), got 'shuffled'"),
+    (dict(strategy=FederatedBlockStrategy(num_clients=60)), MisconfigurationException, r"48 examples, fewer than num_clients=60"),
+    (dict(callback=ParaBlockCallback(staleness=3)), MisconfigurationException, r"`staleness=3` is not below the number of rounds \(max_epochs=3\)"),
+    (dict(limit_train_batches=0.5), MisconfigurationException, r"`limit_train_batches=0.5` would cut rounds short"),
+    (dict(val_check_interval=0.5), MisconfigurationException, r"`val_check_interval=0.5`"),
+    (dict(loader=DataLoader(NoIterable(), batch_size=4)), MisconfigurationException, r"map-style dataset.*got DataLoader"),
+    (dict(loader=DataLoader(toy_dataset(), batch_size=None)), MisconfigurationException, r"no `batch_size`"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), SETUP_ERRORS, ids=[m[:40] for *_, m in SETUP_ERRORS])
+def test_bad_setups_are_refused_before_training(kwargs, error, message):
+    module = kwargs.setdefault("module", ToyModule())
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(error, match=message):
+        fit(**kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # nothing trained, nothing changed
