@@ -69,3 +69,31 @@ def test_checkpoint_in_the_middle_of_a_round_is_refused(tmp_path):
     )
     with pytest.raises(MisconfigurationException, match="middle of round 0"):
         trainer.fit(module, toy_loader(toy_dataset()))
+
+
+def test_a_killed_process_resumes_bit_identically(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    uninterrupted, _ = run(tmp_path / "a", 1)
+    marker = tmp_path / "stalled"
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(tests_dir / "crash_run.py"), str(tmp_path / "b"), str(marker)], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert child.poll() is None, f"the training process exited early with {child.returncode}"
+            assert time.monotonic() < deadline, "the training process never reached round 3"
+            time.sleep(0.2)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    resumed, _ = run(tmp_path / "b", 1, ckpt_path="last")
+    for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

@@ -58,6 +58,36 @@ def chat_prompt_and_response(
     return prompt, full[len(prompt) :]
 
 
+def encode_for_sft(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, add_special_tokens: bool = True
+) -> dict[str, list[int]]:
+    """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``, uncut.
+
+    Prompt and response are tokenized separately so the mask boundary is exact. With ``add_special_tokens=False``
+    no bos or eos is added: a chat template writes its own.
+    """
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    response_ids = tokenizer.encode(response, add_special_tokens=False)
+    if add_special_tokens:
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
+                f" eos={tokenizer.eos_token!r}; use a chat template (`prompt_format='chat'`) if it has its own."
+            )
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def truncate(features: dict[str, list[int]], max_length: int) -> dict[str, list[int]]:
+    """Cut every list from the right to ``max_length``; an over-long prompt leaves no supervised token at all."""
+    if max_length < 1:
+        raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
+    return {key: values[:max_length] for key, values in features.items()}
+
+
 def tokenize_for_sft(
     prompt: str,
     response: str,
@@ -65,30 +95,14 @@ def tokenize_for_sft(
     max_length: int,
     add_special_tokens: bool = True,
 ) -> dict[str, list[int]]:
-    """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``.
-
-    Prompt and response are tokenized separately so the mask boundary is exact. Sequences longer than
-    ``max_length`` are cut from the right, so an over-long prompt leaves no supervised token at all.
-    With ``add_special_tokens=False`` no bos or eos is added: a chat template writes its own.
+    """:func:`encode_for_sft` cut to ``max_length`` from the right.
 
     Returns:
         Lists ``input_ids``, ``attention_mask`` and ``labels`` of equal length, at most ``max_length``.
     """
     if max_length < 1:
         raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    response_ids = tokenizer.encode(response, add_special_tokens=False)
-    if add_special_tokens:
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
-                f" eos={tokenizer.eos_token!r}."
-            )
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return truncate(encode_for_sft(prompt, response, tokenizer, add_special_tokens), max_length)
 
 
 @dataclass(frozen=True)
