@@ -100,8 +100,6 @@ def tokenize_for_sft(
     Returns:
         Lists ``input_ids``, ``attention_mask`` and ``labels`` of equal length, at most ``max_length``.
     """
-    if max_length < 1:
-        raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
     return truncate(encode_for_sft(prompt, response, tokenizer, add_special_tokens), max_length)
 
 

@@ -218,7 +218,9 @@ class GSM8KEvaluation(Callback):
         return result
 
     def _model(self, pl_module: "pl.LightningModule") -> PreTrainedModel:
-        model = getattr(pl_module, "hf_model", None) or getattr(pl_module, "model", None)
+        model = getattr(pl_module, "hf_model", None)
+        if model is None:
+            model = getattr(pl_module, "model", None)
         if not callable(getattr(model, "generate", None)):
             raise MisconfigurationException(
                 f"GSM8KEvaluation needs a Hugging Face model with `generate` at `{type(pl_module).__name__}.hf_model`"

@@ -1,0 +1,134 @@
+"""Turn an instruction dataset into prompt-masked training features, and say what truncation cost.
+
+Runs through ``datasets.map`` with a fingerprint derived from the data, the tokenizer's content and the options,
+so a dataset loaded from files (the Hub, local json/parquet/csv) is tokenized once and then read from the cache.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from transformers import PreTrainedTokenizerBase
+
+from lightning_parablock.data.formatting import (
+    IGNORE_INDEX,
+    chat_prompt_and_response,
+    encode_for_sft,
+    format_prompt,
+    truncate,
+)
+from lightning_parablock.data.loading import INPUT, INSTRUCTION, OUTPUT
+
+PromptFormat = Literal["alpaca", "chat", "auto"]
+PROMPT_FORMATS = ("alpaca", "chat", "auto")
+FEATURES = ("input_ids", "attention_mask", "labels")
+_NUM_TOKENS, _NUM_SUPERVISED = "num_tokens", "num_supervised"
+
+
+def resolve_prompt_format(tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> str:
+    """``"auto"`` is ``"chat"`` when the tokenizer has a chat template (an instruct model), else ``"alpaca"``."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"`prompt_format` must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "chat" and not has_template:
+        raise ValueError(
+            f"`prompt_format='chat'` needs a tokenizer with a chat template; {tokenizer.name_or_path or 'this one'!r}"
+            " has none. Use `prompt_format='alpaca'` (or 'auto', which picks it here)."
+        )
+    if prompt_format == "auto":
+        return "chat" if has_template else "alpaca"
+    return prompt_format
+
+
+@dataclass
+class TokenizationReport:
+    """What tokenizing one split did: examples in, how many were cut, and which were kept.
+
+    An example whose prompt alone fills ``max_length`` is dropped: it would have no supervised token, and a
+    batch of only such examples has no loss at all.
+    """
+
+    split: str
+    examples: int
+    truncated: int
+    dropped: int
+    max_length: int
+    kept: list[int] = field(repr=False, default_factory=list)
+
+    def format(self) -> str:
+        text = f"{self.split}: {self.examples} examples, {self.truncated} truncated to max_length={self.max_length}"
+        if self.dropped:
+            text += f", {self.dropped} dropped (the prompt alone fills max_length)"
+        return text
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    prompt_format: PromptFormat = "alpaca",
+    split: str = "train",
+    num_proc: Optional[int] = None,
+) -> tuple[Dataset, TokenizationReport]:
+    """Format and tokenize every example of an ``instruction``/``input``/``output`` dataset.
+
+    Returns:
+        The dataset with only ``input_ids``, ``attention_mask`` and ``labels`` (labels ``-100`` on the prompt),
+        without the dropped examples, and the report; ``report.kept`` are the kept rows of ``dataset``.
+    """
+    if max_length < 1:
+        raise ValueError(f"`max_length` must be a positive integer, got {max_length}.")
+    fmt = resolve_prompt_format(tokenizer, prompt_format)
+    options = dict(tokenizer=tokenizer, max_length=max_length, prompt_format=fmt)
+    tokenized = dataset.map(
+        _tokenize_example,
+        fn_kwargs=options,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        new_fingerprint=Hasher.hash([dataset._fingerprint, tokenizer_fingerprint(tokenizer), max_length, fmt]),
+        desc=f"Tokenizing {split}",
+    )
+    num_tokens, num_supervised = tokenized[_NUM_TOKENS], tokenized[_NUM_SUPERVISED]
+    kept = [index for index, count in enumerate(num_supervised) if count > 0]
+    report = TokenizationReport(
+        split=split,
+        examples=len(dataset),
+        truncated=sum(count > max_length for count in num_tokens),
+        dropped=len(dataset) - len(kept),
+        max_length=max_length,
+        kept=kept,
+    )
+    if report.dropped:
+        tokenized = tokenized.select(kept)
+    return tokenized.remove_columns([_NUM_TOKENS, _NUM_SUPERVISED]), report
+
+
+def _tokenize_example(
+    example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt_format: str
+) -> dict[str, Any]:
+    instruction, input, output = (_text(example[name]) for name in (INSTRUCTION, INPUT, OUTPUT))
+    if prompt_format == "chat":
+        prompt, response = chat_prompt_and_response(tokenizer, instruction, input, output)
+        features = encode_for_sft(prompt, response, tokenizer, add_special_tokens=False)
+    else:
+        features = encode_for_sft(format_prompt(instruction, input), output, tokenizer)
+    num_tokens = len(features["input_ids"])
+    features = truncate(features, max_length)
+    num_supervised = sum(label != IGNORE_INDEX for label in features["labels"])
+    return {**features, _NUM_TOKENS: num_tokens, _NUM_SUPERVISED: num_supervised}
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what the tokenizer does (vocabulary, rules, special tokens, chat template), not of the object,
+    so the same tokenizer loaded twice hits the same ``datasets`` cache and a different one never does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return Hasher.hash(
+        [type(tokenizer).__name__, content, tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None)]
+    )
