@@ -1,4 +1,5 @@
-"""A character-level tokenizer built locally, so tests and recipes need no hub download.
+"""Tokenizers: any pretrained one made ready for padded SFT batches, and a character-level one built locally,
+so tests and recipes need no hub download.
 
 Every printable ASCII character is one token, so each digit is its own token and arithmetic stays
 learnable by a tiny model. The fixed phrases of the Alpaca template are single tokens as well: spelled
@@ -6,9 +7,11 @@ out character by character the template alone would be ~150 tokens, longer than 
 tiny model is trained on.
 """
 
+from typing import Union
+
 from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers.models import BPE
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_parablock.data.formatting import (
     INPUT_HEADER,
@@ -48,3 +51,21 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK_TOKEN,
         clean_up_tokenization_spaces=False,
     )
+
+
+def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` for a name or folder (an object passes through), with a pad token.
+
+    Base models such as Llama 3 ship without a pad token; batches need one, so eos stands in. Padding never
+    reaches the loss (its labels are ``-100``) nor attention (its mask is 0), so the choice does not matter.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"The tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token; set"
+                " `tokenizer.pad_token` before passing it."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

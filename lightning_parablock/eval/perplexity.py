@@ -6,6 +6,7 @@ log-likelihood and the token count instead gives every supervised token the same
 data is batched or split across processes.
 """
 
+import math
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -53,8 +54,9 @@ class TokenPerplexity(Metric):
         return torch.exp(self.nll_sum / self.tokens)
 
     def mean_loss(self) -> torch.Tensor:
-        """The token-weighted mean negative log-likelihood (nats), synced like :meth:`compute`: log of perplexity."""
-        return torch.log(self.compute())
+        """The token-weighted mean negative log-likelihood in nats, summed over processes like :meth:`compute`."""
+        with self.sync_context():
+            return self.nll_sum / self.tokens
 
 
 @torch.no_grad()
@@ -77,9 +79,10 @@ def evaluate_perplexity(
     model.eval()
     try:
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            metric.update(logits.logits, batch["labels"].to(device))
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            metric.update(output.logits, batch["labels"].to(device))
     finally:
         model.train(was_training)
-    perplexity = metric.compute()
-    return {"loss": float(torch.log(perplexity)), "perplexity": float(perplexity), "tokens": int(metric.tokens)}
+    with metric.sync_context():
+        loss, tokens = float(metric.nll_sum / metric.tokens), int(metric.tokens)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
