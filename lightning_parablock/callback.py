@@ -137,7 +137,7 @@ class ParaBlockCallback(Callback):
             self._collect(strategy, exchanged, record)
         record.wall_seconds = time.perf_counter() - self._round_started_at
         self.records.append(record)
-        self._log(pl_module, record)
+        self._log(trainer, record)
         self._save_timeline(trainer)
 
     @override
@@ -189,16 +189,20 @@ class ParaBlockCallback(Callback):
         record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
         record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
 
-    def _log(self, pl_module: "pl.LightningModule", record: RoundRecord) -> None:
+    def _log(self, trainer: "pl.Trainer", record: RoundRecord) -> None:
+        """Per-round summaries to every logger, with the round as the x-axis."""
         metrics = {
-            "parablock/round": float(record.round),
             "parablock/block": float(record.block),
             "parablock/compute_s": sum(record.compute_seconds.values()),
             "parablock/exposed_wait_s": record.exposed_wait_seconds,
             "parablock/link_s": record.link_seconds,
             "parablock/bytes_moved": float(record.bytes_moved),
+            "parablock/round_s": record.wall_seconds,
         }
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        if record.client_loss:
+            metrics["parablock/train_loss"] = sum(record.client_loss.values()) / len(record.client_loss)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=record.round)
 
     def summary(self) -> RunSummary:
         """Totals over the run so far: seconds measured on this process, bytes counted."""

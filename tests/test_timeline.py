@@ -97,3 +97,28 @@ def test_report_names_a_bad_bandwidth_or_a_missing_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "--bandwidth", "fast"])
     assert "'fast'" in capsys.readouterr().err
+
+
+def test_per_round_summaries_reach_csv_and_tensorboard_with_the_round_as_x_axis(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+        callbacks=[ParaBlockCallback(staleness=1)],
+        max_epochs=4,
+        logger=loggers,
+    )
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    rows = list(csv.DictReader(open(loggers[0].log_dir + "/metrics.csv")))
+    round_rows = [r for r in rows if r.get("parablock/exposed_wait_s")]
+    assert [int(r["step"]) for r in round_rows] == [0, 1, 2, 3]
+    assert all(float(r["parablock/train_loss"]) > 0 for r in round_rows)
+    events = EventAccumulator(loggers[1].log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("parablock/bytes_moved")] == [0, 1, 2, 3]
+    # the timeline sits beside the first logger's files
+    assert (tmp_path / "csv" / "version_0" / "parablock_timeline.json").exists()

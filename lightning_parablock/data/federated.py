@@ -1,0 +1,290 @@
+"""Instruction data split across simulated clients: the datamodule that ``FederatedBlockStrategy`` reads.
+
+The strategy takes the train ``DataLoader`` (a map-style dataset and a batch size) and asks
+:meth:`FederatedDataModule.client_partition` which rows each client owns. Everything a paper's data setting
+needs (which dataset, which prompt template, how skewed the clients are) is an argument here, so a recipe
+states it in YAML.
+"""
+
+from dataclasses import asdict, replace
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lightning_parablock.data.formatting import SFTCollator
+from lightning_parablock.data.loading import INSTRUCTION, DataSource, load_examples
+from lightning_parablock.data.partition import (
+    cluster_labels,
+    dirichlet_partition,
+    format_partition_table,
+    iid_partition,
+    natural_partition,
+    partition_with_flwr,
+)
+from lightning_parablock.data.plot import plot_partition
+from lightning_parablock.data.sft_dataset import PromptFormat, TokenizationReport, tokenize_dataset
+from lightning_parablock.data.tokenizer import load_tokenizer
+
+try:  # optional: flwr-datasets pins an older `datasets`, so it is not a dependency
+    from flwr_datasets.partitioner import Partitioner
+except ImportError:
+    Partitioner = Any
+
+PartitionKind = Literal["iid", "dirichlet", "natural", "cluster"]
+PARTITION_KINDS = ("iid", "dirichlet", "natural", "cluster")
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """Instruction data from the Hub or local files, prompt-masked, split across federated clients.
+
+    Args:
+        dataset: The training data, e.g. ``{path: vicgalle/alpaca-gpt4}``, ``{path: TIGER-Lab/MathInstruct,
+            max_examples: 50000}`` or ``{data_files: my.jsonl, columns: {instruction: question, output: answer}}``.
+        tokenizer: A name or folder for ``AutoTokenizer.from_pretrained``, or a tokenizer object.
+        val_split: A split of ``dataset`` to validate on (e.g. ``test``); the global model's held-out loss.
+        val_fraction: Else, the fraction of ``dataset`` held out (seeded) to validate on; 0 for none.
+        eval_dataset: A held-out evaluation set, e.g. ``{path: openai/gsm8k, split: test}``: the test loader,
+            and its raw rows as :attr:`eval_examples` for generation-based metrics.
+        prompt_format: ``alpaca`` (Stanford Alpaca's template), ``chat`` (the tokenizer's chat template) or
+            ``auto`` (chat when the tokenizer has a template). The loss never covers prompt tokens.
+        max_length: Longest tokenized example; longer ones are cut from the right and counted.
+        batch_size: Examples per batch (per client step, before gradient accumulation).
+        eval_batch_size: Examples per validation/test batch; ``batch_size`` by default.
+        partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
+            ``alpha`` over ``label_column``); ``natural`` (one client per value of ``label_column``); ``cluster``
+            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the instructions, for unlabeled text).
+        alpha: Dirichlet concentration; small is skewed (0.1), large approaches iid.
+        label_column: The data's column that ``dirichlet`` and ``natural`` split by (MathInstruct: ``source``, the
+            preset's default).
+        num_clusters: Topic clusters for ``cluster``.
+        min_partition_size: Fewest examples a Dirichlet draw may give a client before it is redrawn.
+        partitioner: A flwr-datasets ``Partitioner`` (needs ``flwr-datasets``); replaces ``partition``. It sees
+            the training rows in the common schema plus the data's other columns.
+        partition_plot: Write a clients × labels heatmap PNG of the split here.
+        num_workers: DataLoader worker processes.
+        num_proc: Processes for tokenizing with ``datasets.map``.
+        cache_dir: The ``datasets`` cache; its default otherwise.
+        seed: Seeds sampling, the validation hold-out, clustering and the partition.
+    """
+
+    def __init__(
+        self,
+        dataset: DataSource,
+        tokenizer: Union[str, PreTrainedTokenizerBase],
+        val_split: Optional[str] = None,
+        val_fraction: float = 0.0,
+        eval_dataset: Optional[DataSource] = None,
+        prompt_format: PromptFormat = "alpaca",
+        max_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: Optional[int] = None,
+        partition: PartitionKind = "iid",
+        alpha: float = 0.5,
+        label_column: Optional[str] = None,
+        num_clusters: int = 10,
+        min_partition_size: int = 1,
+        partitioner: Optional[Partitioner] = None,
+        partition_plot: Optional[str] = None,
+        num_workers: int = 0,
+        num_proc: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if partition not in PARTITION_KINDS:
+            raise ValueError(f"`partition` must be one of {PARTITION_KINDS}, got {partition!r}.")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        if val_split is not None and val_fraction > 0:
+            raise ValueError(
+                f"Pass either `val_split` ({val_split!r}) or `val_fraction` ({val_fraction}), not both."
+            )
+        if alpha <= 0:
+            raise ValueError(f"`alpha` must be a positive float, got {alpha}.")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("num_clusters", num_clusters)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        self.save_hyperparameters(ignore=["tokenizer", "partitioner"])
+        self.hparams.dataset = asdict(dataset)
+        self.hparams.eval_dataset = asdict(eval_dataset) if eval_dataset is not None else None
+        if isinstance(tokenizer, str):
+            self.hparams.tokenizer = tokenizer
+        self.source = dataset
+        self.eval_source = eval_dataset
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.partitioner = partitioner
+
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+        self.train_examples: Optional[Dataset] = None
+        """The training rows in the common schema, aligned with ``train_dataset``."""
+        self.eval_examples: Optional[Dataset] = None
+        """The held-out rows in the common schema, aligned with ``test_dataset``: for generation-based metrics."""
+        self.reports: dict[str, TokenizationReport] = {}
+        """Per split (``train``, ``val``, ``test``): examples, how many were truncated, how many dropped."""
+        self.client_indices: Optional[list[list[int]]] = None
+        self.partition_table: Optional[str] = None
+        self._labels: Optional[list[Any]] = None
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_data(self) -> None:
+        """Download every source once (on one process); :meth:`setup` then reads the ``datasets`` cache."""
+        for source in self._sources().values():
+            load_examples(source, self.hparams.seed, self.hparams.cache_dir)
+
+    def _sources(self) -> dict[str, DataSource]:
+        sources = {"train": self.source}
+        if self.hparams.val_split is not None:
+            sources["val"] = replace(self.source, split=self.hparams.val_split, max_examples=None)
+        if self.eval_source is not None:
+            sources["test"] = self.eval_source
+        return sources
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load, hold out, format and tokenize every split once; later calls are no-ops."""
+        if self.train_dataset is not None:
+            return
+        hparams = self.hparams
+        examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in self._sources().items()}
+        if hparams.val_fraction > 0:
+            held_out = examples["train"].train_test_split(test_size=hparams.val_fraction, seed=hparams.seed)
+            examples["train"], examples["val"] = held_out["train"], held_out["test"]
+        tokenized = {}
+        for split, rows in examples.items():
+            tokenized[split], report = tokenize_dataset(
+                rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc
+            )
+            self.reports[split] = report
+            examples[split] = rows.select(report.kept) if report.dropped else rows
+            rank_zero_info(f"[FederatedDataModule] {report.format()}")
+        self.train_examples, self.eval_examples = examples["train"], examples.get("test")
+        self.train_dataset, self.val_dataset, self.test_dataset = (
+            tokenized["train"],
+            tokenized.get("val"),
+            tokenized.get("test"),
+        )
+        if len(self.train_dataset) == 0:
+            raise ValueError(
+                f"No training example of {self.source.describe()} is left after tokenizing with"
+                f" max_length={hparams.max_length}; raise `max_length`."
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Number of training examples, the set that :meth:`client_partition` splits."""
+        self.setup()
+        return len(self.train_dataset)
+
+    # ------------------------------------------------------------- partition
+
+    def labels(self) -> Optional[list[Any]]:
+        """The label of every training example the partition skews by: the cluster id for ``cluster``, the
+        ``label_column`` value otherwise (``None`` for an iid split of data without one)."""
+        self.setup()
+        if self._labels is None:
+            hparams = self.hparams
+            if hparams.partition == "cluster":
+                self._labels = cluster_labels(self.train_examples[INSTRUCTION], hparams.num_clusters, hparams.seed)
+            else:
+                self._labels = self._column_labels()
+        return self._labels
+
+    def _column_labels(self) -> Optional[list[Any]]:
+        preset = self.source.preset
+        column = self.hparams.label_column or (preset.label_column if preset else None)
+        available = self.train_examples.column_names
+        needs_labels = self.hparams.partition in ("dirichlet", "natural")
+        if column is None:
+            if needs_labels:
+                raise ValueError(
+                    f"`partition={self.hparams.partition!r}` splits by a label: set `label_column` to one of the"
+                    f" columns {available}, or use `partition='cluster'` for unlabeled text."
+                )
+            return None
+        if column not in available:
+            raise ValueError(
+                f"`label_column={column!r}` is not a column of {self.source.describe()}; its columns are {available}."
+            )
+        return list(self.train_examples[column])
+
+    def client_partition(self, num_clients: int) -> list[list[int]]:
+        """Indices into the training set for each client, covering every example once; prints the split."""
+        self.setup()
+        hparams = self.hparams
+        labels = self.labels()
+        if self.partitioner is not None:
+            parts = self._flwr_partition(num_clients)
+        elif hparams.partition == "iid":
+            parts = iid_partition(len(self.train_dataset), num_clients, hparams.seed)
+        elif hparams.partition == "natural":
+            parts = natural_partition(labels, num_clients)
+        else:
+            parts = dirichlet_partition(labels, num_clients, hparams.alpha, hparams.seed, hparams.min_partition_size)
+        empty = [client for client, part in enumerate(parts) if not part]
+        if empty:
+            raise ValueError(
+                f"Client(s) {empty} of {num_clients} got no training example from the {self._partition_name()}"
+                " partition; every client needs data. Use fewer clients or a less skewed split."
+            )
+        self.client_indices = parts
+        self.partition_table = format_partition_table(parts, labels)
+        rank_zero_info(f"[FederatedDataModule] {self._partition_name()} split of {self.num_samples} examples:\n"
+                       f"{self.partition_table}")
+        if hparams.partition_plot is not None and labels is not None:
+            plot_partition(parts, labels, hparams.partition_plot, title=f"{self._partition_name()} split")
+        return parts
+
+    def _partition_name(self) -> str:
+        if self.partitioner is not None:
+            return type(self.partitioner).__name__
+        if self.hparams.partition in ("dirichlet", "cluster"):
+            return f"{self.hparams.partition}(alpha={self.hparams.alpha})"
+        return self.hparams.partition
+
+    def _flwr_partition(self, num_clients: int) -> list[list[int]]:
+        if not hasattr(self.partitioner, "load_partition"):
+            raise ValueError(
+                f"`partitioner` must be a flwr-datasets Partitioner (pip install flwr-datasets), got"
+                f" {self.partitioner!r}."
+            )
+        if self.partitioner.num_partitions != num_clients:
+            raise ValueError(
+                f"The partitioner makes {self.partitioner.num_partitions} partitions but the federation has"
+                f" num_clients={num_clients}; give it `num_partitions={num_clients}`."
+            )
+        return partition_with_flwr(self.partitioner, self.train_examples)
+
+    # ------------------------------------------------------------ dataloaders
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_dataset, self.hparams.batch_size)
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        """The held-out loss loader; an empty list (no validation) when there is no validation set."""
+        self.setup()
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, self._eval_batch_size)
+
+    def test_dataloader(self) -> Union[DataLoader, list]:
+        """The ``eval_dataset`` loader; an empty list when there is none."""
+        self.setup()
+        return [] if self.test_dataset is None else self._loader(self.test_dataset, self._eval_batch_size)
+
+    @property
+    def _eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+        )
