@@ -17,3 +17,9 @@ def tiny_llama_config() -> dict:
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a logger write beside the working directory; keep that out of the repo."""
+    monkeypatch.chdir(tmp_path)
