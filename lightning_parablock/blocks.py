@@ -65,13 +65,20 @@ class BlockPartition:
     def numel(self, model: nn.Module, index: int) -> int:
         return sum(p.numel() for p in self.parameters(model, index).values())
 
-    def freeze_all_but(self, model: nn.Module, index: int) -> None:
-        """Make block ``index`` the only trainable one.
+    def freeze_all_but(self, model: nn.Module, index: int, trainable: Optional[set[str]] = None) -> None:
+        """Make block ``index`` the only trainable one, among the ``trainable`` parameter names if given.
 
-        Gradients are cleared too: a frozen parameter keeps its ``.grad`` and an
-        optimizer that still holds it (AdamW's weight decay) would keep moving it.
+        ``trainable`` keeps parameters the user froze frozen inside the block. Gradients are
+        cleared too: a frozen parameter keeps its ``.grad`` and an optimizer that still holds it
+        (AdamW's weight decay) would keep moving it.
         """
-        active = set(self.blocks[index].param_names)
+        block = self.blocks[index]
+        active = set(block.param_names) if trainable is None else set(block.param_names) & trainable
+        if not active:
+            raise ValueError(
+                f"Block {block.name!r} has no trainable parameter: the module froze all of"
+                f" {list(block.param_names)[:4]}... Unfreeze them, or leave this block out with `block_patterns`."
+            )
         for name, param in model.named_parameters():
             param.requires_grad_(name in active)
             param.grad = None

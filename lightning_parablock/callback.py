@@ -86,6 +86,13 @@ class ParaBlockCallback(Callback):
                 f"`staleness={self.staleness}` is not below the number of rounds (max_epochs={max_epochs}):"
                 f" no exchange would overlap training. Use a staleness from 0 to {max_epochs - 1}."
             )
+        for checkpoint in trainer.checkpoint_callbacks:
+            if getattr(checkpoint, "_every_n_train_steps", 0) or getattr(checkpoint, "_train_time_interval", None):
+                raise MisconfigurationException(
+                    f"{type(checkpoint).__name__} saves every n training steps or after a time interval, which lands"
+                    " inside a federated round that Lightning cannot resume consistently. Save at round"
+                    " boundaries with `every_n_epochs` (one epoch is one round)."
+                )
         self._worker = CommWorker(self.link, self.comm_timeout, self.aggregator)
 
     @override
@@ -105,22 +112,30 @@ class ParaBlockCallback(Callback):
         strategy = self._strategy(trainer)
         client = strategy.active_client
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if client is None or loss is None:
-            return
-        total, count = self._client_loss.get(client, (0.0, 0))
-        # Lightning hands back the loss divided by the accumulation factor; undo it. Kept on the device
-        # until the round ends so logging it costs no synchronization per step.
-        self._client_loss[client] = (total + loss.detach() * trainer.accumulate_grad_batches, count + 1)
-        pl_module.log_dict(
-            {"block": float(strategy.current.block), "client": float(client)},
-            prog_bar=True,
-            logger=False,
-            on_step=True,
-            on_epoch=False,
-        )
+        if client is not None and loss is not None:
+            total, count = self._client_loss.get(client, (0.0, 0))
+            # Lightning hands back the loss divided by the accumulation factor; undo it. Kept on the device
+            # until the round ends so logging it costs no synchronization per step.
+            self._client_loss[client] = (total + loss.detach() * trainer.accumulate_grad_batches, count + 1)
+            pl_module.log_dict(
+                {"block": float(strategy.current.block), "client": float(client)},
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+            )
+        if strategy.is_last_batch_of_round(batch_idx):
+            # The boundary comes before anything else of the epoch's end sees the model: validation
+            # and checkpoints get the global model of this round, never a half-finished state.
+            self._close_round(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._strategy(trainer).round_open:  # training stopped inside the round (max_steps)
+            self._close_round(trainer, pl_module)
+
+    def _close_round(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The round boundary: the last turn ends, the exchange due now is collected and applied."""
         strategy = self._strategy(trainer)
         round_state = strategy.finish_round()
         record = RoundRecord(
@@ -135,17 +150,16 @@ class ParaBlockCallback(Callback):
             self._submit(strategy, exchanged)
         if self._worker is not None and self._worker.in_flight(exchanged):
             self._collect(strategy, exchanged, record)
+        round_state.closed = True
         record.wall_seconds = time.perf_counter() - self._round_started_at
         self.records.append(record)
-        self._log(trainer, record)
+        self._log(pl_module, record)
         self._save_timeline(trainer)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
-        if strategy.current is not None and not strategy.current.finished:
-            strategy.finish_round()  # training stopped inside a round (max_steps)
         for pending_round in strategy.pending_rounds():
             started = time.perf_counter()
             record = RoundRecord(pending_round, strategy.block_of(pending_round), [], {}, flush=True)
@@ -157,6 +171,8 @@ class ParaBlockCallback(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # Before ModelCheckpoint(save_on_exception=True), which runs after every other callback.
+        self._strategy(trainer).abandon_turn()
         self.teardown(trainer, pl_module, "fit")
 
     @override
@@ -189,8 +205,8 @@ class ParaBlockCallback(Callback):
         record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
         record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
 
-    def _log(self, trainer: "pl.Trainer", record: RoundRecord) -> None:
-        """Per-round summaries to every logger, with the round as the x-axis."""
+    def _log(self, pl_module: "pl.LightningModule", record: RoundRecord) -> None:
+        """Per-round summaries through the Trainer's loggers (their ``epoch`` column is the round)."""
         metrics = {
             "parablock/block": float(record.block),
             "parablock/compute_s": sum(record.compute_seconds.values()),
@@ -201,8 +217,7 @@ class ParaBlockCallback(Callback):
         }
         if record.client_loss:
             metrics["parablock/train_loss"] = sum(record.client_loss.values()) / len(record.client_loss)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=record.round)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
     def summary(self) -> RunSummary:
         """Totals over the run so far: seconds measured on this process, bytes counted."""

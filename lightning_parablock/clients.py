@@ -37,19 +37,23 @@ class VirtualClient:
     index: int
     sample_indices: list[int]
     pending: dict[int, BlockDelta] = field(default_factory=dict)  # round -> own delta, not yet aggregated
-    optimizers: dict[int, Optimizer] = field(default_factory=dict)  # block -> optimizer, when state is kept per block
 
     @property
     def num_samples(self) -> int:
         return len(self.sample_indices)
 
-    def state_nbytes(self) -> int:
-        """Bytes this client holds on top of the global model (pending deltas and optimizer state)."""
-        total = sum(delta.nbytes for delta in self.pending.values())
-        for optimizer in self.optimizers.values():
-            for state in optimizer.state.values():
-                total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
-        return total
+    def pending_nbytes(self) -> int:
+        return sum(delta.nbytes for delta in self.pending.values())
+
+
+def optimizer_state_nbytes(optimizer: Optimizer) -> int:
+    """Bytes of an optimizer's per-parameter state (AdamW: two moments and a step count)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, Tensor)
+    )
 
 
 def participants_per_round(num_clients: int, participation: float, clients_per_round: int | None) -> int:
@@ -62,7 +66,7 @@ def participants_per_round(num_clients: int, participation: float, clients_per_r
         return clients_per_round
     if not 0.0 < participation <= 1.0:
         raise ValueError(f"`participation` is the fraction of clients per round and must be in (0, 1], got {participation}.")
-    return max(1, round(participation * num_clients))
+    return max(1, int(participation * num_clients + 0.5))  # halves round up: 0.25 of 10 clients is 3
 
 
 def sample_participants(round_index: int, num_clients: int, count: int, seed: int) -> list[int]:

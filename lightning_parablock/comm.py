@@ -122,6 +122,7 @@ def exchange(
     weights: Mapping[int, float],
     link: SimulatedLink,
     aggregator: Optional[Aggregator] = None,
+    stop: Optional[threading.Event] = None,
 ) -> RoundExchange:
     """Upload every client's delta, aggregate, download the aggregate; return after the modelled link time."""
     start = time.perf_counter()
@@ -135,8 +136,8 @@ def exchange(
     download_bytes = _tensor_bytes(result.aggregate)
     link_seconds = max(link.transfer_seconds(n) for n in upload_bytes.values()) + link.transfer_seconds(download_bytes)
     work_seconds = time.perf_counter() - start
-    if link_seconds > work_seconds:
-        time.sleep(link_seconds - work_seconds)
+    if link_seconds > work_seconds:  # an Event, not sleep(): shutdown must not wait for a modelled link
+        (stop or threading.Event()).wait(link_seconds - work_seconds)
     return RoundExchange(
         round=round_index,
         block=block,
@@ -163,13 +164,14 @@ class CommWorker:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parablock-comm")
             future = self._executor.submit(
-                exchange, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator
+                exchange, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator, self._stop
             )
             self._in_flight[round_index] = (block, future)
 
@@ -196,9 +198,11 @@ class CommWorker:
     def shutdown(self) -> None:
         """Stop the thread without waiting for exchanges nobody will collect."""
         with self._lock:
+            self._stop.set()
             for _, future in self._in_flight.values():
                 future.cancel()
             self._in_flight.clear()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
+            self._stop = threading.Event()  # the worker may be used again by a later fit

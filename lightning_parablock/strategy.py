@@ -11,6 +11,7 @@ and the round boundary belong to :class:`~lightning_parablock.ParaBlockCallback`
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -19,9 +20,12 @@ import torch
 from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
@@ -39,6 +43,7 @@ from lightning_parablock.clients import (
     BlockDelta,
     VirtualClient,
     aggregation_weights,
+    optimizer_state_nbytes,
     participants_per_round,
     sample_participants,
 )
@@ -70,7 +75,8 @@ class RoundState:
     block: int
     participants: list[int]
     compute_seconds: dict[int, float] = field(default_factory=dict)
-    finished: bool = False
+    finished: bool = False  # every participant's turn is over
+    closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
 
 
 class FederatedBlockStrategy(SingleDeviceStrategy):
@@ -94,9 +100,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             models without a decoder stack; replaces the decoder detection.
         schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``.
         client_optimizer: builds a client's optimizer from the block's parameters. Defaults to the
-            LightningModule's ``configure_optimizers``, called once per client and round.
+            LightningModule's ``configure_optimizers``, called whenever a client needs a new optimizer
+            (every turn with ``optimizer_state="reset"``, once per client and block with ``"per_block"``).
         optimizer_state: ``"reset"`` starts every client's optimizer afresh at each block switch (the
-            paper); ``"per_block"`` keeps each client's state for each block it has trained.
+            paper); ``"per_block"`` keeps each client's state for each block it has trained, which grows
+            towards optimizer state for the whole model per client once every block has been trained.
         global_lr: η, the step the server and the clients take along aggregated deltas.
         participation: fraction of clients that train each round, in (0, 1].
         clients_per_round: number of clients per round; overrides ``participation``.
@@ -104,7 +112,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         seed: seeds the block schedule, the participants and each client's data order.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
             ``False`` in the order the datamodule gave.
-        device: the device of the global model; by default the accelerator's first device.
+        device: the device of the global model; by default the Trainer's ``devices`` (one device).
     """
 
     strategy_name = "federated_block"
@@ -161,6 +169,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.seed = seed
         self.shuffle = shuffle
         self._device_given = device is not None
+        self.parallel_devices: Optional[list[torch.device]] = None  # filled from Trainer(devices=...)
 
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
@@ -170,7 +179,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._round_blocks: dict[int, int] = {}
         self._participants: dict[int, list[int]] = {}
         self._active: Optional[_ActiveClient] = None
-        self._last_module_optimizer: Optional[Optimizer] = None
+        self._last_module_optimizer: Optional[weakref.ref[Optimizer]] = None
+        self._kept_optimizers: dict[tuple[int, int], Optimizer] = {}  # (client, block), with "per_block"
+        self._user_trainable: Optional[set[str]] = None
         self._restored_pending: Optional[dict[int, dict[int, dict[str, Any]]]] = None
         self._saved_blocks: Optional[list[list[str]]] = None
         self._restored_optimizer_states: dict[tuple[int, int], dict[str, Any]] = {}
@@ -180,11 +191,15 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._device_given and self.accelerator is not None:
-            devices = type(self.accelerator).get_parallel_devices(1)
-            if devices:
-                return torch.device(devices[0])
-        return self._root_device
+        if self._device_given or not self.parallel_devices:
+            return self._root_device
+        if len(self.parallel_devices) > 1:
+            raise MisconfigurationException(
+                f"FederatedBlockStrategy runs every virtual client in one process on one device, but the Trainer"
+                f" has devices={[str(d) for d in self.parallel_devices]}. Use `devices=1` (or one index, e.g."
+                f" `devices=[1]`)."
+            )
+        return torch.device(self.parallel_devices[0])
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -199,6 +214,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             )
             self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
             self._check_restored_blocks()
+            self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
     def _check_restored_blocks(self) -> None:
         saved, self._saved_blocks = self._saved_blocks, None
@@ -216,12 +232,18 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 "FederatedBlockStrategy needs automatic optimization: it hands each client's optimizer to"
                 " Lightning's loop. Set `self.automatic_optimization = True` in your LightningModule."
             )
-        if trainer.limit_train_batches != 1.0:
+        if isinstance(trainer.precision_plugin, HalfPrecision):
+            raise MisconfigurationException(
+                f"`precision={trainer.precision!r}` keeps the trained block in half precision, where small updates"
+                " round away; fp32 master copies of the active block are not implemented yet. Use"
+                " `precision='bf16-mixed'` (or '16-mixed')."
+            )
+        if not _is_whole_epoch(trainer.limit_train_batches):
             raise MisconfigurationException(
                 f"`limit_train_batches={trainer.limit_train_batches}` would cut rounds short: one epoch is one"
                 " federated round. Leave it at 1.0 and set `local_steps` on the strategy instead."
             )
-        if trainer.val_check_interval != 1.0:
+        if not _is_whole_epoch(trainer.val_check_interval):
             raise MisconfigurationException(
                 f"`val_check_interval={trainer.val_check_interval}` would validate in the middle of a client's"
                 " turn. Validate at round ends with `check_val_every_n_epoch` instead."
@@ -249,13 +271,13 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 " restart their optimizer every round."
             )
         optimizer = optimizers[0]
-        if optimizer is self._last_module_optimizer:
+        if self._last_module_optimizer is not None and optimizer is self._last_module_optimizer():
             raise MisconfigurationException(
                 "`configure_optimizers` returns the same optimizer object on every call (LightningCLI's"
                 " `--optimizer` does this), so all clients would share one optimizer state. Build a new"
                 " optimizer on every call, or pass `client_optimizer=` to FederatedBlockStrategy."
             )
-        self._last_module_optimizer = optimizer
+        self._last_module_optimizer = weakref.ref(optimizer)
         return optimizer
 
     @override
@@ -274,6 +296,12 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 "The train DataLoader has no `batch_size` (a custom batch_sampler?); give it a batch_size."
             )
         self.clients = self._make_clients(trainer, len(dataloader.dataset))
+        small = [c.index for c in self.clients if c.num_samples < dataloader.batch_size]
+        if small:
+            rank_zero_warn(
+                f"Clients {small} hold fewer examples than batch_size={dataloader.batch_size}; their batches repeat"
+                " examples."
+            )
         self.batch_sampler = FederatedBatchSampler(
             client_indices=[c.sample_indices for c in self.clients],
             batch_size=dataloader.batch_size,
@@ -334,6 +362,10 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         """Micro-batches a participant consumes per round: K optimizer steps × accumulation."""
         return self.local_steps * self.lightning_module.trainer.accumulate_grad_batches
 
+    def is_last_batch_of_round(self, batch_idx: int) -> bool:
+        assert self.batch_sampler is not None, "the train dataloader is not set up"
+        return batch_idx + 1 == len(self.batch_sampler)
+
     # ----------------------------------------------------------------- rounds
 
     def participants_of(self, round_index: int) -> list[int]:
@@ -351,9 +383,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
 
     def begin_round(self, round_index: int) -> RoundState:
         """Unfreeze the round's block; clients are entered as their batches arrive."""
-        assert self.partition is not None, "the strategy is not set up"
+        assert self.partition is not None and self.batch_sampler is not None, "the strategy is not set up"
         self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index))
-        self.partition.freeze_all_but(self.lightning_module, self.current.block)
+        self.partition.freeze_all_but(self.lightning_module, self.current.block, self._user_trainable)
         return self.current
 
     def finish_round(self) -> RoundState:
@@ -362,6 +394,15 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._leave_client()
         self.current.finished = True
         return self.current
+
+    @property
+    def round_open(self) -> bool:
+        """A round has begun and its boundary is not applied yet: no consistent state to save."""
+        return self.current is not None and not self.current.closed
+
+    def abandon_turn(self) -> None:
+        """Put the global values back without recording the client's delta (an exception interrupted it)."""
+        self._leave_client(record=False)
 
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each client's own delta of ``round_index``, by client id."""
@@ -400,10 +441,16 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         """The full model of one client (global plus its pending deltas), for tests and inspection."""
         assert self._active is None, "cannot materialize a view while another client's view is loaded"
         state = {n: p.detach().float().clone() for n, p in self.lightning_module.named_parameters()}
-        for delta in sorted(self.clients[client_index].pending.values(), key=lambda d: d.round):
+        return {**state, **self._view_values(self.clients[client_index], state)}
+
+    def _view_values(self, client: VirtualClient, global_values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """global + η Σ own pending deltas, in fp32, for the parameters the client's deltas touch."""
+        views: dict[str, Tensor] = {}
+        for delta in sorted(client.pending.values(), key=lambda d: d.round):
             for name, tensor in delta.tensors.items():
-                state[name] += self.global_lr * tensor.to(state[name].device)
-        return state
+                base = views.get(name, global_values[name].float())
+                views[name] = base + self.global_lr * tensor.to(base.device)
+        return views
 
     @property
     def active_client(self) -> Optional[int]:
@@ -411,8 +458,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         return None if self._active is None else self._active.client.index
 
     def client_state_nbytes(self) -> int:
-        """Bytes all clients hold beyond the global model."""
-        return sum(c.state_nbytes() for c in self.clients)
+        """Bytes all clients hold beyond the global model: pending deltas and kept optimizer state."""
+        pending = sum(c.pending_nbytes() for c in self.clients)
+        return pending + sum(optimizer_state_nbytes(o) for o in self._kept_optimizers.values())
 
     # ------------------------------------------------------------ client turns
 
@@ -423,7 +471,14 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
                 " callbacks; it begins and ends every round."
             )
-        client = self.clients[self.current.participants[batch_idx // self.batches_per_turn]]
+        if batch_idx == 0 and self.batches_per_turn != self.batch_sampler.batches_per_turn:
+            # after every epoch-start hook, so a GradientAccumulationScheduler has had its say
+            raise MisconfigurationException(
+                f"`accumulate_grad_batches` changed to {self.lightning_module.trainer.accumulate_grad_batches}"
+                f" during training (round {self.current.index}); each client's turn was planned for"
+                f" {self.batch_sampler.batches_per_turn} batches. Keep the accumulation fixed for the whole run."
+            )
+        client = self.clients[self.current.participants[batch_idx // self.batch_sampler.batches_per_turn]]
         if self._active is None or self._active.client is not client:
             self._leave_client()
             self._enter_client(client)
@@ -435,23 +490,39 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self._leave_client(record=False)
+        self.abandon_turn()
+        self._restore_user_trainable()
+
+    @override
+    def on_train_end(self) -> None:
+        self._restore_user_trainable()
+
+    def _restore_user_trainable(self) -> None:
+        """Give back the ``requires_grad`` flags the module had before training."""
+        if self._user_trainable is None:
+            return
+        for name, param in self.lightning_module.named_parameters():
+            param.requires_grad_(name in self._user_trainable)
+
+    @override
+    def teardown(self) -> None:
+        _optimizers_to_device(list(self._kept_optimizers.values()), torch.device("cpu"))
+        super().teardown()
 
     @torch.no_grad()
     def _enter_client(self, client: VirtualClient) -> None:
         """Load global + η Σ pending deltas into the touched blocks, and the client's optimizer."""
         assert self.current is not None and self.partition is not None
         model, block = self.lightning_module, self.current.block
-        pending = sorted(client.pending.values(), key=lambda d: d.round)
-        touched = {block} | {d.block for d in pending}
+        if self.current.index in client.pending:
+            raise RuntimeError(
+                f"Client {client.index} already finished its turn in round {self.current.index}; a turn cannot"
+                " resume once its delta is recorded (was the round interrupted by a validation loop?)."
+            )
+        touched = {block} | {d.block for d in client.pending.values()}
         params = {n: p for b in touched for n, p in self.partition.parameters(model, b).items()}
         global_values = {name: p.detach().clone() for name, p in params.items()}
-        views: dict[str, Tensor] = {}
-        for delta in pending:
-            for name, tensor in delta.tensors.items():
-                base = views.get(name, global_values[name].float())
-                views[name] = base + self.global_lr * tensor.to(base.device)
-        for name, value in views.items():
+        for name, value in self._view_values(client, global_values).items():
             params[name].copy_(value.to(params[name].dtype))
         start_values = {n: p.detach().float().clone() for n, p in self.partition.parameters(model, block).items()}
         self._active = _ActiveClient(client, global_values, start_values, time.perf_counter())
@@ -480,8 +551,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.current.compute_seconds[active.client.index] = time.perf_counter() - active.started_at
 
     def _client_optimizer(self, client: VirtualClient, block: int) -> Optimizer:
-        if self.optimizer_state_policy == "per_block" and block in client.optimizers:
-            return client.optimizers[block]
+        kept = self._kept_optimizers.get((client.index, block))
+        if kept is not None:
+            return kept
         if self.client_optimizer is not None:
             optimizer = self.client_optimizer(list(self.partition.parameters(self.lightning_module, block).values()))
         else:
@@ -490,7 +562,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             saved = self._restored_optimizer_states.pop((client.index, block), None)
             if saved is not None:
                 optimizer.load_state_dict(saved)
-            client.optimizers[block] = optimizer
+            self._kept_optimizers[(client.index, block)] = optimizer
         return optimizer
 
     # ------------------------------------------------------------- checkpoints
@@ -498,12 +570,15 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
         """Add every client's pending deltas and kept optimizer states: with the global weights, the federation."""
-        if self._active is not None:
-            raise MisconfigurationException(
-                f"A checkpoint was requested in the middle of round {self.current.index} (client"
-                f" {self._active.client.index}'s turn), when the model holds a client's view. Save at round"
-                " boundaries: `ModelCheckpoint(every_n_epochs=...)` rather than `every_n_train_steps`."
+        if self.round_open:
+            message = (
+                f"A checkpoint was requested in the middle of round {self.current.index}, before its boundary;"
+                " it could not be resumed. Save at round boundaries: `ModelCheckpoint(every_n_epochs=...)`."
             )
+            if self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED:
+                rank_zero_warn(message + " Skipped while handling an exception.")
+                return
+            raise MisconfigurationException(message)
         checkpoint["federation"] = {
             "num_clients": self.num_clients,
             "blocks": [list(b.param_names) for b in self.partition.blocks] if self.partition else None,
@@ -512,8 +587,8 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 for c in self.clients
             },
             "optimizers": {
-                c.index: {block: optimizer.state_dict() for block, optimizer in c.optimizers.items()}
-                for c in self.clients
+                **self._restored_optimizer_states,  # restored but not used again yet
+                **{key: optimizer.state_dict() for key, optimizer in self._kept_optimizers.items()},
             },
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -528,8 +603,8 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         federation = checkpoint.get("federation")
-        if federation is None:
-            return checkpoint
+        if federation is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint  # validate/test from a checkpoint need the global weights only
         if federation["num_clients"] != self.num_clients:
             raise MisconfigurationException(
                 f"The checkpoint {checkpoint_path} was written with num_clients={federation['num_clients']},"
@@ -537,9 +612,10 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             )
         self._saved_blocks = federation["blocks"]
         self._restored_pending = federation["pending"]
-        self._restored_optimizer_states = {
-            (client, block): state
-            for client, states in federation["optimizers"].items()
-            for block, state in states.items()
-        }
+        self._restored_optimizer_states = dict(federation["optimizers"])
         return checkpoint
+
+
+def _is_whole_epoch(value: Union[int, float]) -> bool:
+    """``1.0`` (a float) means the whole epoch; the integer ``1`` means one batch."""
+    return isinstance(value, float) and value == 1.0

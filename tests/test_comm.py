@@ -287,3 +287,13 @@ def test_communication_overlaps_compute_on_the_main_thread(worker_factory):
     assert computed > 0
     assert total < 0.5, f"comm and compute took {total:.2f}s: they ran one after the other, not overlapped"
     torch.testing.assert_close(result.aggregate["a"], torch.full((4,), 2.0))
+
+
+def test_shutdown_releases_a_thread_sleeping_out_a_long_link():
+    worker = CommWorker(SimulatedLink(latency="30s"), timeout_s=60)
+    worker.submit(0, 0, {0: {"w": torch.zeros(2)}}, {0: 1.0})
+    time.sleep(0.2)  # the exchange is now waiting out its modelled 60 s
+    (thread,) = [t for t in threading.enumerate() if t.name.startswith("parablock-comm")]
+    worker.shutdown()
+    thread.join(timeout=5)
+    assert not thread.is_alive()  # the interpreter would otherwise wait for it at exit

@@ -1,5 +1,7 @@
 """A run stopped at a round boundary resumes to the same final model as an uninterrupted one."""
 
+from datetime import timedelta
+
 import pytest
 import torch
 from lightning import Callback
@@ -12,17 +14,33 @@ from toy import ToyModule, toy_dataset, toy_loader
 
 
 class Crash(Callback):
-    def __init__(self, at_round):
-        self.at_round = at_round
+    def __init__(self, at_round, at_batch=None):
+        self.at_round, self.at_batch = at_round, at_batch
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.at_round:
+        if trainer.current_epoch == self.at_round and self.at_batch is None:
+            raise RuntimeError("simulated crash")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.module = pl_module
+        if trainer.current_epoch == self.at_round and batch_idx == self.at_batch:
             raise RuntimeError("simulated crash")
 
 
-def run(tmp_path, staleness, callbacks=(), ckpt_path=None, num_clients=3, layers_per_block=1, optimizer_state="reset"):
-    module = ToyModule(optimizer="adamw")
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1)
+def run(
+    tmp_path,
+    staleness,
+    callbacks=(),
+    ckpt_path=None,
+    num_clients=3,
+    layers_per_block=1,
+    optimizer_state="reset",
+    checkpoint=None,
+    validate=False,
+    **trainer_kwargs,
+):
+    module = ValidatingToy(optimizer="adamw")
+    checkpoint = checkpoint or ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = quiet_trainer(
         strategy=FederatedBlockStrategy(
             num_clients=num_clients,
@@ -34,9 +52,23 @@ def run(tmp_path, staleness, callbacks=(), ckpt_path=None, num_clients=3, layers
         callbacks=[ParaBlockCallback(staleness=staleness), checkpoint, *callbacks],
         max_epochs=6,
         enable_checkpointing=True,
+        **trainer_kwargs,
     )
-    trainer.fit(module, toy_loader(toy_dataset()), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+    val_loader = toy_loader(toy_dataset(n=8)) if validate else None
+    trainer.fit(module, toy_loader(toy_dataset()), val_loader, ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
     return module, trainer
+
+
+class ValidatingToy(ToyModule):
+    def validation_step(self, batch, batch_idx):
+        from toy import toy_loss
+
+        self.log("val_loss", toy_loss(self, batch))
+
+
+def assert_same_parameters(a, b):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize(("staleness", "optimizer_state"), [(1, "reset"), (2, "reset"), (1, "per_block")])
@@ -59,16 +91,32 @@ def test_checkpoint_from_another_federation_is_refused(tmp_path):
         run(tmp_path / "other", 1, ckpt_path=str(tmp_path / "last.ckpt"), layers_per_block=2)
 
 
-def test_checkpoint_in_the_middle_of_a_round_is_refused(tmp_path):
-    module = ToyModule()
+@pytest.mark.parametrize("cadence", [dict(every_n_train_steps=4), dict(train_time_interval=timedelta(minutes=5))])
+def test_step_or_time_based_checkpoints_are_refused_before_training(tmp_path, cadence):
     trainer = quiet_trainer(
         strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
-        callbacks=[ParaBlockCallback(), ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)],
+        callbacks=[ParaBlockCallback(), ModelCheckpoint(dirpath=tmp_path, **cadence)],
         max_epochs=2,
         enable_checkpointing=True,
     )
+    with pytest.raises(MisconfigurationException, match="inside a federated round"):
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+
+
+class SaveMidRound(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            trainer.save_checkpoint("mid-round.ckpt")
+
+
+def test_checkpoint_in_the_middle_of_a_round_is_refused():
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+        callbacks=[ParaBlockCallback(), SaveMidRound()],
+        max_epochs=2,
+    )
     with pytest.raises(MisconfigurationException, match="middle of round 0"):
-        trainer.fit(module, toy_loader(toy_dataset()))
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()))
 
 
 def test_a_killed_process_resumes_bit_identically(tmp_path):
@@ -97,3 +145,50 @@ def test_a_killed_process_resumes_bit_identically(tmp_path):
     resumed, _ = run(tmp_path / "b", 1, ckpt_path="last")
     for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_resume_from_checkpoints_saved_at_validation_end(tmp_path):
+    """ModelCheckpoint defers to validation when it does not run every round; the boundary comes first."""
+    trainer_kwargs = dict(check_val_every_n_epoch=2, validate=True)
+
+    def checkpoint(directory):
+        return ModelCheckpoint(dirpath=directory, save_last=True, monitor="val_loss", save_top_k=-1)
+
+    uninterrupted, _ = run(tmp_path / "a", 1, checkpoint=checkpoint(tmp_path / "a"), **trainer_kwargs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", 1, [Crash(at_round=4)], checkpoint=checkpoint(tmp_path / "b"), **trainer_kwargs)
+    resumed, _ = run(tmp_path / "b", 1, ckpt_path="last", checkpoint=checkpoint(tmp_path / "b"), **trainer_kwargs)
+    assert_same_parameters(uninterrupted, resumed)
+
+
+def test_per_block_optimizer_state_survives_two_resumes(tmp_path):
+    uninterrupted, _ = run(tmp_path / "a", 1, optimizer_state="per_block")
+    for crash_round in (2, 4):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(
+                tmp_path / "b",
+                1,
+                [Crash(at_round=crash_round)],
+                ckpt_path="last" if crash_round == 4 else None,
+                optimizer_state="per_block",
+            )
+    resumed, _ = run(tmp_path / "b", 1, ckpt_path="last", optimizer_state="per_block")
+    assert_same_parameters(uninterrupted, resumed)
+
+
+def test_a_crash_mid_round_with_save_on_exception_keeps_the_real_error_and_the_global_model(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_on_exception=True)
+    crash = Crash(at_round=0, at_batch=2)  # client 1's turn: the model holds its view
+    with pytest.warns(UserWarning, match="Skipped while handling an exception"):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(tmp_path, 1, [crash], checkpoint=checkpoint)
+    assert not list(tmp_path.glob("*.ckpt"))
+    # round 0 never reached its boundary, so the global model is still the initial one
+    assert_same_parameters(crash.module, ToyModule(optimizer="adamw"))
+
+
+def test_validating_a_checkpoint_leaves_the_next_fit_alone(tmp_path):
+    run(tmp_path, 1)
+    module, trainer = run(tmp_path / "fresh", 1)
+    trainer.validate(module, toy_loader(toy_dataset(n=8)), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
+    assert trainer.strategy._restored_pending is None

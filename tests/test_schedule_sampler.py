@@ -15,6 +15,7 @@ from lightning_parablock.clients import (
     BlockDelta,
     VirtualClient,
     aggregation_weights,
+    optimizer_state_nbytes,
     participants_per_round,
     sample_participants,
 )
@@ -289,7 +290,7 @@ def test_weights_are_non_negative_and_sum_to_one(sizes, weighting):
 
 def test_client_state_bytes_count_pending_deltas_and_optimizer_state():
     client = clients_with(5)[0]
-    assert client.num_samples == 5 and client.state_nbytes() == 0
+    assert client.num_samples == 5 and client.pending_nbytes() == 0
     delta = BlockDelta(round=0, block=1, tensors={"w": torch.zeros(10), "b": torch.zeros(2, dtype=torch.bfloat16)})
     assert delta.nbytes == 10 * 4 + 2 * 2
     client.pending[0] = delta
@@ -297,10 +298,10 @@ def test_client_state_bytes_count_pending_deltas_and_optimizer_state():
     optimizer = torch.optim.AdamW([param])
     param.grad = torch.ones(6)
     optimizer.step()
-    client.optimizers[1] = optimizer
     # AdamW keeps exp_avg and exp_avg_sq (6 fp32 each) and a scalar step tensor.
     step_bytes = optimizer.state[param]["step"].numel() * optimizer.state[param]["step"].element_size()
-    assert client.state_nbytes() == delta.nbytes + 2 * 6 * 4 + step_bytes
+    assert client.pending_nbytes() == delta.nbytes
+    assert optimizer_state_nbytes(optimizer) == 2 * 6 * 4 + step_bytes
 
 
 # --------------------------------------------------------------------------- weighted mean

@@ -118,8 +118,8 @@ def test_validation_sees_the_global_model_not_a_client_view():
     recorder = GlobalAtRoundEnd()
     trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1), recorder], max_epochs=3)
     trainer.fit(module, toy_loader(toy_dataset()), toy_loader(toy_dataset(n=8)))
-    # validation runs before the boundary of its round: it sees the global model of the previous boundary
-    assert all(torch.equal(module.seen[n], p) for n, p in recorder.globals[1].items())
+    # the boundary comes first: validation at a round's end sees that round's global model
+    assert all(torch.equal(module.seen[n], p) for n, p in recorder.globals[2].items())
 
 
 class GlobalAtRoundEnd(Callback):
@@ -154,3 +154,73 @@ def test_exposed_wait_is_what_compute_does_not_hide(staleness):
         assert min(waits) >= 0.29
     else:  # ParaBlock: compute hides 0.2 s of the 0.3 s
         assert max(waits) <= 0.2
+
+
+@pytest.mark.parametrize("setting", [dict(limit_train_batches=1), dict(val_check_interval=1)])
+def test_integer_one_which_means_one_batch_is_refused(setting):
+    with pytest.raises(MisconfigurationException, match=f"`{next(iter(setting))}=1`"):
+        fit(**setting)
+
+
+def test_changing_accumulation_during_training_is_refused():
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    callbacks = [ParaBlockCallback(), GradientAccumulationScheduler({2: 2})]
+    with pytest.raises(MisconfigurationException, match="`accumulate_grad_batches` changed to 2 .*round 2"):
+        fit(callbacks=callbacks, max_epochs=4)
+
+
+def test_half_precision_weights_are_refused_until_master_copies_exist():
+    with pytest.raises(MisconfigurationException, match="precision='bf16-true'.*bf16-mixed"):
+        fit(precision="bf16-true")
+
+
+def test_several_devices_are_refused():
+    with pytest.raises(MisconfigurationException, match="devices=.*Use `devices=1`"):
+        fit(accelerator="cpu", devices=2)
+
+
+class FrozenBiases(ToyModule):
+    def __init__(self):
+        super().__init__()
+        for name, param in self.named_parameters():
+            param.requires_grad_(not name.endswith("bias"))
+
+
+def test_parameters_the_user_froze_stay_frozen_and_flags_come_back():
+    module = FrozenBiases()
+    biases = {n: p.detach().clone() for n, p in module.named_parameters() if n.endswith("bias")}
+    fit(module, max_epochs=4)
+    assert all(torch.equal(p, biases[n]) for n, p in module.named_parameters() if n.endswith("bias"))
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        n for n, _ in module.named_parameters() if not n.endswith("bias")
+    }
+
+
+class FrozenLayer(ToyModule):
+    def __init__(self):
+        super().__init__()
+        self.net.layers[1].requires_grad_(False)
+
+
+def test_a_block_with_nothing_trainable_is_refused():
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1, schedule="sequential")
+    with pytest.raises(ValueError, match="Block 'layers1' has no trainable parameter"):
+        fit(FrozenLayer(), strategy, max_epochs=3)
+
+
+def test_validation_and_checkpoints_after_the_boundary_see_the_same_model(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = ValidatingModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+        callbacks=[ParaBlockCallback(staleness=1), checkpoint],
+        max_epochs=2,
+        check_val_every_n_epoch=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, toy_loader(toy_dataset()), toy_loader(toy_dataset(n=8)))
+    saved = torch.load(tmp_path / "epoch=1-step=12.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(module.seen[n], saved[n]) for n in module.seen)
