@@ -12,9 +12,9 @@ Model outputs are read by these rules in order of trust; the first rule that fin
 5. otherwise the last number in the text, where chain-of-thought ends.
 
 Rules 1-4 take the *first* mark followed by a number: a model that keeps generating past its answer tends
-to invent a new question and answer that too. Numbers may carry a sign, a currency symbol, thousands commas, decimals, a
-``a/b`` fraction and trailing units (``15%``, ``3 hours``). GSM8K's calculator annotations (``<<3*4=12>>``)
-are removed before reading, so their operands are never mistaken for the answer.
+to invent a new question and answer that too. Numbers may carry a sign, a currency symbol, thousands
+commas, decimals, an ``a/b`` fraction and trailing units (``15%``, ``3 hours``). GSM8K's calculator
+annotations (``<<3*4=12>>``) are removed before reading, so their operands are never mistaken for the answer.
 """
 
 import math

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """``bos`` + the prompt's tokens, the way :func:`~lightning_parablock.data.tokenize_for_sft` builds training prompts.
+    """``bos`` + the prompt's tokens, as :func:`~lightning_parablock.data.tokenize_for_sft` builds training prompts.
 
     A ``bos`` already at the start of the text (a chat template often writes one) is not doubled; a tokenizer
     without a ``bos`` token gets none.

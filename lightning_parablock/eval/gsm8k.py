@@ -72,7 +72,7 @@ class GSM8KAccuracy(Metric):
 class GSM8KResult:
     """One evaluation of the model on the question set."""
 
-    round: int  # rounds completed when evaluated: the x-axis of the logged metrics
+    round: int  # the last round trained (0-based epoch), the step it is logged at, as ParaBlockCallback logs
     accuracy: float
     correct: int
     count: int
@@ -94,9 +94,10 @@ def _prompt_fn(prompt_format: PromptFormat) -> Callable[[str], str]:
 class GSM8KEvaluation(Callback):
     """Generate greedy answers to a fixed question set and log exact-match accuracy during and after fit.
 
-    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` to the trainer's loggers with the number of rounds
-    (epochs) completed as the step, and keeps every evaluation in :attr:`results`. Evaluations at round ends
-    also reach ``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="eval/gsm8k_accuracy")`` works.
+    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` to the trainer's loggers with the round (the 0-based
+    epoch just trained, ParaBlockCallback's x-axis) as the step, and keeps every evaluation in :attr:`results`.
+    Evaluations at round ends also reach ``trainer.callback_metrics``, so
+    ``ModelCheckpoint(monitor="eval/gsm8k_accuracy")`` works.
 
     Order matters with ParaBlock: list this callback **after** :class:`~lightning_parablock.ParaBlockCallback`.
     At a round's end ParaBlockCallback puts the global model back in place of the last client's view and
@@ -139,7 +140,9 @@ class GSM8KEvaluation(Callback):
             try:
                 extract_reference_answer(answer)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"Answer {index} (for question {questions[index]!r}) is not numeric: {error}") from None
+                raise ValueError(
+                    f"Answer {index} (for question {questions[index]!r}) is not numeric: {error}"
+                ) from None
         if every_n_rounds is not None and (isinstance(every_n_rounds, bool) or every_n_rounds < 1):
             raise ValueError(f"`every_n_rounds` must be a positive integer or None, got {every_n_rounds!r}.")
         if every_n_rounds is None and not at_end:
@@ -182,21 +185,23 @@ class GSM8KEvaluation(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        rounds = trainer.current_epoch + 1
-        if self.every_n_rounds is None or rounds % self.every_n_rounds:
+        round_index = trainer.current_epoch
+        if self.every_n_rounds is None or (round_index + 1) % self.every_n_rounds:
             return
-        if self.at_end and rounds == trainer.max_epochs:
+        if self.at_end and round_index + 1 == trainer.max_epochs:
             return
-        result = self.evaluate(trainer, pl_module, rounds, final=False)
+        result = self.evaluate(trainer, pl_module, round_index, final=False)
         metrics = {"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": float(result.count)}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.at_end:
-            self.evaluate(trainer, pl_module, trainer.current_epoch, final=True)
+            self.evaluate(trainer, pl_module, max(trainer.current_epoch - 1, 0), final=True)
 
-    def evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", rounds: int, final: bool) -> GSM8KResult:
+    def evaluate(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", round_index: int, final: bool
+    ) -> GSM8KResult:
         """Answer this process's share of the questions, sum the counts over processes, log and keep the result."""
         shard = range(trainer.global_rank, len(self.questions), trainer.world_size)
         generations = generate_answers(
@@ -211,10 +216,10 @@ class GSM8KEvaluation(Callback):
         metric.update(generations, [self.answers[index] for index in shard])
         with metric.sync_context():
             correct, count = int(metric.correct), metric.count
-        result = GSM8KResult(rounds, correct / count, correct, count, final, generations)
+        result = GSM8KResult(round_index, correct / count, correct, count, final, generations)
         self.results.append(result)
         for logger in trainer.loggers:
-            logger.log_metrics({"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": count}, step=rounds)
+            logger.log_metrics({"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": count}, step=round_index)
         return result
 
     def _model(self, pl_module: "pl.LightningModule") -> PreTrainedModel:

@@ -45,7 +45,7 @@ def load_mtbench_questions(path: Union[str, Path]) -> list[dict[str, Any]]:
             for key, types in _REQUIRED.items():
                 if not isinstance(question.get(key), types) or isinstance(question.get(key), bool):
                     accepted = " or ".join(t.__name__ for t in types)
-                    raise ValueError(f"{where}: `{key}` must be a {accepted}, got {question.get(key)!r}.")
+                    raise ValueError(f"{where}: `{key}` must be of type {accepted}, got {question.get(key)!r}.")
             turns = question["turns"]
             if not turns or not all(isinstance(turn, str) and turn.strip() for turn in turns):
                 raise ValueError(f"{where}: `turns` must be a non-empty list of non-empty strings, got {turns!r}.")
