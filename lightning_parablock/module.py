@@ -7,6 +7,8 @@ import lightning as L
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_parablock.eval.perplexity import TokenPerplexity
+
 
 class CausalLMModule(L.LightningModule):
     """Train a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss).
@@ -42,6 +44,7 @@ class CausalLMModule(L.LightningModule):
         if config is not None and "model_type" not in config:
             raise ValueError(f"`config` must name a `model_type` such as 'llama', got keys {sorted(config)}.")
         self.save_hyperparameters()
+        self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if model_name_or_path is not None:
@@ -64,8 +67,10 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self(**batch).loss
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        output = self(**batch)
+        self.log("val/loss", output.loss, on_epoch=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.val_perplexity.update(output.logits, batch["labels"])
+        self.log("val/perplexity", self.val_perplexity, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.AdamW:
         """A fresh AdamW over the parameters that require grad right now.

@@ -51,7 +51,10 @@ def test_shortened_tiny_recipe_trains_reports_and_saves(tmp_path, capsys):
     assert model.config.num_hidden_layers == 4 and len(tokenizer) == 105
     ids = tokenizer("What is 2 + 3?", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
-    assert (tmp_path / "logs").is_dir()  # the CSV logger's metrics
+    metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "val/perplexity" in metrics and "parablock/exposed_wait_s" in metrics
+    # validate before fit (inference mode) and validation during fit share the perplexity metric
+    assert "held-out loss" in out
 
 
 def test_recipe_with_unknown_strategy_argument_is_refused(tmp_path):

@@ -55,8 +55,9 @@ class GSM8KAccuracy(Metric):
                 f"Got {len(predictions)} predictions but {len(references)} references; pass one reference per"
                 " prediction."
             )
-        self.correct += sum(answers_match(prediction, ref) for prediction, ref in zip(predictions, references))
-        self.total += len(predictions)
+        # rebinding, not +=: states reset under a Trainer's inference mode cannot be updated in place later
+        self.correct = self.correct + sum(answers_match(p, ref) for p, ref in zip(predictions, references))
+        self.total = self.total + len(predictions)
 
     def compute(self) -> torch.Tensor:
         """Accuracy in [0, 1]; ``nan`` before any question was scored."""

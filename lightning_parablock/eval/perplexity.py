@@ -46,8 +46,9 @@ class TokenPerplexity(Metric):
         targets = labels[:, 1:].reshape(-1).to(logits.device)
         predictions = logits[:, :-1].reshape(-1, logits.size(-1)).float()
         nll = F.cross_entropy(predictions, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        self.nll_sum += nll.double()
-        self.tokens += (targets != IGNORE_INDEX).sum()
+        # rebinding, not +=: states reset under a Trainer's inference mode cannot be updated in place later
+        self.nll_sum = self.nll_sum + nll.double()
+        self.tokens = self.tokens + (targets != IGNORE_INDEX).sum()
 
     def compute(self) -> torch.Tensor:
         """Perplexity; ``nan`` before any supervised token was seen."""
