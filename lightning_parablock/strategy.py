@@ -112,6 +112,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         seed: seeds the block schedule, the participants and each client's data order.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
             ``False`` in the order the datamodule gave.
+        offload_deltas: keep pending deltas in host memory instead of on the device. For large models on
+            a GPU: N clients × (staleness + 1) fp32 blocks leave GPU memory, and each turn copies its
+            client's deltas back (a 2-layer block of Llama 3-8B is 1.75 GB in fp32).
         device: the device of the global model; by default the Trainer's ``devices`` (one device).
     """
 
@@ -136,6 +139,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         weighting: Weighting = "uniform",
         seed: int = 0,
         shuffle: bool = True,
+        offload_deltas: bool = False,
         device: Optional[_DEVICE] = None,
         accelerator: Optional[Accelerator] = None,
     ) -> None:
@@ -168,6 +172,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.weighting = weighting
         self.seed = seed
         self.shuffle = shuffle
+        self.offload_deltas = offload_deltas
         self._device_given = device is not None
         self.parallel_devices: Optional[list[torch.device]] = None  # filled from Trainer(devices=...)
 
@@ -539,6 +544,8 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         params = self.partition.parameters(model, block)
         if record:
             delta = {name: params[name].detach().float() - start for name, start in active.start_values.items()}
+            if self.offload_deltas:
+                delta = {name: tensor.cpu() for name, tensor in delta.items()}
             active.client.pending[self.current.index] = BlockDelta(self.current.index, block, delta)
         all_params = dict(model.named_parameters())
         for name, value in active.global_values.items():

@@ -224,3 +224,20 @@ def test_validation_and_checkpoints_after_the_boundary_see_the_same_model(tmp_pa
     trainer.fit(module, toy_loader(toy_dataset()), toy_loader(toy_dataset(n=8)))
     saved = torch.load(tmp_path / "epoch=1-step=12.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(module.seen[n], saved[n]) for n in module.seen)
+
+
+def test_offloaded_deltas_live_on_the_host_and_change_nothing():
+    class Probe(Callback):
+        devices = set()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.devices |= {t.device.type for c in trainer.strategy.clients for d in c.pending.values() for t in d.tensors.values()}
+
+    plain, _ = fit(ToyModule(), FederatedBlockStrategy(num_clients=3, local_steps=2), max_epochs=3)
+    probe = Probe()
+    offloaded, _ = fit(
+        ToyModule(), FederatedBlockStrategy(num_clients=3, local_steps=2, offload_deltas=True),
+        [ParaBlockCallback(), probe], max_epochs=3,
+    )  # fmt: skip
+    assert probe.devices == {"cpu"}
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), offloaded.parameters()))

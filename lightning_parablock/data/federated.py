@@ -100,14 +100,15 @@ class FederatedDataModule(L.LightningDataModule):
         if not 0 <= val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
         if val_split is not None and val_fraction > 0:
-            raise ValueError(
-                f"Pass either `val_split` ({val_split!r}) or `val_fraction` ({val_fraction}), not both."
-            )
+            raise ValueError(f"Pass either `val_split` ({val_split!r}) or `val_fraction` ({val_fraction}), not both.")
         if alpha <= 0:
             raise ValueError(f"`alpha` must be a positive float, got {alpha}.")
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("num_clusters", num_clusters)):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
+        dataset = DataSource(**dataset) if isinstance(dataset, dict) else dataset
+        eval_dataset = DataSource(**eval_dataset) if isinstance(eval_dataset, dict) else eval_dataset
         self.save_hyperparameters(ignore=["tokenizer", "partitioner"])
         self.hparams.dataset = asdict(dataset)
         self.hparams.eval_dataset = asdict(eval_dataset) if eval_dataset is not None else None
@@ -130,6 +131,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.client_indices: Optional[list[list[int]]] = None
         self.partition_table: Optional[str] = None
         self._labels: Optional[list[Any]] = None
+        self._flwr_parts: Optional[list[list[int]]] = None
 
     # ------------------------------------------------------------------ data
 
@@ -190,14 +192,22 @@ class FederatedDataModule(L.LightningDataModule):
         if self._labels is None:
             hparams = self.hparams
             if hparams.partition == "cluster":
-                self._labels = cluster_labels(self.train_examples[INSTRUCTION], hparams.num_clusters, hparams.seed)
+                self._labels = cluster_labels(
+                    list(self.train_examples[INSTRUCTION]), hparams.num_clusters, hparams.seed
+                )
             else:
                 self._labels = self._column_labels()
         return self._labels
 
-    def _column_labels(self) -> Optional[list[Any]]:
+    def _label_column(self) -> Optional[str]:
         preset = self.source.preset
-        column = self.hparams.label_column or (preset.label_column if preset else None)
+        return self.hparams.label_column or (preset.label_column if preset else None)
+
+    def _label_name(self) -> str:
+        return "cluster" if self.hparams.partition == "cluster" else str(self._label_column())
+
+    def _column_labels(self) -> Optional[list[Any]]:
+        column = self._label_column()
         available = self.train_examples.column_names
         needs_labels = self.hparams.partition in ("dirichlet", "natural")
         if column is None:
@@ -234,10 +244,11 @@ class FederatedDataModule(L.LightningDataModule):
             )
         self.client_indices = parts
         self.partition_table = format_partition_table(parts, labels)
-        rank_zero_info(f"[FederatedDataModule] {self._partition_name()} split of {self.num_samples} examples:\n"
-                       f"{self.partition_table}")
+        name = self._partition_name()
+        rank_zero_info(f"[FederatedDataModule] {name} split of {self.num_samples} examples:\n{self.partition_table}")
         if hparams.partition_plot is not None and labels is not None:
-            plot_partition(parts, labels, hparams.partition_plot, title=f"{self._partition_name()} split")
+            title = f"{name} split"
+            plot_partition(parts, labels, hparams.partition_plot, title=title, label_name=self._label_name())
         return parts
 
     def _partition_name(self) -> str:
@@ -248,17 +259,20 @@ class FederatedDataModule(L.LightningDataModule):
         return self.hparams.partition
 
     def _flwr_partition(self, num_clients: int) -> list[list[int]]:
+        """The partitioner's split, computed once: a Flower partitioner takes its dataset only once."""
         if not hasattr(self.partitioner, "load_partition"):
             raise ValueError(
                 f"`partitioner` must be a flwr-datasets Partitioner (pip install flwr-datasets), got"
                 f" {self.partitioner!r}."
             )
-        if self.partitioner.num_partitions != num_clients:
+        if self._flwr_parts is None:
+            self._flwr_parts = partition_with_flwr(self.partitioner, self.train_examples)
+        if len(self._flwr_parts) != num_clients:
             raise ValueError(
-                f"The partitioner makes {self.partitioner.num_partitions} partitions but the federation has"
+                f"The partitioner makes {len(self._flwr_parts)} partitions but the federation has"
                 f" num_clients={num_clients}; give it `num_partitions={num_clients}`."
             )
-        return partition_with_flwr(self.partitioner, self.train_examples)
+        return self._flwr_parts
 
     # ------------------------------------------------------------ dataloaders
 

@@ -1,4 +1,4 @@
-"""Load instruction data from the Hugging Face Hub or local files into one schema: ``instruction``, ``input``, ``output``.
+"""Load instruction data from the Hub or local files into one schema: ``instruction``, ``input``, ``output``.
 
 Every source is renamed to the same three text columns, so prompt formatting and partitioning never need to
 know where the data came from. Any other column (MathInstruct's ``source``, a user id) is kept, to split

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_parablock.data.partition import label_values, label_histogram
+from lightning_parablock.data.partition import label_histogram, label_values
 
 _MAX_ANNOTATED_CELLS = 400
 
@@ -18,10 +18,12 @@ def plot_partition(
     labels: Sequence[Hashable],
     path: Union[str, Path],
     title: Optional[str] = None,
+    label_name: str = "label",
 ) -> Path:
     """Write a heatmap PNG: one row per client, one column per label, each cell the client's example count.
 
     Rows are annotated with the client's size; cells with their count while the grid is small enough to read.
+    ``label_name`` titles the label axis (the column split by, or ``cluster``).
     Drawn on an Agg canvas directly, so it works headless and never touches pyplot's global state.
 
     Returns:
@@ -41,7 +43,7 @@ def plot_partition(
     figure.colorbar(image, ax=axes, label="examples")
     axes.set_xticks(range(num_labels), [str(value) for value in values], rotation=45, ha="right")
     axes.set_yticks(range(num_clients), [f"{client} (n={len(part)})" for client, part in enumerate(partition)])
-    axes.set_xlabel("label")
+    axes.set_xlabel(label_name)
     axes.set_ylabel("client")
     axes.set_title(title or f"{num_clients} clients × {num_labels} labels")
     if counts.size <= _MAX_ANNOTATED_CELLS:
