@@ -67,6 +67,11 @@ def weighted_mean(deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Ten
     if bad:
         client, name = next(iter(bad.items()))
         raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
+    return _weighted_sum(deltas, weights, names)
+
+
+def _weighted_sum(deltas: Deltas, weights: Mapping[int, float], names: list[str]) -> dict[str, Tensor]:
+    """Σ_i w_i Δ^i in fp32, for deltas already checked."""
     first = deltas[min(deltas)]
     aggregate = {name: torch.zeros_like(first[name], dtype=torch.float32) for name in names}
     for client in sorted(deltas):
@@ -141,7 +146,7 @@ class Aggregator:
         self.nonfinite = nonfinite
 
     def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        check_deltas(deltas)
+        names = check_deltas(deltas)
         bad = non_finite_clients(deltas)
         if bad and self.nonfinite == "raise":
             client, name = next(iter(bad.items()))
@@ -160,7 +165,7 @@ class Aggregator:
             aggregate = trimmed_mean(kept, self.trim_fraction)
         else:
             total = sum(weights[client] for client in kept)
-            aggregate = weighted_mean(kept, {client: weights[client] / total for client in kept})
+            aggregate = _weighted_sum(kept, {client: weights[client] / total for client in kept}, names)
         return AggregateResult(aggregate, sorted(bad))
 
     def __repr__(self) -> str:
