@@ -86,7 +86,11 @@ def main(args: Optional[list[str]] = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        # one optimizer object for all clients is what --optimizer would build; clients take
+        # `--trainer.strategy.init_args.client_optimizer` or the module's configure_optimizers instead
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": "ParaBlock for Lightning. Also: `parablock report RUN_DIR` draws a finished run."},
+        args=None if args is None else argv,
     )
 
 

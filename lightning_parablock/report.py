@@ -9,17 +9,16 @@ FedBCD, and the loss curve.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lightning_parablock.comm import SimulatedLink, parse_bandwidth  # noqa: E402
-from lightning_parablock.timeline import (  # noqa: E402
+from lightning_parablock.comm import SimulatedLink, parse_bandwidth
+from lightning_parablock.timeline import (
     TIMELINE_FILENAME,
     RoundRecord,
     RunSummary,
@@ -83,7 +82,8 @@ def plot_gantt(records: Sequence[RoundRecord], link: SimulatedLink, staleness: i
     rounds = [r for r in records if not r.flush][:GANTT_ROUNDS]
     comm = {r.exchanged_round: r.client_link_seconds(link) for r in records if r.exchanged_round is not None}
     clients = sorted({c for r in rounds for c in r.participants})
-    figure, axes = plt.subplots(2, 1, figsize=(10, 1.2 + 0.9 * len(clients)), sharex=True)
+    figure = Figure(figsize=(10, 1.2 + 0.9 * len(clients)))  # no pyplot: the user's backend stays untouched
+    axes = figure.subplots(2, 1, sharex=True)
     for axis, s, title in ((axes[0], max(staleness, 1), "ParaBlock"), (axes[1], 0, "FedBCD")):
         start = 0.0
         for record in rounds:
@@ -106,11 +106,10 @@ def plot_gantt(records: Sequence[RoundRecord], link: SimulatedLink, staleness: i
         axis.set_ylim(-0.6, len(clients))
         axis.set_title(f"{title} (staleness {s})", fontsize=10)
     axes[1].set_xlabel(f"modelled seconds (link {link.bandwidth or 'unlimited'}, latency {link.latency})")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
+    handles = [Patch(color=c) for c in ("tab:blue", "tab:orange")]
     figure.legend(handles, ["compute (K local steps)", "communication (up + down)"], loc="lower center", ncol=2)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_runtime_vs_bandwidth(
@@ -119,7 +118,8 @@ def plot_runtime_vs_bandwidth(
     names = list(links)
     parablock = [modelled_wallclock(records, links[n], max(staleness, 1)) for n in names]
     fedbcd = [modelled_wallclock(records, links[n], 0) for n in names]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     positions = range(len(names))
     axis.bar([p - 0.2 for p in positions], parablock, width=0.4, label="ParaBlock", color="tab:green")
     axis.bar([p + 0.2 for p in positions], fedbcd, width=0.4, label="FedBCD", color="tab:grey")
@@ -130,12 +130,12 @@ def plot_runtime_vs_bandwidth(
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_loss(records: Sequence[RoundRecord], path: Path) -> None:
     points = [(r.round, loss) for r in records if not r.flush and (loss := _mean_loss(r)) is not None]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     if points:
         axis.plot(*zip(*points), marker="o", markersize=3)
     axis.set_xlabel("round")
@@ -143,30 +143,34 @@ def plot_loss(records: Sequence[RoundRecord], path: Path) -> None:
     axis.set_title("Training loss")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def report(
     run_dir: Path, bandwidths: Sequence[str] = DEFAULT_BANDWIDTHS, latency: Optional[str] = None,
     output_dir: Optional[Path] = None,
 ) -> tuple[str, list[Path]]:  # fmt: skip
-    """The printed table and the paths of the PNGs written."""
+    """The printed table (headed by the timeline it read) and the paths of the PNGs written."""
     timeline = find_timeline(run_dir)
-    meta, records = load_timeline(timeline)
+    try:
+        meta, records = load_timeline(timeline)
+        latency = latency if latency is not None else meta["link"]["latency"]
+        staleness = meta["staleness"]
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{timeline} is not a timeline written by ParaBlockCallback ({error!r}).") from error
     if not records:
         raise ValueError(f"{timeline} holds no rounds yet.")
-    latency = latency if latency is not None else meta["link"]["latency"]
+    if not bandwidths:
+        raise ValueError("No bandwidth to model; pass e.g. --bandwidth 50MB/s,100MB/s.")
     for bandwidth in bandwidths:
         parse_bandwidth(bandwidth)  # a clear error before any figure is drawn
     links = {f"{b}, {latency}": SimulatedLink(b, latency) for b in bandwidths}
-    staleness = meta["staleness"]
     output_dir = output_dir or timeline.parent
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / "gantt.png", output_dir / "runtime_vs_bandwidth.png", output_dir / "loss.png"]
     plot_gantt(records, next(iter(links.values())), staleness, paths[0])
     plot_runtime_vs_bandwidth(records, links, staleness, paths[1])
     plot_loss(records, paths[2])
-    return format_table(records, staleness, links), paths
+    return f"timeline: {timeline}\n\n" + format_table(records, staleness, links), paths
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:

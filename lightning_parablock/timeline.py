@@ -10,14 +10,13 @@ clients in parallel, at any link, without re-running training (DESIGN §3, paper
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_parablock.comm import SimulatedLink
+from lightning_parablock.files import write_text_atomic
 
 TIMELINE_FILENAME = "parablock_timeline.json"
 
@@ -106,16 +105,7 @@ def overlap_efficiency(records: Sequence[RoundRecord]) -> float:
 
 def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, Any]) -> None:
     """Write the timeline as JSON atomically: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**meta, "records": [asdict(r) for r in records]}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_text_atomic(path, json.dumps({**meta, "records": [asdict(r) for r in records]}, indent=1))
 
 
 def record_from_json(data: dict[str, Any]) -> RoundRecord:

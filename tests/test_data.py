@@ -291,3 +291,13 @@ def test_datamodule_rejects_truncating_max_length():
     dm = SyntheticArithmeticDataModule(num_examples=20, val_examples=0, max_length=20)
     with pytest.raises(ValueError, match="max_length=20"):
         dm.setup("fit")
+
+
+def test_a_tokenizer_without_bos_gets_none_prepended_like_qwen():
+    from lightning_parablock.data.formatting import encode_for_sft
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.bos_token = None
+    features = encode_for_sft("Q?", "42", tokenizer)
+    assert features["input_ids"][0] == tokenizer.convert_tokens_to_ids("Q")
+    assert features["labels"] == [-100, -100, *tokenizer.encode("42", add_special_tokens=False), tokenizer.eos_token_id]

@@ -128,7 +128,9 @@ def test_callback_logs_accuracy_each_round_with_the_round_as_step(tiny_llama_con
     assert trainer.callback_metrics["eval/gsm8k_accuracy"].item() == pytest.approx(accuracy)
     with open(f"{logger.log_dir}/metrics.csv") as file:
         rows = [row for row in csv.DictReader(file) if row.get("eval/gsm8k_accuracy")]
-    assert [int(row["step"]) for row in rows] == [0, 1, 2]
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]  # the round
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(steps) and steps[-1] == trainer.global_step  # never backwards for any logger
     assert [float(row["eval/gsm8k_accuracy"]) for row in rows] == pytest.approx([accuracy] * 3)
     assert [float(row["eval/gsm8k_count"]) for row in rows] == [len(QUESTIONS)] * 3
 

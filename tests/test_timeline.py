@@ -123,3 +123,15 @@ def test_per_round_summaries_reach_csv_and_tensorboard_with_the_round(tmp_path):
     assert [e.value for e in events.Scalars("epoch")][-4:] == [0, 1, 2, 3]
     # the timeline sits beside the first logger's files
     assert (tmp_path / "csv" / "version_0" / "parablock_timeline.json").exists()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [(["--bandwidth", ","], "No bandwidth"), ([], "not a timeline")])
+def test_report_refuses_an_empty_bandwidth_list_or_a_foreign_json(tmp_path, capsys, arguments, message):
+    path = tmp_path / "parablock_timeline.json"
+    if arguments:
+        save_timeline(path, hand_timeline(), {"staleness": 1, "link": {"latency": 0}})
+    else:
+        path.write_text('{"records": [{"round": 0}]}')
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), *arguments])
+    assert message in capsys.readouterr().err

@@ -61,7 +61,8 @@ def chat_prompt_and_response(
 def encode_for_sft(
     prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, add_special_tokens: bool = True
 ) -> dict[str, list[int]]:
-    """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``, uncut.
+    """Tokenize ``bos + prompt + response + eos`` with labels ``-100`` on ``bos + prompt``, uncut (no bos for a
+    tokenizer without one).
 
     Prompt and response are tokenized separately so the mask boundary is exact. With ``add_special_tokens=False``
     no bos or eos is added: a chat template writes its own.
@@ -69,12 +70,13 @@ def encode_for_sft(
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     response_ids = tokenizer.encode(response, add_special_tokens=False)
     if add_special_tokens:
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        if tokenizer.eos_token_id is None:
             raise ValueError(
-                f"`tokenizer` must define both bos and eos tokens, got bos={tokenizer.bos_token!r},"
-                f" eos={tokenizer.eos_token!r}; use a chat template (`prompt_format='chat'`) if it has its own."
+                f"`tokenizer` must define an eos token to end responses, got eos={tokenizer.eos_token!r}; use a"
+                " chat template (`prompt_format='chat'`) if it writes its own."
             )
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+        if tokenizer.bos_token_id is not None:  # Qwen2.5 has none; generation then adds none either
+            prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
         response_ids = [*response_ids, tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids

@@ -95,8 +95,8 @@ def _prompt_fn(prompt_format: PromptFormat) -> Callable[[str], str]:
 class GSM8KEvaluation(Callback):
     """Generate greedy answers to a fixed question set and log exact-match accuracy during and after fit.
 
-    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` to the trainer's loggers with the round (the 0-based
-    epoch just trained, ParaBlockCallback's x-axis) as the step, and keeps every evaluation in :attr:`results`.
+    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` to the trainer's loggers at the Trainer's step, with the
+    round (the 0-based epoch just trained) in the ``epoch`` column, and keeps every evaluation in :attr:`results`.
     Evaluations at round ends also reach ``trainer.callback_metrics``, so
     ``ModelCheckpoint(monitor="eval/gsm8k_accuracy")`` works.
 
@@ -219,8 +219,9 @@ class GSM8KEvaluation(Callback):
             correct, count = int(metric.correct), metric.count
         result = GSM8KResult(round_index, correct / count, correct, count, final, generations)
         self.results.append(result)
-        for logger in trainer.loggers:
-            logger.log_metrics({"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": count}, step=round_index)
+        metrics = {"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": count, "epoch": round_index}
+        for logger in trainer.loggers:  # the Trainer's own step, so loggers never see it go backwards
+            logger.log_metrics(metrics, step=trainer.global_step)
         return result
 
     def _model(self, pl_module: "pl.LightningModule") -> PreTrainedModel:

@@ -12,7 +12,6 @@ samples writing and roleplay answers at temperature 0.7.
 """
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_parablock.data.formatting import INSTRUCTION_HEADER, RESPONSE_HEADER, format_prompt
 from lightning_parablock.eval.generation import encode_prompt, generate_from_ids
+from lightning_parablock.files import write_text_atomic
 
 _REQUIRED = {"question_id": (int, str), "category": (str,), "turns": (list,)}
 
@@ -116,24 +116,9 @@ def answer_mtbench(
 
 
 def write_jsonl_atomic(records: Sequence[dict[str, Any]], path: Union[str, Path]) -> Path:
-    """Write one JSON object per line to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash or a record that is not JSON-serializable leaves ``path`` as it was (absent or the previous
-    file), never half-written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as file:
-            for record in records:
-                file.write(json.dumps(record) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    """Write one JSON object per line, atomically: a crash or a record that is not JSON-serializable leaves
+    ``path`` as it was (absent or the previous file), never half-written."""
+    return write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def export_mtbench_answers(

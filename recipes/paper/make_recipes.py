@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from lightning_parablock.files import write_text_atomic
+
 HERE = Path(__file__).parent
 
 MODELS = {
@@ -206,10 +208,13 @@ def render(name: str, summary: str, config: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    # Render everything before touching a file: an error while editing this script leaves the recipes as they were.
+    rendered = {f"{name}.yaml": render(name, summary, config) for name, (summary, config) in experiments().items()}
     for path in HERE.glob("*.yaml"):
-        path.unlink()
-    for name, (summary, config) in experiments().items():
-        (HERE / f"{name}.yaml").write_text(render(name, summary, config))
+        if path.name not in rendered:
+            path.unlink()
+    for filename, text in rendered.items():
+        write_text_atomic(HERE / filename, text)
 
 
 if __name__ == "__main__":
