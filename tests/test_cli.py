@@ -67,3 +67,17 @@ def test_full_tiny_recipe_learns(tmp_path, capsys):
     run_recipe(tmp_path)
     before, after = summary_losses(capsys.readouterr().out)
     assert after < 0.5 * before
+
+
+@pytest.mark.slow
+def test_overlap_benchmark_runs_and_prints_its_figures():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "overlap.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "2", "--clients", "2"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"ParaBlock / FedBCD measured time: [0-9.]+", result.stdout)
+    assert len(re.findall(r"fp32 blocks per client", result.stdout)) == 3
