@@ -222,3 +222,27 @@ def test_callback_from_any_dataset_with_a_numeric_answer_column():
     assert evaluation.prompt_fn("Why?") == "Q: Why?\nA:"
     with pytest.raises(ValueError, match="no column 'answer'; its columns are"):
         GSM8KEvaluation.from_dataset(table, question_column="instruction")
+
+
+def test_questions_come_from_the_datamodules_eval_examples_when_none_are_given(tiny_llama_config):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_parablock.data import build_char_tokenizer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_llama_config))
+    examples = {"instruction": ["What is 2 + 3?", "What is 4 * 4?"], "output": ["2 + 3 = 5\n#### 5", "#### 16"]}
+    datamodule = SimpleNamespace(eval_examples=examples, tokenizer=build_char_tokenizer())
+    callback = GSM8KEvaluation(at_end=True)
+    callback.on_fit_start(SimpleNamespace(datamodule=datamodule), SimpleNamespace(hf_model=model))
+    assert callback.questions == examples["instruction"] and callback.answers == examples["output"]
+
+    bad = SimpleNamespace(eval_examples={"instruction": ["Q"], "output": ["no number"]}, tokenizer=None)
+    with pytest.raises(ValueError, match="Answer 0 .* is not numeric"):
+        GSM8KEvaluation().on_fit_start(SimpleNamespace(datamodule=bad), SimpleNamespace(hf_model=model))
+    with pytest.raises(MisconfigurationException, match="no `eval_examples`"):
+        GSM8KEvaluation().on_fit_start(SimpleNamespace(datamodule=None), SimpleNamespace(hf_model=model))
+    with pytest.raises(ValueError, match="both `questions` and `answers`, or neither"):
+        GSM8KEvaluation(questions=["Q"])

@@ -81,7 +81,9 @@ class GSM8KResult:
     generations: list[str]  # this process's outputs, in the order of its questions
 
 
-def _prompt_fn(prompt_format: PromptFormat) -> Callable[[str], str]:
+def _prompt_fn(prompt_format: Optional[PromptFormat]) -> Callable[[str], str]:
+    if prompt_format is None:
+        return format_prompt
     if callable(prompt_format):
         return prompt_format
     if isinstance(prompt_format, str) and "{question}" in prompt_format:
@@ -109,14 +111,16 @@ class GSM8KEvaluation(Callback):
     With several processes each one answers its share of the questions and the counts are summed.
 
     Args:
-        questions: The question texts.
+        questions: The question texts. Without ``questions`` and ``answers`` the datamodule's
+            ``eval_examples`` (``instruction`` / ``output``, e.g. FederatedDataModule's GSM8K test split)
+            are used, so the callback can be set up from a YAML recipe.
         answers: One numeric reference per question (see :func:`extract_reference_answer`); all are
-            checked here, so a bad one fails before training starts.
+            checked before training starts.
         every_n_rounds: Also evaluate after every ``n``-th round. The last round is left to ``at_end``
             when that is set, whose model has the flushed aggregates.
         at_end: Evaluate the final global model at train end.
-        prompt_format: How a question becomes a prompt; by default the Alpaca template this package
-            fine-tunes with.
+        prompt_format: How a question becomes a prompt: a function, or a string with a ``{question}``
+            placeholder; by default the Alpaca template this package fine-tunes with.
         tokenizer: By default the datamodule's or the module's ``tokenizer`` attribute.
         batch_size: Prompts per ``generate`` call.
         max_new_tokens: Longest answer, in tokens.
@@ -124,15 +128,37 @@ class GSM8KEvaluation(Callback):
 
     def __init__(
         self,
-        questions: Sequence[str],
-        answers: Sequence[Union[str, Number]],
+        questions: Optional[Sequence[str]] = None,
+        answers: Optional[Sequence[Union[str, Number]]] = None,
         every_n_rounds: Optional[int] = None,
         at_end: bool = True,
-        prompt_format: PromptFormat = format_prompt,
+        prompt_format: Optional[PromptFormat] = None,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
         batch_size: int = 8,
         max_new_tokens: int = 256,
     ) -> None:
+        if (questions is None) != (answers is None):
+            raise ValueError(
+                "Pass both `questions` and `answers`, or neither to evaluate on the datamodule's `eval_examples`."
+            )
+        if every_n_rounds is not None and (isinstance(every_n_rounds, bool) or every_n_rounds < 1):
+            raise ValueError(f"`every_n_rounds` must be a positive integer or None, got {every_n_rounds!r}.")
+        if every_n_rounds is None and not at_end:
+            raise ValueError("With `every_n_rounds=None` and `at_end=False` GSM8KEvaluation would never evaluate.")
+        self.questions: Optional[list[str]] = None
+        self.answers: Optional[list[Union[str, Number]]] = None
+        if questions is not None:
+            self._set_examples(questions, answers)
+        self.every_n_rounds = every_n_rounds
+        self.at_end = at_end
+        self.prompt_fn = _prompt_fn(prompt_format)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.results: list[GSM8KResult] = []
+
+    def _set_examples(self, questions: Sequence[str], answers: Sequence[Union[str, Number]]) -> None:
+        """Check every reference now, so a bad one fails before training rather than at the first evaluation."""
         if len(questions) != len(answers):
             raise ValueError(f"Got {len(questions)} questions but {len(answers)} answers; pass one per question.")
         if not questions:
@@ -144,19 +170,7 @@ class GSM8KEvaluation(Callback):
                 raise ValueError(
                     f"Answer {index} (for question {questions[index]!r}) is not numeric: {error}"
                 ) from None
-        if every_n_rounds is not None and (isinstance(every_n_rounds, bool) or every_n_rounds < 1):
-            raise ValueError(f"`every_n_rounds` must be a positive integer or None, got {every_n_rounds!r}.")
-        if every_n_rounds is None and not at_end:
-            raise ValueError("With `every_n_rounds=None` and `at_end=False` GSM8KEvaluation would never evaluate.")
-        self.questions = list(questions)
-        self.answers = list(answers)
-        self.every_n_rounds = every_n_rounds
-        self.at_end = at_end
-        self.prompt_fn = _prompt_fn(prompt_format)
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.results: list[GSM8KResult] = []
+        self.questions, self.answers = list(questions), list(answers)
 
     @classmethod
     def from_dataset(
@@ -181,6 +195,14 @@ class GSM8KEvaluation(Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.questions is None:
+            examples = getattr(trainer.datamodule, "eval_examples", None)
+            if examples is None:
+                raise MisconfigurationException(
+                    "GSM8KEvaluation got no questions and the datamodule has no `eval_examples` (a"
+                    " FederatedDataModule with `eval_dataset=...`); pass `questions` and `answers`."
+                )
+            self._set_examples(list(examples["instruction"]), list(examples["output"]))
         self._model(pl_module)  # fail now rather than after the first round
         self._tokenizer(trainer, pl_module)
 

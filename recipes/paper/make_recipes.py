@@ -55,6 +55,10 @@ DATASETS = {
     },
 }
 
+GSM8K_CALLBACK = {
+    "class_path": "lightning_parablock.eval.GSM8KEvaluation",
+    "init_args": {"every_n_rounds": 8, "batch_size": 16, "max_new_tokens": 256},
+}
 LOCAL_STEPS = 50  # ASSUMED: K, optimizer steps per client and round
 LEARNING_RATE = 1.0e-5  # ASSUMED: AdamW, full-parameter fine-tuning of the active block
 MAX_LENGTH = 512  # ASSUMED
@@ -121,7 +125,11 @@ def recipe(
             "num_sanity_val_steps": 0,
             "check_val_every_n_epoch": 8,
             "strategy": {"class_path": "lightning_parablock.FederatedBlockStrategy", "init_args": strategy},
-            "callbacks": [{"class_path": "lightning_parablock.ParaBlockCallback", "init_args": callback}],
+            "callbacks": [
+                {"class_path": "lightning_parablock.ParaBlockCallback", "init_args": callback},
+                # after ParaBlockCallback: it evaluates the global model, on the datamodule's eval split
+                *([GSM8K_CALLBACK] if "eval_dataset" in data_args else []),
+            ],
         },
         "model": {
             "class_path": "lightning_parablock.CausalLMModule",
