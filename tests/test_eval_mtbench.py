@@ -118,3 +118,12 @@ def test_bad_question_files_are_refused_naming_the_line(tmp_path, line, match):
 def test_model_id_is_required(model, chat_tokenizer):
     with pytest.raises(ValueError, match="`model_id` must be a non-empty str.*got ''"):
         answer_mtbench(model, chat_tokenizer, load_mtbench_questions(QUESTION_FILE), "")
+
+
+def test_a_model_fine_tuned_on_alpaca_is_asked_in_alpaca_even_with_a_chat_template(chat_tokenizer):
+    turns, answers = ["Write a haiku.", "Now in French."], ["Leaves fall."]
+    alpaca = conversation_prompt(chat_tokenizer, turns, answers, prompt_format="alpaca")
+    assert alpaca == conversation_prompt(build_char_tokenizer(), turns, answers)
+    assert conversation_prompt(chat_tokenizer, turns, answers) != alpaca  # auto: the chat template
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        conversation_prompt(build_char_tokenizer(), turns, answers, prompt_format="chat")

@@ -21,6 +21,7 @@ from typing import Any, Union
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_parablock.data.formatting import INSTRUCTION_HEADER, RESPONSE_HEADER, format_prompt
+from lightning_parablock.data.sft_dataset import PromptFormat, resolve_prompt_format
 from lightning_parablock.eval.generation import encode_prompt, generate_from_ids
 from lightning_parablock.files import write_text_atomic
 
@@ -56,17 +57,21 @@ def load_mtbench_questions(path: Union[str, Path]) -> list[dict[str, Any]]:
     return questions
 
 
-def conversation_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[str], answers: Sequence[str]) -> str:
+def conversation_prompt(
+    tokenizer: PreTrainedTokenizerBase, turns: Sequence[str], answers: Sequence[str], prompt_format: PromptFormat = "auto"
+) -> str:
     """The prompt for question ``turns[-1]``, after the earlier ``turns`` and the model's ``answers`` to them.
 
-    With a chat template it renders user/assistant messages and the generation prompt. Without one it
-    continues the Alpaca template this package fine-tunes with: a single turn is exactly
+    ``prompt_format`` should be the one the model was fine-tuned with (FederatedDataModule's): ``chat``
+    renders user/assistant messages with the tokenizer's chat template and the generation prompt;
+    ``alpaca`` continues the Alpaca template: a single turn is exactly
     :func:`~lightning_parablock.data.format_prompt`, and each later turn appends the previous answer, a
-    blank line, ``### Instruction:`` with the new question and ``### Response:``.
+    blank line, ``### Instruction:`` with the new question and ``### Response:``. ``auto`` is ``chat``
+    when the tokenizer has a chat template.
     """
     if len(answers) != len(turns) - 1:
         raise ValueError(f"Need one answer per earlier turn: got {len(turns)} turns and {len(answers)} answers.")
-    if getattr(tokenizer, "chat_template", None):
+    if resolve_prompt_format(tokenizer, prompt_format) == "chat":
         messages = []
         for question, answer in zip(turns, [*answers, None]):
             messages.append({"role": "user", "content": question})
@@ -86,6 +91,7 @@ def answer_mtbench(
     model_id: str,
     batch_size: int = 8,
     max_new_tokens: int = 1024,
+    prompt_format: PromptFormat = "auto",
 ) -> list[dict[str, Any]]:
     """Answer every turn of every question, turn by turn in batches, as FastChat ``model_answer`` records.
 
@@ -98,7 +104,9 @@ def answer_mtbench(
     for turn in range(max((len(question["turns"]) for question in questions), default=0)):
         asked = [index for index, question in enumerate(questions) if len(question["turns"]) > turn]
         prompts = [
-            encode_prompt(tokenizer, conversation_prompt(tokenizer, questions[i]["turns"][: turn + 1], answers[i]))
+            encode_prompt(
+                tokenizer, conversation_prompt(tokenizer, questions[i]["turns"][: turn + 1], answers[i], prompt_format)
+            )
             for i in asked
         ]
         for index, text in zip(asked, generate_from_ids(model, tokenizer, prompts, batch_size, max_new_tokens)):
@@ -129,6 +137,7 @@ def export_mtbench_answers(
     model_id: str,
     batch_size: int = 8,
     max_new_tokens: int = 1024,
+    prompt_format: PromptFormat = "auto",
 ) -> list[dict[str, Any]]:
     """Read ``question_file``, answer every turn greedily and write FastChat's ``answer_file`` atomically.
 
@@ -137,8 +146,7 @@ def export_mtbench_answers(
     Returns:
         The records written, in the question file's order.
     """
-    records = answer_mtbench(
-        model, tokenizer, load_mtbench_questions(question_file), model_id, batch_size, max_new_tokens
-    )
+    questions = load_mtbench_questions(question_file)
+    records = answer_mtbench(model, tokenizer, questions, model_id, batch_size, max_new_tokens, prompt_format)
     write_jsonl_atomic(records, answer_file)
     return records
