@@ -8,7 +8,10 @@ RUN_DIR`` prints the run's table and draws its figures (see :mod:`lightning_para
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,7 +70,15 @@ class ParaBlockCLI(LightningCLI):
                 f" {type(self.model).__name__}."
             )
         tokenizer = getattr(self.datamodule, "tokenizer", None)
-        self.model.save_pretrained(output_dir, tokenizer=tokenizer)
+        # Written beside the target and moved in place, so a crash never leaves half a model there.
+        staging = output_dir.with_name(f".{output_dir.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.model.save_pretrained(staging, tokenizer=tokenizer)
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            os.replace(staging, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _overrides(obj: object, method: str, base: type) -> bool:

@@ -46,6 +46,7 @@ def test_shortened_tiny_recipe_trains_reports_and_saves(tmp_path, capsys):
     assert re.search(r"rounds: 3 .*bytes moved: [0-9.]+ MB .*measured time: .*exposed comm wait", out)
     before, after = summary_losses(out)
     assert after < before
+    assert sorted(p.name for p in output_dir.parent.iterdir() if p.name.startswith(".final_model")) == []  # no staging
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert model.config.num_hidden_layers == 4 and len(tokenizer) == 105
