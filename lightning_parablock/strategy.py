@@ -75,7 +75,6 @@ class RoundState:
     block: int
     participants: list[int]
     compute_seconds: dict[int, float] = field(default_factory=dict)
-    finished: bool = False  # every participant's turn is over
     closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
 
 
@@ -397,7 +396,6 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         """Close the last client's turn; the model holds the global values again."""
         assert self.current is not None, "no round in progress"
         self._leave_client()
-        self.current.finished = True
         return self.current
 
     @property
