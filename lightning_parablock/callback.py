@@ -63,6 +63,7 @@ class ParaBlockCallback(Callback):
             raise ValueError(f"`comm_timeout` must be positive, got {comm_timeout!r}.")
         self.records: list[RoundRecord] = []
         self._worker: Optional[CommWorker] = None
+        self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
         self._client_loss: dict[int, tuple[Tensor, int]] = {}  # client -> (summed loss, micro-batches)
 
@@ -93,7 +94,8 @@ class ParaBlockCallback(Callback):
                     " inside a federated round that Lightning cannot resume consistently. Save at round"
                     " boundaries with `every_n_epochs` (one epoch is one round)."
                 )
-        self._worker = CommWorker(self.link, self.comm_timeout, self.aggregator)
+        self._worker = self._strategy(trainer).comm_worker(self.link, self.aggregator, self.comm_timeout)
+        self._timeline_path = self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -152,6 +154,7 @@ class ParaBlockCallback(Callback):
             self._collect(strategy, exchanged, record)
         round_state.closed = True
         record.wall_seconds = time.perf_counter() - self._round_started_at
+        record = strategy.merge_round_record(record)
         self.records.append(record)
         self._log(pl_module, record)
         self._save_timeline(trainer)
@@ -194,7 +197,7 @@ class ParaBlockCallback(Callback):
         waited_from = time.perf_counter()
         result: RoundExchange = self._worker.wait(round_index)
         record.exposed_wait_seconds = time.perf_counter() - waited_from
-        strategy.apply_aggregate(result.round, result.block, result.aggregate, left_out=result.skipped_clients)
+        strategy.apply_aggregate(result.round, result.aggregate, left_out=result.skipped_clients)
         record.exchanged_round = result.round
         record.skipped_clients = result.skipped_clients
         if result.skipped_clients:
@@ -228,7 +231,7 @@ class ParaBlockCallback(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / TIMELINE_FILENAME
 
     def _save_timeline(self, trainer: "pl.Trainer") -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self._timeline_path is None:
             return
         strategy = self._strategy(trainer)
         meta = {
@@ -236,8 +239,9 @@ class ParaBlockCallback(Callback):
             "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
             "num_clients": strategy.num_clients,
             "num_blocks": len(strategy.partition) if strategy.partition is not None else None,
+            "world_size": trainer.world_size,
         }
-        save_timeline(self.timeline_path(trainer), self.records, meta)
+        save_timeline(self._timeline_path, self.records, meta)
 
     @override
     def state_dict(self) -> dict[str, Any]:

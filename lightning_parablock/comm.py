@@ -9,14 +9,16 @@ as it would overlap a real network.
 
 from __future__ import annotations
 
+import functools
+import queue
 import re
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -103,7 +105,7 @@ class RoundExchange:
 
     round: int
     block: int
-    aggregate: dict[str, Tensor]  # Δ_t in fp32, on the host
+    aggregate: Optional[dict[str, Tensor]]  # Δ_t in fp32, on the host; None when no sender was kept
     skipped_clients: list[int]  # left out for a non-finite delta
     upload_bytes: dict[int, int]  # per client
     download_bytes: int  # the aggregate, received by each client
@@ -111,8 +113,29 @@ class RoundExchange:
     work_seconds: float  # measured: copies and aggregation on the thread
 
 
-def _tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
+def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Transport(Protocol):
+    """How one round's deltas meet: returns the aggregate after the (modelled or real) transfer.
+
+    Runs on the communication thread. ``deltas`` are the senders this process hosts; ``weights`` their
+    unnormalized aggregation weights (1 for uniform, the sample count for ``"samples"``), normalized over
+    every sender the aggregate keeps. :func:`exchange` keeps every client in this process;
+    :class:`~lightning_parablock.collective.CollectiveTransport` adds the other ranks' with torch.distributed.
+    """
+
+    def __call__(
+        self,
+        round_index: int,
+        block: int,
+        deltas: Mapping[int, Mapping[str, Tensor]],
+        weights: Mapping[int, float],
+        link: SimulatedLink,
+        aggregator: Aggregator,
+        stop: threading.Event,
+    ) -> RoundExchange: ...
 
 
 def exchange(
@@ -124,7 +147,7 @@ def exchange(
     aggregator: Optional[Aggregator] = None,
     stop: Optional[threading.Event] = None,
 ) -> RoundExchange:
-    """Upload every client's delta, aggregate, download the aggregate; return after the modelled link time."""
+    """The in-memory transport: upload every delta, aggregate, download; return after the modelled link time."""
     start = time.perf_counter()
     with torch.no_grad():  # grad mode is per thread: the worker starts with it on
         uploaded = {
@@ -132,17 +155,38 @@ def exchange(
             for client, delta in deltas.items()
         }
         result = (aggregator or Aggregator())(uploaded, weights)
-    upload_bytes = {client: _tensor_bytes(delta) for client, delta in uploaded.items()}
-    download_bytes = _tensor_bytes(result.aggregate)
-    link_seconds = max(link.transfer_seconds(n) for n in upload_bytes.values()) + link.transfer_seconds(download_bytes)
-    work_seconds = time.perf_counter() - start
+    upload_bytes = {client: tensor_bytes(delta) for client, delta in uploaded.items()}
+    download_bytes = tensor_bytes(result.aggregate)
+    return finish_exchange(
+        round_index, block, result.aggregate, result.skipped_clients, upload_bytes, download_bytes, link, start, stop
+    )
+
+
+def finish_exchange(
+    round_index: int,
+    block: int,
+    aggregate: Optional[dict[str, Tensor]],
+    skipped_clients: list[int],
+    upload_bytes: dict[int, int],
+    download_bytes: int,
+    link: SimulatedLink,
+    started_at: float,
+    stop: Optional[threading.Event],
+) -> RoundExchange:
+    """Wait out what is left of the modelled link time after the real work, and describe the exchange."""
+    link_seconds = 0.0
+    if upload_bytes:
+        link_seconds = max(link.transfer_seconds(n) for n in upload_bytes.values()) + link.transfer_seconds(
+            download_bytes
+        )
+    work_seconds = time.perf_counter() - started_at
     if link_seconds > work_seconds:  # an Event, not sleep(): shutdown must not wait for a modelled link
         (stop or threading.Event()).wait(link_seconds - work_seconds)
     return RoundExchange(
         round=round_index,
         block=block,
-        aggregate=result.aggregate,
-        skipped_clients=result.skipped_clients,
+        aggregate=aggregate,
+        skipped_clients=skipped_clients,
         upload_bytes=upload_bytes,
         download_bytes=download_bytes,
         link_seconds=link_seconds,
@@ -151,28 +195,53 @@ def exchange(
 
 
 class CommWorker:
-    """Runs exchanges on one background thread; the main thread collects them at round boundaries.
+    """Runs exchanges on one background daemon thread; the main thread collects them at round boundaries.
 
-    The thread never logs and never touches the model: it reads the deltas it was given and
-    returns a new aggregate. Its errors re-raise in the main thread, in :meth:`wait`, with the round.
+    The thread never logs and never touches the model: it reads the deltas it was given and returns a
+    new aggregate. Its errors re-raise in the main thread, in :meth:`wait`, with the round. It is a
+    daemon thread, so an exchange that never returns (a stalled peer, a user aggregator that hangs)
+    cannot keep the process alive after :meth:`wait` gave up on it.
+
+    Args:
+        link: the modelled link, waited out after the real work.
+        timeout_s: longest wait in :meth:`wait`.
+        aggregator: how the server combines deltas.
+        transport: how deltas meet; :func:`exchange` (every client in this process) by default.
+        describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
     """
 
-    def __init__(self, link: SimulatedLink, timeout_s: float, aggregator: Optional[Aggregator] = None) -> None:
+    def __init__(
+        self,
+        link: SimulatedLink,
+        timeout_s: float,
+        aggregator: Optional[Aggregator] = None,
+        transport: Transport = exchange,
+        describe_stall: Optional[Callable[[int], str]] = None,
+    ) -> None:
         self.link = link
         self.timeout_s = timeout_s
         self.aggregator = aggregator or Aggregator()
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self.transport = transport
+        self.describe_stall = describe_stall
+        self._queue: Optional[queue.SimpleQueue] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
+        """Start the exchange of ``round_index`` behind any exchange already queued."""
         with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parablock-comm")
-            future = self._executor.submit(
-                exchange, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator, self._stop
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                thread = threading.Thread(
+                    target=_serve, args=(self._queue, self._stop), name="parablock-comm", daemon=True
+                )
+                thread.start()
+            future: Future = Future()
+            job = functools.partial(
+                self.transport, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator, self._stop
             )
+            self._queue.put((future, job))
             self._in_flight[round_index] = (block, future)
 
     def in_flight(self, round_index: int) -> bool:
@@ -185,9 +254,10 @@ class CommWorker:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
             future.cancel()
+            stall = f" {self.describe_stall(round_index)}" if self.describe_stall is not None else ""
             raise CommunicationError(
                 f"The exchange of round {round_index} (block {block}) did not finish within"
-                f" comm_timeout={self.timeout_s}s."
+                f" comm_timeout={self.timeout_s}s.{stall}"
             ) from None
         except Exception as error:
             raise CommunicationError(
@@ -202,7 +272,22 @@ class CommWorker:
             for _, future in self._in_flight.values():
                 future.cancel()
             self._in_flight.clear()
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = None
+            if self._queue is not None:
+                self._queue.put(None)
+                self._queue = None
             self._stop = threading.Event()  # the worker may be used again by a later fit
+
+
+def _serve(jobs: queue.SimpleQueue, stop: threading.Event) -> None:
+    """The communication thread: run queued exchanges in order until told to stop."""
+    while True:
+        item = jobs.get()
+        if item is None or stop.is_set():
+            return
+        future, job = item
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(job())
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which re-raises it
+            future.set_exception(error)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Sampler
@@ -24,7 +24,7 @@ from lightning_parablock.schedule import seeded_generator
 class ClientTurn:
     """One participant's share of a round: its batches of dataset indices, in order."""
 
-    client: int
+    client: Optional[int]  # None: an idle turn, while another rank trains one more client than this one
     batches: tuple[tuple[int, ...], ...]
 
 
@@ -38,11 +38,15 @@ class FederatedBatchSampler(Sampler[list[int]]):
         client_indices: dataset indices of each client's shard.
         batch_size: samples per micro-batch.
         batches_per_turn: micro-batches per participant per round (local steps × accumulation).
-        participants: the sorted client ids of a round.
+        participants: the sorted client ids of a round that this process trains.
         current_round: the round to yield when iterated; read at ``iter()`` time because
             Lightning calls ``iter()`` before any epoch hook on resume.
         seed: seeds the shard permutations.
         shuffle: read each shard in a fresh seeded permutation per pass (else in the given order).
+        turns_per_round: turns every process runs in a round (several processes must run the same
+            number of batches); turns beyond this process's participants are idle. By default its
+            participants' count.
+        max_turns_per_round: the most turns of any round, for ``len()``; by default round 0's.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class FederatedBatchSampler(Sampler[list[int]]):
         current_round: Callable[[], int],
         seed: int = 0,
         shuffle: bool = True,
+        turns_per_round: Optional[Callable[[int], int]] = None,
+        max_turns_per_round: Optional[int] = None,
     ) -> None:
         for client, indices in enumerate(client_indices):
             if len(indices) == 0:
@@ -67,9 +73,13 @@ class FederatedBatchSampler(Sampler[list[int]]):
         self.current_round = current_round
         self.seed = seed
         self.shuffle = shuffle
+        self.turns_per_round = turns_per_round or (lambda r: len(self.participants(r)))
+        self.max_turns_per_round = max_turns_per_round
 
     def __len__(self) -> int:
-        return len(self.participants(0)) * self.batches_per_turn
+        """Batches of the longest round: Lightning reads it once; a shorter round ends when its plan does."""
+        turns = self.max_turns_per_round if self.max_turns_per_round is not None else self.turns_per_round(0)
+        return turns * self.batches_per_turn
 
     def __iter__(self) -> Iterator[list[int]]:
         for turn in self.plan(self.current_round()):
@@ -83,7 +93,13 @@ class FederatedBatchSampler(Sampler[list[int]]):
             first = self._turns_before(client, round_index) * self.batches_per_turn
             batches = tuple(self._client_batch(client, first + k) for k in range(self.batches_per_turn))
             turns.append(ClientTurn(client=client, batches=batches))
-        return turns
+        idle = ClientTurn(client=None, batches=(self._idle_batch(),) * self.batches_per_turn)
+        return turns + [idle] * (self.turns_per_round(round_index) - len(turns))
+
+    def _idle_batch(self) -> tuple[int, ...]:
+        """Any valid batch: an idle turn's batches are loaded but never trained on."""
+        first = next(indices[0] for indices in self.client_indices)
+        return (first,) * self.batch_size
 
     def _turns_before(self, client: int, round_index: int) -> int:
         """Rounds before ``round_index`` in which ``client`` trained: where its data stream resumes."""

@@ -1,37 +1,44 @@
-"""``FederatedBlockStrategy``: N virtual clients on one device, one global model.
+"""``FederatedBlockStrategy``: Lightning glue over a :class:`~lightning_parablock.federation.Federation`.
 
-The LightningModule's parameters *are* the global model. When the training loop
-reaches a client's batches the strategy loads that client's view (global plus its
-own pending deltas) into the blocks it touches and gives the loop that client's
-optimizer; when the client is done its delta is recorded and the saved global
-values are copied back, bit for bit. Rounds are epochs; the exchange of deltas
-and the round boundary belong to :class:`~lightning_parablock.ParaBlockCallback`.
+The LightningModule's parameters *are* the global model. Each process hosts a fixed, seeded share of
+the clients (all of them with one device); when the training loop reaches a client's batches the
+strategy loads that client's view through the federation and hands the loop that client's optimizer.
+Rounds are epochs; the exchange of deltas and the round boundary belong to
+:class:`~lightning_parablock.ParaBlockCallback`, which gets its transport from here: in memory with one
+process, torch.distributed collectives on a group of their own with several (``devices``, ``num_nodes``,
+``torchrun`` or SLURM, launched the way Lightning launches DDP). No gradients are all-reduced: clients
+train independently.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import HalfPrecision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.blocks import (
     BlockPartition,
     LayerSplit,
@@ -39,32 +46,23 @@ from lightning_parablock.blocks import (
     partition_by_patterns,
     partition_decoder,
 )
-from lightning_parablock.clients import (
-    BlockDelta,
-    VirtualClient,
-    aggregation_weights,
-    optimizer_state_nbytes,
-    participants_per_round,
-    sample_participants,
+from lightning_parablock.clients import VirtualClient, participants_per_round, sample_participants
+from lightning_parablock.collective import (
+    CollectiveTransport,
+    FaultWatch,
+    new_exchange_group,
+    place_clients,
 )
+from lightning_parablock.comm import CommWorker, SimulatedLink
+from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
+from lightning_parablock.timeline import RoundRecord, merge_rank_records
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-OptimizerStatePolicy = Literal["reset", "per_block"]
 Weighting = Literal["uniform", "samples"]
-
-
-@dataclass
-class _ActiveClient:
-    """The client whose view is loaded in the model right now."""
-
-    client: VirtualClient
-    global_values: dict[str, Tensor]  # exact global values of every block the view touches
-    start_values: dict[str, Tensor]  # θ_0 of the round's block, fp32
-    started_at: float
 
 
 @dataclass
@@ -74,18 +72,24 @@ class RoundState:
     index: int
     block: int
     participants: list[int]
+    turns: list[Optional[int]]  # the client of each of this rank's turns; None: idle while other ranks train
     compute_seconds: dict[int, float] = field(default_factory=dict)
     closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
 
 
-class FederatedBlockStrategy(SingleDeviceStrategy):
-    """Simulates a federation of block-coordinate fine-tuning clients on one device.
+class FederatedBlockStrategy(DDPStrategy):
+    """Federated block-coordinate fine-tuning: N clients, one global model per process.
 
     Each epoch is one round: the round's block is unfrozen, every participant trains it for
     ``local_steps`` optimizer steps (times ``accumulate_grad_batches`` micro-batches) from its
     own view of the model, and its change to the block is kept as a pending delta until the
-    callback aggregates it. Memory is one model plus, per client, at most ``staleness + 1``
-    block deltas (and optimizer state when it is kept per block).
+    callback aggregates it. Memory per process is one model plus, per hosted client, at most
+    ``staleness + 1`` block deltas (and optimizer state when it is kept per block).
+
+    With ``Trainer(devices=N, num_nodes=M)`` (or ``torchrun``/SLURM) every process hosts a fixed,
+    seeded share of the clients and trains its participants while the others train theirs; a
+    rank whose clients sit out a round contributes no weight and waits through idle steps, so that
+    every rank runs the same number of batches.
 
     Args:
         num_clients: clients in the federation.
@@ -108,13 +112,17 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         participation: fraction of clients that train each round, in (0, 1].
         clients_per_round: number of clients per round; overrides ``participation``.
         weighting: aggregation weights, ``"uniform"`` or by client sample count (``"samples"``).
-        seed: seeds the block schedule, the participants and each client's data order.
+        seed: seeds the block schedule, the participants, each client's data order and the placement
+            of clients on ranks.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
             ``False`` in the order the datamodule gave.
         offload_deltas: keep pending deltas in host memory instead of on the device. For large models on
             a GPU: N clients × (staleness + 1) fp32 blocks leave GPU memory, and each turn copies its
             client's deltas back (a 2-layer block of Llama 3-8B is 1.75 GB in fp32).
-        device: the device of the global model; by default the Trainer's ``devices`` (one device).
+        device: the device of the global model with one process; by default the Trainer's ``devices``.
+        process_group_backend: for several processes, ``"gloo"`` or ``"nccl"``; by default by device.
+        timeout: the default process group's timeout (several processes).
+        start_method: how Lightning starts the other local processes (``"popen"`` reruns the script).
     """
 
     strategy_name = "federated_block"
@@ -141,8 +149,19 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         offload_deltas: bool = False,
         device: Optional[_DEVICE] = None,
         accelerator: Optional[Accelerator] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        cluster_environment: Optional[ClusterEnvironment] = None,
     ) -> None:
-        super().__init__(device="cpu" if device is None else device, accelerator=accelerator)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=None if device is None else [torch.device(device)],
+            cluster_environment=cluster_environment,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
         if num_clients < 1:
             raise ValueError(f"`num_clients` must be at least 1, got {num_clients}.")
         if local_steps < 1:
@@ -172,53 +191,91 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self.seed = seed
         self.shuffle = shuffle
         self.offload_deltas = offload_deltas
-        self._device_given = device is not None
-        self.parallel_devices: Optional[list[torch.device]] = None  # filled from Trainer(devices=...)
 
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
-        self.clients: list[VirtualClient] = []
+        self.federation: Optional[Federation] = None
+        self.placement: list[int] = [0] * num_clients  # the rank hosting each client
         self.batch_sampler: Optional[FederatedBatchSampler] = None
         self.current: Optional[RoundState] = None
         self._round_blocks: dict[int, int] = {}
         self._participants: dict[int, list[int]] = {}
-        self._active: Optional[_ActiveClient] = None
+        self._turn_started_at = 0.0
+        self._idle = False  # this rank waits through a turn while other ranks train
+        self._idle_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         self._last_module_optimizer: Optional[weakref.ref[Optimizer]] = None
-        self._kept_optimizers: dict[tuple[int, int], Optimizer] = {}  # (client, block), with "per_block"
         self._user_trainable: Optional[set[str]] = None
-        self._restored_pending: Optional[dict[int, dict[int, dict[str, Any]]]] = None
+        self._restored_state: Optional[dict[str, Any]] = None
         self._saved_blocks: Optional[list[list[str]]] = None
-        self._restored_optimizer_states: dict[tuple[int, int], dict[str, Any]] = {}
+        self._fault_watch: Optional[FaultWatch] = None
 
-    # ------------------------------------------------------------------ setup
+    # ----------------------------------------------------------- processes
 
     @property
     @override
     def root_device(self) -> torch.device:
-        if self._device_given or not self.parallel_devices:
-            return self._root_device
-        if len(self.parallel_devices) > 1:
-            raise MisconfigurationException(
-                f"FederatedBlockStrategy runs every virtual client in one process on one device, but the Trainer"
-                f" has devices={[str(d) for d in self.parallel_devices]}. Use `devices=1` (or one index, e.g."
-                f" `devices=[1]`)."
-            )
-        return torch.device(self.parallel_devices[0])
+        if not self.parallel_devices:
+            return torch.device("cpu")
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process: clients are spread over ranks and meet in collectives."""
+        return self.num_nodes * self.num_processes > 1
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self.distributed:
+            super()._configure_launcher()
+        else:
+            self._launcher = None  # one process: nothing to launch, and notebooks keep working
+
+    @override
+    def setup_distributed(self) -> None:
+        if self.distributed:
+            super().setup_distributed()
+        else:
+            self.set_world_ranks()
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
-        super().setup(trainer)
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if self.distributed:
+            _sync_module_states(self.model)  # every rank starts from rank 0's global model
         if trainer.state.fn == TrainerFn.FITTING:
-            self._validate_trainer(trainer)
-            model = self.lightning_module
-            self.partition = (
-                partition_by_patterns(model, self.block_patterns)
-                if self.block_patterns
-                else partition_decoder(model, **self.block_options)
-            )
-            self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
-            self._check_restored_blocks()
-            self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            self._setup_federation(trainer)
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    @override
+    def configure_ddp(self) -> None:
+        """Clients train independently: no DistributedDataParallel, no gradient all-reduce."""
+
+    def _setup_federation(self, trainer: "pl.Trainer") -> None:
+        self._validate_trainer(trainer)
+        model = self.lightning_module
+        self.partition = (
+            partition_by_patterns(model, self.block_patterns)
+            if self.block_patterns
+            else partition_decoder(model, **self.block_options)
+        )
+        self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
+        self._check_restored_blocks()
+        self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.federation = Federation(
+            model,
+            self.partition,
+            global_lr=self.global_lr,
+            optimizer_state=self.optimizer_state_policy,
+            offload_deltas=self.offload_deltas,
+            new_optimizer=self._new_client_optimizer,
+        )
+        self.placement = place_clients(self.num_clients, self.world_size, self.seed)
+        if self.distributed and self._fault_watch is None:
+            self._fault_watch = FaultWatch()
 
     def _check_restored_blocks(self) -> None:
         saved, self._saved_blocks = self._saved_blocks, None
@@ -284,6 +341,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._last_module_optimizer = weakref.ref(optimizer)
         return optimizer
 
+    def _new_client_optimizer(self, params: list[nn.Parameter]) -> Optimizer:
+        if self.client_optimizer is not None:
+            return self.client_optimizer(params)
+        return self._optimizer_from_module()
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """Replace the training sampler by the round-by-round federated batch sampler."""
@@ -299,21 +361,27 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
             raise MisconfigurationException(
                 "The train DataLoader has no `batch_size` (a custom batch_sampler?); give it a batch_size."
             )
-        self.clients = self._make_clients(trainer, len(dataloader.dataset))
-        small = [c.index for c in self.clients if c.num_samples < dataloader.batch_size]
+        clients = self._make_clients(trainer, len(dataloader.dataset))
+        self.federation.host([c for c in clients if self.placement[c.index] == self.global_rank])
+        if self._restored_state is not None:
+            self.federation.load_state_dict(self._restored_state)
+            self._restored_state = None
+        small = [c.index for c in clients if c.num_samples < dataloader.batch_size]
         if small:
             rank_zero_warn(
                 f"Clients {small} hold fewer examples than batch_size={dataloader.batch_size}; their batches repeat"
                 " examples."
             )
         self.batch_sampler = FederatedBatchSampler(
-            client_indices=[c.sample_indices for c in self.clients],
+            client_indices=[c.sample_indices for c in clients],
             batch_size=dataloader.batch_size,
             batches_per_turn=self.batches_per_turn,
-            participants=self.participants_of,
+            participants=self._hosted_participants,
             current_round=lambda: trainer.current_epoch,
             seed=self.seed,
             shuffle=self.shuffle,
+            turns_per_round=self._turns_per_round,
+            max_turns_per_round=self._max_turns_per_round(),
         )
         extra = {}
         if dataloader.num_workers > 0:
@@ -361,23 +429,61 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 client.pending = old.pending
         return clients
 
+
+    def _make_clients(self, trainer: "pl.Trainer", num_examples: int) -> list[VirtualClient]:
+        """Client shards from the datamodule's ``client_partition(num_clients)``, else an iid split."""
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "client_partition"):
+            shards = datamodule.client_partition(self.num_clients)
+            if len(shards) != self.num_clients:
+                raise MisconfigurationException(
+                    f"`{type(datamodule).__name__}.client_partition` returned {len(shards)} shards for"
+                    f" num_clients={self.num_clients}."
+                )
+        else:
+            if num_examples < self.num_clients:
+                raise MisconfigurationException(
+                    f"The training set has {num_examples} examples, fewer than num_clients={self.num_clients}."
+                )
+            order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(self.seed)).tolist()
+            shards = [order[i :: self.num_clients] for i in range(self.num_clients)]
+        for index, shard in enumerate(shards):
+            if len(shard) == 0:
+                raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
+        return [VirtualClient(index=i, sample_indices=list(shard)) for i, shard in enumerate(shards)]
+
     @property
     def batches_per_turn(self) -> int:
         """Micro-batches a participant consumes per round: K optimizer steps × accumulation."""
         return self.local_steps * self.lightning_module.trainer.accumulate_grad_batches
 
     def is_last_batch_of_round(self, batch_idx: int) -> bool:
-        assert self.batch_sampler is not None, "the train dataloader is not set up"
-        return batch_idx + 1 == len(self.batch_sampler)
+        assert self.current is not None and self.batch_sampler is not None, "no round in progress"
+        return batch_idx + 1 == len(self.current.turns) * self.batch_sampler.batches_per_turn
 
     # ----------------------------------------------------------------- rounds
 
     def participants_of(self, round_index: int) -> list[int]:
+        """Every participant of ``round_index``, on any rank (the same list on every rank)."""
         if round_index not in self._participants:
             self._participants[round_index] = sample_participants(
                 round_index, self.num_clients, self.clients_per_round, self.seed
             )
         return self._participants[round_index]
+
+    def _hosted_participants(self, round_index: int) -> list[int]:
+        return [c for c in self.participants_of(round_index) if self.placement[c] == self.global_rank]
+
+    def _turns_per_round(self, round_index: int) -> int:
+        """Turns every rank runs in ``round_index``: the most participants any one rank hosts."""
+        per_rank = [0] * self.world_size
+        for client in self.participants_of(round_index):
+            per_rank[self.placement[client]] += 1
+        return max(per_rank)
+
+    def _max_turns_per_round(self) -> int:
+        hosted_most = max(self.placement.count(rank) for rank in range(self.world_size))
+        return min(self.clients_per_round, hosted_most)
 
     def block_of(self, round_index: int) -> int:
         assert self.schedule is not None, "the strategy is not set up"
@@ -388,14 +494,17 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
     def begin_round(self, round_index: int) -> RoundState:
         """Unfreeze the round's block; clients are entered as their batches arrive."""
         assert self.partition is not None and self.batch_sampler is not None, "the strategy is not set up"
-        self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index))
+        hosted = self._hosted_participants(round_index)
+        turns: list[Optional[int]] = [*hosted, *[None] * (self._turns_per_round(round_index) - len(hosted))]
+        self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index), turns)
         self.partition.freeze_all_but(self.lightning_module, self.current.block, self._user_trainable)
         return self.current
 
     def finish_round(self) -> RoundState:
         """Close the last client's turn; the model holds the global values again."""
-        assert self.current is not None, "no round in progress"
+        assert self.current is not None and self.federation is not None, "no round in progress"
         self._leave_client()
+        self.federation.round_trained(self.current.index, self.current.block)
         return self.current
 
     @property
@@ -407,63 +516,66 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         """Put the global values back without recording the client's delta (an exception interrupted it)."""
         self._leave_client(record=False)
 
-    def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
-        """Each client's own delta of ``round_index``, by client id."""
-        return {c.index: c.pending[round_index].tensors for c in self.clients if round_index in c.pending}
-
-    def round_weights(self, round_index: int) -> dict[int, float]:
-        """Aggregation weights over the clients that sent a delta in ``round_index``."""
-        senders = [c for c in self.clients if round_index in c.pending]
-        return {c.index: w for c, w in zip(senders, aggregation_weights(senders, self.weighting))}
+    @property
+    def clients(self) -> list[VirtualClient]:
+        """The clients this process hosts, by id."""
+        return [] if self.federation is None else [self.federation.clients[i] for i in sorted(self.federation.clients)]
 
     def pending_rounds(self) -> list[int]:
-        return sorted({r for c in self.clients for r in c.pending})
+        """Rounds trained and not yet aggregated, oldest first."""
+        return [] if self.federation is None else self.federation.pending_rounds()
 
-    @torch.no_grad()
+    def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
+        """Each hosted client's own delta of ``round_index``, by client id."""
+        return self.federation.round_deltas(round_index)
+
+    def round_weights(self, round_index: int) -> dict[int, float]:
+        """Unnormalized aggregation weights of the hosted senders of ``round_index`` (1, or the sample count)."""
+        senders = self.federation.round_deltas(round_index)
+        if self.weighting == "uniform":
+            return {client: 1.0 for client in senders}
+        return {client: float(n) for client, n in self.federation.sample_counts(list(senders)).items()}
+
     def apply_aggregate(
-        self, round_index: int, block: int, aggregate: dict[str, Tensor], left_out: Sequence[int] = ()
+        self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: list[int] | tuple[int, ...] = ()
     ) -> None:
-        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i.
-
-        Dropping Δ^i is the correction η(Δ − Δ^i) in the invariant's terms: a client's view is the
-        global model plus its pending deltas, so the view's block moves by η Δ − η Δ^i. Clients
-        ``left_out`` of the aggregate (a non-finite delta) drop every pending delta: what they trained
-        since was built on the bad state, and they restart from the global model.
-        """
-        assert self._active is None, "cannot aggregate while a client's view is loaded"
-        params = self.partition.parameters(self.lightning_module, block)
-        for name, delta in aggregate.items():
-            param = params[name]
-            param.copy_((param.float() + self.global_lr * delta.to(param.device)).to(param.dtype))
-        for client in self.clients:
-            if client.index in left_out:
-                client.pending.clear()
-            client.pending.pop(round_index, None)
+        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i."""
+        self.federation.apply_aggregate(round_index, aggregate, left_out)
 
     def client_view(self, client_index: int) -> dict[str, Tensor]:
-        """The full model of one client (global plus its pending deltas), for tests and inspection."""
-        assert self._active is None, "cannot materialize a view while another client's view is loaded"
-        state = {n: p.detach().float().clone() for n, p in self.lightning_module.named_parameters()}
-        return {**state, **self._view_values(self.clients[client_index], state)}
-
-    def _view_values(self, client: VirtualClient, global_values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """global + η Σ own pending deltas, in fp32, for the parameters the client's deltas touch."""
-        views: dict[str, Tensor] = {}
-        for delta in sorted(client.pending.values(), key=lambda d: d.round):
-            for name, tensor in delta.tensors.items():
-                base = views.get(name, global_values[name].float())
-                views[name] = base + self.global_lr * tensor.to(base.device)
-        return views
+        """The full model of one hosted client (global plus its pending deltas), for tests and inspection."""
+        return self.federation.client_view(client_index)
 
     @property
     def active_client(self) -> Optional[int]:
         """The client whose view is loaded, or ``None`` between turns."""
-        return None if self._active is None else self._active.client.index
+        return None if self.federation is None else self.federation.active_client
 
     def client_state_nbytes(self) -> int:
-        """Bytes all clients hold beyond the global model: pending deltas and kept optimizer state."""
-        pending = sum(c.pending_nbytes() for c in self.clients)
-        return pending + sum(optimizer_state_nbytes(o) for o in self._kept_optimizers.values())
+        """Bytes this process's clients hold beyond the global model: pending deltas and kept optimizer state."""
+        return 0 if self.federation is None else self.federation.client_state_nbytes()
+
+    # ------------------------------------------------------------- exchanges
+
+    def comm_worker(self, link: SimulatedLink, aggregator: Aggregator, timeout_s: float) -> CommWorker:
+        """The communication thread with this run's transport: in memory, or collectives across ranks."""
+        if not self.distributed:
+            return CommWorker(link, timeout_s, aggregator)
+        device = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
+        transport = CollectiveTransport(new_exchange_group(timeout_s), self.placement, self._block_layout, timeout_s, device)
+        return CommWorker(link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall)
+
+    def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
+        return [(n, p.shape) for n, p in self.partition.parameters(self.lightning_module, block).items()]
+
+    def merge_round_record(self, record: RoundRecord) -> RoundRecord:
+        """One record of the round for every rank: each rank measured only its own clients."""
+        record.rank = self.global_rank
+        if not self.distributed:
+            return record
+        records: list[Optional[RoundRecord]] = [None] * self.world_size
+        dist.all_gather_object(records, record)
+        return merge_rank_records(records)
 
     # ------------------------------------------------------------ client turns
 
@@ -474,17 +586,30 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
                 " callbacks; it begins and ends every round."
             )
-        if batch_idx == 0 and self.batches_per_turn != self.batch_sampler.batches_per_turn:
+        per_turn = self.batch_sampler.batches_per_turn
+        if batch_idx % per_turn:
+            return  # the same turn as the previous batch
+        if batch_idx == 0 and self.batches_per_turn != per_turn:
             # after every epoch-start hook, so a GradientAccumulationScheduler has had its say
             raise MisconfigurationException(
                 f"`accumulate_grad_batches` changed to {self.lightning_module.trainer.accumulate_grad_batches}"
                 f" during training (round {self.current.index}); each client's turn was planned for"
-                f" {self.batch_sampler.batches_per_turn} batches. Keep the accumulation fixed for the whole run."
+                f" {per_turn} batches. Keep the accumulation fixed for the whole run."
             )
-        client = self.clients[self.current.participants[batch_idx // self.batch_sampler.batches_per_turn]]
-        if self._active is None or self._active.client is not client:
-            self._leave_client()
-            self._enter_client(client)
+        self._leave_client()
+        client = self.current.turns[batch_idx // per_turn]
+        if client is None:
+            self._idle = True
+            self.optimizers = [self._idle_optimizer]
+        else:
+            self.optimizers = [self.federation.enter(client, self.current.index, self.current.block)]
+        self._turn_started_at = time.perf_counter()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._idle:  # another rank trains a client now; this one keeps the step count in line with it
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        return super().training_step(*args, **kwargs)
 
     @override
     def on_validation_start(self) -> None:
@@ -493,8 +618,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        if self._fault_watch is not None:
+            self._fault_watch.publish(None if self.current is None else self.current.index, exception)
         self.abandon_turn()
         self._restore_user_trainable()
+        super().on_exception(exception)
 
     @override
     def on_train_end(self) -> None:
@@ -509,72 +637,32 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
 
     @override
     def teardown(self) -> None:
-        _optimizers_to_device(list(self._kept_optimizers.values()), torch.device("cpu"))
+        if self._fault_watch is not None:
+            self._fault_watch.stop()
+            self._fault_watch = None
+        if self.federation is not None:
+            _optimizers_to_device(list(self.federation.kept_optimizers.values()), torch.device("cpu"))
         super().teardown()
 
-    @torch.no_grad()
-    def _enter_client(self, client: VirtualClient) -> None:
-        """Load global + η Σ pending deltas into the touched blocks, and the client's optimizer."""
-        assert self.current is not None and self.partition is not None
-        model, block = self.lightning_module, self.current.block
-        if self.current.index in client.pending:
-            raise RuntimeError(
-                f"Client {client.index} already finished its turn in round {self.current.index}; a turn cannot"
-                " resume once its delta is recorded (was the round interrupted by a validation loop?)."
-            )
-        touched = {block} | {d.block for d in client.pending.values()}
-        params = {n: p for b in touched for n, p in self.partition.parameters(model, b).items()}
-        global_values = {name: p.detach().clone() for name, p in params.items()}
-        for name, value in self._view_values(client, global_values).items():
-            params[name].copy_(value.to(params[name].dtype))
-        start_values = {n: p.detach().float().clone() for n, p in self.partition.parameters(model, block).items()}
-        self._active = _ActiveClient(client, global_values, start_values, time.perf_counter())
-        self.optimizers = [self._client_optimizer(client, block)]
-
-    @torch.no_grad()
     def _leave_client(self, record: bool = True) -> None:
-        """Record Δ^i_t and copy the exact global values back."""
-        active, self._active = self._active, None
-        if active is None:
+        """End the turn in progress (a client's or an idle one) and note its compute time."""
+        if self._idle:
+            self._idle = False
+            self.optimizers = []
             return
-        assert self.current is not None and self.partition is not None
-        model, block = self.lightning_module, self.current.block
-        params = self.partition.parameters(model, block)
-        if record:
-            delta = {name: params[name].detach().float() - start for name, start in active.start_values.items()}
-            if self.offload_deltas:
-                delta = {name: tensor.cpu() for name, tensor in delta.items()}
-            active.client.pending[self.current.index] = BlockDelta(self.current.index, block, delta)
-        all_params = dict(model.named_parameters())
-        for name, value in active.global_values.items():
-            all_params[name].copy_(value)
-        for param in params.values():
-            param.grad = None
+        client = None if self.federation is None else self.federation.leave(record)
+        if client is None:
+            return
         self.optimizers = []  # checkpoints carry no stale client optimizer
         if self.root_device.type == "cuda":
             torch.cuda.synchronize(self.root_device)
-        self.current.compute_seconds[active.client.index] = time.perf_counter() - active.started_at
-
-    def _client_optimizer(self, client: VirtualClient, block: int) -> Optimizer:
-        kept = self._kept_optimizers.get((client.index, block))
-        if kept is not None:
-            return kept
-        if self.client_optimizer is not None:
-            optimizer = self.client_optimizer(list(self.partition.parameters(self.lightning_module, block).values()))
-        else:
-            optimizer = self._optimizer_from_module()
-        if self.optimizer_state_policy == "per_block":
-            saved = self._restored_optimizer_states.pop((client.index, block), None)
-            if saved is not None:
-                optimizer.load_state_dict(saved)
-            self._kept_optimizers[(client.index, block)] = optimizer
-        return optimizer
+        self.current.compute_seconds[client] = time.perf_counter() - self._turn_started_at
 
     # ------------------------------------------------------------- checkpoints
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
-        """Add every client's pending deltas and kept optimizer states: with the global weights, the federation."""
+        """Add every client's pending deltas and kept optimizer states (gathered from every rank)."""
         if self.round_open:
             message = (
                 f"A checkpoint was requested in the middle of round {self.current.index}, before its boundary;"
@@ -584,18 +672,23 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 rank_zero_warn(message + " Skipped while handling an exception.")
                 return
             raise MisconfigurationException(message)
-        checkpoint["federation"] = {
-            "num_clients": self.num_clients,
-            "blocks": [list(b.param_names) for b in self.partition.blocks] if self.partition else None,
-            "pending": {
-                c.index: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
-                for c in self.clients
-            },
-            "optimizers": {
-                **self._restored_optimizer_states,  # restored but not used again yet
-                **{key: optimizer.state_dict() for key, optimizer in self._kept_optimizers.items()},
-            },
-        }
+        if self.federation is not None:
+            state = self.federation.state_dict()
+            if self.distributed:
+                states: list[Optional[dict[str, Any]]] = [None] * self.world_size
+                dist.all_gather_object(states, state)
+                state = {
+                    **state,
+                    "pending": {i: p for s in states for i, p in s["pending"].items()},
+                    "optimizers": {k: o for s in states for k, o in s["optimizers"].items()},
+                }
+            checkpoint["federation"] = {
+                **state,
+                "num_clients": self.num_clients,
+                "blocks": [list(b.param_names) for b in self.partition.blocks],
+                "world_size": self.world_size,
+                "placement": list(self.placement),
+            }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @property
@@ -615,9 +708,17 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 f"The checkpoint {checkpoint_path} was written with num_clients={federation['num_clients']},"
                 f" this run has num_clients={self.num_clients}."
             )
+        saved_world = federation.get("world_size", 1)
+        placement = place_clients(self.num_clients, self.world_size, self.seed)
+        saved_placement = federation.get("placement", placement if saved_world == 1 else None)
+        if saved_world != self.world_size or saved_placement != placement:
+            raise MisconfigurationException(
+                f"The checkpoint {checkpoint_path} was written by {saved_world} process(es) with clients placed on"
+                f" ranks {saved_placement}; this run has {self.world_size} process(es) placing them on ranks"
+                f" {placement}. Resume with the same number of processes (devices × num_nodes) and seed."
+            )
         self._saved_blocks = federation["blocks"]
-        self._restored_pending = federation["pending"]
-        self._restored_optimizer_states = dict(federation["optimizers"])
+        self._restored_state = federation
         return checkpoint
 
 

@@ -39,6 +39,9 @@ class RoundRecord:
     exposed_wait_seconds: float = 0.0  # measured: main thread blocked at the boundary
     wall_seconds: float = 0.0  # measured: the whole round on this process
     flush: bool = False  # an exchange after the last round (Algorithm 2, lines 12-14)
+    rank: int = 0  # the process that measured this record (merged records: 0)
+    client_rank: dict[int, int] = field(default_factory=dict)  # per client: the rank that trained it (several processes)
+    ranks: dict[int, dict[str, float]] = field(default_factory=dict)  # per rank: its own wall, wait and comm seconds
 
     @property
     def bytes_moved(self) -> int:
@@ -103,6 +106,34 @@ def overlap_efficiency(records: Sequence[RoundRecord]) -> float:
     return ideal / measured if measured > 0 else float("nan")
 
 
+def merge_rank_records(records: Sequence[RoundRecord]) -> RoundRecord:
+    """One round as every rank saw it: clients from all ranks, the slowest rank's seconds.
+
+    Each rank measures only the clients it hosts; the exchange (bytes, modelled link) is the same
+    on every rank. The round took as long as its slowest rank.
+    """
+    merged = RoundRecord(**{**asdict(records[0]), "rank": 0})
+    for record in records[1:]:
+        merged.compute_seconds.update(record.compute_seconds)
+        merged.client_loss.update(record.client_loss)
+    merged.compute_seconds = dict(sorted(merged.compute_seconds.items()))
+    merged.client_loss = dict(sorted(merged.client_loss.items()))
+    merged.client_rank = {client: r.rank for r in records for client in sorted(r.compute_seconds)}
+    merged.ranks = {
+        r.rank: {
+            "wall_seconds": r.wall_seconds,
+            "exposed_wait_seconds": r.exposed_wait_seconds,
+            "comm_work_seconds": r.comm_work_seconds,
+            "compute_seconds": sum(r.compute_seconds.values()),
+        }
+        for r in records
+    }
+    merged.wall_seconds = max(r.wall_seconds for r in records)
+    merged.exposed_wait_seconds = max(r.exposed_wait_seconds for r in records)
+    merged.comm_work_seconds = max(r.comm_work_seconds for r in records)
+    return merged
+
+
 def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, Any]) -> None:
     """Write the timeline as JSON atomically: a crash never leaves half a file."""
     write_text_atomic(path, json.dumps({**meta, "records": [asdict(r) for r in records]}, indent=1))
@@ -111,8 +142,8 @@ def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, An
 def record_from_json(data: dict[str, Any]) -> RoundRecord:
     """A record as written by :func:`save_timeline`; JSON turned its client keys into strings."""
     data = dict(data)
-    for key in ("compute_seconds", "client_loss", "upload_bytes"):
-        data[key] = {int(client): value for client, value in data[key].items()}
+    for key in ("compute_seconds", "client_loss", "upload_bytes", "client_rank", "ranks"):
+        data[key] = {int(client): value for client, value in data.get(key, {}).items()}
     return RoundRecord(**data)
 
 

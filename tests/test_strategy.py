@@ -175,11 +175,6 @@ def test_half_precision_weights_are_refused_until_master_copies_exist():
         fit(precision="bf16-true")
 
 
-def test_several_devices_are_refused():
-    with pytest.raises(MisconfigurationException, match="devices=.*Use `devices=1`"):
-        fit(accelerator="cpu", devices=2)
-
-
 class FrozenBiases(ToyModule):
     def __init__(self):
         super().__init__()

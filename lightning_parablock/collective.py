@@ -1,0 +1,244 @@
+"""The torch.distributed transport: client deltas on every rank meet in collectives.
+
+Each rank hosts a fixed share of the clients (:func:`place_clients`). An exchange is two collectives
+on a process group of the transport's own (Lightning uses the default group from the main thread
+every batch; a collective on it from the communication thread would deadlock):
+
+1. a small all-reduce of who sent a delta, with which weight and whether it is finite, so every rank
+   takes the same decision about non-finite clients and normalizes the same weights;
+2. the weighted sum of the kept deltas by all-reduce, or, for the robust aggregators that need every
+   delta (median, trimmed mean), an all-gather of them.
+
+Both are issued with ``async_op=True`` and waited for with the group's timeout. A rank that fails
+publishes why in the job's key-value store; :class:`FaultWatch` on every other rank reads it and
+stops that rank at once, naming the failed rank and round, instead of leaving it in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_parablock.aggregate import Aggregator, NonFiniteDeltaError, clip_by_norm
+from lightning_parablock.comm import RoundExchange, SimulatedLink, finish_exchange
+from lightning_parablock.schedule import seeded_generator
+
+BlockLayout = list[tuple[str, torch.Size]]
+_FAULT_KEY = "parablock/fault"
+
+
+def place_clients(num_clients: int, world_size: int, seed: int) -> list[int]:
+    """The rank hosting each client: a seeded permutation dealt round-robin, so shares differ by at most one."""
+    order = torch.randperm(num_clients, generator=seeded_generator(seed, 0x9A4C)).tolist()
+    placement = [0] * num_clients
+    for position, client in enumerate(order):
+        placement[client] = position % world_size
+    return placement
+
+
+def _flatten(delta: Mapping[str, Tensor], layout: BlockLayout, device: torch.device) -> Tensor:
+    return torch.cat([delta[name].detach().reshape(-1).to(device, torch.float32) for name, _ in layout])
+
+
+def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
+    tensors, offset = {}, 0
+    for name, shape in layout:
+        numel = shape.numel()
+        tensors[name] = flat[offset : offset + numel].reshape(shape).cpu()
+        offset += numel
+    return tensors
+
+
+class CollectiveTransport:
+    """Exchanges deltas with the other ranks; called on the communication thread (see ``comm.Transport``).
+
+    Args:
+        group: the transport's own process group, from :func:`new_exchange_group`.
+        placement: the rank hosting each client.
+        layout: the names and shapes of a block's parameters, for ranks without a sender this round.
+        timeout_s: longest wait for one collective.
+        device: where the collectives run: the host for gloo, the rank's GPU for NCCL.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        placement: Sequence[int],
+        layout: Callable[[int], BlockLayout],
+        timeout_s: float,
+        device: torch.device,
+    ) -> None:
+        self.group = group
+        self.placement = list(placement)
+        self.layout = layout
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = device
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self._store = dist.distributed_c10d._get_default_store()
+
+    def __call__(
+        self,
+        round_index: int,
+        block: int,
+        deltas: Mapping[int, Mapping[str, Tensor]],
+        weights: Mapping[int, float],
+        link: SimulatedLink,
+        aggregator: Aggregator,
+        stop: threading.Event,
+    ) -> RoundExchange:
+        start = time.perf_counter()
+        layout = self.layout(block)
+        with torch.no_grad():
+            mine = {client: _flatten(deltas[client], layout, self.device) for client in sorted(deltas)}
+            status = torch.zeros(len(self.placement), 3, dtype=torch.float64, device=self.device)
+            for client, flat in mine.items():
+                status[client] = torch.tensor([1.0, float(weights[client]), float(not torch.isfinite(flat).all())])
+            self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
+            self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
+            status = status.cpu()
+            senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
+            bad = [c for c in senders if status[c, 2] > 0]
+            if bad and aggregator.nonfinite == "raise":
+                raise NonFiniteDeltaError(
+                    f"Client {bad[0]} (rank {self.placement[bad[0]]}) sent a non-finite delta"
+                    " (Aggregator(nonfinite='skip') leaves such clients out instead)."
+                )
+            kept = [c for c in senders if c not in bad]
+            if senders and not kept:
+                raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {bad}.")
+            aggregate = self._combine(mine, kept, {c: float(status[c, 1]) for c in kept}, layout, aggregator, round_index)
+        nbytes = sum(shape.numel() for _, shape in layout) * 4  # fp32 on the wire
+        upload_bytes = {client: nbytes for client in senders}
+        return finish_exchange(
+            round_index, block, aggregate, bad, upload_bytes, nbytes if kept else 0, link, start, stop
+        )
+
+    def _combine(
+        self,
+        mine: dict[int, Tensor],
+        kept: list[int],
+        weights: dict[int, float],
+        layout: BlockLayout,
+        aggregator: Aggregator,
+        round_index: int,
+    ) -> Optional[dict[str, Tensor]]:
+        if not kept:
+            return None
+        numel = sum(shape.numel() for _, shape in layout)
+        if aggregator.method == "mean":
+            total = sum(weights.values())
+            partial = torch.zeros(numel, dtype=torch.float32, device=self.device)
+            for client in sorted(set(mine) & set(kept)):
+                flat = mine[client]
+                if aggregator.clip_norm is not None:
+                    flat = clip_by_norm({"block": flat}, aggregator.clip_norm)["block"]
+                partial.add_(flat, alpha=weights[client] / total)
+            self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
+            return _unflatten(partial, layout)
+        # The robust rules need every kept delta: gather them, padded to the largest share.
+        kept_on = [[c for c in kept if self.placement[c] == rank] for rank in range(self.world_size)]
+        rows = max(len(clients) for clients in kept_on)
+        local = torch.zeros(rows, numel, dtype=torch.float32, device=self.device)
+        for row, client in enumerate(kept_on[self.rank]):
+            local[row] = mine[client]
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(gathered, local, group=self.group, async_op=True), round_index)
+        every = {
+            client: _unflatten(gathered[rank][row], layout)
+            for rank, clients in enumerate(kept_on)
+            for row, client in enumerate(clients)
+        }
+        return aggregator(every, weights).aggregate
+
+    def _wait(self, work: dist.Work, round_index: int) -> None:
+        if not work.wait(self.timeout):
+            raise TimeoutError(f"a collective of round {round_index} did not complete. {self.describe_stall(round_index)}")
+
+    def describe_stall(self, round_index: int) -> str:
+        """Which ranks never joined the exchange of ``round_index`` (read from the job's store)."""
+        try:
+            missing = [
+                rank
+                for rank in range(self.world_size)
+                if not self._store.check([f"parablock/joined/{round_index}/{rank}"])
+            ]
+        except Exception as error:  # noqa: BLE001 - the store's host may be the rank that died
+            return f"The job's store is unreachable ({type(error).__name__}): rank 0 may have died."
+        if missing:
+            return f"Rank(s) {missing} never joined it."
+        return "Every rank joined it; a peer stalled or died inside the collective."
+
+
+def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
+    """A process group for exchanges only, with the default group's backend; every rank must call it."""
+    return dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
+
+
+class FaultWatch:
+    """Stops this rank when another rank publishes a failure, naming that rank and the round.
+
+    Without it a rank whose peer raised would wait in the next collective (Lightning's per-batch
+    broadcast swallows such errors) until a timeout, or be killed without a word by the launcher.
+    """
+
+    def __init__(self, poll_s: float = 1.0) -> None:
+        self.rank = dist.get_rank()
+        self._store = dist.distributed_c10d._get_default_store()
+        self._poll = timedelta(seconds=poll_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="parablock-faultwatch", daemon=True)
+        self._thread.start()
+
+    def publish(self, round_index: Optional[int], error: BaseException) -> None:
+        """Tell every other rank that this one failed, and why."""
+        where = f" in round {round_index}" if round_index is not None else ""
+        message = f"rank {self.rank} failed{where}: {type(error).__name__}: {error}"
+        try:
+            self._store.set(_FAULT_KEY, f"{self.rank}|{message}")
+        except Exception:  # noqa: BLE001 - the store's host is gone: the others find out from their collectives
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._store.wait([_FAULT_KEY], self._poll)
+            except Exception as error:  # noqa: BLE001
+                if "timeout" in str(error).lower() or "wait timeout" in str(error).lower():
+                    failures = 0
+                    continue
+                failures += 1  # the store itself is unreachable: its host (rank 0) may be gone
+                if failures < 3:
+                    self._stop.wait(self._poll.total_seconds())
+                    continue
+                self._exit(f"the job's store on rank 0 is unreachable ({type(error).__name__}: {error})")
+                return
+            value = self._store.get(_FAULT_KEY).decode()
+            rank, _, message = value.partition("|")
+            if int(rank) != self.rank:
+                self._exit(message)
+            return
+
+    def _exit(self, cause: str) -> None:
+        if self._stop.is_set():
+            return
+        print(
+            f"[rank {self.rank}] lightning_parablock: stopping because {cause}. No process is left waiting"
+            " in a collective; resume from the last checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
