@@ -161,8 +161,17 @@ class CollectiveTransport:
         return aggregator(every, weights).aggregate
 
     def _wait(self, work: dist.Work, round_index: int) -> None:
-        if not work.wait(self.timeout):
-            raise TimeoutError(f"a collective of round {round_index} did not complete. {self.describe_stall(round_index)}")
+        try:
+            done = work.wait(self.timeout)
+        except RuntimeError as error:
+            if "time" not in str(error).lower():
+                raise
+            done = False
+        if done is False:
+            raise TimeoutError(
+                f"a collective did not finish within comm_timeout={self.timeout.total_seconds()}s."
+                f" {self.describe_stall(round_index)}"
+            )
 
     def describe_stall(self, round_index: int) -> str:
         """Which ranks never joined the exchange of ``round_index`` (read from the job's store)."""
@@ -194,7 +203,7 @@ class FaultWatch:
     def __init__(self, poll_s: float = 1.0) -> None:
         self.rank = dist.get_rank()
         self._store = dist.distributed_c10d._get_default_store()
-        self._poll = timedelta(seconds=poll_s)
+        self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="parablock-faultwatch", daemon=True)
         self._thread.start()
@@ -209,24 +218,24 @@ class FaultWatch:
             pass
 
     def stop(self) -> None:
+        """Stop watching (training ended here); waits for the thread so it is out of the store at exit."""
         self._stop.set()
+        self._thread.join(timeout=5 * self._poll_s)
 
     def _watch(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
+        unreachable = 0
+        while not self._stop.wait(self._poll_s):
             try:
-                self._store.wait([_FAULT_KEY], self._poll)
-            except Exception as error:  # noqa: BLE001
-                if "timeout" in str(error).lower() or "wait timeout" in str(error).lower():
-                    failures = 0
+                if not self._store.check([_FAULT_KEY]):
+                    unreachable = 0
                     continue
-                failures += 1  # the store itself is unreachable: its host (rank 0) may be gone
-                if failures < 3:
-                    self._stop.wait(self._poll.total_seconds())
-                    continue
-                self._exit(f"the job's store on rank 0 is unreachable ({type(error).__name__}: {error})")
-                return
-            value = self._store.get(_FAULT_KEY).decode()
+                value = self._store.get(_FAULT_KEY).decode()
+            except Exception as error:  # noqa: BLE001 - the store's host (rank 0) may be gone
+                unreachable += 1
+                if unreachable >= 3:
+                    self._exit(f"the job's store on rank 0 is unreachable ({type(error).__name__}: {error})")
+                    return
+                continue
             rank, _, message = value.partition("|")
             if int(rank) != self.rank:
                 self._exit(message)

@@ -236,6 +236,7 @@ class FederatedBlockStrategy(DDPStrategy):
             super().setup_distributed()
         else:
             self.set_world_ranks()
+        self.placement = place_clients(self.num_clients, self.world_size, self.seed)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -273,7 +274,6 @@ class FederatedBlockStrategy(DDPStrategy):
             offload_deltas=self.offload_deltas,
             new_optimizer=self._new_client_optimizer,
         )
-        self.placement = place_clients(self.num_clients, self.world_size, self.seed)
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
 

@@ -1,0 +1,134 @@
+"""A federation on several processes, launched as users launch it: ``python distributed_run.py --devices 2``.
+
+Lightning's launcher re-runs this script once per extra rank. Rank 0 writes the final global model
+(and the timeline's location) to ``--out``. Fault options make one rank raise, stall or wait to be
+killed, for the fault tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from toy import ToyModule, toy_dataset, toy_loader
+
+
+class Fault(Callback):
+    """Make ``rank`` raise, stall its exchange, or announce itself and sleep (to be killed) in ``round``."""
+
+    def __init__(self, kind: str, rank: int, at_round: int, marker: Path | None) -> None:
+        self.kind, self.rank, self.at_round, self.marker = kind, rank, at_round, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch != self.at_round or batch_idx != 1:
+            return
+        if self.kind == "killed" and trainer.is_global_zero and self.marker is not None:
+            self.marker.write_text(json.dumps({"pid": os.getpid()}))
+            time.sleep(600)
+        if trainer.global_rank != self.rank:
+            return
+        if self.kind == "raise":
+            raise RuntimeError(f"simulated failure on rank {self.rank}")
+        if self.kind == "stall":
+            callback = next(c for c in trainer.callbacks if isinstance(c, ParaBlockCallback))
+            transport = callback._worker.transport
+            real_call = transport.__call__
+
+            def stalled(*args, **kwargs):
+                time.sleep(600)
+                return real_call(*args, **kwargs)
+
+            callback._worker.transport = stalled
+
+
+def train(
+    out: Path,
+    devices: int = 2,
+    num_clients: int = 4,
+    staleness: int = 1,
+    rounds: int = 4,
+    optimizer: str = "sgd",
+    clients_per_round: int | None = None,
+    weighting: str = "uniform",
+    aggregator: str = "mean",
+    latency: str = "0s",
+    comm_timeout: float = 120.0,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    fault: Fault | None = None,
+) -> dict:
+    """Train the toy federation; rank 0 saves and returns the final global model and the timeline records."""
+    torch.set_num_threads(1)
+    callback = ParaBlockCallback(
+        staleness=staleness,
+        link=SimulatedLink(latency=latency),
+        aggregator=Aggregator(method=aggregator),
+        comm_timeout=comm_timeout,
+    )
+    callbacks: list[Callback] = [callback] + ([fault] if fault is not None else [])
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_last=True, save_top_k=-1))
+    strategy = FederatedBlockStrategy(
+        num_clients=num_clients,
+        local_steps=2,
+        clients_per_round=clients_per_round,
+        weighting=weighting,
+        seed=3,
+    )
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=devices,
+        callbacks=callbacks,
+        max_epochs=rounds,
+        logger=False,
+        enable_checkpointing=checkpoint_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out.parent,
+    )
+    module = ToyModule(optimizer=optimizer)
+    trainer.fit(module, toy_loader(toy_dataset()), ckpt_path="last" if resume else None)
+    result = {
+        "params": {name: p.detach().clone() for name, p in module.named_parameters()},
+        "records": [asdict(r) for r in callback.records],
+    }
+    if trainer.is_global_zero:
+        torch.save(result, out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--staleness", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--clients_per_round", type=int, default=None)
+    parser.add_argument("--weighting", default="uniform")
+    parser.add_argument("--aggregator", default="mean")
+    parser.add_argument("--latency", default="0s")
+    parser.add_argument("--comm_timeout", type=float, default=120.0)
+    parser.add_argument("--checkpoint_dir", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed"])
+    parser.add_argument("--fault_rank", type=int, default=1)
+    parser.add_argument("--fault_round", type=int, default=2)
+    parser.add_argument("--marker", type=Path, default=None)
+    args = vars(parser.parse_args())
+    kind, rank, at_round, marker = (args.pop(k) for k in ("fault", "fault_rank", "fault_round", "marker"))
+    train(**args, fault=Fault(kind, rank, at_round, marker) if kind else None)
+
+
+if __name__ == "__main__":
+    main()

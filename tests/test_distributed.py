@@ -1,0 +1,135 @@
+"""Several processes (gloo on CPU), launched the way users launch them: the script with ``devices=2``.
+
+Lightning's launcher re-runs ``distributed_run.py`` for rank 1; every launch runs in its own session
+with a hard timeout, and the whole process group is killed afterwards, so a hang fails the test
+instead of CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_run import train
+
+TESTS = Path(__file__).parent
+SCRIPT = TESTS / "distributed_run.py"
+pytestmark = pytest.mark.slow
+
+
+def launch(out: Path, *args: str, timeout: float = 240) -> tuple[int, str, float]:
+    """Run the 2-process federation; return its exit code, its output and how long it took."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", *args]
+    process = subprocess.Popen(
+        command, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    start = time.monotonic()
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the 2-process run hung past {timeout}s:\n{output.decode()[-3000:]}")
+    finally:
+        _kill_group(process.pid)
+    return process.returncode, output.decode(), time.monotonic() - start
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def assert_close_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    worst = max((a[name] - b[name]).abs().max().item() for name in a)
+    assert worst <= atol, f"largest parameter difference {worst:.3g} > {atol}"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(staleness=0),
+        dict(staleness=1),
+        dict(staleness=2),
+        dict(staleness=1, clients_per_round=3, weighting="samples"),
+        dict(staleness=1, optimizer="adamw"),
+        dict(staleness=1, aggregator="median"),
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
+def test_two_processes_of_two_clients_equal_one_process_of_four(tmp_path, settings):
+    out = tmp_path / "two.pt"
+    args = [f"--{key}={value}" for key, value in settings.items()]
+    code, output, _ = launch(out, *args)
+    assert code == 0, output[-3000:]
+    two = torch.load(out, weights_only=False)
+    one = train(tmp_path / "one.pt", devices=1, **settings)
+    # Each rank sums its own clients' weighted deltas before the all-reduce adds the ranks' partial
+    # sums, so the float additions run in another order than one process's client-by-client sum:
+    # fp32 rounding (a few ulp, ~1e-8 here), which AdamW's normalization does not amplify over 4 rounds.
+    assert_close_params(two["params"], one["params"], atol=1e-6)
+    rounds = [r for r in two["records"] if not r["flush"]]
+    assert all(sorted(r["compute_seconds"]) == sorted(r["participants"]) for r in rounds)
+    assert all(set(r["ranks"]) == {0, 1} and set(r["client_rank"].values()) <= {0, 1} for r in rounds)
+
+
+def test_both_processes_killed_mid_run_resume_bit_identically(tmp_path):
+    uninterrupted = tmp_path / "uninterrupted.pt"
+    code, output, _ = launch(uninterrupted)
+    assert code == 0, output[-3000:]
+
+    checkpoints, marker, resumed = tmp_path / "checkpoints", tmp_path / "stalled.json", tmp_path / "resumed.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable, str(SCRIPT), "--out", str(resumed), "--devices", "2", "--checkpoint_dir", str(checkpoints),
+        "--fault", "killed", "--fault_round", "2", "--marker", str(marker),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, f"the run exited early with {process.returncode}"
+            assert time.monotonic() < deadline, "the run never reached round 2"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # both ranks, mid-round
+        process.wait()
+    assert json.loads(marker.read_text())["pid"]
+    assert (checkpoints / "last.ckpt").exists()
+
+    code, output, _ = launch(resumed, "--checkpoint_dir", str(checkpoints), "--resume")
+    assert code == 0, output[-3000:]
+    a, b = torch.load(uninterrupted, weights_only=False), torch.load(resumed, weights_only=False)
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+def test_a_rank_that_raises_stops_the_other_with_the_cause(tmp_path):
+    code, output, seconds = launch(tmp_path / "out.pt", "--fault", "raise", "--fault_rank", "1", timeout=180)
+    assert code != 0
+    assert "rank 1 failed in round 2: RuntimeError: simulated failure on rank 1" in output, output[-3000:]
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_stalled_exchange_ends_within_comm_timeout_naming_the_rank(tmp_path):
+    code, output, seconds = launch(
+        tmp_path / "out.pt", "--fault", "stall", "--fault_rank", "1", "--comm_timeout", "5", timeout=180
+    )
+    assert code != 0
+    assert "did not finish within comm_timeout=5.0s" in output, output[-3000:]
+    assert "Rank(s) [1] never joined it" in output, output[-3000:]
