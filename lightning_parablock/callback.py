@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -94,6 +94,7 @@ class ParaBlockCallback(Callback):
                     " inside a federated round that Lightning cannot resume consistently. Save at round"
                     " boundaries with `every_n_epochs` (one epoch is one round)."
                 )
+        _move_after(self, LearningRateMonitor, trainer.callbacks)
         self._worker = self._strategy(trainer).comm_worker(self.link, self.aggregator, self.comm_timeout)
         self._timeline_path = self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
@@ -106,6 +107,10 @@ class ParaBlockCallback(Callback):
         stale_round = round_state.index - self.staleness
         if self.staleness > 0 and stale_round in strategy.pending_rounds():
             self._submit(strategy, stale_round)
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._strategy(trainer).start_turn_at(batch_idx)
 
     @override
     def on_train_batch_end(
@@ -250,3 +255,16 @@ class ParaBlockCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = [record_from_json(r) for r in state_dict["records"]]
+
+
+def _move_after(anchor: Callback, kind: type[Callback], callbacks: list[Callback]) -> None:
+    """Move callbacks of ``kind`` listed before ``anchor`` to just after it, keeping their order.
+
+    A client's turn starts in ``anchor``'s ``on_train_batch_start``; a ``LearningRateMonitor`` running
+    before it would read the previous client's optimizer at every turn's first step.
+    """
+    early = [c for c in callbacks[: callbacks.index(anchor)] if isinstance(c, kind)]
+    for callback in early:
+        callbacks.remove(callback)
+    position = callbacks.index(anchor) + 1
+    callbacks[position:position] = early

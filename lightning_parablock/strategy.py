@@ -498,6 +498,7 @@ class FederatedBlockStrategy(DDPStrategy):
         turns: list[Optional[int]] = [*hosted, *[None] * (self._turns_per_round(round_index) - len(hosted))]
         self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index), turns)
         self.partition.freeze_all_but(self.lightning_module, self.current.block, self._user_trainable)
+        self._start_turn(0)
         return self.current
 
     def finish_round(self) -> RoundState:
@@ -586,18 +587,29 @@ class FederatedBlockStrategy(DDPStrategy):
                 "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
                 " callbacks; it begins and ends every round."
             )
-        per_turn = self.batch_sampler.batches_per_turn
-        if batch_idx % per_turn:
-            return  # the same turn as the previous batch
-        if batch_idx == 0 and self.batches_per_turn != per_turn:
+        if batch_idx == 0 and self.batches_per_turn != self.batch_sampler.batches_per_turn:
             # after every epoch-start hook, so a GradientAccumulationScheduler has had its say
             raise MisconfigurationException(
                 f"`accumulate_grad_batches` changed to {self.lightning_module.trainer.accumulate_grad_batches}"
                 f" during training (round {self.current.index}); each client's turn was planned for"
-                f" {per_turn} batches. Keep the accumulation fixed for the whole run."
+                f" {self.batch_sampler.batches_per_turn} batches. Keep the accumulation fixed for the whole run."
             )
+
+    def start_turn_at(self, batch_idx: int) -> None:
+        """Before a batch: the next client's turn starts when the previous one is done.
+
+        Called by ``ParaBlockCallback``, first among the callbacks, so that every other hook of the batch
+        (a ``LearningRateMonitor``'s included) sees the client's optimizer; the round's first turn starts
+        when the round begins.
+        """
+        per_turn = self.batch_sampler.batches_per_turn
+        if batch_idx and batch_idx % per_turn == 0:
+            self._start_turn(batch_idx // per_turn)
+
+    def _start_turn(self, turn: int) -> None:
+        """End the turn in progress and load the client of this rank's ``turn``-th turn (or idle)."""
         self._leave_client()
-        client = self.current.turns[batch_idx // per_turn]
+        client = self.current.turns[turn]
         if client is None:
             self._idle = True
             self.optimizers = [self._idle_optimizer]
