@@ -9,13 +9,14 @@ last round it flushes the ``s`` rounds still pending, synchronously.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
@@ -168,7 +169,8 @@ class ParaBlockCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
-        for pending_round in strategy.pending_rounds():
+        flushed = strategy.pending_rounds()
+        for pending_round in flushed:
             started = time.perf_counter()
             record = RoundRecord(pending_round, strategy.block_of(pending_round), [], {}, flush=True)
             self._submit(strategy, pending_round)
@@ -176,6 +178,8 @@ class ParaBlockCallback(Callback):
             record.wall_seconds = time.perf_counter() - started
             self.records.append(record)
         self._save_timeline(trainer)
+        if flushed:
+            _save_final_checkpoints(trainer, flushed)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -268,3 +272,24 @@ def _move_after(anchor: Callback, kind: type[Callback], callbacks: list[Callback
         callbacks.remove(callback)
     position = callbacks.index(anchor) + 1
     callbacks[position:position] = early
+
+
+def _save_final_checkpoints(trainer: "pl.Trainer", flushed: list[int]) -> None:
+    """Make the run's last checkpoint hold the final global model, not the one before the flush.
+
+    ``last.ckpt`` is rewritten (a ``save_last="link"`` link is replaced by a file, so the per-round
+    checkpoint it pointed at stays the resumable state of its round); a ModelCheckpoint without
+    ``save_last`` gets ``final.ckpt`` beside its per-round files.
+    """
+    for checkpoint in trainer.checkpoint_callbacks:
+        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
+            continue
+        if not (checkpoint.last_model_path or checkpoint.best_model_path):
+            continue  # it never saved: nothing of this run to bring up to date
+        path = checkpoint.last_model_path if checkpoint.save_last else os.path.join(checkpoint.dirpath, "final.ckpt")
+        if trainer.is_global_zero and os.path.islink(path):
+            os.unlink(path)
+        trainer.save_checkpoint(path)
+        if checkpoint.save_last:
+            checkpoint.last_model_path = path
+        rank_zero_info(f"ParaBlock: flushed rounds {flushed}; {path} now holds the final global model.")

@@ -29,7 +29,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import HalfPrecision
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -703,6 +704,17 @@ class FederatedBlockStrategy(DDPStrategy):
             }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """``Trainer(strategy="federated_block")`` (and ``--trainer.strategy federated_block``) once this is imported."""
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="ParaBlock: federated block-coordinate fine-tuning (lightning_parablock)",
+            override=True,
+        )
+
     @property
     @override
     def lightning_restore_optimizer(self) -> bool:
@@ -732,6 +744,9 @@ class FederatedBlockStrategy(DDPStrategy):
         self._saved_blocks = federation["blocks"]
         self._restored_state = federation
         return checkpoint
+
+
+FederatedBlockStrategy.register_strategies(StrategyRegistry)
 
 
 def _is_whole_epoch(value: Union[int, float]) -> bool:

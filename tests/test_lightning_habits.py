@@ -1,0 +1,133 @@
+"""What Lightning users bring: the strategy by name, LearningRateMonitor, last.ckpt as the final model,
+and a stuck exchange that cannot keep the process alive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from helpers import quiet_trainer
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from toy import ToyModule, toy_dataset, toy_loader
+
+
+def test_the_strategy_is_registered_by_name():
+    trainer = quiet_trainer(strategy="federated_block", callbacks=[ParaBlockCallback(staleness=1)], max_epochs=2)
+    assert isinstance(trainer.strategy, FederatedBlockStrategy)
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    assert trainer.strategy.pending_rounds() == []
+
+
+class CountingLrModule(ToyModule):
+    """Every optimizer it builds has its own learning rate, and each step records the one it used."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd")
+        self.built, self.used = 0, []
+
+    def configure_optimizers(self):
+        self.built += 1
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.001 * self.built)
+
+    def training_step(self, batch, batch_idx):
+        self.used.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_learning_rate_monitor_reads_each_turns_optimizer(tmp_path, interval):
+    module = CountingLrModule()
+    monitor = LearningRateMonitor(logging_interval=interval)
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+        callbacks=[monitor, ParaBlockCallback(staleness=1)],  # listed first: it is moved after the callback
+        max_epochs=2,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, toy_loader(toy_dataset()))
+    (logged,) = monitor.lrs.values()
+    if interval == "step":
+        assert logged == module.used  # every step, the first of each turn included
+    else:
+        assert logged == module.used[:: 3 * 2]  # the first client's optimizer of each round
+    assert len(set(module.used)) == 6  # one optimizer per client and round
+
+
+def test_last_checkpoint_holds_the_final_global_model_after_the_flush(tmp_path):
+    module = ToyModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True, save_top_k=-1)
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+        callbacks=[ParaBlockCallback(staleness=2), checkpoint],
+        max_epochs=4,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, toy_loader(toy_dataset()))
+    final = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert final["federation"]["unaggregated"] == {} and all(not p for p in final["federation"]["pending"].values())
+    for name, param in module.state_dict().items():
+        assert torch.equal(final["state_dict"][name], param), name
+    round_3 = torch.load(next(tmp_path.glob("epoch=3*.ckpt")), weights_only=True)
+    assert sorted(round_3["federation"]["unaggregated"]) == [2, 3]  # still the resumable state of round 3
+
+
+def test_a_checkpoint_without_save_last_gets_a_final_checkpoint(tmp_path):
+    module = ToyModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+        callbacks=[ParaBlockCallback(staleness=1), checkpoint],
+        max_epochs=3,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, toy_loader(toy_dataset()))
+    final = torch.load(tmp_path / "final.ckpt", weights_only=True)
+    for name, param in module.state_dict().items():
+        assert torch.equal(final["state_dict"][name], param), name
+
+
+STUCK_RUN = textwrap.dedent(
+    """
+    import threading
+    from helpers import quiet_trainer
+    from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
+    from toy import ToyModule, toy_dataset, toy_loader
+
+    class NeverReturns(Aggregator):
+        def __call__(self, deltas, weights):
+            threading.Event().wait()  # a user aggregator that hangs
+
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+        callbacks=[ParaBlockCallback(staleness=1, aggregator=NeverReturns(), comm_timeout=1.5)],
+        max_epochs=3,
+    )
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_stuck_exchange_ends_the_process_within_the_timeout(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RUN)
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode != 0
+    assert "did not finish within comm_timeout=1.5s" in result.stderr, result.stderr[-2000:]
+    # Import and start-up take most of it; the process does not wait for the stuck thread at exit.
+    assert time.monotonic() - started < 200
