@@ -122,7 +122,7 @@ def test_model_id_is_required(model, chat_tokenizer):
 
 def test_a_model_fine_tuned_on_alpaca_is_asked_in_alpaca_even_with_a_chat_template(chat_tokenizer):
     turns, answers = ["Write a haiku.", "Now in French."], ["Leaves fall."]
-    alpaca = conversation_prompt(chat_tokenizer, turns, answers, prompt_format="alpaca")
+    alpaca = conversation_prompt(chat_tokenizer, turns, answers, prompt_format="alpaca_lora")
     assert alpaca == conversation_prompt(build_char_tokenizer(), turns, answers)
     assert conversation_prompt(chat_tokenizer, turns, answers) != alpaca  # auto: the chat template
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):

@@ -20,6 +20,7 @@ from lightning_parablock.data import (
     cluster_labels,
     dirichlet_partition,
     format_partition_table,
+    format_prompt,
     label_histogram,
     load_examples,
     loading,
@@ -184,15 +185,33 @@ def test_chat_template_masks_the_conversation_up_to_the_answer(prompt_format):
     assert features["input_ids"].count(tokenizer.bos_token_id) == 1  # the template's own, none added
 
 
-def test_chat_format_needs_a_template_and_auto_falls_back_to_alpaca(tokenizer):
+def test_chat_format_needs_a_template_and_auto_falls_back_to_alpaca_lora(tokenizer):
     rows = Dataset.from_dict({"instruction": ["Add 2 and 3."], "input": [""], "output": ["5"]})
-    with pytest.raises(ValueError, match="prompt_format='chat'.*chat template.*'alpaca'"):
+    with pytest.raises(ValueError, match="prompt_format='chat'.*chat template.*'alpaca_lora'"):
         tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="chat")
-    with pytest.raises(ValueError, match="prompt_format.*'alpaca', 'chat', 'auto'.*'vicuna'"):
+    with pytest.raises(ValueError, match="prompt_format.*'alpaca_lora', 'question_answer', 'chat', 'auto'.*'vicuna'"):
         tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="vicuna")
     auto, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="auto")
-    alpaca, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="alpaca")
+    alpaca, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="alpaca_lora")
     assert auto[0] == alpaca[0]
+
+
+def test_the_old_alpaca_name_is_refused_naming_both_templates(tokenizer):
+    with pytest.raises(ValueError, match="'alpaca'.*no longer accepted.*'alpaca_lora'.*'stanford_alpaca'"):
+        FederatedDataModule(DataSource(data_files=ALPACA), tokenizer, prompt_format="alpaca")
+
+
+@pytest.mark.parametrize(
+    ("prompt_format", "between"),
+    [("stanford_alpaca", "### Response:"), ("alpaca_lora", "### Response:\n"), ("question_answer", "Answer: ")],
+)
+def test_each_plain_format_trains_on_the_response_right_after_its_prompt(tokenizer, prompt_format, between):
+    rows = Dataset.from_dict({"instruction": ["Add 2 and 3."], "input": [""], "output": ["5"]})
+    [features], _ = tokenize_dataset(rows, tokenizer, max_length=256, prompt_format=prompt_format)
+    text = tokenizer.decode(features["input_ids"])
+    prompt = format_prompt("Add 2 and 3.", prompt_format=prompt_format)
+    assert text.startswith(f"<s>{prompt}") and text.endswith(f"{between}5</s>")
+    assert _supervised_ids(features) == tokenizer.encode(text[len(f"<s>{prompt}") :], add_special_tokens=False)
 
 
 def test_truncation_is_counted_and_prompt_only_examples_dropped(tokenizer):

@@ -260,9 +260,9 @@ class FederatedDataModule(L.LightningDataModule):
         self.partition_table = format_partition_table(parts, labels)
         name = self._partition_name()
         rank_zero_info(f"[FederatedDataModule] {name} split of {self.num_samples} examples:\n{self.partition_table}")
-        if hparams.partition_plot is not None and labels is not None:
+        if self.hparams.partition_plot is not None and labels is not None:
             title = f"{name} split"
-            plot_partition(parts, labels, hparams.partition_plot, title=title, label_name=self._label_name())
+            plot_partition(parts, labels, self.hparams.partition_plot, title=title, label_name=self._label_name())
         return parts
 
     def _untokenized_parts(self, num_clients: int) -> list[list[int]]:
