@@ -251,3 +251,26 @@ def test_questions_come_from_the_datamodules_eval_examples_when_none_are_given(t
         GSM8KEvaluation().on_fit_start(SimpleNamespace(datamodule=None), SimpleNamespace(hf_model=model))
     with pytest.raises(ValueError, match="both `questions` and `answers`, or neither"):
         GSM8KEvaluation(questions=["Q"])
+
+
+def test_stop_strings_cut_the_answer_where_they_first_appear(model, tokenizer):
+    free = generate_answers(model, tokenizer, QUESTIONS, format_prompt, 4, MAX_NEW_TOKENS)
+    stop = next(text[2:4] for text in free if len(text) >= 4)  # occurs in some output, not at its start
+    cut = generate_answers(model, tokenizer, QUESTIONS, format_prompt, 4, MAX_NEW_TOKENS, stop=[stop])
+    assert cut == [text.split(stop)[0] for text in free]
+    assert cut != free
+
+
+def test_by_default_questions_are_asked_in_the_datamodules_prompt_format(tokenizer):
+    from types import SimpleNamespace
+
+    evaluation = GSM8KEvaluation(["What is 2 + 3?"], ["5"])
+    datamodule = SimpleNamespace(hparams=SimpleNamespace(prompt_format="stanford_alpaca"))
+    prompt, stop = evaluation.prompt_and_stop(tokenizer, datamodule)
+    assert prompt("What is 2 + 3?") == format_prompt("What is 2 + 3?", prompt_format="stanford_alpaca")
+    assert stop == ["### Instruction:"]
+    prompt, _ = evaluation.prompt_and_stop(tokenizer, SimpleNamespace())  # no format to follow: auto
+    assert prompt("What is 2 + 3?") == format_prompt("What is 2 + 3?", prompt_format="alpaca_lora")
+    shots = GSM8KEvaluation(["q"], ["1"], prompt_format="question_answer", fewshot=[("1 + 1?", "#### 2")], stop=[])
+    prompt, stop = shots.prompt_and_stop(tokenizer, datamodule)
+    assert (prompt("2 + 2?"), stop) == ("Question: 1 + 1?\nAnswer: #### 2\n\nQuestion: 2 + 2?\nAnswer:", [])

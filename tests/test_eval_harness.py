@@ -202,3 +202,22 @@ def test_callback_scores_the_global_model_at_round_ends_and_at_train_end(tiny_ll
 def test_callback_refuses_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LMEvalHarness(**{"tasks": ["gsm8k"], **kwargs})
+
+
+def test_the_built_in_evaluations_leaderboard_option_asks_lm_evals_exact_prompt(task_dir):
+    import pandas as pd
+
+    from lightning_parablock.eval import GSM8KEvaluation
+
+    output = run_lm_eval(ConstantAnswers("#### 1"), ["gsm8k"], task_dir, ["gsm8k"], 3, 3, log_samples=True)
+    train = pd.read_parquet(GSM8K_FILES["train"]).to_dict("records")
+    for record in output["samples"]["gsm8k"]:
+        prompt = record["arguments"][0][0]
+        shots = sorted((row for row in train if row["question"] in prompt), key=lambda row: prompt.index(row["question"]))
+        assert len(shots) == 3
+        evaluation = GSM8KEvaluation(
+            ["q"], ["1"], prompt_format="question_answer", fewshot=[(row["question"], row["answer"]) for row in shots]
+        )
+        ask, stop = evaluation.prompt_and_stop(build_char_tokenizer())
+        assert ask(record["doc"]["question"]) == prompt
+        assert stop == ["Question:"]  # lm-eval's other stops, "</s>" and "<|im_end|>", are eos tokens here
