@@ -303,6 +303,58 @@ def test_cluster_labels_group_instructions_by_topic(cache_dir):
         cluster_labels(["a", "b", "c"], num_clusters=5, seed=0)
 
 
+def test_clusters_follow_topics_not_function_words_or_instruction_verbs():
+    asks = ["Rewrite the following sentence so that it is about the", "Write a short poem of four lines on the", "Explain"]
+    topics = {"sea": "ocean waves and tides", "tax": "income tax returns and deductions"}
+    texts, topic_of = [], []
+    for ask in asks:
+        for topic, words in topics.items():
+            for extra in ("", " today", " again"):
+                texts.append(f"{ask} {words}{extra}.")
+                topic_of.append(topic)
+    clusters = cluster_labels(texts, num_clusters=2, seed=0)
+    assert len({(topic, cluster) for topic, cluster in zip(topic_of, clusters)}) == 2  # one cluster per topic
+
+
+def _word_tokenizer(texts):
+    """A word-level tokenizer built from the data: a second tokenizer that splits nothing like the character one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = sorted({word for text in texts for word in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    vocab = {token: index for index, token in enumerate(special + [word for word, _ in words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _clients_as_rows(dm, num_clients):
+    """Each client's examples as rows of the data before tokenizing."""
+    clients = dm.client_partition(num_clients)
+    kept = dm.reports["train"].kept
+    return [[kept[index] for index in part] for part in clients]
+
+
+def test_the_cluster_split_is_the_same_whatever_the_tokenizer_or_max_length(tokenizer, cache_dir):
+    rows = load_examples(DataSource(data_files=ALPACA), seed=0, cache_dir=cache_dir)
+    texts = [row["instruction"] + " " + row["input"] + " " + row["output"] for row in rows]
+    options = dict(partition="cluster", num_clusters=6, alpha=0.5, cache_dir=cache_dir, seed=3)
+    splits = {}
+    for name, tok, max_length in [("chars", tokenizer, 512), ("words", _word_tokenizer(texts), 40), ("short", tokenizer, 50)]:
+        dm = FederatedDataModule(DataSource(data_files=ALPACA), tok, max_length=max_length, **options)
+        splits[name] = (_clients_as_rows(dm, 4), set(range(len(rows))) - set(dm.reports["train"].kept))
+    full, nothing_dropped = splits["chars"]
+    assert not nothing_dropped
+    for name in ("words", "short"):
+        clients, dropped = splits[name]
+        assert dropped, f"{name}: some prompt should fill max_length, or this shows nothing"
+        assert clients == [[row for row in part if row not in dropped] for part in full], name
+    assert splits["words"][1] != splits["short"][1]
+
+
 def test_partition_table_shows_sizes_histograms_and_totals():
     labels = ["x", "y", "x", "z", "x"]
     table = format_partition_table([[0, 1], [2, 3, 4]], labels)
