@@ -12,7 +12,7 @@ import numpy as np
 
 _MAX_DIRICHLET_TRIES = 1000
 _TFIDF_FEATURES = 20_000
-_KMEANS_INITS = 3
+_KMEANS_INITS = 10
 _INDEX_COLUMN = "__parablock_index__"
 
 
