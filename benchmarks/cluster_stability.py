@@ -17,7 +17,14 @@ from sklearn.metrics import adjusted_rand_score
 from lightning_parablock.data import DataSource, cluster_labels, load_examples
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "alpaca_gpt4.json"
-FIXTURE_TEMPLATES = ("What is the capital", "Give me a short cooking", "Write a Python", "Write a short poem", "Correct", "Add")
+FIXTURE_TEMPLATES = (
+    "What is the capital",
+    "Give me a short cooking",
+    "Write a Python",
+    "Write a short poem",
+    "Correct",
+    "Add",
+)
 
 
 def main() -> None:
@@ -35,7 +42,8 @@ def main() -> None:
     if Path(args.data_file).resolve() == FIXTURE.resolve():
         truth = [next(i for i, t in enumerate(FIXTURE_TEMPLATES) if text.startswith(t)) for text in texts]
         against = [adjusted_rand_score(truth, run) for run in runs]
-        print(f"ARI against the fixture's {len(FIXTURE_TEMPLATES)} templates: mean {np.mean(against):.3f}, min {np.min(against):.3f}")
+        summary = f"mean {np.mean(against):.3f}, min {np.min(against):.3f}"
+        print(f"ARI against the fixture's {len(FIXTURE_TEMPLATES)} templates: {summary}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on the in-memory model: its own gsm8k task, offline from fixture files, scored as its CLI does."""
+"""lm-evaluation-harness on the in-memory model: its own gsm8k task, offline from fixtures, scored as its CLI does."""
 
 import json
 import random
@@ -173,7 +173,9 @@ def test_callback_scores_the_global_model_at_round_ends_and_at_train_end(tiny_ll
         ["gsm8k"], every_n_rounds=1, num_fewshot=0, limit=2, max_gen_toks=4, data_files={"gsm8k": GSM8K_FILES}
     )
     logger = CSVLogger(tmp_path)
-    trainer = quiet_trainer(callbacks=[harness], max_epochs=2, limit_val_batches=0, limit_train_batches=1, logger=logger)
+    trainer = quiet_trainer(
+        callbacks=[harness], max_epochs=2, limit_val_batches=0, limit_train_batches=1, logger=logger
+    )
     datamodule = SyntheticArithmeticDataModule(num_examples=16, val_examples=4, batch_size=4, partition="iid")
     trainer.fit(module, datamodule=datamodule)
 
@@ -213,7 +215,8 @@ def test_the_built_in_evaluations_leaderboard_option_asks_lm_evals_exact_prompt(
     train = pd.read_parquet(GSM8K_FILES["train"]).to_dict("records")
     for record in output["samples"]["gsm8k"]:
         prompt = record["arguments"][0][0]
-        shots = sorted((row for row in train if row["question"] in prompt), key=lambda row: prompt.index(row["question"]))
+        shots = [row for row in train if row["question"] in prompt]
+        shots.sort(key=lambda row: prompt.index(row["question"]))
         assert len(shots) == 3
         evaluation = GSM8KEvaluation(
             ["q"], ["1"], prompt_format="question_answer", fewshot=[(row["question"], row["answer"]) for row in shots]

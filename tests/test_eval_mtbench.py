@@ -181,6 +181,7 @@ def test_sampled_categories_are_seeded_per_question_as_fastchat_seeds_them(model
     expected: list[str] = []
     for turn in range(2):
         prompt = conversation_prompt(chat_tokenizer, questions[2]["turns"][: turn + 1], expected)
-        [ids] = generate_token_ids(model, chat_tokenizer, [encode_prompt(chat_tokenizer, prompt)], 1, MAX_NEW_TOKENS, (), 0.7)
+        prompt_ids = [encode_prompt(chat_tokenizer, prompt)]
+        [ids] = generate_token_ids(model, chat_tokenizer, prompt_ids, 1, MAX_NEW_TOKENS, (), temperature=0.7)
         expected.append(fastchat_output(ids, chat_tokenizer, {chat_tokenizer.eos_token_id}, ()))
     assert turns[2] == expected

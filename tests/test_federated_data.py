@@ -304,7 +304,11 @@ def test_cluster_labels_group_instructions_by_topic(cache_dir):
 
 
 def test_clusters_follow_topics_not_function_words_or_instruction_verbs():
-    asks = ["Rewrite the following sentence so that it is about the", "Write a short poem of four lines on the", "Explain"]
+    asks = [
+        "Rewrite the following sentence so that it is about the",
+        "Write a short poem of four lines on the",
+        "Explain",
+    ]
     topics = {"sea": "ocean waves and tides", "tax": "income tax returns and deductions"}
     texts, topic_of = [], []
     for ask in asks:
@@ -343,7 +347,8 @@ def test_the_cluster_split_is_the_same_whatever_the_tokenizer_or_max_length(toke
     texts = [row["instruction"] + " " + row["input"] + " " + row["output"] for row in rows]
     options = dict(partition="cluster", num_clusters=6, alpha=0.5, cache_dir=cache_dir, seed=3)
     splits = {}
-    for name, tok, max_length in [("chars", tokenizer, 512), ("words", _word_tokenizer(texts), 40), ("short", tokenizer, 50)]:
+    setups = [("chars", tokenizer, 512), ("words", _word_tokenizer(texts), 40), ("short", tokenizer, 50)]
+    for name, tok, max_length in setups:
         dm = FederatedDataModule(DataSource(data_files=ALPACA), tok, max_length=max_length, **options)
         splits[name] = (_clients_as_rows(dm, 4), set(range(len(rows))) - set(dm.reports["train"].kept))
     full, nothing_dropped = splits["chars"]

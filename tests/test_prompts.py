@@ -1,8 +1,17 @@
 """Prompt formats: both Alpaca templates to the byte, lm-eval's gsm8k prompt, conversations and stop strings."""
 
-import pytest
+from pathlib import Path
 
-from lightning_parablock.data import PROMPT_FORMATS, build_char_tokenizer, conversation_prompt, format_prompt, stop_strings
+import pytest
+import yaml
+
+from lightning_parablock.data import (
+    PROMPT_FORMATS,
+    build_char_tokenizer,
+    conversation_prompt,
+    format_prompt,
+    stop_strings,
+)
 from lightning_parablock.data.prompts import resolve_prompt_format
 
 # tatsu-lab/stanford_alpaca, train.py, PROMPT_DICT
@@ -46,15 +55,13 @@ def test_both_alpaca_templates_are_their_repositories_to_the_byte(prompt_format,
 
 
 def test_the_two_alpaca_templates_differ_by_the_newline_after_response():
-    assert format_prompt("Add.", prompt_format="alpaca_lora") == format_prompt("Add.", prompt_format="stanford_alpaca") + "\n"
+    stanford = format_prompt("Add.", prompt_format="stanford_alpaca")
+    assert format_prompt("Add.", prompt_format="alpaca_lora") == stanford + "\n"
     assert format_prompt("Add.") == format_prompt("Add.", prompt_format="alpaca_lora")  # the default
 
 
 def test_question_answer_is_lm_evals_gsm8k_prompt_with_its_few_shot_layout():
     lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
-    import yaml
-    from pathlib import Path
-
     config = yaml.safe_load((Path(lm_eval_tasks.__file__).parent / "gsm8k" / "gsm8k.yaml").read_text())
     question = "How many pens are in 9 boxes of 12?"
     assert format_prompt(question, prompt_format="question_answer") == config["doc_to_text"].replace(
@@ -70,7 +77,8 @@ def test_question_answer_is_lm_evals_gsm8k_prompt_with_its_few_shot_layout():
 
 def test_an_alpaca_conversation_continues_without_repeating_the_preamble():
     second = conversation_prompt(None, ["Write a haiku.", "Now in French."], ["Leaves fall."], "alpaca_lora")
-    assert second == format_prompt("Write a haiku.") + "Leaves fall.\n\n### Instruction:\nNow in French.\n\n### Response:\n"
+    follow_up = "Leaves fall.\n\n### Instruction:\nNow in French.\n\n### Response:\n"
+    assert second == format_prompt("Write a haiku.") + follow_up
     stanford = conversation_prompt(None, ["Write a haiku.", "Now in French."], ["Leaves fall."], "stanford_alpaca")
     assert stanford == second.replace("### Response:\n", "### Response:")
     assert stop_strings(None, "alpaca_lora") == stop_strings(None, "stanford_alpaca") == ("### Instruction:",)

@@ -15,7 +15,13 @@ from lightning_parablock.data.partition import (
     partition_with_flwr,
 )
 from lightning_parablock.data.plot import plot_partition
-from lightning_parablock.data.prompts import PROMPT_FORMATS, PromptFormat, conversation_prompt, format_prompt, stop_strings
+from lightning_parablock.data.prompts import (
+    PROMPT_FORMATS,
+    PromptFormat,
+    conversation_prompt,
+    format_prompt,
+    stop_strings,
+)
 from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import CHAR_VOCAB_SIZE, build_char_tokenizer, load_tokenizer

@@ -27,7 +27,8 @@ def chat_prompt_and_response(
     if not full.startswith(prompt):
         raise ValueError(
             "The tokenizer's chat template renders the conversation with the answer differently from the prompt"
-            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use a plain-text format such as `prompt_format='alpaca_lora'`."
+            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use a plain-text format such"
+            " as `prompt_format='alpaca_lora'`."
         )
     return prompt, full[len(prompt) :]
 

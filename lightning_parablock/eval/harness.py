@@ -108,9 +108,8 @@ def write_local_task(
         raise ValueError(f"Give task {task!r} either `data_files` or a `dataset_path`, not both or neither.")
     config: dict[str, Any] = {"include": str(builtin_task_file(task)), "task": task}
     if data_files is not None:
-        config.update(
-            dataset_path=_file_builder(data_files), dataset_name=None, dataset_kwargs={"data_files": _absolute(data_files)}
-        )
+        files = {"data_files": _absolute(data_files)}
+        config.update(dataset_path=_file_builder(data_files), dataset_name=None, dataset_kwargs=files)
     else:
         config.update(dataset_path=dataset_path, dataset_name=dataset_name)
     return write_text_atomic(Path(directory) / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -269,7 +268,9 @@ class LMEvalHarness(GlobalModelEvaluation):
             raise ValueError(f"Task(s) {both} have both `data_files` and a `dataset_paths` entry; give one.")
         unknown = sorted(set(local) - set(tasks))
         if unknown:
-            raise ValueError(f"`data_files`/`dataset_paths` name task(s) {unknown} that are not in `tasks` {list(tasks)}.")
+            raise ValueError(
+                f"`data_files`/`dataset_paths` name task(s) {unknown} that are not in `tasks` {list(tasks)}."
+            )
         if num_fewshot is not None and num_fewshot < 0:
             raise ValueError(f"`num_fewshot` must be a non-negative integer or None, got {num_fewshot!r}.")
         for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
