@@ -28,15 +28,15 @@ GSM8K_FILES = {"train": str(FIXTURES / "gsm8k_train.parquet"), "test": str(FIXTU
 STRICT, FLEXIBLE = "eval/gsm8k/exact_match/strict-match", "eval/gsm8k/exact_match/flexible-extract"
 
 
-class ConstantAnswers(LM):
-    """An lm-eval model that answers every prompt with the same text, to exercise lm-eval's own filters."""
+class ScriptedAnswers(LM):
+    """An lm-eval model that answers each question with the text given for it, to exercise lm-eval's own filters."""
 
-    def __init__(self, answer: str) -> None:
+    def __init__(self, answers: dict[str, str], default: str = "") -> None:
         super().__init__()
-        self.answer = answer
+        self.answers, self.default = answers, default
 
     def generate_until(self, requests):
-        return [self.answer for _ in requests]
+        return [self.answers.get(request.doc["question"], self.default) for request in requests]
 
     def loglikelihood(self, requests):
         raise NotImplementedError
@@ -103,21 +103,26 @@ def test_the_local_task_is_lm_evals_gsm8k_reading_local_files(task_dir):
         write_local_task(task_dir, "gsm8k", {"test": "questions.txt"})
 
 
-@pytest.mark.parametrize(
-    ("answer", "strict", "flexible"),
-    [
-        ("12 * 9 = 108 pens, so the answer is 108.", 0.0, 1.0),  # no "#### N": only flexible-extract reads it
-        ("12 * 9 = 108 pens.\n#### 108", 1.0, 1.0),
-        ("#### 107", 0.0, 0.0),
-    ],
-)
-def test_strict_and_flexible_match_with_lm_evals_own_filters(task_dir, answer, strict, flexible):
-    output = run_lm_eval(ConstantAnswers(answer), ["gsm8k"], task_dir, ["gsm8k"], num_fewshot=0, limit=1)
-    assert flatten_scores(output["results"]) == {
-        "eval/gsm8k/sample_len": 1.0,  # the first test question: 12 pens a box, 9 boxes
-        STRICT: strict,
-        FLEXIBLE: flexible,
+def test_strict_and_flexible_match_with_lm_evals_own_filters(task_dir):
+    import pandas as pd
+
+    questions = list(pd.read_parquet(GSM8K_FILES["test"])["question"][:3])  # 12 * 9, 17 * 5, then any
+    answers = {
+        questions[0]: "12 * 9 = 108 pens, so the answer is 108.",  # no "#### N": only flexible-extract reads it
+        questions[1]: "17 * 5 = 85 pens.\n#### 85",
+        questions[2]: "#### 1",
     }
+    output = run_lm_eval(ScriptedAnswers(answers), ["gsm8k"], task_dir, ["gsm8k"], 0, 3, log_samples=True)
+    scored = {(s["doc_id"], s["filter"]): s["exact_match"] for s in output["samples"]["gsm8k"]}
+    assert scored == {
+        (0, "strict-match"): 0.0,
+        (0, "flexible-extract"): 1.0,
+        (1, "strict-match"): 1.0,
+        (1, "flexible-extract"): 1.0,
+        (2, "strict-match"): 0.0,
+        (2, "flexible-extract"): 0.0,
+    }
+    assert flatten_scores(output["results"]) == {"eval/gsm8k/sample_len": 3.0, STRICT: 1 / 3, FLEXIBLE: 2 / 3}
 
 
 def _samples(records, prompt):
@@ -211,7 +216,7 @@ def test_the_built_in_evaluations_leaderboard_option_asks_lm_evals_exact_prompt(
 
     from lightning_parablock.eval import GSM8KEvaluation
 
-    output = run_lm_eval(ConstantAnswers("#### 1"), ["gsm8k"], task_dir, ["gsm8k"], 3, 3, log_samples=True)
+    output = run_lm_eval(ScriptedAnswers({}, "#### 1"), ["gsm8k"], task_dir, ["gsm8k"], 3, 3, log_samples=True)
     train = pd.read_parquet(GSM8K_FILES["train"]).to_dict("records")
     for record in output["samples"]["gsm8k"]:
         prompt = record["arguments"][0][0]
