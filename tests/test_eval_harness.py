@@ -103,6 +103,18 @@ def test_the_local_task_is_lm_evals_gsm8k_reading_local_files(task_dir):
         write_local_task(task_dir, "gsm8k", {"test": "questions.txt"})
 
 
+def test_a_task_can_read_a_local_datasets_folder_instead(tmp_path):
+    import shutil
+
+    data = tmp_path / "gsm8k_copy"  # a folder laid out as the Hub's: one file per split
+    data.mkdir()
+    for split, file in GSM8K_FILES.items():
+        shutil.copy(file, data / f"{split}-00000-of-00001.parquet")
+    write_local_task(tmp_path / "tasks", "gsm8k", dataset_path=str(data))
+    output = run_lm_eval(ScriptedAnswers({}, "#### 108"), ["gsm8k"], tmp_path / "tasks", ["gsm8k"], 1, 1)
+    assert flatten_scores(output["results"])[STRICT] == 1.0  # the first test question's answer is 108
+
+
 def test_strict_and_flexible_match_with_lm_evals_own_filters(task_dir):
     import pandas as pd
 

@@ -12,7 +12,7 @@ from lightning_parablock.eval.generation import (
 )
 from lightning_parablock.eval.global_model import GlobalModelEvaluation
 from lightning_parablock.eval.gsm8k import GSM8KAccuracy, GSM8KEvaluation, GSM8KResult
-from lightning_parablock.eval.harness import LMEvalHarness, evaluate_with_lm_eval, write_local_task
+from lightning_parablock.eval.harness import LMEvalHarness, LMEvalResult, evaluate_with_lm_eval, write_local_task
 from lightning_parablock.eval.mtbench import (
     FASTCHAT_TEMPERATURES,
     answer_mtbench,
@@ -31,6 +31,7 @@ __all__ = [
     "GSM8KResult",
     "GlobalModelEvaluation",
     "LMEvalHarness",
+    "LMEvalResult",
     "TokenPerplexity",
     "answer_mtbench",
     "answers_match",

@@ -203,7 +203,7 @@ def flatten_scores(results: Mapping[str, Mapping[str, Any]], prefix: str = "eval
     for task, values in results.items():
         for key, value in values.items():
             metric, _, filter_name = key.partition(",")
-            if metric.endswith("_stderr") or isinstance(value, (str, bool)) or not isinstance(value, (int, float)):
+            if metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name = f"{prefix}/{task}/{metric}" + (f"/{filter_name}" if filter_name and filter_name != "none" else "")
             scores[name] = float(value)
