@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from lightning_parablock.data import (
     make_arithmetic_dataset,
     tokenize_for_sft,
 )
+from lightning_parablock.data.partition import apportion
 from lightning_parablock.data.synthetic import PROBLEM_KINDS
 
 
@@ -198,6 +200,39 @@ def test_dirichlet_partition_properties(labels, num_clients, alpha, seed):
     assert min(len(part) for part in partition) >= 1
     _assert_covers_once(partition, len(labels))
     assert partition == dirichlet_partition(labels, num_clients, alpha, seed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    total=st.integers(0, 500),
+    proportions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20).filter(lambda p: sum(p) > 1e-6),
+    seed=st.integers(0, 2**16),
+)
+def test_apportion_rounds_every_share_to_a_neighbouring_whole_count(total, proportions, seed):
+    counts = apportion(total, np.array(proportions), np.random.default_rng(seed))
+    shares = total * np.array(proportions) / sum(proportions)
+    assert counts.sum() == total and (counts >= 0).all()
+    assert (np.abs(counts - shares) < 1 + 1e-9).all()
+
+
+def test_apportion_gives_tied_leftovers_to_every_client_alike():
+    received = np.zeros(10)
+    for seed in range(2000):
+        received += apportion(23, np.full(10, 0.1), np.random.default_rng(seed)) - 2  # 3 leftovers among 10 ties
+    assert received.sum() == 3 * 2000
+    assert (np.abs(received / 2000 - 0.3) < 0.05).all()
+
+
+def test_dirichlet_leftovers_do_not_pile_up_on_the_last_client():
+    """Rounding each label's shares down and giving the rest to the last client handed it one example of nearly
+    every label (39 of 40 here); fair rounding gives it as many labels as any other client."""
+    labels = [label for label in range(40) for _ in range(5)]
+    held = np.zeros(10)
+    for seed in range(20):
+        partition = dirichlet_partition(labels, num_clients=10, alpha=0.1, seed=seed, min_size=0)
+        held += [len({labels[index] for index in part}) for part in partition]
+    assert held[-1] <= 1.5 * held[:-1].mean()
+    assert held.max() <= 1.5 * held.min()
 
 
 def _mean_dominant_share(partition: list[list[int]], labels: list[str]) -> float:

@@ -202,7 +202,11 @@ def test_callback_needs_a_tokenizer_and_a_generating_model(tiny_llama_config):
     [
         ({"answers": ["7", "odd"]}, r"Answer 1 \(for question 'b'\) is not numeric.*'odd'"),
         ({"answers": ["7"]}, "2 questions but 1 answers"),
-        ({"prompt_format": "Q: {q}\nA:"}, r"'\{question\}' placeholder, got 'Q: \{q\}\\nA:'"),
+        ({"prompt_format": "Q: {q}\nA:"}, r"`prompt_format` must be one of .*'question_answer'.*got 'Q: \{q\}\\nA:'"),
+        ({"prompt_format": "alpaca"}, "'alpaca_lora'.*'stanford_alpaca'"),
+        ({"prompt_format": 3}, "or a function from question to prompt, got 3"),
+        ({"prompt_format": lambda q: q, "fewshot": [("1+1?", "2")]}, "`fewshot` needs a named `prompt_format`"),
+        ({"fewshot": ["1+1? 2"]}, "`fewshot` must be \(question, answer\) pairs"),
         ({"every_n_rounds": 0}, "`every_n_rounds` must be a positive integer or None, got 0"),
         ({"at_end": False}, "would never evaluate"),
     ],
@@ -216,10 +220,11 @@ def test_callback_refuses_bad_arguments(kwargs, match):
 def test_callback_from_any_dataset_with_a_numeric_answer_column():
     table = Dataset.from_dict({"instruction": ["What is 2 + 2?", "What is 5 * 5?"], "output": ["4", "25"]})
     evaluation = GSM8KEvaluation.from_dataset(
-        table, question_column="instruction", answer_column="output", prompt_format="Q: {question}\nA:"
+        table, question_column="instruction", answer_column="output", prompt_format=lambda q: f"Q: {q}\nA:"
     )
     assert evaluation.questions == ["What is 2 + 2?", "What is 5 * 5?"]
-    assert evaluation.prompt_fn("Why?") == "Q: Why?\nA:"
+    prompt, stop = evaluation.prompt_and_stop(build_char_tokenizer())
+    assert (prompt("Why?"), stop) == ("Q: Why?\nA:", [])
     with pytest.raises(ValueError, match="no column 'answer'; its columns are"):
         GSM8KEvaluation.from_dataset(table, question_column="instruction")
 
@@ -246,3 +251,26 @@ def test_questions_come_from_the_datamodules_eval_examples_when_none_are_given(t
         GSM8KEvaluation().on_fit_start(SimpleNamespace(datamodule=None), SimpleNamespace(hf_model=model))
     with pytest.raises(ValueError, match="both `questions` and `answers`, or neither"):
         GSM8KEvaluation(questions=["Q"])
+
+
+def test_stop_strings_cut_the_answer_where_they_first_appear(model, tokenizer):
+    free = generate_answers(model, tokenizer, QUESTIONS, format_prompt, 4, MAX_NEW_TOKENS)
+    stop = next(text[2:4] for text in free if len(text) >= 4)  # occurs in some output, not at its start
+    cut = generate_answers(model, tokenizer, QUESTIONS, format_prompt, 4, MAX_NEW_TOKENS, stop=[stop])
+    assert cut == [text.split(stop)[0] for text in free]
+    assert cut != free
+
+
+def test_by_default_questions_are_asked_in_the_datamodules_prompt_format(tokenizer):
+    from types import SimpleNamespace
+
+    evaluation = GSM8KEvaluation(["What is 2 + 3?"], ["5"])
+    datamodule = SimpleNamespace(hparams=SimpleNamespace(prompt_format="stanford_alpaca"))
+    prompt, stop = evaluation.prompt_and_stop(tokenizer, datamodule)
+    assert prompt("What is 2 + 3?") == format_prompt("What is 2 + 3?", prompt_format="stanford_alpaca")
+    assert stop == ["### Instruction:"]
+    prompt, _ = evaluation.prompt_and_stop(tokenizer, SimpleNamespace())  # no format to follow: auto
+    assert prompt("What is 2 + 3?") == format_prompt("What is 2 + 3?", prompt_format="alpaca_lora")
+    shots = GSM8KEvaluation(["q"], ["1"], prompt_format="question_answer", fewshot=[("1 + 1?", "#### 2")], stop=[])
+    prompt, stop = shots.prompt_and_stop(tokenizer, datamodule)
+    assert (prompt("2 + 2?"), stop) == ("Question: 1 + 1?\nAnswer: #### 2\n\nQuestion: 2 + 2?\nAnswer:", [])

@@ -122,8 +122,66 @@ def test_model_id_is_required(model, chat_tokenizer):
 
 def test_a_model_fine_tuned_on_alpaca_is_asked_in_alpaca_even_with_a_chat_template(chat_tokenizer):
     turns, answers = ["Write a haiku.", "Now in French."], ["Leaves fall."]
-    alpaca = conversation_prompt(chat_tokenizer, turns, answers, prompt_format="alpaca")
+    alpaca = conversation_prompt(chat_tokenizer, turns, answers, prompt_format="alpaca_lora")
     assert alpaca == conversation_prompt(build_char_tokenizer(), turns, answers)
     assert conversation_prompt(chat_tokenizer, turns, answers) != alpaca  # auto: the chat template
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         conversation_prompt(build_char_tokenizer(), turns, answers, prompt_format="chat")
+
+
+def test_temperatures_are_fastchats_per_category():
+    from lightning_parablock.eval import FASTCHAT_TEMPERATURES, question_temperature
+
+    # fastchat/llm_judge/common.py, temperature_config
+    assert FASTCHAT_TEMPERATURES == {
+        "writing": 0.7,
+        "roleplay": 0.7,
+        "extraction": 0.0,
+        "math": 0.0,
+        "coding": 0.0,
+        "reasoning": 0.0,
+        "stem": 0.1,
+        "humanities": 0.1,
+        "arena-hard-200": 0.0,
+    }
+    assert question_temperature({"category": "poetry"}) == 0.7  # gen_model_answer's default
+    assert question_temperature({"category": "writing"}, greedy=True) == 0.0
+
+
+def test_answers_are_cleaned_up_as_fastchat_does():
+    from lightning_parablock.eval import fastchat_output
+
+    tokenizer = build_char_tokenizer()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = tokenizer.encode(" Bonjour.\n### Instruction: more", add_special_tokens=False)
+    assert fastchat_output(ids, tokenizer, {eos}, ["### Instruction:"]) == "Bonjour."
+    assert fastchat_output([*ids[:9], eos, *ids[9:]], tokenizer, {eos}, []) == "Bonjour."  # cut at a stop token
+    assert fastchat_output([ids[1], pad, ids[2]], tokenizer, {eos}, []) == "Bo"  # special tokens' text removed
+    # a stop string at the very start is not cut: FastChat keeps it (`output.find(stop_str) > 0`)
+    start = tokenizer.encode("### Instruction: x", add_special_tokens=False)
+    assert fastchat_output(start, tokenizer, {eos}, ["### Instruction:"]) == "### Instruction: x"
+
+
+def test_sampled_categories_are_seeded_per_question_as_fastchat_seeds_them(model, chat_tokenizer):
+    import torch
+
+    from lightning_parablock.eval import generate_token_ids
+    from lightning_parablock.eval.mtbench import fastchat_output
+
+    questions = load_mtbench_questions(QUESTION_FILE)  # writing (0.7), math (greedy), roleplay (0.7)
+    state = torch.get_rng_state()
+    sampled = answer_mtbench(model, chat_tokenizer, questions, "tiny", max_new_tokens=MAX_NEW_TOKENS)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    greedy = answer_mtbench(model, chat_tokenizer, questions, "tiny", max_new_tokens=MAX_NEW_TOKENS, greedy=True)
+    turns = [record["choices"][0]["turns"] for record in sampled]
+    assert turns[1] == greedy[1]["choices"][0]["turns"]  # math is greedy either way
+    assert turns != [record["choices"][0]["turns"] for record in greedy]
+
+    torch.manual_seed(0)  # FastChat: torch.manual_seed(choice index) before each question, then every turn
+    expected: list[str] = []
+    for turn in range(2):
+        prompt = conversation_prompt(chat_tokenizer, questions[2]["turns"][: turn + 1], expected)
+        prompt_ids = [encode_prompt(chat_tokenizer, prompt)]
+        [ids] = generate_token_ids(model, chat_tokenizer, prompt_ids, 1, MAX_NEW_TOKENS, (), temperature=0.7)
+        expected.append(fastchat_output(ids, chat_tokenizer, {chat_tokenizer.eos_token_id}, ()))
+    assert turns[2] == expected

@@ -20,6 +20,7 @@ from lightning_parablock.data import (
     cluster_labels,
     dirichlet_partition,
     format_partition_table,
+    format_prompt,
     label_histogram,
     load_examples,
     loading,
@@ -184,15 +185,33 @@ def test_chat_template_masks_the_conversation_up_to_the_answer(prompt_format):
     assert features["input_ids"].count(tokenizer.bos_token_id) == 1  # the template's own, none added
 
 
-def test_chat_format_needs_a_template_and_auto_falls_back_to_alpaca(tokenizer):
+def test_chat_format_needs_a_template_and_auto_falls_back_to_alpaca_lora(tokenizer):
     rows = Dataset.from_dict({"instruction": ["Add 2 and 3."], "input": [""], "output": ["5"]})
-    with pytest.raises(ValueError, match="prompt_format='chat'.*chat template.*'alpaca'"):
+    with pytest.raises(ValueError, match="prompt_format='chat'.*chat template.*'alpaca_lora'"):
         tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="chat")
-    with pytest.raises(ValueError, match="prompt_format.*'alpaca', 'chat', 'auto'.*'vicuna'"):
+    with pytest.raises(ValueError, match="prompt_format.*'alpaca_lora', 'question_answer', 'chat', 'auto'.*'vicuna'"):
         tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="vicuna")
     auto, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="auto")
-    alpaca, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="alpaca")
+    alpaca, _ = tokenize_dataset(rows, tokenizer, max_length=128, prompt_format="alpaca_lora")
     assert auto[0] == alpaca[0]
+
+
+def test_the_old_alpaca_name_is_refused_naming_both_templates(tokenizer):
+    with pytest.raises(ValueError, match="'alpaca'.*no longer accepted.*'alpaca_lora'.*'stanford_alpaca'"):
+        FederatedDataModule(DataSource(data_files=ALPACA), tokenizer, prompt_format="alpaca")
+
+
+@pytest.mark.parametrize(
+    ("prompt_format", "between"),
+    [("stanford_alpaca", "### Response:"), ("alpaca_lora", "### Response:\n"), ("question_answer", "Answer: ")],
+)
+def test_each_plain_format_trains_on_the_response_right_after_its_prompt(tokenizer, prompt_format, between):
+    rows = Dataset.from_dict({"instruction": ["Add 2 and 3."], "input": [""], "output": ["5"]})
+    [features], _ = tokenize_dataset(rows, tokenizer, max_length=256, prompt_format=prompt_format)
+    text = tokenizer.decode(features["input_ids"])
+    prompt = format_prompt("Add 2 and 3.", prompt_format=prompt_format)
+    assert text.startswith(f"<s>{prompt}") and text.endswith(f"{between}5</s>")
+    assert _supervised_ids(features) == tokenizer.encode(text[len(f"<s>{prompt}") :], add_special_tokens=False)
 
 
 def test_truncation_is_counted_and_prompt_only_examples_dropped(tokenizer):
@@ -282,6 +301,63 @@ def test_cluster_labels_group_instructions_by_topic(cache_dir):
         assert len({c for text, c in zip(texts, clusters) if text.startswith(prefix)}) == 1, prefix
     with pytest.raises(ValueError, match="num_clusters=5.*3 texts"):
         cluster_labels(["a", "b", "c"], num_clusters=5, seed=0)
+
+
+def test_clusters_follow_topics_not_function_words_or_instruction_verbs():
+    asks = [
+        "Rewrite the following sentence so that it is about the",
+        "Write a short poem of four lines on the",
+        "Explain",
+    ]
+    topics = {"sea": "ocean waves and tides", "tax": "income tax returns and deductions"}
+    texts, topic_of = [], []
+    for ask in asks:
+        for topic, words in topics.items():
+            for extra in ("", " today", " again"):
+                texts.append(f"{ask} {words}{extra}.")
+                topic_of.append(topic)
+    clusters = cluster_labels(texts, num_clusters=2, seed=0)
+    assert len({(topic, cluster) for topic, cluster in zip(topic_of, clusters)}) == 2  # one cluster per topic
+
+
+def _word_tokenizer(texts):
+    """A word-level tokenizer built from the data: a second tokenizer that splits nothing like the character one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = sorted({word for text in texts for word in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    vocab = {token: index for index, token in enumerate(special + [word for word, _ in words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _clients_as_rows(dm, num_clients):
+    """Each client's examples as rows of the data before tokenizing."""
+    clients = dm.client_partition(num_clients)
+    kept = dm.reports["train"].kept
+    return [[kept[index] for index in part] for part in clients]
+
+
+def test_the_cluster_split_is_the_same_whatever_the_tokenizer_or_max_length(tokenizer, cache_dir):
+    rows = load_examples(DataSource(data_files=ALPACA), seed=0, cache_dir=cache_dir)
+    texts = [row["instruction"] + " " + row["input"] + " " + row["output"] for row in rows]
+    options = dict(partition="cluster", num_clusters=6, alpha=0.5, cache_dir=cache_dir, seed=3)
+    splits = {}
+    setups = [("chars", tokenizer, 512), ("words", _word_tokenizer(texts), 40), ("short", tokenizer, 50)]
+    for name, tok, max_length in setups:
+        dm = FederatedDataModule(DataSource(data_files=ALPACA), tok, max_length=max_length, **options)
+        splits[name] = (_clients_as_rows(dm, 4), set(range(len(rows))) - set(dm.reports["train"].kept))
+    full, nothing_dropped = splits["chars"]
+    assert not nothing_dropped
+    for name in ("words", "short"):
+        clients, dropped = splits[name]
+        assert dropped, f"{name}: some prompt should fill max_length, or this shows nothing"
+        assert clients == [[row for row in part if row not in dropped] for part in full], name
+    assert splits["words"][1] != splits["short"][1]
 
 
 def test_partition_table_shows_sizes_histograms_and_totals():

@@ -3,7 +3,7 @@ client splits and their pictures, and a local synthetic task with its tokenizer.
 
 from lightning_parablock.data.datamodule import SyntheticArithmeticDataModule
 from lightning_parablock.data.federated import FederatedDataModule
-from lightning_parablock.data.formatting import IGNORE_INDEX, SFTCollator, format_prompt, tokenize_for_sft
+from lightning_parablock.data.formatting import IGNORE_INDEX, SFTCollator, tokenize_for_sft
 from lightning_parablock.data.loading import PRESETS, DataSource, load_examples
 from lightning_parablock.data.partition import (
     cluster_labels,
@@ -15,6 +15,13 @@ from lightning_parablock.data.partition import (
     partition_with_flwr,
 )
 from lightning_parablock.data.plot import plot_partition
+from lightning_parablock.data.prompts import (
+    PROMPT_FORMATS,
+    PromptFormat,
+    conversation_prompt,
+    format_prompt,
+    stop_strings,
+)
 from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import CHAR_VOCAB_SIZE, build_char_tokenizer, load_tokenizer
@@ -23,6 +30,8 @@ __all__ = [
     "CHAR_VOCAB_SIZE",
     "IGNORE_INDEX",
     "PRESETS",
+    "PROMPT_FORMATS",
+    "PromptFormat",
     "DataSource",
     "FederatedDataModule",
     "SFTCollator",
@@ -30,6 +39,7 @@ __all__ = [
     "TokenizationReport",
     "build_char_tokenizer",
     "cluster_labels",
+    "conversation_prompt",
     "dirichlet_partition",
     "format_partition_table",
     "format_prompt",
@@ -41,6 +51,7 @@ __all__ = [
     "natural_partition",
     "partition_with_flwr",
     "plot_partition",
+    "stop_strings",
     "tokenize_dataset",
     "tokenize_for_sft",
 ]

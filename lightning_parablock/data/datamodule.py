@@ -6,8 +6,9 @@ import lightning as L
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from lightning_parablock.data.formatting import SFTCollator, format_prompt, tokenize_for_sft
+from lightning_parablock.data.formatting import SFTCollator, tokenize_for_sft
 from lightning_parablock.data.partition import dirichlet_partition, iid_partition
+from lightning_parablock.data.prompts import format_prompt
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import build_char_tokenizer
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_parablock.data.formatting import SFTCollator
-from lightning_parablock.data.loading import INSTRUCTION, DataSource, load_examples
+from lightning_parablock.data.loading import INPUT, INSTRUCTION, DataSource, load_examples
 from lightning_parablock.data.partition import (
     cluster_labels,
     dirichlet_partition,
@@ -26,7 +26,8 @@ from lightning_parablock.data.partition import (
     partition_with_flwr,
 )
 from lightning_parablock.data.plot import plot_partition
-from lightning_parablock.data.sft_dataset import PromptFormat, TokenizationReport, tokenize_dataset
+from lightning_parablock.data.prompts import PromptFormat, check_prompt_format
+from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.tokenizer import load_tokenizer
 
 try:  # optional: flwr-datasets pins an older `datasets`, so it is not a dependency
@@ -49,14 +50,19 @@ class FederatedDataModule(L.LightningDataModule):
         val_fraction: Else, the fraction of ``dataset`` held out (seeded) to validate on; 0 for none.
         eval_dataset: A held-out evaluation set, e.g. ``{path: openai/gsm8k, split: test}``: the test loader,
             and its raw rows as :attr:`eval_examples` for generation-based metrics.
-        prompt_format: ``alpaca`` (Stanford Alpaca's template), ``chat`` (the tokenizer's chat template) or
-            ``auto`` (chat when the tokenizer has a template). The loss never covers prompt tokens.
+        prompt_format: ``alpaca_lora`` (Alpaca-LoRA's template), ``stanford_alpaca`` (Stanford Alpaca's),
+            ``question_answer`` (``Question: ...\nAnswer: ...``), ``chat`` (the tokenizer's chat template) or
+            ``auto`` (chat when the tokenizer has a template); see :mod:`~lightning_parablock.data.prompts`. Evaluate
+            in the same format. The loss never covers prompt tokens.
         max_length: Longest tokenized example; longer ones are cut from the right and counted.
         batch_size: Examples per batch (per client step, before gradient accumulation).
         eval_batch_size: Examples per validation/test batch; ``batch_size`` by default.
         partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
             ``alpha`` over ``label_column``); ``natural`` (one client per value of ``label_column``); ``cluster``
-            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the instructions, for unlabeled text).
+            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, stop
+            words removed, for unlabeled text). Every split is drawn over the rows before tokenizing; rows dropped
+            for length then leave their client, so a file, seed and ``num_clients`` give the same split whatever the
+            tokenizer or ``max_length``.
         alpha: Dirichlet concentration; small is skewed (0.1), large approaches iid.
         label_column: The data's column that ``dirichlet`` and ``natural`` split by (MathInstruct: ``source``, the
             preset's default).
@@ -78,7 +84,7 @@ class FederatedDataModule(L.LightningDataModule):
         val_split: Optional[str] = None,
         val_fraction: float = 0.0,
         eval_dataset: Optional[DataSource] = None,
-        prompt_format: PromptFormat = "alpaca",
+        prompt_format: PromptFormat = "alpaca_lora",
         max_length: int = 512,
         batch_size: int = 4,
         eval_batch_size: Optional[int] = None,
@@ -103,6 +109,7 @@ class FederatedDataModule(L.LightningDataModule):
             raise ValueError(f"Pass either `val_split` ({val_split!r}) or `val_fraction` ({val_fraction}), not both.")
         if alpha <= 0:
             raise ValueError(f"`alpha` must be a positive float, got {alpha}.")
+        check_prompt_format(prompt_format)
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("num_clusters", num_clusters)):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
@@ -124,6 +131,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.test_dataset: Optional[Dataset] = None
         self.train_examples: Optional[Dataset] = None
         """The training rows in the common schema, aligned with ``train_dataset``."""
+        self._untokenized_train: Optional[Dataset] = None
+        """The training rows before tokenizing dropped any: what every partition is drawn over."""
         self.eval_examples: Optional[Dataset] = None
         """The held-out rows in the common schema, aligned with ``test_dataset``: for generation-based metrics."""
         self.reports: dict[str, TokenizationReport] = {}
@@ -163,6 +172,8 @@ class FederatedDataModule(L.LightningDataModule):
                 rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc
             )
             self.reports[split] = report
+            if split == "train":
+                self._untokenized_train = rows
             examples[split] = rows.select(report.kept) if report.dropped else rows
             rank_zero_info(f"[FederatedDataModule] {report.format()}")
         self.train_examples, self.eval_examples = examples["train"], examples.get("test")
@@ -188,15 +199,21 @@ class FederatedDataModule(L.LightningDataModule):
     def labels(self) -> Optional[list[Any]]:
         """The label of every training example the partition skews by: the cluster id for ``cluster``, the
         ``label_column`` value otherwise (``None`` for an iid split of data without one)."""
+        untokenized = self._untokenized_labels()
+        if untokenized is None:
+            return None
+        return [untokenized[row] for row in self.reports["train"].kept]
+
+    def _untokenized_labels(self) -> Optional[list[Any]]:
+        """The labels of the training rows before tokenizing, which the partition is drawn over."""
         self.setup()
         if self._labels is None:
-            hparams = self.hparams
-            if hparams.partition == "cluster":
-                self._labels = cluster_labels(
-                    list(self.train_examples[INSTRUCTION]), hparams.num_clusters, hparams.seed
-                )
+            rows = self._untokenized_train
+            if self.hparams.partition == "cluster":
+                texts = [f"{instruction} {input}" for instruction, input in zip(rows[INSTRUCTION], rows[INPUT])]
+                self._labels = cluster_labels(texts, self.hparams.num_clusters, self.hparams.seed)
             else:
-                self._labels = self._column_labels()
+                self._labels = self._column_labels(rows)
         return self._labels
 
     def _label_column(self) -> Optional[str]:
@@ -206,9 +223,9 @@ class FederatedDataModule(L.LightningDataModule):
     def _label_name(self) -> str:
         return "cluster" if self.hparams.partition == "cluster" else str(self._label_column())
 
-    def _column_labels(self) -> Optional[list[Any]]:
+    def _column_labels(self, rows: Dataset) -> Optional[list[Any]]:
         column = self._label_column()
-        available = self.train_examples.column_names
+        available = rows.column_names
         needs_labels = self.hparams.partition in ("dirichlet", "natural")
         if column is None:
             if needs_labels:
@@ -221,21 +238,18 @@ class FederatedDataModule(L.LightningDataModule):
             raise ValueError(
                 f"`label_column={column!r}` is not a column of {self.source.describe()}; its columns are {available}."
             )
-        return list(self.train_examples[column])
+        return list(rows[column])
 
     def client_partition(self, num_clients: int) -> list[list[int]]:
-        """Indices into the training set for each client, covering every example once; prints the split."""
+        """Indices into the training set for each client, covering every example once; prints the split.
+
+        The split is drawn over the training rows before tokenizing; a row tokenizing dropped leaves its client.
+        """
         self.setup()
-        hparams = self.hparams
+        rows = self._untokenized_parts(num_clients)
+        position = {row: index for index, row in enumerate(self.reports["train"].kept)}
+        parts = [[position[row] for row in part if row in position] for part in rows]
         labels = self.labels()
-        if self.partitioner is not None:
-            parts = self._flwr_partition(num_clients)
-        elif hparams.partition == "iid":
-            parts = iid_partition(len(self.train_dataset), num_clients, hparams.seed)
-        elif hparams.partition == "natural":
-            parts = natural_partition(labels, num_clients)
-        else:
-            parts = dirichlet_partition(labels, num_clients, hparams.alpha, hparams.seed, hparams.min_partition_size)
         empty = [client for client, part in enumerate(parts) if not part]
         if empty:
             raise ValueError(
@@ -246,10 +260,22 @@ class FederatedDataModule(L.LightningDataModule):
         self.partition_table = format_partition_table(parts, labels)
         name = self._partition_name()
         rank_zero_info(f"[FederatedDataModule] {name} split of {self.num_samples} examples:\n{self.partition_table}")
-        if hparams.partition_plot is not None and labels is not None:
+        if self.hparams.partition_plot is not None and labels is not None:
             title = f"{name} split"
-            plot_partition(parts, labels, hparams.partition_plot, title=title, label_name=self._label_name())
+            plot_partition(parts, labels, self.hparams.partition_plot, title=title, label_name=self._label_name())
         return parts
+
+    def _untokenized_parts(self, num_clients: int) -> list[list[int]]:
+        """Each client's rows among the training rows before tokenizing."""
+        hparams = self.hparams
+        labels = self._untokenized_labels()
+        if self.partitioner is not None:
+            return self._flwr_partition(num_clients)
+        if hparams.partition == "iid":
+            return iid_partition(len(self._untokenized_train), num_clients, hparams.seed)
+        if hparams.partition == "natural":
+            return natural_partition(labels, num_clients)
+        return dirichlet_partition(labels, num_clients, hparams.alpha, hparams.seed, hparams.min_partition_size)
 
     def _partition_name(self) -> str:
         if self.partitioner is not None:
@@ -266,7 +292,7 @@ class FederatedDataModule(L.LightningDataModule):
                 f" {self.partitioner!r}."
             )
         if self._flwr_parts is None:
-            self._flwr_parts = partition_with_flwr(self.partitioner, self.train_examples)
+            self._flwr_parts = partition_with_flwr(self.partitioner, self._untokenized_train)
         if len(self._flwr_parts) != num_clients:
             raise ValueError(
                 f"The partitioner makes {len(self._flwr_parts)} partitions but the federation has"

@@ -1,4 +1,4 @@
-"""Alpaca prompts and prompt-masked tokenization for supervised fine-tuning.
+"""Prompt-masked tokenization for supervised fine-tuning (the prompts themselves: :mod:`.prompts`).
 
 Instruction tuning trains only on the answer: the prompt is context, so its tokens get label ``-100``
 and the loss covers the response and the closing eos, which teaches the model where to stop.
@@ -12,32 +12,6 @@ from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.CrossEntropyLoss`` (and so every HF causal LM) leaves out of the loss."""
-
-PREAMBLE_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-PREAMBLE_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
-INSTRUCTION_HEADER = "### Instruction:\n"
-INPUT_HEADER = "### Input:\n"
-RESPONSE_HEADER = "### Response:\n"
-
-PROMPT_NO_INPUT = f"{PREAMBLE_NO_INPUT}\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n{RESPONSE_HEADER}"
-"""Stanford Alpaca's template for examples without an ``input`` field."""
-
-PROMPT_WITH_INPUT = (
-    f"{PREAMBLE_WITH_INPUT}\n\n{INSTRUCTION_HEADER}{{instruction}}\n\n{INPUT_HEADER}{{input}}\n\n{RESPONSE_HEADER}"
-)
-"""Stanford Alpaca's template for examples with an ``input`` field."""
-
-
-def format_prompt(instruction: str, input: Optional[str] = None) -> str:
-    """Render the Alpaca prompt; an empty or missing ``input`` uses the template without it, as Alpaca does."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 def chat_prompt_and_response(
@@ -53,7 +27,8 @@ def chat_prompt_and_response(
     if not full.startswith(prompt):
         raise ValueError(
             "The tokenizer's chat template renders the conversation with the answer differently from the prompt"
-            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use `prompt_format='alpaca'`."
+            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use a plain-text format such"
+            " as `prompt_format='alpaca_lora'`."
         )
     return prompt, full[len(prompt) :]
 

@@ -12,7 +12,7 @@ import numpy as np
 
 _MAX_DIRICHLET_TRIES = 1000
 _TFIDF_FEATURES = 20_000
-_KMEANS_INITS = 3
+_KMEANS_INITS = 10
 _INDEX_COLUMN = "__parablock_index__"
 
 
@@ -63,9 +63,8 @@ def dirichlet_partition(
         parts: list[list[int]] = [[] for _ in range(num_clients)]
         for indices in by_label.values():
             shuffled = rng.permutation(indices)
-            proportions = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(proportions)[:-1] * len(shuffled)).astype(int)
-            for part, chunk in zip(parts, np.split(shuffled, cuts)):
+            counts = apportion(len(shuffled), rng.dirichlet(np.full(num_clients, alpha)), rng)
+            for part, chunk in zip(parts, np.split(shuffled, np.cumsum(counts)[:-1])):
                 part.extend(chunk.tolist())
         if min(len(part) for part in parts) >= min_size:
             return [sorted(part) for part in parts]
@@ -74,6 +73,22 @@ def dirichlet_partition(
         f" `min_size={min_size}` examples with `alpha={alpha}` in {_MAX_DIRICHLET_TRIES} draws. Increase"
         " `alpha`, lower `num_clients` or `min_size`, or use `iid_partition`."
     )
+
+
+def apportion(total: int, proportions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Whole counts summing to ``total``, each within one of its exact share ``total * proportion``.
+
+    Largest remainders: every client gets the floor of its share, and the examples left over go one each to the
+    clients whose shares lost the most to rounding, ties broken at random. So no client (the last one, say)
+    collects the leftovers of every label.
+    """
+    shares = total * np.asarray(proportions, dtype=np.float64) / np.sum(proportions)
+    counts = np.floor(shares).astype(np.int64)
+    leftover = total - int(counts.sum())
+    order = rng.permutation(len(shares))  # random order first, so a stable sort breaks ties at random
+    by_remainder = order[np.argsort(-(shares - counts)[order], kind="stable")]
+    counts[by_remainder[:leftover]] += 1
+    return counts
 
 
 def natural_partition(labels: Sequence[Hashable], num_clients: int) -> list[list[int]]:
@@ -99,14 +114,28 @@ def natural_partition(labels: Sequence[Hashable], num_clients: int) -> list[list
     return parts
 
 
-def cluster_labels(texts: Sequence[str], num_clusters: int, seed: int) -> list[int]:
-    """Pseudo-labels for unlabeled text: k-means over TF-IDF vectors, so a Dirichlet split can skew topics.
+INSTRUCTION_WORDS = frozenset(
+    "write rewrite generate create compose explain list provide identify summarize classify suggest come following"
+    " given sentence sentences paragraph text word words example examples short brief way ways using use tell output"
+    " input".split()
+)
+"""Words that say what kind of answer an instruction asks for rather than what it is about; left out of the
+clustering with English stop words, so clusters follow topics, not ``the``, ``of`` or ``rewrite``."""
 
-    Federated instruction-tuning papers cluster Alpaca-style instructions this way to simulate clients whose
-    requests differ in kind. Returns the cluster id (``0 .. num_clusters - 1``) of every text.
+
+def cluster_labels(texts: Sequence[str], num_clusters: int, seed: int) -> list[int]:
+    """Topic pseudo-labels for unlabeled text: k-means over TF-IDF vectors of the raw text, so a Dirichlet split
+    can skew topics, as FedNLP clusters unlabeled text for its non-IID splits.
+
+    Stop words (scikit-learn's English list and :data:`INSTRUCTION_WORDS`) are removed, so the clusters follow
+    content words. The labels depend only on ``texts``, ``num_clusters`` and ``seed``: cluster before
+    tokenizing, and the split is the same whatever the tokenizer or ``max_length``.
+
+    Returns:
+        The cluster id (``0 .. num_clusters - 1``) of every text.
     """
     from sklearn.cluster import KMeans
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, TfidfVectorizer
 
     if num_clusters < 1:
         raise ValueError(f"`num_clusters` must be a positive integer, got {num_clusters}.")
@@ -114,7 +143,9 @@ def cluster_labels(texts: Sequence[str], num_clusters: int, seed: int) -> list[i
         raise ValueError(
             f"Cannot form `num_clusters={num_clusters}` clusters from {len(texts)} texts; use at most {len(texts)}."
         )
-    vectors = TfidfVectorizer(max_features=_TFIDF_FEATURES, sublinear_tf=True).fit_transform(texts)
+    stop_words = sorted(ENGLISH_STOP_WORDS | INSTRUCTION_WORDS)
+    vectorizer = TfidfVectorizer(max_features=_TFIDF_FEATURES, sublinear_tf=True, stop_words=stop_words)
+    vectors = vectorizer.fit_transform(texts)
     kmeans = KMeans(n_clusters=num_clusters, n_init=_KMEANS_INITS, random_state=seed)
     return kmeans.fit_predict(vectors).tolist()
 

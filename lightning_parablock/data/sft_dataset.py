@@ -6,40 +6,18 @@ so a dataset loaded from files (the Hub, local json/parquet/csv) is tokenized on
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from lightning_parablock.data.formatting import (
-    IGNORE_INDEX,
-    chat_prompt_and_response,
-    encode_for_sft,
-    format_prompt,
-    truncate,
-)
+from lightning_parablock.data.formatting import IGNORE_INDEX, chat_prompt_and_response, encode_for_sft, truncate
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, OUTPUT
+from lightning_parablock.data.prompts import TEMPLATES, PromptFormat, resolve_prompt_format
 
-PromptFormat = Literal["alpaca", "chat", "auto"]
-PROMPT_FORMATS = ("alpaca", "chat", "auto")
 FEATURES = ("input_ids", "attention_mask", "labels")
 _NUM_TOKENS, _NUM_SUPERVISED = "num_tokens", "num_supervised"
-
-
-def resolve_prompt_format(tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat) -> str:
-    """``"auto"`` is ``"chat"`` when the tokenizer has a chat template (an instruct model), else ``"alpaca"``."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"`prompt_format` must be one of {PROMPT_FORMATS}, got {prompt_format!r}.")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if prompt_format == "chat" and not has_template:
-        raise ValueError(
-            f"`prompt_format='chat'` needs a tokenizer with a chat template; {tokenizer.name_or_path or 'this one'!r}"
-            " has none. Use `prompt_format='alpaca'` (or 'auto', which picks it here)."
-        )
-    if prompt_format == "auto":
-        return "chat" if has_template else "alpaca"
-    return prompt_format
 
 
 @dataclass
@@ -68,7 +46,7 @@ def tokenize_dataset(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
-    prompt_format: PromptFormat = "alpaca",
+    prompt_format: PromptFormat = "alpaca_lora",
     split: str = "train",
     num_proc: Optional[int] = None,
 ) -> tuple[Dataset, TokenizationReport]:
@@ -113,7 +91,8 @@ def _tokenize_example(
         prompt, response = chat_prompt_and_response(tokenizer, instruction, input, output)
         features = encode_for_sft(prompt, response, tokenizer, add_special_tokens=False)
     else:
-        features = encode_for_sft(format_prompt(instruction, input), output, tokenizer)
+        template = TEMPLATES[prompt_format]
+        features = encode_for_sft(template.prompt(instruction, input), template.response_prefix + output, tokenizer)
     num_tokens = len(features["input_ids"])
     features = truncate(features, max_length)
     num_supervised = sum(label != IGNORE_INDEX for label in features["labels"])

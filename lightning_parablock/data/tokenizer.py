@@ -13,7 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_parablock.data.formatting import (
+from lightning_parablock.data.prompts import (
     INPUT_HEADER,
     INSTRUCTION_HEADER,
     PREAMBLE_NO_INPUT,

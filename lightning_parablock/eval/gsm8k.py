@@ -1,6 +1,9 @@
-"""GSM8K-style exact-match accuracy: a metric, and a callback that measures the global model during training.
+"""GSM8K-style exact-match accuracy: a metric, and a fast callback that monitors the global model during training.
 
-Any dataset whose answers are numbers works: GSM8K's ``"... #### 72"``, a plain ``"72"``, or an int.
+Any dataset whose answers are numbers works: GSM8K's ``"... #### 72"``, a plain ``"72"``, or an int. This is this
+package's own protocol (the fine-tuning prompt format, greedy, a lenient numeric extraction); for the Open LLM
+Leaderboard's GSM8K (lm-evaluation-harness, 5-shot, strict and flexible matching) use
+:class:`~lightning_parablock.eval.LMEvalHarness`.
 """
 
 from __future__ import annotations
@@ -10,22 +13,28 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_parablock.callback import ParaBlockCallback
-from lightning_parablock.data.formatting import format_prompt
+from lightning_parablock.data.prompts import (
+    PROMPT_FORMATS,
+    PromptFormat,
+    check_prompt_format,
+    conversation_prompt,
+    resolve_prompt_format,
+    stop_strings,
+)
 from lightning_parablock.eval.answers import Number, answers_match, extract_reference_answer
 from lightning_parablock.eval.generation import generate_answers
+from lightning_parablock.eval.global_model import GlobalModelEvaluation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-PromptFormat = Union[str, Callable[[str], str]]
-"""A template with a ``{question}`` placeholder, or a function from question to prompt."""
+QuestionPrompt = Union[PromptFormat, Callable[[str], str]]
+"""A prompt format's name (see :mod:`~lightning_parablock.data.prompts`), or a function from question to prompt."""
 
 
 class GSM8KAccuracy(Metric):
@@ -81,34 +90,17 @@ class GSM8KResult:
     generations: list[str]  # this process's outputs, in the order of its questions
 
 
-def _prompt_fn(prompt_format: Optional[PromptFormat]) -> Callable[[str], str]:
-    if prompt_format is None:
-        return format_prompt
-    if callable(prompt_format):
-        return prompt_format
-    if isinstance(prompt_format, str) and "{question}" in prompt_format:
-        return lambda question: prompt_format.replace("{question}", question)
-    raise ValueError(
-        "`prompt_format` must be a function from question to prompt or a str with a '{question}' placeholder,"
-        f" got {prompt_format!r}."
-    )
+class GSM8KEvaluation(GlobalModelEvaluation):
+    """Generate answers to a fixed question set and log exact-match accuracy during and after fit.
 
-
-class GSM8KEvaluation(Callback):
-    """Generate greedy answers to a fixed question set and log exact-match accuracy during and after fit.
-
-    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` to the trainer's loggers at the Trainer's step, with the
-    round (the 0-based epoch just trained) in the ``epoch`` column, and keeps every evaluation in :attr:`results`.
-    Evaluations at round ends also reach ``trainer.callback_metrics``, so
-    ``ModelCheckpoint(monitor="eval/gsm8k_accuracy")`` works.
-
-    Order matters with ParaBlock: list this callback **after** :class:`~lightning_parablock.ParaBlockCallback`.
-    At a round's end ParaBlockCallback puts the global model back in place of the last client's view and
-    applies the round's aggregate; at train end it flushes the rounds still pending, after which the model is
-    the final global one. A callback listed before it would see a client's view, or a model missing its last
-    ``staleness`` aggregates, so :meth:`setup` refuses that order.
-
+    Logs ``eval/gsm8k_accuracy`` and ``eval/gsm8k_count`` and keeps every evaluation in :attr:`results`. List it
+    **after** :class:`~lightning_parablock.ParaBlockCallback` (see :mod:`~lightning_parablock.eval.global_model`).
     With several processes each one answers its share of the questions and the counts are summed.
+
+    By default a question is asked zero-shot in the format the model was fine-tuned with and the answer is read
+    leniently (:func:`extract_numeric_answer`). The Open LLM Leaderboard's prompt is
+    ``prompt_format="question_answer"`` with five ``fewshot`` pairs from GSM8K's train split: generation then stops
+    at ``Question:`` as lm-evaluation-harness's does (its strict/flexible scoring: :class:`LMEvalHarness`).
 
     Args:
         questions: The question texts. Without ``questions`` and ``answers`` the datamodule's
@@ -116,11 +108,15 @@ class GSM8KEvaluation(Callback):
             are used, so the callback can be set up from a YAML recipe.
         answers: One numeric reference per question (see :func:`extract_reference_answer`); all are
             checked before training starts.
-        every_n_rounds: Also evaluate after every ``n``-th round. The last round is left to ``at_end``
-            when that is set, whose model has the flushed aggregates.
+        every_n_rounds: Also evaluate after every ``n``-th round.
         at_end: Evaluate the final global model at train end.
-        prompt_format: How a question becomes a prompt: a function, or a string with a ``{question}``
-            placeholder; by default the Alpaca template this package fine-tunes with.
+        prompt_format: A prompt format (``alpaca_lora``, ``stanford_alpaca``, ``question_answer``, ``chat``,
+            ``auto``), or a function from question to prompt. By default the datamodule's ``prompt_format`` (the
+            one the model is fine-tuned with), else ``auto``.
+        fewshot: ``(question, answer)`` pairs asked and answered before each question, as earlier turns of the
+            conversation in ``prompt_format``.
+        stop: Strings that end an answer (cut before the first one); by default the format's own turn marker
+            (``### Instruction:`` for the Alpaca formats, ``Question:`` for ``question_answer``).
         tokenizer: By default the datamodule's or the module's ``tokenizer`` attribute.
         batch_size: Prompts per ``generate`` call.
         max_new_tokens: Longest answer, in tokens.
@@ -132,27 +128,36 @@ class GSM8KEvaluation(Callback):
         answers: Optional[Sequence[Union[str, Number]]] = None,
         every_n_rounds: Optional[int] = None,
         at_end: bool = True,
-        prompt_format: Optional[PromptFormat] = None,
+        prompt_format: Optional[QuestionPrompt] = None,
+        fewshot: Sequence[tuple[str, str]] = (),
+        stop: Optional[Sequence[str]] = None,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
         batch_size: int = 8,
         max_new_tokens: int = 256,
     ) -> None:
+        super().__init__(every_n_rounds, at_end, tokenizer)
         if (questions is None) != (answers is None):
             raise ValueError(
                 "Pass both `questions` and `answers`, or neither to evaluate on the datamodule's `eval_examples`."
             )
-        if every_n_rounds is not None and (isinstance(every_n_rounds, bool) or every_n_rounds < 1):
-            raise ValueError(f"`every_n_rounds` must be a positive integer or None, got {every_n_rounds!r}.")
-        if every_n_rounds is None and not at_end:
-            raise ValueError("With `every_n_rounds=None` and `at_end=False` GSM8KEvaluation would never evaluate.")
+        if isinstance(prompt_format, str):
+            check_prompt_format(prompt_format)
+        elif prompt_format is not None and not callable(prompt_format):
+            raise ValueError(
+                f"`prompt_format` must be one of {PROMPT_FORMATS} or a function from question to prompt, got"
+                f" {prompt_format!r}."
+            )
+        if callable(prompt_format) and fewshot:
+            raise ValueError("`fewshot` needs a named `prompt_format`; a prompt function writes its own examples.")
+        if any(isinstance(pair, str) or len(pair) != 2 for pair in fewshot):
+            raise ValueError(f"`fewshot` must be (question, answer) pairs, got {list(fewshot)!r}.")
         self.questions: Optional[list[str]] = None
         self.answers: Optional[list[Union[str, Number]]] = None
         if questions is not None:
             self._set_examples(questions, answers)
-        self.every_n_rounds = every_n_rounds
-        self.at_end = at_end
-        self.prompt_fn = _prompt_fn(prompt_format)
-        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.fewshot = [(str(question), str(answer)) for question, answer in fewshot]
+        self.stop = None if stop is None else list(stop)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.results: list[GSM8KResult] = []
@@ -183,15 +188,23 @@ class GSM8KEvaluation(Callback):
             raise ValueError(f"The dataset has no column {missing[0]!r}; its columns are {columns}.")
         return cls(list(dataset[question_column]), list(dataset[answer_column]), **kwargs)
 
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        callbacks = trainer.callbacks
-        position = next(index for index, callback in enumerate(callbacks) if callback is self)
-        if any(isinstance(callback, ParaBlockCallback) for callback in callbacks[position + 1 :]):
-            raise MisconfigurationException(
-                "GSM8KEvaluation is listed before ParaBlockCallback, so it would evaluate a client's view instead"
-                " of the global model. Put it after ParaBlockCallback in `Trainer(callbacks=[...])`."
-            )
+    def prompt_and_stop(
+        self, tokenizer: PreTrainedTokenizerBase, datamodule: Any = None
+    ) -> tuple[Callable[[str], str], list[str]]:
+        """How a question becomes a prompt, and where its answer ends, for this tokenizer and datamodule."""
+        prompt_format = self.prompt_format
+        if prompt_format is None:
+            prompt_format = getattr(getattr(datamodule, "hparams", None), "prompt_format", None) or "auto"
+        if callable(prompt_format):
+            return prompt_format, list(self.stop or [])
+        fmt = resolve_prompt_format(tokenizer, prompt_format)
+        shots = [question for question, _ in self.fewshot]
+        shown = [answer for _, answer in self.fewshot]
+
+        def prompt(question: str) -> str:
+            return conversation_prompt(tokenizer, [*shots, question], shown, fmt)
+
+        return prompt, list(stop_strings(tokenizer, fmt) if self.stop is None else self.stop)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -203,37 +216,25 @@ class GSM8KEvaluation(Callback):
                     " FederatedDataModule with `eval_dataset=...`); pass `questions` and `answers`."
                 )
             self._set_examples(list(examples["instruction"]), list(examples["output"]))
-        self._model(pl_module)  # fail now rather than after the first round
-        self._tokenizer(trainer, pl_module)
+        self.hf_model(pl_module)  # fail now rather than after the first round
+        self.prompt_and_stop(self.find_tokenizer(trainer, pl_module), trainer.datamodule)
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        round_index = trainer.current_epoch
-        if self.every_n_rounds is None or (round_index + 1) % self.every_n_rounds:
-            return
-        if self.at_end and round_index + 1 == trainer.max_epochs:
-            return
-        result = self.evaluate(trainer, pl_module, round_index, final=False)
-        metrics = {"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": float(result.count)}
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False)
-
-    @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.at_end:
-            self.evaluate(trainer, pl_module, max(trainer.current_epoch - 1, 0), final=True)
-
     def evaluate(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", round_index: int, final: bool
-    ) -> GSM8KResult:
-        """Answer this process's share of the questions, sum the counts over processes, log and keep the result."""
+    ) -> dict[str, float]:
+        """Answer this process's share of the questions, sum the counts over processes and keep the result."""
+        tokenizer = self.find_tokenizer(trainer, pl_module)
+        prompt_fn, stop = self.prompt_and_stop(tokenizer, trainer.datamodule)
         shard = range(trainer.global_rank, len(self.questions), trainer.world_size)
         generations = generate_answers(
-            self._model(pl_module),
-            self._tokenizer(trainer, pl_module),
+            self.hf_model(pl_module),
+            tokenizer,
             [self.questions[index] for index in shard],
-            self.prompt_fn,
+            prompt_fn,
             self.batch_size,
             self.max_new_tokens,
+            stop,
         )
         metric = GSM8KAccuracy().to(pl_module.device)
         metric.update(generations, [self.answers[index] for index in shard])
@@ -241,29 +242,4 @@ class GSM8KEvaluation(Callback):
             correct, count = int(metric.correct), metric.count
         result = GSM8KResult(round_index, correct / count, correct, count, final, generations)
         self.results.append(result)
-        metrics = {"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": count, "epoch": round_index}
-        for logger in trainer.loggers:  # the Trainer's own step, so loggers never see it go backwards
-            logger.log_metrics(metrics, step=trainer.global_step)
-        return result
-
-    def _model(self, pl_module: "pl.LightningModule") -> PreTrainedModel:
-        model = getattr(pl_module, "hf_model", None)
-        if model is None:
-            model = getattr(pl_module, "model", None)
-        if not callable(getattr(model, "generate", None)):
-            raise MisconfigurationException(
-                f"GSM8KEvaluation needs a Hugging Face model with `generate` at `{type(pl_module).__name__}.hf_model`"
-                f" or `.model`, got {type(model).__name__}."
-            )
-        return model
-
-    def _tokenizer(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> PreTrainedTokenizerBase:
-        for owner in (self, trainer.datamodule, pl_module):
-            tokenizer = getattr(owner, "tokenizer", None)
-            if tokenizer is not None:
-                return tokenizer
-        raise MisconfigurationException(
-            "GSM8KEvaluation found no tokenizer: pass `GSM8KEvaluation(tokenizer=...)` or give the datamodule or"
-            f" the module a `tokenizer` attribute (datamodule: {type(trainer.datamodule).__name__},"
-            f" module: {type(pl_module).__name__})."
-        )
+        return {"eval/gsm8k_accuracy": result.accuracy, "eval/gsm8k_count": float(count)}

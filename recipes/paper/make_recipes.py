@@ -87,7 +87,7 @@ def recipe(
         **dataset["data"],
         "tokenizer": spec["checkpoint"],
         "val_fraction": VAL_FRACTION,
-        "prompt_format": "alpaca",
+        "prompt_format": "alpaca_lora",
         "max_length": MAX_LENGTH,
         "batch_size": batch_size,
         "seed": 0,
