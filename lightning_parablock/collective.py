@@ -97,6 +97,8 @@ class CollectiveTransport:
         stop: threading.Event,
     ) -> RoundExchange:
         start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread: NCCL needs this rank's GPU
         layout = self.layout(block)
         with torch.no_grad():
             mine = {client: _flatten(deltas[client], layout, self.device) for client in sorted(deltas)}
