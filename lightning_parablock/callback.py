@@ -221,7 +221,7 @@ class ParaBlockCallback(Callback):
         """Per-round summaries through the Trainer's loggers (their ``epoch`` column is the round)."""
         metrics = {
             "parablock/block": float(record.block),
-            "parablock/compute_s": sum(record.compute_seconds.values()),
+            "parablock/compute_s": record.process_compute_seconds,
             "parablock/exposed_wait_s": record.exposed_wait_seconds,
             "parablock/link_s": record.link_seconds,
             "parablock/bytes_moved": float(record.bytes_moved),

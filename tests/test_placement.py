@@ -59,6 +59,8 @@ def test_merged_record_has_every_ranks_clients_and_the_slowest_ranks_time():
     assert merged.client_rank == {0: 0, 2: 0, 1: 1}
     assert merged.wall_seconds == 2.1 and merged.exposed_wait_seconds == 0.3
     assert merged.ranks[1]["compute_seconds"] == 2.0
+    assert merged.process_compute_seconds == 2.0  # the slowest rank's, not the sum over ranks
+    assert rank0.process_compute_seconds == 1.5
     roundtrip = record_from_json(json.loads(json.dumps(asdict(merged))))
     assert roundtrip == merged
 
