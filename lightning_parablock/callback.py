@@ -82,6 +82,12 @@ class ParaBlockCallback(Callback):
         if stage != "fit":
             return
         self._strategy(trainer)
+        if trainer.fast_dev_run:
+            raise MisconfigurationException(
+                f"`fast_dev_run={trainer.fast_dev_run}` runs {int(trainer.fast_dev_run)} batch(es) and one epoch, less"
+                " than a federated round and its exchange. For a quick check run a few small rounds instead, e.g."
+                f" `max_epochs={self.staleness + 1}` with `num_clients=2` and `local_steps=1` on the strategy."
+            )
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs > 0 and self.staleness >= max_epochs:
             raise MisconfigurationException(

@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
@@ -238,6 +239,14 @@ class FederatedBlockStrategy(DDPStrategy):
         else:
             self.set_world_ranks()
         self.placement = place_clients(self.num_clients, self.world_size, self.seed)
+
+    @override
+    def connect(self, model: "pl.LightningModule") -> None:
+        super().connect(model)
+        if self.client_optimizer is not None and not is_overridden("configure_optimizers", model):
+            # Clients build their optimizers with `client_optimizer`; Lightning's own check still asks the
+            # module for `configure_optimizers`, so a module without one gets one that builds nothing.
+            model.configure_optimizers = _no_module_optimizer
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -747,6 +756,10 @@ class FederatedBlockStrategy(DDPStrategy):
 
 
 FederatedBlockStrategy.register_strategies(StrategyRegistry)
+
+
+def _no_module_optimizer() -> None:
+    """``configure_optimizers`` of a module whose clients take ``client_optimizer``."""
 
 
 def _is_whole_epoch(value: Union[int, float]) -> bool:

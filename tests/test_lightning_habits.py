@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
@@ -131,3 +133,27 @@ def test_a_stuck_exchange_ends_the_process_within_the_timeout(tmp_path):
     assert "did not finish within comm_timeout=1.5s" in result.stderr, result.stderr[-2000:]
     # Import and start-up take most of it; the process does not wait for the stuck thread at exit.
     assert time.monotonic() - started < 200
+
+
+class NoOptimizerModule(ToyModule):
+    configure_optimizers = LightningModule.configure_optimizers  # the user's module never defined one
+
+
+def test_client_optimizer_serves_a_module_without_configure_optimizers():
+    module = NoOptimizerModule()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=2, local_steps=2, client_optimizer=lambda p: torch.optim.SGD(p, lr=0.1)),
+        callbacks=[ParaBlockCallback(staleness=1)],
+        max_epochs=2,
+    )
+    trainer.fit(module, toy_loader(toy_dataset()))
+    assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
+
+
+def test_fast_dev_run_is_refused_with_a_message_about_fast_dev_run():
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), callbacks=[ParaBlockCallback()], fast_dev_run=True
+    )
+    with pytest.raises(MisconfigurationException, match=r"`fast_dev_run=True` runs 1 batch.*max_epochs=2"):
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()))
