@@ -18,12 +18,11 @@ def _describe(value: Any) -> str:
 
 
 def _bound_text(minimum: Optional[float], maximum: Optional[float], min_open: bool, max_open: bool) -> str:
-    parts = []
+    if minimum is not None and maximum is not None:
+        return f"in {'(' if min_open else '['}{minimum:g}, {maximum:g}{')' if max_open else ']'}"
     if minimum is not None:
-        parts.append(f"{'>' if min_open else '>='} {minimum:g}")
-    if maximum is not None:
-        parts.append(f"{'<' if max_open else '<='} {maximum:g}")
-    return " and ".join(parts)
+        return f"{'>' if min_open else '>='} {minimum:g}"
+    return f"{'<' if max_open else '<='} {maximum:g}"
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
@@ -35,7 +34,10 @@ def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Opt
             raise ValueError(f"`{name}` must be an integer, got {_describe(value)}.")
     count = int(value)
     if (minimum is not None and count < minimum) or (maximum is not None and count > maximum):
-        raise ValueError(f"`{name}` must be an integer {_bound_text(minimum, maximum, False, False)}, got {value!r}.")
+        accepted = "a positive integer" if (minimum, maximum) == (1, None) else (
+            f"an integer {_bound_text(minimum, maximum, False, False)}"
+        )
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
     return count
 
 
