@@ -24,8 +24,6 @@ from lightning_parablock import preflight, report
 from lightning_parablock.callback import ParaBlockCallback
 from lightning_parablock.output import OutputPlan, check_output_dir, save_model
 
-LOSS_KEYS = ("val/loss", "val_loss", "val/loss_epoch", "val_loss_epoch")
-"""Names the summary looks for, in order, among what the module logs in validation."""
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 """Bad input found before training: printed as one line, exit status 2, no traceback."""
 EXIT_USAGE = 2
@@ -188,7 +186,7 @@ class ParaBlockCLI(LightningCLI):
         if not _overrides(self.model, "validation_step", LightningModule):
             return None
         results: list[dict[str, Any]] = self.trainer.validate(self.model, datamodule=datamodule, verbose=False)
-        found = next((key for key in LOSS_KEYS if results and key in results[0]), None)
+        found = next((key for key in report.LOSS_KEYS if results and key in results[0]), None)
         return float(results[0][found]) if found else None
 
 
