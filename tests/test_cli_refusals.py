@@ -199,3 +199,23 @@ def test_a_previous_output_of_parablock_is_recognised_by_its_marker(tmp_path, ca
     # accepted up to training: the refusal below comes from later in the checks, not from the output folder
     err = refused(capsys, tiny_args(tmp_path, "--trainer.accumulate_grad_batches", "0"))
     assert "accumulate_grad_batches" in err
+
+
+def held_out(out: str) -> tuple[float, float]:
+    before, after = re.search(r"held-out loss: ([0-9.]+) before -> ([0-9.]+) after", out).groups()
+    return float(before), float(after)
+
+
+@SLOW
+def test_on_resume_the_summary_reports_the_resumed_models_loss_as_before(tmp_path, capsys):
+    short = ["--trainer.check_val_every_n_epoch", "1", "--trainer.strategy.init_args.local_steps", "1",
+             "--trainer.strategy.init_args.num_clients", "2", "--output_dir", "null"]  # fmt: skip
+    checkpoint = ["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"), "--trainer.callbacks.every_n_epochs", "1",
+                  "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0"]  # fmt: skip
+    main(tiny_args(tmp_path, *short, "--trainer.max_epochs", "3", *checkpoint))
+    fresh, trained = held_out(capsys.readouterr().out)
+    main(tiny_args(tmp_path, *short, "--trainer.max_epochs", "4", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")))
+    resumed_before, _ = held_out(capsys.readouterr().out)
+    assert resumed_before < fresh - 0.1  # the checkpoint's model, not a fresh initialization
+    assert resumed_before == pytest.approx(trained, abs=0.05)
