@@ -1,9 +1,11 @@
-"""The ``parablock`` command: LightningCLI with a run summary and the final global model saved.
+"""The ``parablock`` command: LightningCLI that checks before training, reports the run and saves the model.
 
-``parablock fit --config recipes/tiny.yaml`` trains; afterwards it prints rounds, held-out
-loss before and after, bytes moved, measured time and the exposed communication wait, and
-writes the global model with ``save_pretrained`` to ``--output_dir``. ``parablock report
-RUN_DIR`` prints the run's table and draws its figures (see :mod:`lightning_parablock.report`).
+``parablock fit --config recipes/tiny.yaml`` first checks what it can (arguments, data, tokenizer,
+output folder, a checkpoint to resume; see :mod:`lightning_parablock.preflight`) and refuses bad input
+in one line with exit status 2. After training it prints rounds, held-out loss before and after, bytes
+moved, measured time and the exposed communication wait, and writes the global model to
+``--output_dir`` (see :mod:`lightning_parablock.output`). ``parablock report RUN_DIR`` prints the run's
+table and draws its figures (see :mod:`lightning_parablock.report`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from lightning_parablock import CausalLMModule
 from lightning_parablock.cli import ParaBlockCLI, concise_parse_error, main
 from lightning_parablock.data import build_char_tokenizer
 from lightning_parablock.output import MARKER
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -219,3 +220,36 @@ def test_on_resume_the_summary_reports_the_resumed_models_loss_as_before(tmp_pat
     resumed_before, _ = held_out(capsys.readouterr().out)
     assert resumed_before < fresh - 0.1  # the checkpoint's model, not a fresh initialization
     assert resumed_before == pytest.approx(trained, abs=0.05)
+
+
+class ToyWithValLoss(ToyModule):
+    """A user's module: no `save_pretrained`, validation loss logged as `val_loss`."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", toy_loss(self, batch))
+
+
+class ToyData(LightningDataModule):
+    def train_dataloader(self):
+        return toy_loader(toy_dataset())
+
+    def val_dataloader(self):
+        return toy_loader(toy_dataset(n=16, seed=2))
+
+
+def test_a_users_own_module_gets_its_state_dict_saved_and_its_val_loss_reported(tmp_path, capsys):
+    main([
+        "fit",
+        "--model", f"{__name__}.ToyWithValLoss", "--data", f"{__name__}.ToyData",
+        "--trainer.strategy", "lightning_parablock.FederatedBlockStrategy",
+        "--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "1",
+        "--trainer.callbacks", "lightning_parablock.ParaBlockCallback",
+        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "model"),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"held-out loss: [0-9.]+ before -> [0-9.]+ after", out)  # found under `val_loss`
+    assert "state dict of ToyWithValLoss" in out
+    state = torch.load(tmp_path / "model" / "model_state_dict.pt", weights_only=True)
+    assert "net.head.weight" in state
