@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,11 +138,23 @@ class ParaBlockCLI(LightningCLI):
             raise
 
     def before_fit(self) -> None:
+        self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
         try:
             self._output_plan = self._preflight()
         except USAGE_ERRORS as error:
             refuse(error)
         self._loss_before = self._held_out_loss()
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
+        folders this run created are removed, so a refused run leaves nothing behind."""
+        try:
+            self.trainer.fit(**kwargs)
+        except USAGE_ERRORS as error:
+            if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
+                raise  # training had begun: the traceback is the user's to read
+            _remove_new_folders(self._new_folders, self.trainer)
+            refuse(error)
 
     def _preflight(self) -> Optional[OutputPlan]:
         """Checks before anything trains or is written (see :mod:`lightning_parablock.preflight`)."""
@@ -198,7 +211,19 @@ def _run_dirs(trainer: Trainer) -> list[str]:
     for logger in trainer.loggers:
         folders += [folder for folder in (logger.save_dir, getattr(logger, "log_dir", None)) if folder]
     folders += [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    folders += [logger.root_dir for logger in trainer.loggers if getattr(logger, "root_dir", None)]
     return folders
+
+
+def _remove_new_folders(folders: list[Path], trainer: Trainer) -> None:
+    """Remove the run folders created since :meth:`ParaBlockCLI.before_fit`: a logger's own version folder with
+    what it wrote there; any other folder only when left empty (another run may share it)."""
+    own = {Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)}
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if folder in own:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _run_name(trainer: Trainer) -> str:

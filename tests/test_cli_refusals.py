@@ -253,3 +253,10 @@ def test_a_users_own_module_gets_its_state_dict_saved_and_its_val_loss_reported(
     assert "state dict of ToyWithValLoss" in out
     state = torch.load(tmp_path / "model" / "model_state_dict.pt", weights_only=True)
     assert "net.head.weight" in state
+
+
+def test_a_setup_error_inside_fit_is_one_line_and_the_half_made_run_folder_is_removed(tmp_path, capsys):
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--trainer.callbacks.init_args.staleness", "5"))
+    assert "`staleness=5` is not below the number of rounds (max_epochs=2)" in err.splitlines()[0]
+    assert_nothing_created(tmp_path, before)  # logs/version_0 with config.yaml and metrics.csv removed again
