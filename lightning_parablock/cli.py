@@ -239,9 +239,11 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
-DESCRIPTION = """ParaBlock for Lightning. Commands:
-  fit, validate, test, predict   LightningCLI's, e.g. `parablock fit --config recipes/tiny.yaml`
-  report                         `parablock report RUN_DIR`: the run's table and figures (see `parablock report --help`)"""
+DESCRIPTION = (
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's (e.g. `parablock fit --config"
+    " recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table and draws its figures"
+    " (`parablock report --help`)."
+)
 
 
 
