@@ -167,13 +167,26 @@ class ParaBlockCLI(LightningCLI):
             plan = check_output_dir(config["output_dir"], _run_dirs(trainer), self.model, config.get("overwrite_output"))
         preflight.prepare_data(self.datamodule)
         preflight.check_vocabulary(self.model, getattr(self.datamodule, "tokenizer", None))
-        ckpt_path = config.get("ckpt_path")
+        checkpoint = self._checked_checkpoint()
+        if checkpoint is not None:  # "before" is the model being resumed; fit restores the same weights again
+            self.model.load_state_dict(checkpoint["state_dict"])
+        return plan
+
+    def _checked_checkpoint(self) -> Optional[dict[str, Any]]:
+        """The ``--ckpt_path`` checkpoint, refused when it holds another model than the config builds."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
         checkpoint = preflight.load_resume_checkpoint(ckpt_path)
         if checkpoint is not None:
             preflight.check_checkpoint_matches(checkpoint, ckpt_path, self.model)
-            # "before" is the model being resumed; fit restores the same weights again
-            self.model.load_state_dict(checkpoint["state_dict"])
-        return plan
+        return checkpoint
+
+    def before_validate(self) -> None:
+        try:
+            self._checked_checkpoint()
+        except USAGE_ERRORS as error:
+            refuse(error)
+
+    before_test = before_validate
 
     def after_fit(self) -> None:
         loss_after = self._held_out_loss()

@@ -104,7 +104,7 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module:
     changed = _changed_hparams(hparams, dict(module.hparams))
     if changed:
         lines.append("  hyperparameters, checkpoint vs config: " + "; ".join(changed[:5]))
-    lines.append("Resume with the config the checkpoint was trained with, or start a new run without --ckpt_path.")
+    lines.append("Use the config the checkpoint was trained with, or leave out --ckpt_path.")
     raise PreflightError("\n".join(lines))
 
 
