@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from lightning_parablock.data.file_checks import DataFiles, check_data_files, listed_files
 from lightning_parablock.validation import check_optional_int
@@ -88,7 +89,7 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
         check_data_files(source.data_files)
     try:
         dataset = load_dataset(builder, name, split=source.split, data_files=source.data_files, cache_dir=cache_dir)
-    except ValueError as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
+    except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
         raise ValueError(f"Could not load the data source {source.describe()}: {error}") from error
     columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     dataset = to_instruction_schema(dataset, columns, source.describe())
