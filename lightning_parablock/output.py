@@ -165,10 +165,11 @@ def save_model(
     try:
         contents = write_model(module, tokenizer, staging, run_id)
         return _move_in_place(staging, plan, contents, run_id)
-    except OSError as error:
+    except Exception as error:  # the trained model must outlive any failure to write it where asked
         shutil.rmtree(staging, ignore_errors=True)
-        kept = _fallback(module, tokenizer, run_id, fallback_root)
-        return SavedModel(kept, describe_contents(module), f"could not write {str(target)!r} ({error}); kept the model in {str(kept)!r}")
+        kept, contents = _fallback(module, tokenizer, run_id, fallback_root)
+        reason = f"{type(error).__name__}: {error}"
+        return SavedModel(kept, contents, f"could not write {str(target)!r} ({reason}); kept the model in {str(kept)!r}")
 
 
 def _move_in_place(staging: Path, plan: OutputPlan, contents: str, run_id: str) -> SavedModel:
@@ -194,12 +195,18 @@ def _move_in_place(staging: Path, plan: OutputPlan, contents: str, run_id: str) 
     return SavedModel(target, contents, f"replaced {previous}")
 
 
-def _fallback(module: nn.Module, tokenizer: Any, run_id: str, root: Optional[Path]) -> Path:
+def _fallback(module: nn.Module, tokenizer: Any, run_id: str, root: Optional[Path]) -> tuple[Path, str]:
+    """Write the model under ``root``, else the temporary folder; as a plain state dict if the usual way fails."""
     for parent in ([root] if root is not None else []) + [Path(tempfile.gettempdir())]:
         folder = parent / f"parablock_final_model-{run_id}"
         try:
-            write_model(module, tokenizer, folder, run_id)
-            return folder
+            return folder, write_model(module, tokenizer, folder, run_id)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True)
+            torch.save(module.state_dict(), folder / STATE_DICT_FILENAME)
+            return folder, f"the state dict of {type(module).__name__} ({STATE_DICT_FILENAME})"
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
     raise OSError("Could not write the final model anywhere (the output folder, the run folder, the temp folder).")

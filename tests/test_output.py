@@ -109,3 +109,16 @@ def test_overwrite_replaces_a_users_folder_only_when_asked(tmp_path):
     plan = check_output_dir(tmp_path / "user", [], PlainModule(), overwrite=True)
     saved = save_model(PlainModule(), None, plan, "r1")
     assert not (saved.path / "old.bin").exists() and json.loads((saved.path / MARKER).read_text())["run"] == "r1"
+
+
+class FailsToSave(PlainModule):
+    def save_pretrained(self, path):
+        raise RuntimeError("shared tensors cannot be saved")
+
+
+def test_a_module_whose_save_pretrained_fails_is_kept_as_a_state_dict(tmp_path):
+    module = FailsToSave()
+    saved = save_model(module, None, check_output_dir(tmp_path / "out", [], module), "r1", fallback_root=tmp_path / "run")
+    assert "RuntimeError: shared tensors" in saved.note and str(saved.path) in saved.note
+    assert torch.equal(torch.load(saved.path / STATE_DICT_FILENAME, weights_only=True)["net.bias"], module.net.bias)
+    assert not (tmp_path / "out").exists()
