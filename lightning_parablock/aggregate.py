@@ -15,6 +15,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from lightning_parablock.validation import check_choice, check_float, check_positive
+
 Deltas = Mapping[int, Mapping[str, Tensor]]
 AggregationMethod = Literal["mean", "median", "trimmed_mean"]
 NonFinitePolicy = Literal["raise", "skip"]
@@ -132,18 +134,10 @@ class Aggregator:
         trim_fraction: float = 0.1,
         nonfinite: NonFinitePolicy = "raise",
     ) -> None:
-        if method not in ("mean", "median", "trimmed_mean"):
-            raise ValueError(f"`method` must be 'mean', 'median' or 'trimmed_mean', got {method!r}.")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"`clip_norm` must be positive or None, got {clip_norm}.")
-        if not 0.0 <= trim_fraction < 0.5:
-            raise ValueError(f"`trim_fraction` must be in [0, 0.5), got {trim_fraction}.")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"`nonfinite` must be 'raise' or 'skip', got {nonfinite!r}.")
-        self.method = method
-        self.clip_norm = clip_norm
-        self.trim_fraction = trim_fraction
-        self.nonfinite = nonfinite
+        self.method = check_choice("method", method, ("mean", "median", "trimmed_mean"))
+        self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm)
+        self.trim_fraction = check_float("trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, max_open=True)
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("raise", "skip"))
 
     def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
         names = check_deltas(deltas)

@@ -23,8 +23,9 @@ from typing_extensions import override
 
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.comm import CommWorker, RoundExchange, SimulatedLink, parse_duration
+from lightning_parablock.round_log import print_round_line
 from lightning_parablock.strategy import FederatedBlockStrategy
-from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, save_timeline
+from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, run_folder, save_timeline
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -169,6 +170,7 @@ class ParaBlockCallback(Callback):
         record = strategy.merge_round_record(record)
         self.records.append(record)
         self._log(pl_module, record)
+        print_round_line(trainer, record)
         self._save_timeline(trainer)
 
     @override
@@ -242,8 +244,8 @@ class ParaBlockCallback(Callback):
         return RunSummary.of(self.records)
 
     def timeline_path(self, trainer: "pl.Trainer") -> Path:
-        """``parablock_timeline.json`` beside the run's logs (or in ``default_root_dir`` without a logger)."""
-        return Path(trainer.log_dir or trainer.default_root_dir) / TIMELINE_FILENAME
+        """``parablock_timeline.json`` beside the run's logs, or in a run folder of its own without a logger."""
+        return run_folder(trainer) / TIMELINE_FILENAME
 
     def _save_timeline(self, trainer: "pl.Trainer") -> None:
         if not trainer.is_global_zero or self._timeline_path is None:

@@ -1,42 +1,192 @@
-"""The ``parablock`` command: LightningCLI with a run summary and the final global model saved.
+"""The ``parablock`` command: LightningCLI that checks before training, reports the run and saves the model.
 
-``parablock fit --config recipes/tiny.yaml`` trains; afterwards it prints rounds, held-out
-loss before and after, bytes moved, measured time and the exposed communication wait, and
-writes the global model with ``save_pretrained`` to ``--output_dir``. ``parablock report
-RUN_DIR`` prints the run's table and draws its figures (see :mod:`lightning_parablock.report`).
+``parablock fit --config recipes/tiny.yaml`` first checks what it can (arguments, data, tokenizer,
+output folder, a checkpoint to resume; see :mod:`lightning_parablock.preflight`) and refuses bad input
+in one line with exit status 2. After training it prints rounds, held-out loss before and after, bytes
+moved, measured time and the exposed communication wait, and writes the global model to
+``--output_dir`` (see :mod:`lightning_parablock.output`). ``parablock report RUN_DIR`` prints the run's
+table and draws its figures (see :mod:`lightning_parablock.report`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
-import uuid
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
-from lightning import LightningDataModule, LightningModule
+from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import _InstantiatorFn  # to keep LightningCLI's own model/data instantiation
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_parablock import report
+from lightning_parablock import preflight, report
 from lightning_parablock.callback import ParaBlockCallback
+from lightning_parablock.output import OutputPlan, check_output_dir, save_model
 
-_LOSS_KEY = "val/loss"
+USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+"""Bad input found before training: printed as one line, exit status 2, no traceback."""
+EXIT_USAGE = 2
+
+
+def refuse(error: BaseException | str) -> NoReturn:
+    """Print the library's own sentence as the first (and only) thing the user reads, and exit with status 2."""
+    message = error if isinstance(error, str) else str(error)
+    print(f"parablock: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
+_UNION_NOISE = re.compile(
+    r"^(Does not validate|Subtypes:|Errors:|Given value|Expected a <class '(str|NoneType)'>|Problem with given class_path)"
+)
+
+
+def concise_parse_error(message: str) -> str:
+    """The option and the complaint of a jsonargparse error without the other Union subtypes' complaints, e.g.
+    ``data.init_args.num_examples: Expected a <class 'int'>. Got value: 2.5``; other messages unchanged."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    keys = [found.group(1) for line in lines if (found := _PARSER_KEY.fullmatch(line))]
+    details = [line for line in lines if line and not _PARSER_KEY.fullmatch(line) and not _UNION_NOISE.match(line)]
+    if not keys or not details:
+        return message
+    return f"`{'.init_args.'.join(keys)}`: {details[0]}"
+
+
+class ConciseArgumentParser(LightningArgumentParser):
+    """Parse errors as one line naming the option, instead of every Union subtype's complaint and the usage."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        refuse(f"{concise_parse_error(message)}\n(`{prog} --help` lists the options and their types.)")
+
+
+class _ConstructionErrors:
+    """An instantiator that remembers the last error a class raised while jsonargparse built it.
+
+    jsonargparse reports a constructor's error inside "does not validate against any of the Union subtypes",
+    after the errors of every other subtype; this keeps the error itself to show first.
+    """
+
+    def __init__(self, cli: LightningCLI) -> None:
+        self.model = _InstantiatorFn(cli=cli, key="model")
+        self.data = _InstantiatorFn(cli=cli, key="data")
+        self.last: Optional[tuple[type, Exception]] = None
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        try:
+            if issubclass(class_type, LightningModule):
+                built = self.model(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+            elif issubclass(class_type, LightningDataModule):
+                built = self.data(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+            else:
+                built = class_type(*args, **kwargs)
+        except Exception as error:
+            self.last = (class_type, error)
+            raise
+        self.last = None  # a Union's other subtype built fine: that earlier error was not the failure
+        return built
 
 
 class ParaBlockCLI(LightningCLI):
-    """LightningCLI whose ``fit`` reports what the federation did and saves the global model."""
+    """LightningCLI whose ``fit`` checks everything it can first, reports what the federation did and saves
+    the global model."""
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = ConciseArgumentParser, **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--output_dir",
             type=Optional[str],
             default=None,
-            help="Where `fit` writes the final global model (and tokenizer) with save_pretrained.",
+            help="Where `fit` writes the final global model (and tokenizer); checked before training. A module"
+            " without `save_pretrained` gets the Hugging Face model inside it saved, else its state dict.",
+        )
+        parser.add_argument(
+            "--overwrite_output",
+            type=bool,
+            default=False,
+            help="Replace a non-empty --output_dir that parablock did not write (its own outputs are replaced anyway).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """The config stands: a checkpoint of another model is refused in :meth:`before_fit`, naming both shapes.
+
+        (LightningCLI would silently replace the config's model arguments with the checkpoint's.)
+        """
+
+    def before_instantiate_classes(self) -> None:
+        self._construction_errors = _ConstructionErrors(self)
+        self.parser.add_instantiator(self._construction_errors, object, subclasses=True, prepend=True)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            last = self._construction_errors.last
+            if last is not None:
+                class_type, cause = last
+                refuse(f"{class_type.__name__}: {cause}")
+            if isinstance(error, USAGE_ERRORS):
+                refuse(error)
+            raise
+
     def before_fit(self) -> None:
+        self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
+        try:
+            self._output_plan = self._preflight()
+        except USAGE_ERRORS as error:
+            refuse(error)
         self._loss_before = self._held_out_loss()
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
+        folders this run created are removed, so a refused run leaves nothing behind."""
+        try:
+            self.trainer.fit(**kwargs)
+        except USAGE_ERRORS as error:
+            if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
+                raise  # training had begun: the traceback is the user's to read
+            _remove_new_folders(self._new_folders, self.trainer)
+            refuse(error)
+
+    def _preflight(self) -> Optional[OutputPlan]:
+        """Checks before anything trains or is written (see :mod:`lightning_parablock.preflight`)."""
+        config = self.config[self.subcommand]
+        trainer = self.trainer
+        preflight.refuse_fast_dev_run(trainer)
+        preflight.refuse_training_nothing(trainer)
+        plan = None
+        if config.get("output_dir"):
+            plan = check_output_dir(config["output_dir"], _run_dirs(trainer), self.model, config.get("overwrite_output"))
+        preflight.prepare_data(self.datamodule)
+        preflight.check_vocabulary(self.model, getattr(self.datamodule, "tokenizer", None))
+        checkpoint = self._checked_checkpoint()
+        if checkpoint is not None:  # "before" is the model being resumed; fit restores the same weights again
+            self.model.load_state_dict(checkpoint["state_dict"])
+        return plan
+
+    def _checked_checkpoint(self) -> Optional[dict[str, Any]]:
+        """The ``--ckpt_path`` checkpoint, refused when it holds another model than the config builds."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        checkpoint = preflight.load_resume_checkpoint(ckpt_path)
+        if checkpoint is not None:
+            preflight.check_checkpoint_matches(checkpoint, ckpt_path, self.model)
+        return checkpoint
+
+    def before_validate(self) -> None:
+        try:
+            self._checked_checkpoint()
+        except USAGE_ERRORS as error:
+            refuse(error)
+
+    before_test = before_validate
 
     def after_fit(self) -> None:
         loss_after = self._held_out_loss()
@@ -46,10 +196,13 @@ class ParaBlockCLI(LightningCLI):
             lines.append("  " + callback.summary().format())
         if self._loss_before is not None and loss_after is not None:
             lines.append(f"  held-out loss: {self._loss_before:.4f} before -> {loss_after:.4f} after")
-        output_dir = self.config[self.subcommand].get("output_dir")
-        if output_dir and self.trainer.is_global_zero:
-            self._save(Path(output_dir))
-            lines.append(f"  global model written to {output_dir}")
+        if self._output_plan is not None and self.trainer.is_global_zero:
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_run_name(self.trainer)}"
+            tokenizer = getattr(self.datamodule, "tokenizer", None)
+            saved = save_model(self.model, tokenizer, self._output_plan, run_id, Path(self.trainer.default_root_dir))
+            lines.append(f"  global model written to {saved.path} ({saved.contents})")
+            if saved.note:
+                lines.append(f"  note: {saved.note}")
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
 
@@ -61,28 +214,50 @@ class ParaBlockCLI(LightningCLI):
         if not _overrides(self.model, "validation_step", LightningModule):
             return None
         results: list[dict[str, Any]] = self.trainer.validate(self.model, datamodule=datamodule, verbose=False)
-        return float(results[0][_LOSS_KEY]) if results and _LOSS_KEY in results[0] else None
+        found = next((key for key in report.LOSS_KEYS if results and key in results[0]), None)
+        return float(results[0][found]) if found else None
 
-    def _save(self, output_dir: Path) -> None:
-        if not hasattr(self.model, "save_pretrained"):
-            raise TypeError(
-                f"--output_dir needs a module with `save_pretrained` (such as CausalLMModule), got"
-                f" {type(self.model).__name__}."
-            )
-        tokenizer = getattr(self.datamodule, "tokenizer", None)
-        # Written beside the target and moved in place, so a crash never leaves half a model there.
-        staging = output_dir.with_name(f".{output_dir.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            self.model.save_pretrained(staging, tokenizer=tokenizer)
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            os.replace(staging, output_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+def _run_dirs(trainer: Trainer) -> list[str]:
+    """The run's own folders, which the final model must never replace."""
+    folders = [trainer.default_root_dir]
+    for logger in trainer.loggers:
+        folders += [folder for folder in (logger.save_dir, getattr(logger, "log_dir", None)) if folder]
+    folders += [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    folders += [logger.root_dir for logger in trainer.loggers if getattr(logger, "root_dir", None)]
+    return folders
+
+
+def _remove_new_folders(folders: list[Path], trainer: Trainer) -> None:
+    """Remove the run folders created since :meth:`ParaBlockCLI.before_fit`: a logger's own version folder with
+    what it wrote there; any other folder only when left empty (another run may share it)."""
+    own = {Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)}
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if folder in own:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _run_name(trainer: Trainer) -> str:
+    """The logger's version when there is one (``version_3``), else this process's id."""
+    version = trainer.logger.version if trainer.logger is not None else None
+    if version is None:
+        return f"pid{os.getpid()}"
+    return f"version_{version}" if isinstance(version, int) else str(version)
 
 
 def _overrides(obj: object, method: str, base: type) -> bool:
     return getattr(type(obj), method, None) is not getattr(base, method, None)
+
+
+_OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
+DESCRIPTION = (
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's (e.g. `parablock fit --config"
+    " recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table and draws its figures"
+    " (`parablock report --help`)."
+)
+
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -91,6 +266,15 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv[:1] == ["report"]:
         report.main(argv[1:])
         return
+    flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
+    if flag is not None:
+        refuse(
+            f"`{flag}` is not an option of parablock: one optimizer object would be shared by every client. Give"
+            " the clients' optimizer with `--trainer.strategy.init_args.client_optimizer` (e.g."
+            " `--trainer.strategy.init_args.client_optimizer torch.optim.AdamW"
+            " --trainer.strategy.init_args.client_optimizer.lr 1e-4`), or let the module's configure_optimizers"
+            " build one per client."
+        )
     ParaBlockCLI(
         LightningModule,
         LightningDataModule,
@@ -100,9 +284,10 @@ def main(args: Optional[list[str]] = None) -> None:
         # one optimizer object for all clients is what --optimizer would build; clients take
         # `--trainer.strategy.init_args.client_optimizer` or the module's configure_optimizers instead
         auto_configure_optimizers=False,
-        parser_kwargs={"description": "ParaBlock for Lightning. Also: `parablock report RUN_DIR` draws a finished run."},
+        parser_kwargs={"prog": "parablock", "description": DESCRIPTION},
         args=None if args is None else argv,
     )
+
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.validation import check_float, check_positive
 
 _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -79,11 +80,12 @@ class SimulatedLink:
         latency: one-way latency added to every transfer, e.g. ``"20ms"``.
     """
 
-    def __init__(self, bandwidth: Optional[Union[str, float]] = None, latency: Union[str, float] = 0.0) -> None:
+    def __init__(self, bandwidth: Optional[Union[float, str]] = None, latency: Union[float, str] = 0.0) -> None:
+        # float before str: a number on the command line ("--...bandwidth 1e8") parses as bytes per second
         self.bandwidth = bandwidth
         self.latency = latency
-        self.bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
-        self.latency_s = parse_duration(latency)
+        self.bytes_per_second = None if bandwidth is None else check_positive("bandwidth", parse_bandwidth(bandwidth))
+        self.latency_s = check_float("latency", parse_duration(latency), minimum=0.0)
 
     def transfer_seconds(self, nbytes: int) -> float:
         """Modelled time to move ``nbytes`` one way."""

@@ -10,6 +10,7 @@ clients in parallel, at any link, without re-running training (DESIGN §3, paper
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,6 +140,24 @@ def merge_rank_records(records: Sequence[RoundRecord]) -> RoundRecord:
     merged.exposed_wait_seconds = max(r.exposed_wait_seconds for r in records)
     merged.comm_work_seconds = max(r.comm_work_seconds for r in records)
     return merged
+
+
+_RUN_FOLDERS: "weakref.WeakKeyDictionary[Any, Path]" = weakref.WeakKeyDictionary()
+
+
+def run_folder(trainer: Any) -> Path:
+    """Where a run's timeline goes: the logger's ``log_dir``; without a logger, a new
+    ``default_root_dir/parablock_runs/version_N`` chosen once per Trainer, so neither the bare working
+    directory nor another run's timeline is written over."""
+    if trainer.loggers:
+        return Path(trainer.log_dir)
+    folder = _RUN_FOLDERS.get(trainer)
+    if folder is None:
+        root = Path(trainer.default_root_dir) / "parablock_runs"
+        taken = {p.name for p in root.glob("version_*")} if root.is_dir() else set()
+        folder = root / f"version_{next(n for n in range(len(taken) + 1) if f'version_{n}' not in taken)}"
+        _RUN_FOLDERS[trainer] = folder
+    return folder
 
 
 def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, Any]) -> None:

@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+# One thread per test process (and its subprocesses, which inherit the variable): with torch's default of a
+# thread per core, a busy 2-core machine runs the suite many times slower. `OMP_NUM_THREADS=4 pytest` overrides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture

@@ -318,7 +318,7 @@ def test_datamodule_dirichlet_splits_by_source():
 
 
 def test_datamodule_rejects_unknown_partition():
-    with pytest.raises(ValueError, match="partition.*'iid', 'dirichlet'.*'shards'"):
+    with pytest.raises(ValueError, match="partition.*'iid' or 'dirichlet'.*'shards'"):
         SyntheticArithmeticDataModule(partition="shards")
 
 

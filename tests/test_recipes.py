@@ -18,6 +18,7 @@ from lightning_parablock.cli import ParaBlockCLI, main
 from lightning_parablock.data import FederatedDataModule, build_char_tokenizer
 
 PAPER = Path(__file__).parents[1] / "recipes" / "paper"
+LOCAL_TINY = PAPER.parent / "local_tiny.yaml"
 FIXTURES = Path(__file__).parent / "fixtures"
 RECIPES = sorted(path.stem for path in PAPER.glob("*.yaml"))
 TINY_LLAMA = {
@@ -60,35 +61,25 @@ def stand_ins(tmp_path_factory):
 
 
 def overrides(name, root):
+    """The recipe, then the shipped override file for local files and a tiny model, then this test's paths."""
     recipe = _recipe(name)
     staleness = recipe["trainer"]["callbacks"][0]["init_args"]["staleness"]
     data_file = root / ("math.jsonl" if name.startswith("mathinstruct") else "alpaca.json")
-    args = [
+    return [
         "--config", str(PAPER / f"{name}.yaml"),
-        "--trainer.accelerator", "cpu",  # the recipe's precision stays: bf16-mixed autocasts on CPU too
+        "--config", str(LOCAL_TINY),
         "--trainer.max_epochs", str(staleness + 1),  # the callback needs more rounds than the staleness
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
         "--trainer.default_root_dir", str(root / "runs"),
-        "--trainer.strategy.init_args.local_steps", "1",
-        "--model.init_args.model_name_or_path", "null",
-        "--model.init_args.config", json.dumps(TINY_LLAMA),
         "--data.init_args.tokenizer", str(root / "tokenizer"),
-        "--data.init_args.max_length", "128",
         "--data.init_args.cache_dir", str(root / "datasets_cache"),
-        "--data.init_args.dataset.path", "json",
         "--data.init_args.dataset.data_files", str(data_file),
-        "--output_dir", "null",
+        "--data.init_args.eval_dataset.data_files", json.dumps({"test": str(FIXTURES / "gsm8k_test.parquet")}),
     ]  # fmt: skip
-    if "eval_dataset" in recipe["data"]["init_args"]:
-        gsm8k = {
-            "path": "parquet",
-            "data_files": {"test": str(FIXTURES / "gsm8k_test.parquet")},
-            "columns": {"instruction": "question", "output": "answer"},
-        }
-        args += ["--data.init_args.eval_dataset", json.dumps(gsm8k)]
-    return args
+
+
+def test_the_local_override_file_states_the_tiny_model_the_tests_use():
+    local = yaml.safe_load(LOCAL_TINY.read_text())
+    assert local["model"]["init_args"]["config"] == TINY_LLAMA and local["trainer"]["accelerator"] == "cpu"
 
 
 def test_recipes_are_what_the_generator_writes():

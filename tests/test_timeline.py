@@ -59,7 +59,9 @@ def test_a_run_writes_its_timeline_per_round_and_per_client(tmp_path):
     strategy = FederatedBlockStrategy(num_clients=3, local_steps=2, clients_per_round=2)
     trainer = quiet_trainer(strategy=strategy, callbacks=[callback], max_epochs=3, default_root_dir=tmp_path)
     trainer.fit(ToyModule(), toy_loader(toy_dataset()))
-    meta, records = load_timeline(tmp_path / "parablock_timeline.json")
+    path = tmp_path / "parablock_runs" / "version_0" / "parablock_timeline.json"  # no logger: a run folder of its own
+    assert callback.timeline_path(trainer) == path and not (tmp_path / "parablock_timeline.json").exists()
+    meta, records = load_timeline(path)
     assert meta["staleness"] == 1 and meta["link"] == {"bandwidth": "10MB/s", "latency": "1ms"}
     assert [r.round for r in records] == [0, 1, 2, 2] and records[-1].flush
     for record in records[:3]:
@@ -69,7 +71,7 @@ def test_a_run_writes_its_timeline_per_round_and_per_client(tmp_path):
         assert set(record.upload_bytes) == set(records[record.exchanged_round].participants)
         assert record.download_bytes > 0 and record.link_seconds > 0.002
     assert 0 < overlap_efficiency(records) <= 1.5
-    assert json.loads((tmp_path / "parablock_timeline.json").read_text())["num_blocks"] == 4
+    assert json.loads(path.read_text())["num_blocks"] == 4
 
 
 def test_report_prints_the_table_and_writes_the_figures(tmp_path, capsys):
@@ -86,7 +88,7 @@ def test_report_prints_the_table_and_writes_the_figures(tmp_path, capsys):
     for bandwidth in ("50MB/s, 20ms", "100MB/s, 20ms", "150MB/s, 20ms"):
         assert bandwidth in out
     for name in ("gantt.png", "runtime_vs_bandwidth.png", "loss.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "parablock_runs" / "version_0" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_names_a_bad_bandwidth_or_a_missing_run(tmp_path, capsys):

@@ -11,6 +11,7 @@ from lightning_parablock.data.partition import dirichlet_partition, iid_partitio
 from lightning_parablock.data.prompts import format_prompt
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import build_char_tokenizer
+from lightning_parablock.validation import check_choice, check_int, check_positive
 
 _PARTITIONS = ("iid", "dirichlet")
 
@@ -43,8 +44,13 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if partition not in _PARTITIONS:
-            raise ValueError(f"`partition` must be one of {_PARTITIONS}, got {partition!r}.")
+        check_int("num_examples", num_examples, minimum=1)
+        check_int("val_examples", val_examples, minimum=0)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("max_length", max_length, minimum=1)
+        check_choice("partition", partition, _PARTITIONS)
+        check_positive("alpha", alpha)
+        check_int("seed", seed, minimum=0)
         self.save_hyperparameters()
         self.tokenizer = build_char_tokenizer()
         self.train_dataset: Optional[Dataset] = None

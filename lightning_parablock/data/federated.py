@@ -29,6 +29,7 @@ from lightning_parablock.data.plot import plot_partition
 from lightning_parablock.data.prompts import PromptFormat, check_prompt_format
 from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.tokenizer import load_tokenizer
+from lightning_parablock.validation import check_choice, check_float, check_int, check_optional_int, check_positive
 
 try:  # optional: flwr-datasets pins an older `datasets`, so it is not a dependency
     from flwr_datasets.partitioner import Partitioner
@@ -101,18 +102,19 @@ class FederatedDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if partition not in PARTITION_KINDS:
-            raise ValueError(f"`partition` must be one of {PARTITION_KINDS}, got {partition!r}.")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+        check_choice("partition", partition, PARTITION_KINDS)
+        check_float("val_fraction", val_fraction, minimum=0.0, maximum=1.0, max_open=True)
         if val_split is not None and val_fraction > 0:
             raise ValueError(f"Pass either `val_split` ({val_split!r}) or `val_fraction` ({val_fraction}), not both.")
-        if alpha <= 0:
-            raise ValueError(f"`alpha` must be a positive float, got {alpha}.")
+        check_positive("alpha", alpha)
         check_prompt_format(prompt_format)
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("num_clusters", num_clusters)):
-            if value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+            check_int(name, value, minimum=1)
+        check_optional_int("eval_batch_size", eval_batch_size, minimum=1)
+        check_int("min_partition_size", min_partition_size, minimum=0)
+        check_int("num_workers", num_workers, minimum=0)
+        check_optional_int("num_proc", num_proc, minimum=1)
+        check_int("seed", seed, minimum=0)
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
         dataset = DataSource(**dataset) if isinstance(dataset, dict) else dataset
         eval_dataset = DataSource(**eval_dataset) if isinstance(eval_dataset, dict) else eval_dataset

@@ -7,14 +7,16 @@ clients by.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
+
+from lightning_parablock.data.file_checks import DataFiles, check_data_files, listed_files
+from lightning_parablock.validation import check_optional_int
 
 INSTRUCTION, INPUT, OUTPUT = "instruction", "input", "output"
 TEXT_FIELDS = (INSTRUCTION, INPUT, OUTPUT)
-
-DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class DataSource:
     columns: Optional[dict[str, str]] = None
     max_examples: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        check_optional_int("max_examples", self.max_examples, minimum=1)
+
     @property
     def preset(self) -> Optional[DatasetPreset]:
         return PRESETS.get(self.path) if self.path else None
@@ -77,13 +82,15 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
         A ``Dataset`` with string columns ``instruction``, ``input`` (empty where the data has none) and ``output``,
         plus every other column of the data.
     """
-    if source.max_examples is not None and source.max_examples < 1:
-        raise ValueError(f"`max_examples` must be a positive integer or None, got {source.max_examples}.")
     preset = source.preset
     name = source.name if source.name is not None else (preset.name if preset else None)
-    dataset = load_dataset(
-        _builder(source), name, split=source.split, data_files=source.data_files, cache_dir=cache_dir
-    )
+    builder = _builder(source)
+    if source.data_files is not None:
+        check_data_files(source.data_files)
+    try:
+        dataset = load_dataset(builder, name, split=source.split, data_files=source.data_files, cache_dir=cache_dir)
+    except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
+        raise ValueError(f"Could not load the data source {source.describe()}: {error}") from error
     columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     dataset = to_instruction_schema(dataset, columns, source.describe())
     if source.max_examples is not None and source.max_examples < len(dataset):
@@ -96,11 +103,7 @@ def _builder(source: DataSource) -> str:
         return source.path
     if source.data_files is None:
         raise ValueError("A DataSource needs a `path` (a Hub dataset or a builder such as 'json') or `data_files`.")
-    files = source.data_files
-    if isinstance(files, dict):
-        files = [file for group in files.values() for file in ([group] if isinstance(group, str) else group)]
-    elif isinstance(files, str):
-        files = [files]
+    files = listed_files(source.data_files)
     suffixes = {Path(file).suffix.lower() for file in files}
     builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
     if len(builders) != 1 or None in builders:

@@ -7,6 +7,7 @@ out character by character the template alone would be ~150 tokens, longer than 
 tiny model is trained on.
 """
 
+from pathlib import Path
 from typing import Union
 
 from tokenizers import AddedToken, Tokenizer, decoders
@@ -60,7 +61,7 @@ def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrained
     reaches the loss (its labels are ``-100``) nor attention (its mask is 0), so the choice does not matter.
     """
     if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = _from_pretrained(tokenizer)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -69,3 +70,19 @@ def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrained
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained``, naming the value when it is neither a local folder nor a loadable name."""
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"`tokenizer={name_or_path!r}` {what} (resolved to {path.resolve()}): give a folder written by"
+            " `save_pretrained` or a Hub name such as 'meta-llama/Meta-Llama-3-8B'."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise OSError(f"Could not load `tokenizer={name_or_path!r}`: {error}") from error

@@ -1,0 +1,121 @@
+"""What ``parablock fit`` checks before the first round, so a bad run stops before it trains or writes anything.
+
+Each check raises a ``ValueError`` naming the values that disagree; the CLI prints it as the one line the user
+sees. The data are loaded and tokenized here too, so an empty file or a corrupt row is found before any run
+folder exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning import LightningDataModule, LightningModule, Trainer
+
+
+class PreflightError(ValueError):
+    """The run would fail or lose data; found before training."""
+
+
+def refuse_fast_dev_run(trainer: Trainer) -> None:
+    """``fast_dev_run`` runs one batch of one epoch: no federated round (one turn per client) and no exchange."""
+    if trainer.fast_dev_run:
+        raise PreflightError(
+            f"`--trainer.fast_dev_run={trainer.fast_dev_run}` runs a single batch of a single epoch, which is not a"
+            " federated round (every client's turn, then an exchange). For a quick check run two short rounds"
+            " instead: `--trainer.max_epochs 2 --trainer.strategy.init_args.local_steps 1"
+            " --trainer.limit_val_batches 1`."
+        )
+
+
+def refuse_training_nothing(trainer: Trainer) -> None:
+    """Trainer settings under which no round would run, refused instead of a run that reports 0 rounds."""
+    settings = {
+        "accumulate_grad_batches": (trainer.accumulate_grad_batches, lambda v: v < 1),
+        "max_epochs": (trainer.max_epochs, lambda v: v is not None and v == 0),
+        "max_steps": (trainer.max_steps, lambda v: v == 0),
+        "limit_train_batches": (trainer.limit_train_batches, lambda v: v == 0),
+    }
+    for name, (value, trains_nothing) in settings.items():
+        if trains_nothing(value):
+            raise PreflightError(f"`--trainer.{name}={value}` would train nothing; give it a positive value.")
+
+
+def prepare_data(datamodule: Optional[LightningDataModule]) -> None:
+    """Load and tokenize this package's data modules now (they cache it), so data errors come first."""
+    if datamodule is None or not type(datamodule).__module__.startswith("lightning_parablock"):
+        return
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+
+def hf_config(module: LightningModule) -> Optional[Any]:
+    """The Hugging Face config of the model inside ``module``, if there is one."""
+    for _, child in module.named_modules():
+        config = getattr(child, "config", None)
+        if config is not None and hasattr(config, "vocab_size"):
+            return config
+    return None
+
+
+def check_vocabulary(module: LightningModule, tokenizer: Any) -> None:
+    """The model's embedding must have a row for every token id the tokenizer can produce."""
+    config = hf_config(module)
+    if config is None or tokenizer is None or not config.vocab_size:
+        return
+    tokens = len(tokenizer)
+    if config.vocab_size < tokens:
+        raise PreflightError(
+            f"The model's vocabulary (vocab_size={config.vocab_size}) is smaller than the tokenizer's {tokens} tokens:"
+            f" ids from {config.vocab_size} on would index past the embedding. Use a model with vocab_size >= {tokens}"
+            " (e.g. `--model.init_args.config.vocab_size`) or the tokenizer the model was trained with."
+        )
+
+
+def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The checkpoint ``--ckpt_path`` names, when it is a file (``last``/``best`` are resolved by Lightning)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module: LightningModule) -> None:
+    """The checkpoint must hold the model this config builds: same parameter names and shapes.
+
+    LightningCLI would replace the config's model arguments with the checkpoint's hyperparameters; here the
+    config stands and a different model is refused, naming both shapes.
+    """
+    saved: dict[str, torch.Tensor] = checkpoint.get("state_dict", {})
+    built = module.state_dict()
+    missing = sorted(set(built) - set(saved))
+    unexpected = sorted(set(saved) - set(built))
+    differing = [name for name in built if name in saved and tuple(saved[name].shape) != tuple(built[name].shape)]
+    if not (missing or unexpected or differing):
+        return
+    lines = [f"`--ckpt_path={ckpt_path}` holds a different model than this config builds:"]
+    for name in differing[:3]:
+        lines.append(f"  {name}: {tuple(saved[name].shape)} in the checkpoint, {tuple(built[name].shape)} in the config")
+    if missing:
+        lines.append(f"  {len(missing)} parameter(s) of the config not in the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} parameter(s) of the checkpoint not in the config, e.g. {unexpected[0]}")
+    hparams = checkpoint.get("hyper_parameters", {})
+    changed = _changed_hparams(hparams, dict(module.hparams))
+    if changed:
+        lines.append("  hyperparameters, checkpoint vs config: " + "; ".join(changed[:5]))
+    lines.append("Use the config the checkpoint was trained with, or leave out --ckpt_path.")
+    raise PreflightError("\n".join(lines))
+
+
+def _changed_hparams(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith("_"):
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_hparams(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}={old!r} vs {new!r}")
+    return changed

@@ -1,0 +1,262 @@
+"""`parablock fit` refuses bad input before training: one line naming the value (exit status 2, no traceback, no
+jsonargparse Union noise), and nothing created or deleted. Each test is a real run of `lightning_parablock.cli.main`."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import LightningDataModule, LightningModule
+
+from lightning_parablock import CausalLMModule
+from lightning_parablock.cli import ParaBlockCLI, concise_parse_error, main
+from lightning_parablock.data import build_char_tokenizer
+from lightning_parablock.output import MARKER
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+PAPER_RECIPE = str(ROOT / "recipes" / "paper" / "alpaca_llama3_8b.yaml")
+LOCAL_TINY = str(ROOT / "recipes" / "local_tiny.yaml")
+SLOW = pytest.mark.slow  # each CLI run builds a model and data (1-5 s on a busy 2-core machine): one per class stays fast
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", TINY,
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.max_epochs", "2",
+        "--data.init_args.num_examples", "64",
+        "--data.init_args.val_examples", "16",
+        "--output_dir", str(tmp_path / "model"),
+        *extra,
+    ]  # fmt: skip
+
+
+def refused(capsys, args: list[str]) -> str:
+    """Run the CLI, expect exit status 2, return stderr (checked to hold no traceback nor Union noise)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Union subtypes" not in err, err
+    return err[err.index("parablock: error:") :]
+
+
+def assert_nothing_created(tmp_path: Path, before: dict[str, bytes]) -> None:
+    assert snapshot(tmp_path) == before  # no run folder, no model, nothing changed or deleted
+
+
+# --- construction and parse errors: the library's sentence, first ------------------------------------------------
+
+CONSTRUCTION = [
+    (["--trainer.strategy.init_args.num_clients", "0"], r"FederatedBlockStrategy: `num_clients` must be at least 1, got 0"),
+    (["--trainer.callbacks.init_args.link.init_args.bandwidth", "0"], r"SimulatedLink: Bandwidth must be positive, got 0"),
+    pytest.param(*(["--trainer.callbacks.init_args.link.init_args.latency", "nan"], r"SimulatedLink: Could not parse duration 'nan'"), marks=SLOW),
+    pytest.param(*(["--trainer.callbacks.init_args.aggregator", '{"class_path": "lightning_parablock.Aggregator", "init_args": {"trim_fraction": 0.7}}'],
+     r"Aggregator: `trim_fraction` must be in \[0, 0.5\), got 0.7"), marks=SLOW),
+    pytest.param(*(["--model.init_args.config", '{"vocab_size": 8}'], r"CausalLMModule: `config` must name a `model_type`"), marks=SLOW),
+    pytest.param(*(["--data.init_args.alpha", "inf"], r"`data.init_args.alpha`: Expected a <class 'float'>. Got value: inf"), marks=SLOW),
+    (["--data.init_args.num_examples", "2.5"], r"`data.init_args.num_examples`: Expected a <class 'int'>. Got value: 2.5"),
+    pytest.param(*(["--trainer.strategy.init_args.num_clientz", "3"], r"`trainer.strategy`: Option 'num_clientz' is not accepted"), marks=SLOW),
+    (["--trainer.fast_dev_run", "true"], r"`--trainer.fast_dev_run=True` runs a single batch"),
+    pytest.param(*(["--trainer.accumulate_grad_batches", "0"], r"`--trainer.accumulate_grad_batches=0` would train nothing"), marks=SLOW),
+    (["--optimizer", "torch.optim.Adam"], r"`--optimizer` is not an option .*--trainer.strategy.init_args.client_optimizer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "message"), CONSTRUCTION)
+def test_bad_values_are_refused_in_one_line_before_anything_is_created(tmp_path, capsys, extra, message):
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, *extra))
+    assert re.search(message, err.splitlines()[0]), err
+    assert_nothing_created(tmp_path, before)
+
+
+def test_a_number_for_the_bandwidth_on_the_command_line_is_bytes_per_second_as_in_yaml(tmp_path):
+    args = tiny_args(tmp_path, "--trainer.callbacks.init_args.link.init_args.bandwidth", "1e8")[1:]
+    cli = ParaBlockCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=args)  # fmt: skip
+    link = cli.trainer.callbacks[0].link
+    assert link.bytes_per_second == 1e8
+
+
+def test_help_lists_report_and_report_spells_options_as_fit_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "report" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    out = capsys.readouterr().out
+    assert "--output_dir" in out and "--rounds" in out and "--run " in out
+
+
+def test_parse_errors_keep_the_option_and_drop_the_other_subtypes():
+    noise = (
+        'Parser key "data":\n  Does not validate against any of the Union subtypes\n  Subtypes: [...]\n  Errors:\n'
+        "    - Problem with given class_path 'x.Y':\n        Parser key \"batch_size\":\n"
+        "          Expected a <class 'int'>. Got value: two\n    - Expected a <class 'NoneType'>\n"
+        "  Given value type: <class 'str'>"
+    )
+    assert concise_parse_error(noise) == "`data.init_args.batch_size`: Expected a <class 'int'>. Got value: two"
+    assert concise_parse_error("Unrecognized arguments: --x") == "Unrecognized arguments: --x"
+
+
+# --- the output folder: nothing the user owns is lost ------------------------------------------------------------
+
+
+def test_a_users_non_empty_folder_is_refused_and_left_untouched(tmp_path, capsys):
+    own = tmp_path / "model"
+    own.mkdir()
+    (own / "thesis.tex").write_text("years of work")
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path))
+    assert str(own) in err and "--overwrite_output true" in err
+    assert_nothing_created(tmp_path, before)
+
+
+@pytest.mark.parametrize("where", ["run", *(pytest.param(w, marks=SLOW) for w in ("run/logs", ".", "a_file", "a_file/model"))])
+def test_an_output_dir_that_would_replace_the_run_or_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch, where):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    args = tiny_args(tmp_path)
+    args[args.index("--output_dir") + 1] = where
+    err = refused(capsys, args)
+    assert f"--output_dir={where!r}" in err or repr(where) in err, err
+    assert_nothing_created(tmp_path, before)
+
+
+# --- data problems name the file and the row, before any run folder exists -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    build_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def local_args(tmp_path, tokenizer_dir, data_file, *extra):
+    return [
+        "fit", "--config", PAPER_RECIPE, "--config", LOCAL_TINY,
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.init_args.tokenizer", str(tokenizer_dir),
+        "--data.init_args.cache_dir", str(tmp_path.parent / f"{tmp_path.name}_cache"),
+        "--data.init_args.dataset.data_files", str(data_file),
+        "--data.init_args.eval_dataset", "null",
+        *extra,
+    ]  # fmt: skip
+
+
+GOOD_ROWS = "".join(json.dumps({"instruction": f"What is {i} + 1?", "output": str(i + 1)}) + "\n" for i in range(40))
+DATA_PROBLEMS = [
+    pytest.param(*("empty", "", [], r"Data file '.*empty.jsonl' is empty"), marks=SLOW),
+    ("truncated", GOOD_ROWS + '{"instruction": "What is 2', [], r"Data file '.*truncated.jsonl', line 41: not valid JSON"),
+    pytest.param(*("tokenizer", GOOD_ROWS, ["--data.init_args.tokenizer", "/nonexistent/tokenizer"], r"`tokenizer='/nonexistent/tokenizer'` does not exist"), marks=SLOW),
+    pytest.param(*("vocabulary", GOOD_ROWS, ["--model.init_args.config.vocab_size", "64"], r"vocab_size=64\) is smaller than the tokenizer's 105 tokens"), marks=SLOW),
+    pytest.param(*("split", GOOD_ROWS, ["--data.init_args.val_split", "validation", "--data.init_args.val_fraction", "0"], r'split.jsonl \[validation\]: Unknown split "validation"'), marks=SLOW),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "extra", "message"), DATA_PROBLEMS)
+def test_data_problems_name_the_file_and_row_before_a_run_folder_exists(tmp_path, capsys, tokenizer_dir, name, text, extra, message):
+    data_file = tmp_path / f"{name}.jsonl"
+    data_file.write_text(text)
+    before = snapshot(tmp_path)
+    err = refused(capsys, local_args(tmp_path, tokenizer_dir, data_file, *extra))
+    assert re.search(message, err), err
+    assert_nothing_created(tmp_path, before)
+
+
+# --- resume: the config stands; a checkpoint of another model is refused ------------------------------------------
+
+
+def test_resuming_from_a_checkpoint_of_another_model_names_both_shapes(tmp_path, capsys):
+    other = CausalLMModule(config={"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
+    checkpoint = tmp_path / "other.ckpt"
+    torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams)}, checkpoint)
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
+    assert "model.model.embed_tokens.weight: (128, 32) in the checkpoint, (128, 64) in the config" in err, err
+    assert "hidden_size=32 vs 64" in err
+    assert_nothing_created(tmp_path, before)
+
+
+@SLOW
+def test_a_previous_output_of_parablock_is_recognised_by_its_marker(tmp_path, capsys):
+    previous = tmp_path / "model"
+    previous.mkdir()
+    (previous / MARKER).write_text(json.dumps({"written_by": "lightning_parablock", "run": "r1"}))
+    (previous / "config.json").write_text("{}")
+    # accepted up to training: the refusal below comes from later in the checks, not from the output folder
+    err = refused(capsys, tiny_args(tmp_path, "--trainer.accumulate_grad_batches", "0"))
+    assert "accumulate_grad_batches" in err
+
+
+def held_out(out: str) -> tuple[float, float]:
+    before, after = re.search(r"held-out loss: ([0-9.]+) before -> ([0-9.]+) after", out).groups()
+    return float(before), float(after)
+
+
+@SLOW
+def test_on_resume_the_summary_reports_the_resumed_models_loss_as_before(tmp_path, capsys):
+    short = ["--trainer.check_val_every_n_epoch", "1", "--trainer.strategy.init_args.local_steps", "1",
+             "--trainer.strategy.init_args.num_clients", "2", "--output_dir", "null"]  # fmt: skip
+    checkpoint = ["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"), "--trainer.callbacks.every_n_epochs", "1",
+                  "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "0"]  # fmt: skip
+    main(tiny_args(tmp_path, *short, "--trainer.max_epochs", "3", *checkpoint))
+    fresh, trained = held_out(capsys.readouterr().out)
+    main(tiny_args(tmp_path, *short, "--trainer.max_epochs", "4", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")))
+    resumed_before, _ = held_out(capsys.readouterr().out)
+    assert resumed_before < fresh - 0.1  # the checkpoint's model, not a fresh initialization
+    assert resumed_before == pytest.approx(trained, abs=0.05)
+
+
+class ToyWithValLoss(ToyModule):
+    """A user's module: no `save_pretrained`, validation loss logged as `val_loss`."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", toy_loss(self, batch))
+
+
+class ToyData(LightningDataModule):
+    def train_dataloader(self):
+        return toy_loader(toy_dataset())
+
+    def val_dataloader(self):
+        return toy_loader(toy_dataset(n=16, seed=2))
+
+
+def test_a_users_own_module_gets_its_state_dict_saved_and_its_val_loss_reported(tmp_path, capsys):
+    main([
+        "fit",
+        "--model", f"{__name__}.ToyWithValLoss", "--data", f"{__name__}.ToyData",
+        "--trainer.strategy", "lightning_parablock.FederatedBlockStrategy",
+        "--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "1",
+        "--trainer.callbacks", "lightning_parablock.ParaBlockCallback",
+        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "model"),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert re.search(r"held-out loss: [0-9.]+ before -> [0-9.]+ after", out)  # found under `val_loss`
+    assert "state dict of ToyWithValLoss" in out
+    state = torch.load(tmp_path / "model" / "model_state_dict.pt", weights_only=True)
+    assert "net.head.weight" in state
+
+
+def test_a_setup_error_inside_fit_is_one_line_and_the_half_made_run_folder_is_removed(tmp_path, capsys):
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--trainer.callbacks.init_args.staleness", "5"))
+    assert "`staleness=5` is not below the number of rounds (max_epochs=2)" in err.splitlines()[0]
+    assert_nothing_created(tmp_path, before)  # logs/version_0 with config.yaml and metrics.csv removed again

@@ -1,0 +1,39 @@
+"""Local data files are checked before `datasets` reads them: the file and the row are named."""
+
+import json
+
+import pytest
+
+from lightning_parablock.data import DataSource, load_examples
+from lightning_parablock.data.file_checks import check_data_files
+
+ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("empty.json", "", r"'.*empty.json' is empty: it holds no example"),
+        ("blank.jsonl", "\n \n", r"'.*blank.jsonl' holds only whitespace"),
+        ("cut.json", json.dumps(ROWS)[:-20], r"'.*cut.json' is not valid JSON at line 1, column \d+"),
+        ("none.json", "[]", r"'.*none.json' is an empty JSON array"),
+        ("mixed.json", json.dumps([ROWS[0], "text", ROWS[1]]), r"'.*mixed.json', row 1: expected a JSON object"),
+        ("bad.jsonl", "\n".join(json.dumps(r) for r in ROWS) + '\n{"instruction": "q', r"'.*bad.jsonl', line 4: not valid JSON"),
+        ("list.jsonl", json.dumps(ROWS[0]) + "\n[1, 2]\n", r"'.*list.jsonl', line 2: expected a JSON object.*, got list"),
+    ],
+)
+def test_a_bad_file_is_named_with_its_row(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        check_data_files({"train": [str(tmp_path / name)]})
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Data file '.*gone.jsonl' does not exist"):
+        load_examples(DataSource(data_files=str(tmp_path / "gone.jsonl")), seed=0)
+
+
+def test_good_files_globs_and_remote_paths_pass(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    check_data_files([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl"), str(tmp_path / "*.jsonl"), "hf://x/y.json"])
