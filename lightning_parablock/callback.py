@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.comm import CommWorker, RoundExchange, SimulatedLink, parse_duration
 from lightning_parablock.round_log import print_round_line
+from lightning_parablock.validation import check_int, check_positive
 from lightning_parablock.strategy import FederatedBlockStrategy
 from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, run_folder, save_timeline
 
@@ -53,16 +54,10 @@ class ParaBlockCallback(Callback):
         aggregator: Optional[Aggregator] = None,
         comm_timeout: float | str = 1800.0,
     ) -> None:
-        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
-            raise ValueError(
-                f"`staleness` must be a non-negative integer (0 = FedBCD, 1 = ParaBlock), got {staleness!r}."
-            )
-        self.staleness = staleness
+        self.staleness = check_int("staleness (0 = FedBCD, 1 = ParaBlock)", staleness, minimum=0)
         self.link = link if link is not None else SimulatedLink()
         self.aggregator = aggregator if aggregator is not None else Aggregator()
-        self.comm_timeout = parse_duration(comm_timeout)
-        if self.comm_timeout <= 0:
-            raise ValueError(f"`comm_timeout` must be positive, got {comm_timeout!r}.")
+        self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout))
         self.records: list[RoundRecord] = []
         self._worker: Optional[CommWorker] = None
         self._timeline_path: Optional[Path] = None

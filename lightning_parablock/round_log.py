@@ -18,7 +18,7 @@ def format_round_line(record: RoundRecord, rounds: Optional[int] = None) -> str:
     loss = f"  loss {sum(losses) / len(losses):.4f}" if losses else ""
     return (
         f"[parablock] round {record.round + 1}{of}  block {record.block}{loss}"
-        f"  compute {sum(record.compute_seconds.values()):.2f}s  exposed wait {record.exposed_wait_seconds:.3f}s"
+        f"  compute {record.process_compute_seconds:.2f}s  exposed wait {record.exposed_wait_seconds:.3f}s"
         f"  round {record.wall_seconds:.2f}s"
     )
 

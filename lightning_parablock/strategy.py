@@ -60,6 +60,7 @@ from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
+from lightning_parablock.validation import check_choice, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -164,16 +165,17 @@ class FederatedBlockStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        if num_clients < 1:
-            raise ValueError(f"`num_clients` must be at least 1, got {num_clients}.")
-        if local_steps < 1:
-            raise ValueError(f"`local_steps` must be at least 1, got {local_steps}.")
-        if not global_lr > 0:
-            raise ValueError(f"`global_lr` (η) must be positive, got {global_lr}.")
-        if optimizer_state not in ("reset", "per_block"):
-            raise ValueError(f"`optimizer_state` must be 'reset' or 'per_block', got {optimizer_state!r}.")
-        if weighting not in ("uniform", "samples"):
-            raise ValueError(f"`weighting` must be 'uniform' or 'samples', got {weighting!r}.")
+        num_clients = check_int("num_clients", num_clients, minimum=1)
+        local_steps = check_int("local_steps", local_steps, minimum=1)
+        check_int("layers_per_block", layers_per_block, minimum=1)
+        check_choice("layer_split", layer_split, ("none", "attention_mlp"))
+        check_choice("remainder", remainder, ("error", "last_smaller", "merge_into_last"))
+        global_lr = check_float("global_lr (η)", global_lr, minimum=0.0, min_open=True)
+        participation = check_float("participation", participation, minimum=0.0, maximum=1.0, min_open=True)
+        clients_per_round = check_optional_int("clients_per_round", clients_per_round, minimum=1)
+        check_choice("optimizer_state", optimizer_state, ("reset", "per_block"))
+        check_choice("weighting", weighting, ("uniform", "samples"))
+        seed = check_int("seed", seed, minimum=0)
         self.num_clients = num_clients
         self.local_steps = local_steps
         self.block_options = dict(

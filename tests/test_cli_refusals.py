@@ -57,7 +57,7 @@ def assert_nothing_created(tmp_path: Path, before: dict[str, bytes]) -> None:
 # --- construction and parse errors: the library's sentence, first ------------------------------------------------
 
 CONSTRUCTION = [
-    (["--trainer.strategy.init_args.num_clients", "0"], r"FederatedBlockStrategy: `num_clients` must be at least 1, got 0"),
+    (["--trainer.strategy.init_args.num_clients", "0"], r"FederatedBlockStrategy: `num_clients` must be a positive integer, got 0"),
     (["--trainer.callbacks.init_args.link.init_args.bandwidth", "0"], r"SimulatedLink: Bandwidth must be positive, got 0"),
     pytest.param(*(["--trainer.callbacks.init_args.link.init_args.latency", "nan"], r"SimulatedLink: Could not parse duration 'nan'"), marks=SLOW),
     pytest.param(*(["--trainer.callbacks.init_args.aggregator", '{"class_path": "lightning_parablock.Aggregator", "init_args": {"trim_fraction": 0.7}}'],
