@@ -9,10 +9,11 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= $(OMP_NUM_THREADS)
 # The slow tests' bound: SIGTERM at the limit (Lightning turns it into an exception inside one test and pytest
 # carries on), then SIGKILL after a grace period, so the bound is real.
-SLOW_TEST_LIMIT ?= 1200
+SLOW_TEST_LIMIT ?= 2400
+DISTRIBUTED_TEST_LIMIT ?= 1500
 KILL_GRACE ?= 30
 
-.PHONY: run test test-fast test-slow clean
+.PHONY: run test test-fast test-slow test-distributed clean
 
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +26,17 @@ $(READY): pyproject.toml
 run: $(READY)
 	$(BIN)/parablock fit --config recipes/tiny.yaml
 
-test: test-fast test-slow
+test: test-fast test-slow test-distributed
 
 test-fast: $(READY)
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(READY)
-	timeout -k $(KILL_GRACE) $(SLOW_TEST_LIMIT) $(BIN)/python -m pytest -m slow -q
+	timeout -k $(KILL_GRACE) $(SLOW_TEST_LIMIT) $(BIN)/python -m pytest -m "slow and not distributed" -q
+
+# Several processes (gloo): each launch carries its own timeout and kills its process group.
+test-distributed: $(READY)
+	timeout -k $(KILL_GRACE) $(DISTRIBUTED_TEST_LIMIT) $(BIN)/python -m pytest -m distributed -q
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

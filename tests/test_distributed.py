@@ -22,7 +22,7 @@ from distributed_run import train
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "distributed_run.py"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def launch(out: Path, *args: str, timeout: float = 240) -> tuple[int, str, float]:
