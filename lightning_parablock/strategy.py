@@ -47,6 +47,7 @@ from lightning_parablock.clients import (
     participants_per_round,
     sample_participants,
 )
+from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
 
@@ -75,6 +76,8 @@ class RoundState:
     block: int
     participants: list[int]
     compute_seconds: dict[int, float] = field(default_factory=dict)
+    probe_seconds: float = 0.0  # the gradient schedule's probe before the round, measured
+    sync_download_bytes: dict[int, int] = field(default_factory=dict)  # per client, before its turn (FedCyBGD)
     closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
 
 
@@ -97,7 +100,9 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         include_head: make the final norm and LM head a block (frozen otherwise).
         block_patterns: regular expressions over parameter names, one entry per block, for
             models without a decoder stack; replaces the decoder detection.
-        schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``.
+        schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``,
+            ``"permutation"`` (every block once per cycle) or ``"gradient"`` (the largest gradient norm on
+            the round's first batch, one extra backward per round).
         client_optimizer: builds a client's optimizer from the block's parameters. Defaults to the
             LightningModule's ``configure_optimizers``, called whenever a client needs a new optimizer
             (every turn with ``optimizer_state="reset"``, once per client and block with ``"per_block"``).
@@ -189,6 +194,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._restored_pending: Optional[dict[int, dict[int, dict[str, Any]]]] = None
         self._saved_blocks: Optional[list[list[str]]] = None
         self._restored_optimizer_states: dict[tuple[int, int], dict[str, Any]] = {}
+        self._restored_schedule: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ setup
 
@@ -216,7 +222,11 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 if self.block_patterns
                 else partition_decoder(model, **self.block_options)
             )
-            self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
+            probe = GradientProbe(self) if self.schedule_kind == "gradient" else None
+            self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed, probe)
+            if self._restored_schedule is not None:
+                self.schedule.load_state_dict(self._restored_schedule)
+                self._restored_schedule = None
             self._check_restored_blocks()
             self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -389,6 +399,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         """Unfreeze the round's block; clients are entered as their batches arrive."""
         assert self.partition is not None and self.batch_sampler is not None, "the strategy is not set up"
         self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index))
+        self.current.probe_seconds = self.schedule.probe_seconds.get(round_index, 0.0)
         self.partition.freeze_all_but(self.lightning_module, self.current.block, self._user_trainable)
         return self.current
 
@@ -591,6 +602,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
                 c.index: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
                 for c in self.clients
             },
+            "schedule": self.schedule.state_dict() if self.schedule is not None else self._restored_schedule,
             "optimizers": {
                 **self._restored_optimizer_states,  # restored but not used again yet
                 **{key: optimizer.state_dict() for key, optimizer in self._kept_optimizers.items()},
@@ -618,6 +630,7 @@ class FederatedBlockStrategy(SingleDeviceStrategy):
         self._saved_blocks = federation["blocks"]
         self._restored_pending = federation["pending"]
         self._restored_optimizer_states = dict(federation["optimizers"])
+        self._restored_schedule = federation.get("schedule")
         return checkpoint
 
 
