@@ -137,3 +137,21 @@ def test_unknown_method_and_lora_option_are_refused(tiny_llama_config):
         method("fedprox")
     with pytest.raises(ValueError, match=r"Unknown LoRA options \['rank'\]"):
         CausalLMModule(config=tiny_llama_config, lora={"rank": 4})
+
+
+@pytest.mark.slow
+def test_table1_benchmark_quick_mode_prints_every_method_and_draws_the_chart(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "table1.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for title in ("ParaBlock", "FedBCD", "Full FT", "FedIT", "FFA-LoRA", "FLoRA", "FedCyBGD"):
+        assert re.search(rf"^{re.escape(title)} +[0-9.]+ ", result.stdout, re.MULTILINE), title
+    assert "ParaBlock's final val loss vs FedBCD's" in result.stdout
+    assert (tmp_path / "table1_figure2.png").stat().st_size > 0 and (tmp_path / "table1.json").exists()
