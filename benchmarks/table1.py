@@ -149,7 +149,7 @@ def benchmark(name: str, options: argparse.Namespace) -> Outcome:
     for bandwidth in BANDWIDTHS:
         link = SimulatedLink(bandwidth, LATENCY)
         outcome.modelled_seconds[f"{bandwidth} batch {MAIN_BATCH}"] = modelled_wallclock(records, link, spec.staleness)
-    for batch in BATCHES:
+    for batch in BATCHES if options.grid else ():
         if batch == MAIN_BATCH:
             continue
         _, _, _, timed, _, _ = train(name, options, batch, validate=False)
@@ -159,9 +159,8 @@ def benchmark(name: str, options: argparse.Namespace) -> Outcome:
 
 
 def format_table(outcomes: list[Outcome]) -> str:
-    grid = [f"{b} batch {MAIN_BATCH}" for b in BANDWIDTHS] + [
-        f"{MAIN_BANDWIDTH} batch {b}" for b in BATCHES if b != MAIN_BATCH
-    ]
+    grid = [f"{b} batch {MAIN_BATCH}" for b in BANDWIDTHS]
+    grid += [k for k in (f"{MAIN_BANDWIDTH} batch {b}" for b in BATCHES) if k in outcomes[0].modelled_seconds and k not in grid]
     short = {key: key.replace("MB/s batch ", "/b") for key in grid}
     header = f"{'method':10} {'val loss':>8} {'acc':>6} {'MB/client':>10} {'measured':>9} " + " ".join(
         f"{short[k]:>9}" for k in grid
@@ -194,6 +193,9 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
         (axes[0], [f"{b} batch {MAIN_BATCH}" for b in BANDWIDTHS], list(BANDWIDTHS), f"effective batch {MAIN_BATCH}"),
         (axes[1], [f"{MAIN_BANDWIDTH} batch {b}" for b in BATCHES], [f"batch {b}" for b in BATCHES], MAIN_BANDWIDTH),
     )
+    if f"{MAIN_BANDWIDTH} batch {BATCHES[0]}" not in outcomes[0].modelled_seconds:  # --no-grid
+        panels = panels[:1]
+        axes[1].set_visible(False)
     for axis, keys, labels, title in panels:
         for i, outcome in enumerate(outcomes):
             positions = [k + (i - (len(outcomes) - 1) / 2) * width for k in range(len(keys))]
@@ -226,6 +228,9 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=5, help="rounds between validations for the curves")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/table1"))
+    parser.add_argument(
+        "--no-grid", dest="grid", action="store_false", help=f"skip the runs at effective batch {BATCHES[0]} and {BATCHES[-1]}"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds, 3 clients, 2 local steps: a smoke run")
     options = parser.parse_args()
     if options.quick:
