@@ -1,16 +1,17 @@
 """The paper's Table 1 and Figure 2 at tiny scale: all seven methods on one task, split, seed and model.
 
 Trains the tiny Llama of recipes/tiny.yaml (from scratch) on the synthetic arithmetic task, split over the clients
-by Dirichlet(0.5) over the problem kind, with every method of lightning_parablock.methods: same seed, same split,
-same model, same local steps and learning rate (LoRA methods: rank 8 adapters on every linear layer and their own
-learning rate). A "round" is one where every client trains once; FedCyBGD's clients take turns, so its round is
-as many epochs as there are clients. Prints one table: final validation loss, exact-match accuracy of greedy
-answers on the validation problems, bytes per client, this process's measured time, and the modelled federated
-wall-clock (clients in parallel; lightning_parablock.timeline.modelled_wallclock) at 50/100/150 MB/s with
+by Dirichlet(0.5) over the problem kind (or iid), with every method of lightning_parablock.methods: same seed,
+same split, same model, same local steps and learning rate (LoRA methods: rank 8 adapters on every linear layer and
+their own learning rate). A "round" is one where every client trains once; FedCyBGD's clients take turns, so its
+round is as many epochs as there are clients. Prints one table: final validation loss, exact-match accuracy of
+greedy answers on the validation problems, bytes per client, this process's measured time, and the modelled
+federated wall-clock (clients in parallel; lightning_parablock.timeline.modelled_wallclock) at 50/100/150 MB/s with
 effective batch 4 and at 100 MB/s with effective batch 2/4/8 (the paper's Figure 2 grid; one run per batch size).
 Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON.
 
-    python benchmarks/table1.py [--rounds 20] [--clients 10] [--local-steps 8] [--out runs/table1] [--quick]
+    python benchmarks/table1.py [--rounds 20] [--clients 10] [--local-steps 8] [--methods parablock,fedbcd,...]
+                                [--partition dirichlet|iid] [--no-grid] [--out runs/table1] [--quick]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def train(name: str, options: argparse.Namespace, batch_size: int, validate: boo
         num_examples=options.examples,
         val_examples=options.val_examples,
         batch_size=batch_size,
-        partition="dirichlet",
+        partition=options.partition,
         alpha=0.5,
         seed=0,
     )
@@ -154,13 +155,15 @@ def benchmark(name: str, options: argparse.Namespace) -> Outcome:
             continue
         _, _, _, timed, _, _ = train(name, options, batch, validate=False)
         link = SimulatedLink(MAIN_BANDWIDTH, LATENCY)
-        outcome.modelled_seconds[f"{MAIN_BANDWIDTH} batch {batch}"] = modelled_wallclock(timed.records, link, spec.staleness)
+        modelled = modelled_wallclock(timed.records, link, spec.staleness)
+        outcome.modelled_seconds[f"{MAIN_BANDWIDTH} batch {batch}"] = modelled
     return outcome
 
 
 def format_table(outcomes: list[Outcome]) -> str:
     grid = [f"{b} batch {MAIN_BATCH}" for b in BANDWIDTHS]
-    grid += [k for k in (f"{MAIN_BANDWIDTH} batch {b}" for b in BATCHES) if k in outcomes[0].modelled_seconds and k not in grid]
+    batches = (f"{MAIN_BANDWIDTH} batch {b}" for b in BATCHES)
+    grid += [k for k in batches if k in outcomes[0].modelled_seconds and k not in grid]  # absent with --no-grid
     short = {key: key.replace("MB/s batch ", "/b") for key in grid}
     header = f"{'method':10} {'val loss':>8} {'acc':>6} {'MB/client':>10} {'measured':>9} " + " ".join(
         f"{short[k]:>9}" for k in grid
@@ -173,8 +176,8 @@ def format_table(outcomes: list[Outcome]) -> str:
             f" {o.measured_seconds:8.1f}s {modelled}"
         )
     lines.append(
-        f"modelled: clients in parallel at <MB/s>/b<effective batch>, latency {LATENCY}; measured: this process, clients"
-        " one after another."
+        f"modelled: clients in parallel at <MB/s>/b<effective batch>, latency {LATENCY};"
+        " measured: this process, clients one after another."
     )
     by_name = {o.method: o for o in outcomes}
     if "parablock" in by_name and "fedbcd" in by_name:
@@ -225,11 +228,12 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--val-examples", type=int, default=200)
+    parser.add_argument("--partition", choices=("dirichlet", "iid"), default="dirichlet", help="Dirichlet(0.5) or iid")
     parser.add_argument("--val-every", type=int, default=5, help="rounds between validations for the curves")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/table1"))
     parser.add_argument(
-        "--no-grid", dest="grid", action="store_false", help=f"skip the runs at effective batch {BATCHES[0]} and {BATCHES[-1]}"
+        "--no-grid", dest="grid", action="store_false", help=f"skip the runs at batch {BATCHES[0]} and {BATCHES[-1]}"
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds, 3 clients, 2 local steps: a smoke run")
     options = parser.parse_args()

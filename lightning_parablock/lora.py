@@ -29,7 +29,9 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
     """
     unknown = set(options) - set(LoraConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha.")
+        raise ValueError(
+            f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha."
+        )
     config = LoraConfig(**{**LORA_DEFAULTS, **options})
     return get_peft_model(model, config)
 

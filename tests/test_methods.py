@@ -74,8 +74,9 @@ def test_flora_aggregate_is_the_weighted_sum_of_the_clients_products():
     weights = {0: 0.5, 1: 0.3, 2: 0.2}
     stacked = StackingAggregator()(deltas, weights).aggregate
     assert stacked["x.lora_B.default.weight"].shape == (4, 9) and stacked["x.lora_A.default.weight"].shape == (9, 5)
-    products = stacked_products(stacked, {"x.lora_A.default.weight": a0}, [("x.w", "x.lora_A.default.weight", "x.lora_B.default.weight")])
-    expected = sum(w * deltas[c]["x.lora_B.default.weight"] @ (a0 + deltas[c]["x.lora_A.default.weight"]) for c, w in weights.items())
+    a, b = "x.lora_A.default.weight", "x.lora_B.default.weight"
+    products = stacked_products(stacked, {a: a0}, [("x.w", a, b)])
+    expected = sum(w * deltas[c][b] @ (a0 + deltas[c][a]) for c, w in weights.items())
     torch.testing.assert_close(products["x.w"], expected)
     mean = Aggregator()(deltas, weights).aggregate  # what FedIT does instead: not the mean of the products
     naive = mean["x.lora_B.default.weight"] @ (a0 + mean["x.lora_A.default.weight"])

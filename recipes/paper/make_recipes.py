@@ -135,6 +135,7 @@ def recipe(
     if settings.lora:
         module.update(learning_rate=LORA_LEARNING_RATE, **settings.module_args(LORA))
     rounds = FULL_FT_ROUNDS if method == "full_ft" else spec["rounds"]
+    strategy_class = f"lightning_parablock.{settings.strategy_class.__name__}"
     turns = settings.rounds(1, num_clients)  # epochs per round of the paper: N for FedCyBGD, else 1
     gsm8k = {**GSM8K_CALLBACK, "init_args": {**GSM8K_CALLBACK["init_args"], "every_n_rounds": 8 * turns}}
     return {
@@ -149,7 +150,7 @@ def recipe(
             "enable_checkpointing": False,
             "num_sanity_val_steps": 0,
             "check_val_every_n_epoch": 8 * turns,
-            "strategy": {"class_path": f"lightning_parablock.{settings.strategy_class.__name__}", "init_args": strategy},
+            "strategy": {"class_path": strategy_class, "init_args": strategy},
             "callbacks": [
                 {"class_path": "lightning_parablock.ParaBlockCallback", "init_args": callback},
                 # after ParaBlockCallback: it evaluates the global model, on the datamodule's eval split
