@@ -19,8 +19,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock.aggregate import AggregateResult, Aggregator, Deltas, NonFiniteDeltaError, check_deltas
-from lightning_parablock.aggregate import non_finite_clients
+from lightning_parablock.aggregate import (
+    AggregateResult,
+    Aggregator,
+    Deltas,
+    NonFiniteDeltaError,
+    check_deltas,
+    non_finite_clients,
+)
 from lightning_parablock.lora import ADAPTER, lora_pairs, merge_products, restart_adapters
 from lightning_parablock.strategy import FederatedBlockStrategy
 
