@@ -4,6 +4,9 @@ from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
 from lightning_parablock.callback import ParaBlockCallback
 from lightning_parablock.comm import CommunicationError, SimulatedLink
+from lightning_parablock.fedcybgd import FedCyBGDStrategy
+from lightning_parablock.flora import FLoRAStrategy, StackingAggregator
+from lightning_parablock.methods import METHODS, Method, method
 from lightning_parablock.module import CausalLMModule
 from lightning_parablock.schedule import BlockSchedule
 from lightning_parablock.strategy import FederatedBlockStrategy
@@ -18,12 +21,18 @@ __all__ = [
     "BlockSchedule",
     "CausalLMModule",
     "CommunicationError",
+    "FLoRAStrategy",
+    "FedCyBGDStrategy",
     "FederatedBlockStrategy",
+    "METHODS",
+    "Method",
     "ParaBlockCallback",
     "RoundRecord",
     "RunSummary",
     "SimulatedLink",
+    "StackingAggregator",
     "load_timeline",
+    "method",
     "modelled_wallclock",
     "partition_by_patterns",
     "partition_decoder",

@@ -154,6 +154,8 @@ class ParaBlockCallback(Callback):
             participants=list(round_state.participants),
             compute_seconds=dict(round_state.compute_seconds),
             client_loss={c: float(total) / count for c, (total, count) in self._client_loss.items()},
+            probe_seconds=round_state.probe_seconds,
+            sync_download_bytes=dict(round_state.sync_download_bytes),
         )
         exchanged = round_state.index - self.staleness
         if self.staleness == 0:

@@ -110,7 +110,7 @@ class CollectiveTransport:
             status = status.cpu()
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
             bad = [c for c in senders if status[c, 2] > 0]
-            if bad and aggregator.nonfinite == "raise":
+            if bad and getattr(aggregator, "nonfinite", "raise") == "raise":
                 raise NonFiniteDeltaError(
                     f"Client {bad[0]} (rank {self.placement[bad[0]]}) sent a non-finite delta"
                     " (Aggregator(nonfinite='skip') leaves such clients out instead)."
@@ -137,7 +137,7 @@ class CollectiveTransport:
         if not kept:
             return None
         numel = sum(shape.numel() for _, shape in layout)
-        if aggregator.method == "mean":
+        if _is_weighted_mean(aggregator):
             total = sum(weights.values())
             partial = torch.zeros(numel, dtype=torch.float32, device=self.device)
             for client in sorted(set(mine) & set(kept)):
@@ -147,7 +147,7 @@ class CollectiveTransport:
                 partial.add_(flat, alpha=weights[client] / total)
             self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
             return _unflatten(partial, layout)
-        # The robust rules need every kept delta: gather them, padded to the largest share.
+        # The robust rules (and any other aggregator) need every kept delta: gather them, padded to the largest share.
         kept_on = [[c for c in kept if self.placement[c] == rank] for rank in range(self.world_size)]
         rows = max(len(clients) for clients in kept_on)
         local = torch.zeros(rows, numel, dtype=torch.float32, device=self.device)
@@ -188,6 +188,11 @@ class CollectiveTransport:
         if missing:
             return f"Rank(s) {missing} never joined it."
         return "Every rank joined it; a peer stalled or died inside the collective."
+
+
+def _is_weighted_mean(aggregator: Aggregator) -> bool:
+    """The paper's weighted mean, which ranks can sum in parts; any other rule sees every delta."""
+    return type(aggregator).__call__ is Aggregator.__call__ and aggregator.method == "mean"
 
 
 def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:

@@ -1,5 +1,6 @@
 """A LightningModule around any Hugging Face causal LM, ready for block-wise federated fine-tuning."""
 
+import copy
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_parablock.eval.perplexity import TokenPerplexity
+from lightning_parablock.lora import add_lora
 
 
 class CausalLMModule(L.LightningModule):
@@ -23,7 +25,12 @@ class CausalLMModule(L.LightningModule):
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
-        seed: Seeds the random initialization of a model built from ``config``, without touching global RNG state.
+        seed: Seeds the random initialization of a model built from ``config`` and of LoRA adapters, without
+            touching global RNG state: every client starts from the same adapters.
+        lora: Add LoRA adapters with ``peft`` and freeze the base weights, e.g. ``{"r": 32}``; keys are
+            ``LoraConfig`` arguments (defaults: ``r=32``, ``lora_alpha=64``, ``lora_dropout=0.05``,
+            ``target_modules="all-linear"``). Adapter parameters are named ``...lora_A.default.weight`` and
+            ``...lora_B.default.weight``.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
+        lora: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -51,6 +59,8 @@ class CausalLMModule(L.LightningModule):
                 self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
             else:
                 self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+            if lora is not None:
+                self.model = add_lora(self.model, lora)
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -90,7 +100,11 @@ class CausalLMModule(L.LightningModule):
         )
 
     def save_pretrained(self, path: Union[str, Path], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
-        """Write the model (and ``tokenizer``, if given) in Hugging Face format, loadable with ``from_pretrained``."""
-        self.model.save_pretrained(path)
+        """Write the model (and ``tokenizer``, if given) in Hugging Face format, loadable with ``from_pretrained``.
+
+        LoRA adapters are merged into a copy of the base weights first, so the folder is a plain model.
+        """
+        model = copy.deepcopy(self.model).merge_and_unload() if self.hparams.lora is not None else self.model
+        model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)

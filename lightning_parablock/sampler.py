@@ -88,13 +88,14 @@ class FederatedBatchSampler(Sampler[list[int]]):
 
     def plan(self, round_index: int) -> list[ClientTurn]:
         """Every participant's batches for ``round_index``, in the order they are trained."""
-        turns = []
-        for client in self.participants(round_index):
-            first = self._turns_before(client, round_index) * self.batches_per_turn
-            batches = tuple(self._client_batch(client, first + k) for k in range(self.batches_per_turn))
-            turns.append(ClientTurn(client=client, batches=batches))
+        turns = [ClientTurn(client, self.turn_batches(client, round_index)) for client in self.participants(round_index)]
         idle = ClientTurn(client=None, batches=(self._idle_batch(),) * self.batches_per_turn)
         return turns + [idle] * (self.turns_per_round(round_index) - len(turns))
+
+    def turn_batches(self, client: int, round_index: int) -> tuple[tuple[int, ...], ...]:
+        """The batches ``client`` trains in ``round_index`` (its stream picks up where its last turn ended)."""
+        first = self._turns_before(client, round_index) * self.batches_per_turn
+        return tuple(self._client_batch(client, first + k) for k in range(self.batches_per_turn))
 
     def _idle_batch(self) -> tuple[int, ...]:
         """Any valid batch: an idle turn's batches are loaded but never trained on."""

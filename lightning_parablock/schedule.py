@@ -1,18 +1,24 @@
 """Which block a round trains.
 
-Every schedule is a pure function of ``(seed, round)`` so that a resumed run, a
-reference loop and every process of a multi-process run agree without sharing
-any random state.
+The seeded schedules are pure functions of ``(seed, round)`` so that a resumed run, a
+reference loop and every process of a multi-process run agree without sharing any
+random state. The gradient-guided schedule looks at the model instead: its choices
+cannot be re-derived, so it keeps them and a checkpoint carries them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import time
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
-ScheduleKind = Literal["random", "sequential", "reverse"]
-SCHEDULE_KINDS: tuple[str, ...] = ("random", "sequential", "reverse")
+ScheduleKind = Literal["random", "sequential", "reverse", "permutation", "gradient"]
+PURE_SCHEDULE_KINDS: tuple[str, ...] = ("random", "sequential", "reverse", "permutation")
+SCHEDULE_KINDS: tuple[str, ...] = (*PURE_SCHEDULE_KINDS, "gradient")
+
+BlockGradientNorms = Callable[[int], list[float]]
+"""The gradient norm of every block of the model at the start of a round (given the round index)."""
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -27,17 +33,36 @@ class BlockSchedule:
     """Maps a round to a block index.
 
     ``random`` (the paper's default) draws a block uniformly each round; ``sequential``
-    walks the blocks from the first layer up; ``reverse`` from the last layer down.
+    walks the blocks from the first layer up; ``reverse`` from the last layer down;
+    ``permutation`` visits every block once per cycle of ``num_blocks`` rounds, in a fresh
+    seeded order each cycle; ``gradient`` (the paper's gradient-guided variant) trains the
+    block whose gradient is largest at the round's start, as measured by
+    ``block_gradient_norms`` (a full backward on a probe batch; its seconds are kept in
+    :attr:`probe_seconds` so the timeline can charge them).
     """
 
-    def __init__(self, kind: ScheduleKind, num_blocks: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        kind: ScheduleKind,
+        num_blocks: int,
+        seed: int = 0,
+        block_gradient_norms: Optional[BlockGradientNorms] = None,
+    ) -> None:
         if kind not in SCHEDULE_KINDS:
             raise ValueError(f"Block schedule must be one of {SCHEDULE_KINDS}, got {kind!r}.")
         if num_blocks < 1:
             raise ValueError(f"A block schedule needs at least one block, got {num_blocks}.")
+        if (kind == "gradient") != (block_gradient_norms is not None):
+            raise ValueError(
+                "The 'gradient' schedule needs `block_gradient_norms` and the other schedules take none;"
+                f" got kind={kind!r} and block_gradient_norms={block_gradient_norms!r}."
+            )
         self.kind = kind
         self.num_blocks = num_blocks
         self.seed = seed
+        self.block_gradient_norms = block_gradient_norms
+        self.choices: dict[int, int] = {}  # round -> block, for the gradient schedule
+        self.probe_seconds: dict[int, float] = {}  # round -> seconds the probe took on this process
 
     def block_for_round(self, round_index: int) -> int:
         if round_index < 0:
@@ -46,5 +71,31 @@ class BlockSchedule:
             return round_index % self.num_blocks
         if self.kind == "reverse":
             return self.num_blocks - 1 - round_index % self.num_blocks
+        if self.kind == "permutation":
+            cycle, position = divmod(round_index, self.num_blocks)
+            order = torch.randperm(self.num_blocks, generator=seeded_generator(self.seed, 0xC7C1E, cycle))
+            return int(order[position])
+        if self.kind == "gradient":
+            return self._gradient_choice(round_index)
         generator = seeded_generator(self.seed, 0x5C4ED, round_index)
         return int(torch.randint(self.num_blocks, (1,), generator=generator))
+
+    def _gradient_choice(self, round_index: int) -> int:
+        if round_index in self.choices:
+            return self.choices[round_index]
+        started = time.perf_counter()
+        norms = self.block_gradient_norms(round_index)
+        self.probe_seconds[round_index] = time.perf_counter() - started
+        if len(norms) != self.num_blocks:
+            raise ValueError(f"`block_gradient_norms` returned {len(norms)} norms for {self.num_blocks} blocks.")
+        self.choices[round_index] = max(range(self.num_blocks), key=lambda b: norms[b])  # first of equal norms
+        return self.choices[round_index]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run cannot re-derive: the gradient schedule's past choices."""
+        return {"kind": self.kind, "choices": dict(self.choices)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(f"The checkpoint used the {state['kind']!r} block schedule, this run {self.kind!r}.")
+        self.choices = {int(r): int(b) for r, b in state["choices"].items()}

@@ -57,6 +57,7 @@ from lightning_parablock.collective import (
 )
 from lightning_parablock.comm import CommWorker, SimulatedLink
 from lightning_parablock.federation import Federation, OptimizerStatePolicy
+from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
@@ -77,6 +78,8 @@ class RoundState:
     participants: list[int]
     turns: list[Optional[int]]  # the client of each of this rank's turns; None: idle while other ranks train
     compute_seconds: dict[int, float] = field(default_factory=dict)
+    probe_seconds: float = 0.0  # the gradient schedule's probe before the round, measured
+    sync_download_bytes: dict[int, int] = field(default_factory=dict)  # per client, before its turn (FedCyBGD)
     closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
 
 
@@ -104,7 +107,9 @@ class FederatedBlockStrategy(DDPStrategy):
         include_head: make the final norm and LM head a block (frozen otherwise).
         block_patterns: regular expressions over parameter names, one entry per block, for
             models without a decoder stack; replaces the decoder detection.
-        schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``.
+        schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``,
+            ``"permutation"`` (every block once per cycle) or ``"gradient"`` (the largest gradient norm on
+            the round's first batch, one extra backward per round).
         client_optimizer: builds a client's optimizer from the block's parameters. Defaults to the
             LightningModule's ``configure_optimizers``, called whenever a client needs a new optimizer
             (every turn with ``optimizer_state="reset"``, once per client and block with ``"per_block"``).
@@ -212,6 +217,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self._restored_state: Optional[dict[str, Any]] = None
         self._saved_blocks: Optional[list[list[str]]] = None
         self._fault_watch: Optional[FaultWatch] = None
+        self._restored_schedule: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------------- processes
 
@@ -275,7 +281,11 @@ class FederatedBlockStrategy(DDPStrategy):
             if self.block_patterns
             else partition_decoder(model, **self.block_options)
         )
-        self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed)
+        probe = GradientProbe(self) if self.schedule_kind == "gradient" else None
+        self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed, probe)
+        if self._restored_schedule is not None:
+            self.schedule.load_state_dict(self._restored_schedule)
+            self._restored_schedule = None
         self._check_restored_blocks()
         self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self.federation = Federation(
@@ -509,6 +519,7 @@ class FederatedBlockStrategy(DDPStrategy):
         hosted = self._hosted_participants(round_index)
         turns: list[Optional[int]] = [*hosted, *[None] * (self._turns_per_round(round_index) - len(hosted))]
         self.current = RoundState(round_index, self.block_of(round_index), self.participants_of(round_index), turns)
+        self.current.probe_seconds = self.schedule.probe_seconds.get(round_index, 0.0)
         self.partition.freeze_all_but(self.lightning_module, self.current.block, self._user_trainable)
         self._start_turn(0)
         return self.current
@@ -712,6 +723,7 @@ class FederatedBlockStrategy(DDPStrategy):
                 "blocks": [list(b.param_names) for b in self.partition.blocks],
                 "world_size": self.world_size,
                 "placement": list(self.placement),
+                "schedule": self.schedule.state_dict(),
             }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
@@ -754,6 +766,7 @@ class FederatedBlockStrategy(DDPStrategy):
             )
         self._saved_blocks = federation["blocks"]
         self._restored_state = federation
+        self._restored_schedule = federation.get("schedule")
         return checkpoint
 
 

@@ -40,6 +40,8 @@ class RoundRecord:
     exposed_wait_seconds: float = 0.0  # measured: main thread blocked at the boundary
     wall_seconds: float = 0.0  # measured: the whole round on this process
     flush: bool = False  # an exchange after the last round (Algorithm 2, lines 12-14)
+    probe_seconds: float = 0.0  # measured: the gradient schedule's probe, before anyone trains
+    sync_download_bytes: dict[int, int] = field(default_factory=dict)  # per client, fetched before its turn
     rank: int = 0  # the process that measured this record (merged records: 0)
     client_rank: dict[int, int] = field(default_factory=dict)  # per client: the rank that trained it (several processes)
     ranks: dict[int, dict[str, float]] = field(default_factory=dict)  # per rank: its own wall, wait and comm seconds
@@ -53,7 +55,8 @@ class RoundRecord:
 
     @property
     def bytes_moved(self) -> int:
-        return sum(self.upload_bytes.values()) + self.download_bytes * len(self.upload_bytes)
+        exchanged = sum(self.upload_bytes.values()) + self.download_bytes * len(self.upload_bytes)
+        return exchanged + sum(self.sync_download_bytes.values())
 
     def client_link_seconds(self, link: SimulatedLink) -> dict[int, float]:
         """Modelled time each sender spends on this round's exchange over ``link``."""
@@ -76,7 +79,7 @@ class RunSummary:
             bytes_moved=sum(r.bytes_moved for r in records),
             measured_seconds=sum(r.wall_seconds for r in records),
             exposed_wait_seconds=sum(r.exposed_wait_seconds for r in records),
-            compute_seconds=sum(r.process_compute_seconds for r in records),
+            compute_seconds=sum(r.process_compute_seconds + r.probe_seconds for r in records),
         )
 
     def format(self) -> str:
@@ -93,17 +96,32 @@ def modelled_wallclock(records: Sequence[RoundRecord], link: SimulatedLink, stal
     ``staleness=0`` (FedBCD): each round costs max_i (compute_i + comm_i). ``staleness=s ≥ 1``
     (ParaBlock): round t costs max(max_i compute_i,t, max_j comm_j,t−s), and the final flush adds
     the last s exchanges. Any run's records serve for any staleness and link: compute and bytes
-    per round do not depend on them.
+    per round do not depend on them. A client that first fetches the model (``sync_download_bytes``,
+    FedCyBGD) does so before it computes; the gradient schedule's probe runs before anyone trains.
     """
     if staleness < 0:
         raise ValueError(f"`staleness` must be non-negative, got {staleness}.")
-    compute = {r.round: r.compute_seconds for r in records if not r.flush and r.compute_seconds}
+    compute = {r.round: _compute_after_sync(r, link) for r in records if not r.flush and r.compute_seconds}
+    probes = sum(r.probe_seconds for r in records if not r.flush)
     comm = {r.exchanged_round: r.client_link_seconds(link) for r in records if r.exchanged_round is not None}
     if staleness == 0:
-        return sum(max(seconds + comm.get(t, {}).get(i, 0.0) for i, seconds in compute[t].items()) for t in compute)
+        return probes + sum(
+            max(seconds + comm.get(t, {}).get(i, 0.0) for i, seconds in compute[t].items()) for t in compute
+        )
     rounds = sorted(compute)
-    total = sum(max(max(compute[t].values()), max(comm.get(t - staleness, {}).values(), default=0.0)) for t in rounds)
+    total = probes + sum(
+        max(max(compute[t].values()), max(comm.get(t - staleness, {}).values(), default=0.0)) for t in rounds
+    )
     return total + sum(max(comm[t].values()) for t in rounds[-staleness:] if t in comm)
+
+
+def _compute_after_sync(record: RoundRecord, link: SimulatedLink) -> dict[int, float]:
+    """Per client: the model fetch before its turn (when it has one) and then its compute."""
+    fetched = record.sync_download_bytes
+    return {
+        client: seconds + (link.transfer_seconds(fetched[client]) if client in fetched else 0.0)
+        for client, seconds in record.compute_seconds.items()
+    }
 
 
 def overlap_efficiency(records: Sequence[RoundRecord]) -> float:
@@ -168,7 +186,7 @@ def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, An
 def record_from_json(data: dict[str, Any]) -> RoundRecord:
     """A record as written by :func:`save_timeline`; JSON turned its client keys into strings."""
     data = dict(data)
-    for key in ("compute_seconds", "client_loss", "upload_bytes", "client_rank", "ranks"):
+    for key in ("compute_seconds", "client_loss", "upload_bytes", "sync_download_bytes", "client_rank", "ranks"):
         data[key] = {int(client): value for client, value in data.get(key, {}).items()}
     return RoundRecord(**data)
 

@@ -136,6 +136,16 @@ def test_main_recipes_state_the_papers_settings(name, blocks, rounds):
         ("mathinstruct_llama3_8b_extreme", "data.init_args.alpha", 0.01),
         ("alpaca_llama3_8b_bandwidth_50", "trainer.callbacks.0.init_args.link.init_args.bandwidth", "50MB/s"),
         ("alpaca_llama3_8b_batch_8", "trainer.accumulate_grad_batches", 2),
+        ("alpaca_llama3_8b_full_ft", "trainer.strategy.init_args.block_patterns", [[".*"]]),
+        ("alpaca_llama3_8b_full_ft", "trainer.max_epochs", 3),
+        ("alpaca_llama3_8b_fedit", "model.init_args.lora", {"r": 32}),
+        ("alpaca_llama3_8b_fedit", "trainer.callbacks.0.init_args.staleness", 0),
+        ("alpaca_llama3_8b_ffa_lora", "trainer.strategy.init_args.block_patterns", [["lora_B"]]),
+        ("alpaca_llama3_8b_flora", "trainer.strategy.class_path", "lightning_parablock.FLoRAStrategy"),
+        ("alpaca_llama3_8b_flora", "trainer.callbacks.0.init_args.aggregator.class_path", "lightning_parablock.StackingAggregator"),
+        ("mathinstruct_llama3_8b_fedcybgd", "trainer.strategy.class_path", "lightning_parablock.FedCyBGDStrategy"),
+        ("mathinstruct_llama3_8b_fedcybgd", "trainer.max_epochs", 320),  # 32 cycles over 10 clients
+        ("mathinstruct_llama3_8b_fedcybgd", "trainer.callbacks.1.init_args.every_n_rounds", 80),
     ],
 )
 def test_ablations_change_what_they_name(name, path, value):

@@ -3,11 +3,11 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_parablock.schedule import SCHEDULE_KINDS, BlockSchedule
+from lightning_parablock.schedule import PURE_SCHEDULE_KINDS, BlockSchedule
 
 
 @given(
-    kind=st.sampled_from(SCHEDULE_KINDS),
+    kind=st.sampled_from(PURE_SCHEDULE_KINDS),
     num_blocks=st.integers(1, 40),
     seed=st.integers(0, 2**31),
     rounds=st.lists(st.integers(0, 10_000), min_size=1, max_size=20),

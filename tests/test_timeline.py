@@ -137,3 +137,24 @@ def test_report_refuses_an_empty_bandwidth_list_or_a_foreign_json(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), *arguments])
     assert message in capsys.readouterr().err
+
+
+def test_modelled_wallclock_charges_the_probe_and_the_fetch_before_a_turn():
+    # FedCyBGD-like: one client per round, staleness 0. Round 0: fetch nothing, compute 2, exchange 1 + 1 = 2 -> 4.
+    # Round 1: fetch 3 MB = 3 s, compute 1, exchange 2 -> 6; both rounds' probes add 0.5 s each.
+    records = [
+        RoundRecord(0, 0, [0], {0: 2.0}, exchanged_round=0, upload_bytes={0: 1_000_000}, download_bytes=1_000_000,
+                    probe_seconds=0.5, sync_download_bytes={0: 0}),
+        RoundRecord(1, 1, [1], {1: 1.0}, exchanged_round=1, upload_bytes={1: 1_000_000}, download_bytes=1_000_000,
+                    probe_seconds=0.5, sync_download_bytes={1: 3_000_000}),
+    ]  # fmt: skip
+    assert modelled_wallclock(records, LINK, 0) == pytest.approx(4 + 6 + 1)
+    assert records[1].bytes_moved == 2_000_000 + 3_000_000
+
+
+def test_old_timelines_without_probe_or_fetch_still_load(tmp_path):
+    record = {"round": 0, "block": 0, "participants": [0], "compute_seconds": {"0": 1.0}, "client_loss": {},
+              "upload_bytes": {}}  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps({"staleness": 1, "records": [record]}))
+    _, records = load_timeline(tmp_path / "t.json")
+    assert records[0].probe_seconds == 0.0 and records[0].sync_download_bytes == {}

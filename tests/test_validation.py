@@ -65,7 +65,7 @@ SETUP_ERRORS = [
     (dict(strategy=FederatedBlockStrategy(layers_per_block=8)), ValueError, r"`layers_per_block=8` exceeds the model's 4 layers"),
     (dict(strategy=FederatedBlockStrategy(block_patterns=[r"net\.head", r"decoder"])), ValueError, r"pattern 'decoder' \(block 1\) matches no parameter"),
     (dict(strategy=FederatedBlockStrategy(layer_split="attention_mlp")), ValueError, r"Could not split layer"),
-    (dict(strategy=FederatedBlockStrategy(schedule="shuffled")), ValueError, r"one of \('random', 'sequential', 'reverse'\), got 'shuffled'"),
+    (dict(strategy=FederatedBlockStrategy(schedule="shuffled")), ValueError, r"one of \('random', 'sequential', 'reverse', 'permutation', 'gradient'\), got 'shuffled'"),
     (dict(strategy=FederatedBlockStrategy(num_clients=60)), MisconfigurationException, r"48 examples, fewer than num_clients=60"),
     (dict(callback=ParaBlockCallback(staleness=3)), MisconfigurationException, r"`staleness=3` is not below the number of rounds \(max_epochs=3\)"),
     (dict(limit_train_batches=0.5), MisconfigurationException, r"`limit_train_batches=0.5` would cut rounds short"),

@@ -9,6 +9,11 @@ a random block per round; AdamW locally; global step η = 1; effective batch 4; 
 Alpaca-GPT4 instructions and Dirichlet(0.6) over MathInstruct's ``source`` (a 50,000-example sample); cross-silo
 20% of 50 clients; links of 50/100/150 MB/s. Not stated there, and chosen here (marked ASSUMED in the files):
 local steps, learning rate, sequence length, the number of instruction clusters, the validation hold-out.
+
+The other methods of the paper's Table 1 (``lightning_parablock.methods``) run on the same data, model and link:
+Full FT (FedAvg of every parameter, 3 rounds as in the paper), FedIT, FFA-LoRA and FLoRA (LoRA rank 32), and
+FedCyBGD (one client per round, so a cycle over 10 clients is 10 epochs). LoRA's alpha, dropout, target modules and
+learning rate are ASSUMED.
 """
 
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from lightning_parablock.files import write_text_atomic
+from lightning_parablock.methods import method as method_settings
 
 HERE = Path(__file__).parent
 
@@ -63,6 +69,10 @@ LOCAL_STEPS = 50  # ASSUMED: K, optimizer steps per client and round
 LEARNING_RATE = 1.0e-5  # ASSUMED: AdamW, full-parameter fine-tuning of the active block
 MAX_LENGTH = 512  # ASSUMED
 VAL_FRACTION = 0.01  # ASSUMED: held out from the training data for the global model's loss
+LORA = {"r": 32}  # the paper's rank; alpha 64, dropout 0.05, all linear layers: LORA_DEFAULTS, ASSUMED
+LORA_LEARNING_RATE = 2.0e-4  # ASSUMED
+FULL_FT_ROUNDS = 3  # the paper runs Full FT (FedAvg of the whole model) for 3 rounds
+BASELINES = ("full_ft", "fedit", "ffa_lora", "flora", "fedcybgd")  # of the paper's Table 1, beside ParaBlock and FedBCD
 
 
 def recipe(
@@ -80,9 +90,15 @@ def recipe(
     batch_size: int = 4,
     accumulate: int = 1,
     bandwidth: str = "100MB/s",
+    method: str = "parablock",
 ) -> dict[str, Any]:
-    """One experiment: the paper's defaults for ``data`` on ``model``, with the given changes."""
+    """One experiment: the paper's defaults for ``data`` on ``model``, with the given changes.
+
+    ``method`` other than ``"parablock"`` sets the strategy, its blocks, the staleness and LoRA as
+    :func:`lightning_parablock.methods.method` says; ``staleness`` is then the method's.
+    """
     spec, dataset = MODELS[model], DATASETS[data]
+    settings = method_settings(method)
     data_args = {
         **dataset["data"],
         "tokenizer": spec["checkpoint"],
@@ -107,33 +123,43 @@ def recipe(
         "weighting": "uniform",
         "seed": 0,
         "offload_deltas": True,  # N x (s + 1) fp32 blocks in host memory: 1.75 GB each for an 8B 2-layer block
+        **settings.strategy_args,
     }
     callback = {
-        "staleness": staleness,
+        "staleness": staleness if method == "parablock" else settings.staleness,
         "link": {"class_path": "lightning_parablock.SimulatedLink", "init_args": {"bandwidth": bandwidth}},
     }
+    if settings.aggregator_class is not None:
+        callback["aggregator"] = {"class_path": f"lightning_parablock.{settings.aggregator_class.__name__}"}
+    module = {"model_name_or_path": spec["checkpoint"], "learning_rate": LEARNING_RATE}
+    if settings.lora:
+        module.update(learning_rate=LORA_LEARNING_RATE, **settings.module_args(LORA))
+    rounds = FULL_FT_ROUNDS if method == "full_ft" else spec["rounds"]
+    strategy_class = f"lightning_parablock.{settings.strategy_class.__name__}"
+    turns = settings.rounds(1, num_clients)  # epochs per round of the paper: N for FedCyBGD, else 1
+    gsm8k = {**GSM8K_CALLBACK, "init_args": {**GSM8K_CALLBACK["init_args"], "every_n_rounds": 8 * turns}}
     return {
         "seed_everything": 0,
         "trainer": {
             "accelerator": "gpu",
             "devices": 1,
             "precision": "bf16-mixed",
-            "max_epochs": spec["rounds"],
+            "max_epochs": settings.rounds(rounds, num_clients),
             "accumulate_grad_batches": accumulate,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/paper"}},
             "enable_checkpointing": False,
             "num_sanity_val_steps": 0,
-            "check_val_every_n_epoch": 8,
-            "strategy": {"class_path": "lightning_parablock.FederatedBlockStrategy", "init_args": strategy},
+            "check_val_every_n_epoch": 8 * turns,
+            "strategy": {"class_path": strategy_class, "init_args": strategy},
             "callbacks": [
                 {"class_path": "lightning_parablock.ParaBlockCallback", "init_args": callback},
                 # after ParaBlockCallback: it evaluates the global model, on the datamodule's eval split
-                *([GSM8K_CALLBACK] if "eval_dataset" in data_args else []),
+                *([gsm8k] if "eval_dataset" in data_args else []),
             ],
         },
         "model": {
             "class_path": "lightning_parablock.CausalLMModule",
-            "init_args": {"model_name_or_path": spec["checkpoint"], "learning_rate": LEARNING_RATE},
+            "init_args": module,
         },
         "data": {"class_path": "lightning_parablock.data.FederatedDataModule", "init_args": data_args},
     }
@@ -184,6 +210,12 @@ def experiments() -> dict[str, tuple[str, dict[str, Any]]]:
         "Staleness ablation: deltas aggregated two rounds after they are trained.",
         recipe("mathinstruct", "llama3_8b", staleness=2),
     )
+    for data in DATASETS:
+        for baseline in BASELINES:
+            runs[f"{data}_llama3_8b_{baseline}"] = (
+                f"{method_settings(baseline).title} baseline of the paper's Table 1 on {DATASETS[data]['title']}.",
+                recipe(data, "llama3_8b", method=baseline),
+            )
     alpaca = "alpaca_llama3_8b"
     for bandwidth in (50, 150):
         runs[f"{alpaca}_bandwidth_{bandwidth}"] = (

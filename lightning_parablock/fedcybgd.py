@@ -1,0 +1,71 @@
+"""FedCyBGD: cyclic block gradient descent (Wang et al., 2024; github.com/L3030/FedCyBGD).
+
+Clients train one after another, each its assigned block, on the model the previous one
+left: client ``c`` always trains block ``c mod B`` (the reference's "ascending" mode). One
+round here is one client's turn, so a cycle over N clients is N rounds. Before its turn a
+client fetches the blocks that changed since its previous turn (the periodic
+synchronization; the reference implementation re-sends every block updated so far, which
+is the same once a cycle has passed); that fetch is counted in the timeline as the
+client's ``sync_download_bytes``. After its turn it uploads its block's delta, which the
+server applies as it is (the exchange's aggregate of one client, also downloaded back).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_parablock.strategy import FederatedBlockStrategy, RoundState
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def cyclic_turn(round_index: int, num_clients: int, num_blocks: int) -> tuple[int, int]:
+    """(client, block) of a round: clients in order 0, 1, ..., N-1, 0, ...; client c trains block c mod B."""
+    client = round_index % num_clients
+    return client, client % num_blocks
+
+
+class FedCyBGDStrategy(FederatedBlockStrategy):
+    """:class:`FederatedBlockStrategy` with FedCyBGD's cycle: one client per round, its own block.
+
+    Use with ``ParaBlockCallback(staleness=0)`` and ``max_epochs`` = cycles × ``num_clients``.
+    ``schedule``, ``participation`` and ``clients_per_round`` do not apply.
+    """
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        super().setup(trainer)
+        from lightning_parablock.callback import ParaBlockCallback
+
+        for callback in trainer.callbacks:
+            if isinstance(callback, ParaBlockCallback) and callback.staleness != 0:
+                raise MisconfigurationException(
+                    f"FedCyBGD passes the model from client to client: use `ParaBlockCallback(staleness=0)`,"
+                    f" got staleness={callback.staleness}."
+                )
+
+    @override
+    def participants_of(self, round_index: int) -> list[int]:
+        return [round_index % self.num_clients]
+
+    @override
+    def block_of(self, round_index: int) -> int:
+        assert self.partition is not None, "the strategy is not set up"
+        return cyclic_turn(round_index, self.num_clients, len(self.partition))[1]
+
+    @override
+    def begin_round(self, round_index: int) -> RoundState:
+        state = super().begin_round(round_index)
+        client = state.participants[0]
+        changed = {self.block_of(r) for r in range(max(0, round_index - self.num_clients + 1), round_index)}
+        state.sync_download_bytes = {client: sum(self.block_nbytes(b) for b in changed)}
+        return state
+
+    def block_nbytes(self, block: int) -> int:
+        """Bytes of a block's parameters as the model stores them."""
+        params = self.partition.parameters(self.lightning_module, block).values()
+        return sum(p.numel() * p.element_size() for p in params)

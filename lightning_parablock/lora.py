@@ -1,0 +1,86 @@
+"""LoRA adapters (via ``peft``) and the two things federated LoRA methods do to them: merge and restart.
+
+FLoRA merges the aggregated product Σ w_i B_i A_i into the frozen base weights and starts
+every client from fresh adapters; FedIT and FFA-LoRA only train and average the adapters.
+Nothing here knows about rounds or Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from lightning_parablock.schedule import seeded_generator
+
+LORA_DEFAULTS: dict[str, Any] = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
+ADAPTER = "default"
+
+
+def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
+    """``model`` with LoRA adapters on ``options`` (``LoraConfig`` arguments over :data:`LORA_DEFAULTS`).
+
+    The base weights are frozen; B starts at zero, so the wrapped model computes what ``model`` did.
+    """
+    unknown = set(options) - set(LoraConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha."
+        )
+    config = LoraConfig(**{**LORA_DEFAULTS, **options})
+    return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted linear layer: the qualified names of its base weight and of its A and B."""
+
+    layer: LoraLayer
+    base: str
+    a: str
+    b: str
+
+    @property
+    def scaling(self) -> float:
+        return float(self.layer.scaling[ADAPTER])
+
+
+def lora_pairs(model: nn.Module) -> Iterator[LoraPair]:
+    """Every LoRA-adapted layer of ``model`` with the parameter names ``model.named_parameters()`` uses."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            prefix = f"{name}." if name else ""
+            yield LoraPair(
+                module,
+                base=f"{prefix}base_layer.weight",
+                a=f"{prefix}lora_A.{ADAPTER}.weight",
+                b=f"{prefix}lora_B.{ADAPTER}.weight",
+            )
+
+
+@torch.no_grad()
+def merge_products(model: nn.Module, products: dict[str, Tensor]) -> None:
+    """W += scaling · P for every adapted layer whose base weight name is in ``products`` (P = Σ w_i B_i A_i)."""
+    params = dict(model.named_parameters())
+    for pair in lora_pairs(model):
+        if pair.base in products:
+            weight = params[pair.base]
+            update = pair.scaling * products[pair.base].to(weight.device, torch.float32)
+            weight.copy_((weight.float() + update).to(weight.dtype))
+
+
+@torch.no_grad()
+def restart_adapters(model: nn.Module, *keys: int) -> None:
+    """Fresh adapters everywhere: A drawn like peft's default (Kaiming uniform) from a generator seeded by
+    ``keys``, so every client draws the same A; B zero, so the model's output does not change."""
+    generator = seeded_generator(*keys)
+    for pair in lora_pairs(model):
+        a, b = pair.layer.lora_A[ADAPTER].weight, pair.layer.lora_B[ADAPTER].weight
+        bound = 1.0 / a.shape[1] ** 0.5  # kaiming_uniform_ with a=sqrt(5): sqrt(6 / ((1 + 5) fan_in))
+        a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1).mul_(bound).to(a.device, a.dtype))
+        b.zero_()

@@ -1,0 +1,158 @@
+"""Every method of the paper's Table 1 on a tiny Llama: trains, moves what it should, counts what it sends."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import quiet_trainer
+from lightning_parablock import CausalLMModule
+from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.data import SyntheticArithmeticDataModule
+from lightning_parablock.fedcybgd import cyclic_turn
+from lightning_parablock.flora import StackingAggregator, stacked_products
+from lightning_parablock.lora import lora_pairs
+from lightning_parablock.methods import METHODS, method
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+CLIENTS = 2
+
+
+def _fit(name, config, cycles=3, spy=None):
+    spec = method(name)
+    module = CausalLMModule(config=config, learning_rate=1e-2, seed=0, **spec.module_args(LORA))
+    data = SyntheticArithmeticDataModule(num_examples=64, val_examples=16, batch_size=8, partition="dirichlet", seed=0)
+    strategy = spec.strategy(num_clients=CLIENTS, local_steps=2, include_embeddings=True, seed=0)
+    if spy is not None:
+        spy(strategy)
+    callback = spec.callback()
+    trainer = quiet_trainer(strategy=strategy, callbacks=[callback], max_epochs=spec.rounds(cycles, CLIENTS))
+    before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer.fit(module, datamodule=data)
+    after = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    return module, strategy, callback, initial, before, after
+
+
+def _changed(module, initial):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, initial[n])}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_lowers_the_loss_and_counts_the_bytes_it_sends(name, tiny_llama_config):
+    module, strategy, callback, initial, before, after = _fit(name, tiny_llama_config)
+    assert after < before
+    model_params = dict(module.named_parameters())
+    trained = {r.round: r for r in callback.records if not r.flush}
+    assert all(set(r.compute_seconds) == set(r.participants) for r in trained.values())
+    exchanges = [r for r in callback.records if r.exchanged_round is not None]
+    assert sorted(r.exchanged_round for r in exchanges) == sorted(trained)  # every round's deltas crossed once
+    for record in exchanges:
+        origin = trained[record.exchanged_round]
+        names = [n for n in strategy.partition[origin.block].param_names if n in strategy._user_trainable]
+        sent = 4 * sum(model_params[n].numel() for n in names)  # fp32 deltas of the trained parameters
+        assert record.upload_bytes == {c: sent for c in origin.participants}
+        assert record.download_bytes == (sent * len(origin.participants) if name == "flora" else sent)  # FLoRA: stacks
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa_lora"])
+def test_lora_methods_move_only_adapters(name, tiny_llama_config):
+    module, _, _, initial, _, _ = _fit(name, tiny_llama_config, cycles=2)
+    changed = _changed(module, initial)
+    assert changed and all(".lora_" in n for n in changed)  # base weights bit-identical
+    if name == "ffa_lora":
+        assert all(".lora_B." in n for n in changed)  # A never moves
+
+
+def test_flora_aggregate_is_the_weighted_sum_of_the_clients_products():
+    generator = torch.Generator().manual_seed(0)
+    a0 = torch.randn(3, 5, generator=generator)
+    deltas = {
+        c: {"x.lora_A.default.weight": torch.randn(3, 5, generator=generator),
+            "x.lora_B.default.weight": torch.randn(4, 3, generator=generator)}
+        for c in (0, 1, 2)
+    }  # fmt: skip
+    weights = {0: 0.5, 1: 0.3, 2: 0.2}
+    stacked = StackingAggregator()(deltas, weights).aggregate
+    assert stacked["x.lora_B.default.weight"].shape == (4, 9) and stacked["x.lora_A.default.weight"].shape == (9, 5)
+    a, b = "x.lora_A.default.weight", "x.lora_B.default.weight"
+    products = stacked_products(stacked, {a: a0}, [("x.w", a, b)])
+    expected = sum(w * deltas[c][b] @ (a0 + deltas[c][a]) for c, w in weights.items())
+    torch.testing.assert_close(products["x.w"], expected)
+    mean = Aggregator()(deltas, weights).aggregate  # what FedIT does instead: not the mean of the products
+    naive = mean["x.lora_B.default.weight"] @ (a0 + mean["x.lora_A.default.weight"])
+    assert not torch.allclose(naive, expected)
+
+
+def test_flora_merges_the_stacked_product_into_the_base_and_restarts_the_adapters(tiny_llama_config):
+    seen = []
+
+    def spy(strategy):
+        apply = strategy.apply_aggregate
+
+        def recording(round_index, block, aggregate, left_out=()):
+            params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
+            seen.append((strategy.round_deltas(round_index), strategy.round_weights(round_index), params))
+            apply(round_index, block, aggregate, left_out)
+            seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
+
+        strategy.apply_aggregate = recording
+
+    module, _, _, _, _, _ = _fit("flora", tiny_llama_config, cycles=2, spy=spy)
+    assert len(seen) == 2
+    for deltas, weights, before, after in seen:
+        for pair in lora_pairs(module):
+            expected = sum(
+                w * deltas[c][pair.b] @ (before[pair.a] + deltas[c][pair.a]) for c, w in weights.items()
+            ) * pair.scaling
+            torch.testing.assert_close(after[pair.base] - before[pair.base], expected, rtol=1e-5, atol=1e-6)
+            assert not after[pair.b].any() and not torch.equal(after[pair.a], before[pair.a])
+
+
+def test_fedcybgd_visits_clients_in_order_each_on_its_block_and_counts_the_fetch(tiny_llama_config):
+    _, strategy, callback, _, _, _ = _fit("fedcybgd", tiny_llama_config, cycles=2)
+    records = [r for r in callback.records if not r.flush]
+    blocks = len(strategy.partition)
+    assert [r.participants for r in records] == [[t % CLIENTS] for t in range(2 * CLIENTS)]
+    assert [r.block for r in records] == [cyclic_turn(t, CLIENTS, blocks)[1] for t in range(2 * CLIENTS)]
+    assert records[0].sync_download_bytes == {0: 0}  # the first client holds the initial model
+    changed_before = {t: {r.block for r in records[max(0, t - CLIENTS + 1) : t]} for t in range(len(records))}
+    for t, record in enumerate(records):
+        fetched = sum(strategy.block_nbytes(b) for b in changed_before[t])
+        assert record.sync_download_bytes == {t % CLIENTS: fetched}
+
+
+def test_lora_module_saves_a_plain_merged_model(tiny_llama_config, tmp_path):
+    module = CausalLMModule(config=tiny_llama_config, seed=0, lora=LORA)
+    with torch.no_grad():
+        for pair in lora_pairs(module):
+            pair.layer.lora_B["default"].weight.normal_()
+    module.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    module.eval()
+    torch.testing.assert_close(plain(input_ids=ids).logits, module(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_method_and_lora_option_are_refused(tiny_llama_config):
+    with pytest.raises(ValueError, match=r"`method` must be one of \('parablock'"):
+        method("fedprox")
+    with pytest.raises(ValueError, match=r"Unknown LoRA options \['rank'\]"):
+        CausalLMModule(config=tiny_llama_config, lora={"rank": 4})
+
+
+@pytest.mark.slow
+def test_table1_benchmark_quick_mode_prints_every_method_and_draws_the_chart(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "table1.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for title in ("ParaBlock", "FedBCD", "Full FT", "FedIT", "FFA-LoRA", "FLoRA", "FedCyBGD"):
+        assert re.search(rf"^{re.escape(title)} +[0-9.]+ ", result.stdout, re.MULTILINE), title
+    assert "ParaBlock's final val loss vs FedBCD's" in result.stdout
+    assert (tmp_path / "table1_figure2.png").stat().st_size > 0 and (tmp_path / "table1.json").exists()
