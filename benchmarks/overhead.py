@@ -73,19 +73,54 @@ def llama_config(hidden: int, layers: int, vocab: int, length: int) -> dict:
 class Timing:
     wall: float  # seconds
     cpu: float  # seconds of CPU this process used, all threads: what load from other processes inflates least
+    model_cpu: float  # of which in the model's forward and in backward, the same work in every run
     steps: int
+
+    @property
+    def outside_model_cpu(self) -> float:
+        """CPU spent on everything but forward and backward: the optimizer update, data and the framework."""
+        return self.cpu - self.model_cpu
 
 
 class Stopwatch:
+    """Times a run, and on the main thread the CPU inside ``model``'s forward and inside ``Tensor.backward``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.model_cpu = 0.0
+
     def __enter__(self) -> "Stopwatch":
+        self._hooks = [
+            self.model.register_forward_pre_hook(lambda *_: self._start()),
+            self.model.register_forward_hook(lambda *_: self._stop()),
+        ]
+        self._backward = torch.Tensor.backward
+
+        def backward(tensor: torch.Tensor, *args, **kwargs) -> None:
+            self._start()
+            try:
+                self._backward(tensor, *args, **kwargs)
+            finally:
+                self._stop()
+
+        torch.Tensor.backward = backward
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exception) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        torch.Tensor.backward = self._backward
+        for hook in self._hooks:
+            hook.remove()
+
+    def _start(self) -> None:
+        self._started = time.thread_time()
+
+    def _stop(self) -> None:
+        self.model_cpu += time.thread_time() - self._started
 
     def timing(self, steps: int) -> Timing:
-        return Timing(self.wall, self.cpu, steps)
+        return Timing(self.wall, self.cpu, self.model_cpu, steps)
 
 
 def freeze_all_but_block(module: CausalLMModule) -> None:
@@ -125,7 +160,7 @@ class Benchmark:
         model.train()
         freeze_all_but_block(module)
         block = [p for p in module.parameters() if p.requires_grad]
-        with Stopwatch() as watch:
+        with Stopwatch(module.model) as watch:
             steps = 0
             for batch in self.loader():
                 if steps % self.options.local_steps == 0:
@@ -141,7 +176,7 @@ class Benchmark:
 
     def strategy(self, clients: int, rounds: int) -> Timing:
         module = self.module()
-        with Stopwatch() as watch:
+        with Stopwatch(module.model) as watch:
             trainer = self.trainer(
                 strategy=FederatedBlockStrategy(
                     num_clients=clients, local_steps=self.options.local_steps, block_patterns=[BLOCK], seed=0
@@ -156,7 +191,7 @@ class Benchmark:
     def lightning(self) -> Timing:
         module = self.module()
         freeze_all_but_block(module)
-        with Stopwatch() as watch:
+        with Stopwatch(module.model) as watch:
             trainer = self.trainer(max_steps=self.options.steps)
             trainer.fit(module, train_dataloaders=self.loader())
             self.synchronize()
@@ -172,22 +207,25 @@ class Benchmark:
 
 
 def report(timings: dict[str, list[Timing]], many: str) -> None:
-    """Medians per step, wall-clock and CPU, and the ratios the targets are stated in."""
+    """Medians per step on each clock, the ratios the targets are stated in, and every run's seconds."""
+
+    def per_step(name: str, clock: str) -> float:
+        return statistics.median(getattr(t, clock) for t in timings[name]) / timings[name][0].steps * 1e3
+
+    print(f"\n{'median ms per step':22s} {'steps':>5s} {'wall':>7s} {'CPU':>7s} {'CPU outside fwd/bwd':>20s}")
+    for name, runs in timings.items():
+        print(
+            f"{name:22s} {runs[0].steps:5d} {per_step(name, 'wall'):7.2f} {per_step(name, 'cpu'):7.2f}"
+            f" {per_step(name, 'outside_model_cpu'):20.2f}"
+        )
     for clock in ("wall", "cpu"):
-        per_step = {
-            name: statistics.median(getattr(t, clock) for t in runs) / runs[0].steps for name, runs in timings.items()
-        }
-        print(f"\n{clock} clock: {'steps':>5s} {'median s':>9s} {'ms/step':>8s} {'vs bare':>8s}   every run (s)")
-        for name, runs in timings.items():
-            print(
-                f"{name:22s} {runs[0].steps:5d} {statistics.median(getattr(t, clock) for t in runs):9.3f}"
-                f" {per_step[name] * 1e3:8.2f} {per_step[name] / per_step['bare PyTorch loop']:7.3f}x  "
-                f" {' '.join(f'{getattr(t, clock):.2f}' for t in runs)}"
-            )
-        bare, one = per_step["bare PyTorch loop"], per_step["strategy, N=1"]
-        print(f"{clock}: strategy N=1 / bare loop per step: {one / bare:.3f}")
-        print(f"{clock}: plain Lightning / bare loop per step: {per_step['plain Lightning'] / bare:.3f}")
-        print(f"{clock}: {many.replace('strategy, ', 'strategy ')} / N=1 per step: {per_step[many] / one:.3f}")
+        bare, one = per_step("bare PyTorch loop", clock), per_step("strategy, N=1", clock)
+        print(f"\n{clock}: strategy N=1 / bare loop per step: {one / bare:.3f}")
+        print(f"{clock}: plain Lightning / bare loop per step: {per_step('plain Lightning', clock) / bare:.3f}")
+        print(f"{clock}: {many.replace('strategy, ', 'strategy ')} / N=1 per step: {per_step(many, clock) / one:.3f}")
+    print("\nevery run, wall / CPU seconds:")
+    for name, runs in timings.items():
+        print(f"  {name:22s} {'  '.join(f'{t.wall:.2f}/{t.cpu:.2f}' for t in runs)}")
 
 
 def main() -> None:
