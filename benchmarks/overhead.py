@@ -4,17 +4,19 @@ Four runs of the same model, data and block, alternated in this process so that 
 hits them alike, several repeats each, medians reported:
 
 - bare: a plain PyTorch loop, forward, backward, AdamW step, a new AdamW every ``local_steps`` steps;
-- strategy N=1: ``FederatedBlockStrategy`` with one client, ``rounds`` rounds of ``local_steps`` steps,
-  staleness 1, no link (an exchange costs only its real copies);
+- strategy N=1: ``FederatedBlockStrategy`` with one client, ``steps / local_steps`` rounds of
+  ``local_steps`` steps, staleness 1, no link (an exchange costs only its real copies);
 - Lightning: a plain ``Trainer`` on the same module, everything but the block frozen, ``max_steps``
   equal to the bare loop's steps;
 - strategy N=10: ten clients, whose turns switch every ``local_steps`` steps, for two rounds.
 
 The model is a Llama built from a config (hidden 256, 4 layers, vocab 512 by default), batches of
-8 × 64 random tokens; the one trained block is layer 1 (``block_patterns``). All Lightning runs
-turn off the logger, checkpointing, the progress bar and the model summary, so they time the training
-loop. A run's seconds span building its Trainer (or first optimizer) to the end of training, on the wall
-clock and in CPU seconds of this process (less inflated by other processes on a busy machine).
+8 × 64 random tokens; the one trained block is layer 1 (``block_patterns``). The Lightning runs turn
+off the logger, checkpointing, the progress bar and the model summary, so they time the training loop
+(``--trainer-defaults`` keeps them). A run is timed from building its Trainer (or first optimizer) to
+the end of training: wall clock, CPU seconds of this process, and the CPU seconds outside the model's
+forward and backward (optimizer update, data, framework), which load from other processes on a busy
+machine inflates least.
 
     python benchmarks/overhead.py [--repeats 5] [--steps 80] [--device cpu] [--quick]
 """
@@ -26,6 +28,7 @@ import logging
 import re
 import shlex
 import statistics
+import tempfile
 import sys
 import time
 import warnings
@@ -129,8 +132,9 @@ def freeze_all_but_block(module: CausalLMModule) -> None:
 
 
 class Benchmark:
-    def __init__(self, options: argparse.Namespace) -> None:
+    def __init__(self, options: argparse.Namespace, root: str) -> None:
         self.options = options
+        self.root = root  # where runs write their files
         self.config = llama_config(options.hidden, options.layers, options.vocab, options.length)
         self.data = RandomTokens(options.batch_size * options.steps, options.length, options.vocab)
 
@@ -143,16 +147,17 @@ class Benchmark:
         )
 
     def trainer(self, **settings) -> Trainer:
-        return Trainer(
-            accelerator=self.options.device,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            **settings,
-        )
+        if self.options.trainer_defaults:  # what a user comparing with defaults sees; files go to a temporary folder
+            quiet = dict(default_root_dir=self.root)
+        else:
+            quiet = dict(
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=self.root,  # the timeline file, written without a logger
+            )
+        return Trainer(accelerator=self.options.device, devices=1, num_sanity_val_steps=0, **quiet, **settings)
 
     def bare(self) -> Timing:
         module = self.module()
@@ -240,6 +245,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="'cpu' or 'gpu'")
+    parser.add_argument(
+        "--trainer-defaults",
+        action="store_true",
+        help="keep the Trainer's logger, checkpointing (every epoch, so every round), progress bar and model summary",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny model, 16 steps, 1 repeat: checks it runs")
     options = parser.parse_args()
     if options.quick:
@@ -251,7 +261,17 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available", tips: once per run
     warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec).*")
 
-    bench = Benchmark(options)
+    with tempfile.TemporaryDirectory(prefix="parablock-overhead-") as root:
+        timings = measure(Benchmark(options, root), options)
+    report(timings, many=f"strategy, N={options.clients}")
+    print(
+        f"torch {torch.__version__}, device {options.device}, {torch.get_num_threads()} threads;"
+        f" command: {shlex.join([sys.executable, *sys.argv])}"
+    )
+
+
+def measure(bench: Benchmark, options: argparse.Namespace) -> dict[str, list[Timing]]:
+    """Every run once to warm up, then ``repeats`` rounds of all runs, in alternating order."""
     runs: dict[str, Callable[[], Timing]] = {
         "bare PyTorch loop": bench.bare,
         "strategy, N=1": lambda: bench.strategy(1, options.steps // options.local_steps),
@@ -264,11 +284,7 @@ def main() -> None:
     for repeat in range(options.repeats):
         for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
             timings[name].append(runs[name]())
-    report(timings, many=f"strategy, N={options.clients}")
-    print(
-        f"torch {torch.__version__}, device {options.device}, {torch.get_num_threads()} threads;"
-        f" command: {shlex.join([sys.executable, *sys.argv])}"
-    )
+    return timings
 
 
 if __name__ == "__main__":
