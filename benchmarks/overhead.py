@@ -228,6 +228,15 @@ def report(timings: dict[str, list[Timing]], many: str) -> None:
         print(f"\n{clock}: strategy N=1 / bare loop per step: {one / bare:.3f}")
         print(f"{clock}: plain Lightning / bare loop per step: {per_step('plain Lightning', clock) / bare:.3f}")
         print(f"{clock}: {many.replace('strategy, ', 'strategy ')} / N=1 per step: {per_step(many, clock) / one:.3f}")
+    # Forward and backward do the same work in every run; what load does to them differs from run to run.
+    # With them set to the bare loop's median, the ratios show the framework's cost alone.
+    model = per_step("bare PyTorch loop", "model_cpu")
+    outside = {name: per_step(name, "outside_model_cpu") for name in timings}
+    bare, one = model + outside["bare PyTorch loop"], model + outside["strategy, N=1"]
+    print(f"\nCPU, forward/backward at the bare loop's median ({model:.2f} ms/step):")
+    print(f"  strategy N=1 / bare loop per step: {one / bare:.3f}")
+    print(f"  plain Lightning / bare loop per step: {(model + outside['plain Lightning']) / bare:.3f}")
+    print(f"  {many.replace('strategy, ', 'strategy ')} / N=1 per step: {(model + outside[many]) / one:.3f}")
     print("\nevery run, wall / CPU seconds:")
     for name, runs in timings.items():
         print(f"  {name:22s} {'  '.join(f'{t.wall:.2f}/{t.cpu:.2f}' for t in runs)}")

@@ -96,4 +96,5 @@ def test_overhead_benchmark_runs_and_prints_its_figures():
         assert re.search(rf"{clock}: strategy N=1 / bare loop per step: [0-9.]+", result.stdout)
         assert re.search(rf"{clock}: plain Lightning / bare loop per step: [0-9.]+", result.stdout)
         assert re.search(rf"{clock}: strategy N=2 / N=1 per step: [0-9.]+", result.stdout)
+    assert re.search(r"forward/backward at the bare loop's median \([0-9.]+ ms/step\)", result.stdout)
     assert "command: " in result.stdout and "overhead.py --quick" in result.stdout
