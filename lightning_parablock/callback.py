@@ -133,6 +133,8 @@ class ParaBlockCallback(Callback):
 
         Set as strings in the metrics the progress bar reads, not through ``self.log``: a logged value
         becomes a float tensor (shown as ``3.000`` by the rich bar), and logging costs on every step.
+        Lightning (2.6) hands back its own dict here and only ever updates it, so the entries stay
+        until the next turn replaces them.
         """
         turn = {"round": strategy.current.index, "client": strategy.active_client, "block": strategy.current.block}
         trainer.progress_bar_metrics.update({key: str(value) for key, value in turn.items() if value is not None})
