@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -62,7 +63,8 @@ class ParaBlockCallback(Callback):
         self._worker: Optional[CommWorker] = None
         self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
-        self._client_loss: dict[int, tuple[Tensor, int]] = {}  # client -> (summed loss, micro-batches)
+        self._client_loss: dict[int, list[Tensor]] = {}  # client -> its micro-batches' losses this round
+        self._shown_client: Optional[int] = None  # the client the progress bar names
 
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
@@ -106,6 +108,7 @@ class ParaBlockCallback(Callback):
         strategy = self._strategy(trainer)
         self._round_started_at = time.perf_counter()
         self._client_loss = {}
+        self._shown_client = None
         round_state = strategy.begin_round(trainer.current_epoch)
         stale_round = round_state.index - self.staleness
         if self.staleness > 0 and stale_round in strategy.pending_rounds():
@@ -119,25 +122,32 @@ class ParaBlockCallback(Callback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # Runs every step: keep it to appends and comparisons, anything more belongs to a turn or a round.
         strategy = self._strategy(trainer)
         client = strategy.active_client
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if client is not None and loss is not None:
-            total, count = self._client_loss.get(client, (0.0, 0))
-            # Lightning hands back the loss divided by the accumulation factor; undo it. Kept on the device
-            # until the round ends so logging it costs no synchronization per step.
-            self._client_loss[client] = (total + loss.detach() * trainer.accumulate_grad_batches, count + 1)
-            pl_module.log_dict(
-                {"block": float(strategy.current.block), "client": float(client)},
-                prog_bar=True,
-                logger=False,
-                on_step=True,
-                on_epoch=False,
-            )
+            # Kept on the device until the round ends, so the loss costs no synchronization per step.
+            self._client_loss.setdefault(client, []).append(loss.detach())
+        if client != self._shown_client:
+            self._shown_client = client
+            self._show_turn(trainer, strategy)
         if strategy.is_last_batch_of_round(batch_idx):
             # The boundary comes before anything else of the epoch's end sees the model: validation
             # and checkpoints get the global model of this round, never a half-finished state.
             self._close_round(trainer, pl_module)
+
+    @staticmethod
+    def _show_turn(trainer: "pl.Trainer", strategy: FederatedBlockStrategy) -> None:
+        """Round, client and block in the progress bar, once per turn.
+
+        Set as strings in the metrics the progress bar reads, not through ``self.log``: a logged value
+        becomes a float tensor (shown as ``3.000`` by the rich bar), and logging costs on every step.
+        Lightning (2.6) hands back its own dict here and only ever updates it, so the entries stay
+        until the next turn replaces them.
+        """
+        turn = {"round": strategy.current.index, "client": strategy.active_client, "block": strategy.current.block}
+        trainer.progress_bar_metrics.update({key: str(value) for key, value in turn.items() if value is not None})
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -153,7 +163,11 @@ class ParaBlockCallback(Callback):
             block=round_state.block,
             participants=list(round_state.participants),
             compute_seconds=dict(round_state.compute_seconds),
-            client_loss={c: float(total) / count for c, (total, count) in self._client_loss.items()},
+            # Lightning hands back the loss divided by the accumulation factor; undo it.
+            client_loss={
+                c: float(torch.stack(losses).sum()) * trainer.accumulate_grad_batches / len(losses)
+                for c, losses in self._client_loss.items()
+            },
             probe_seconds=round_state.probe_seconds,
             sync_download_bytes=dict(round_state.sync_download_bytes),
         )

@@ -82,3 +82,19 @@ def test_overlap_benchmark_runs_and_prints_its_figures():
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"ParaBlock / FedBCD measured time: [0-9.]+", result.stdout)
     assert len(re.findall(r"fp32 blocks per client", result.stdout)) == 3
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs_and_prints_its_figures():
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for clock in ("wall", "cpu"):
+        assert re.search(rf"{clock}: strategy N=1 / bare loop per step: [0-9.]+", result.stdout)
+        assert re.search(rf"{clock}: plain Lightning / bare loop per step: [0-9.]+", result.stdout)
+        assert re.search(rf"{clock}: strategy N=2 / N=1 per step: [0-9.]+", result.stdout)
+    assert re.search(r"forward/backward at the bare loop's median \([0-9.]+ ms/step\)", result.stdout)
+    assert "command: " in result.stdout and "overhead.py --quick" in result.stdout

@@ -1,0 +1,300 @@
+"""What a training step costs on top of a bare PyTorch loop: the strategy, plain Lightning, N clients.
+
+Four runs of the same model, data and block, alternated in this process so that load on the machine
+hits them alike, several repeats each, medians reported:
+
+- bare: a plain PyTorch loop, forward, backward, AdamW step, a new AdamW every ``local_steps`` steps;
+- strategy N=1: ``FederatedBlockStrategy`` with one client, ``steps / local_steps`` rounds of
+  ``local_steps`` steps, staleness 1, no link (an exchange costs only its real copies);
+- Lightning: a plain ``Trainer`` on the same module, everything but the block frozen, ``max_steps``
+  equal to the bare loop's steps;
+- strategy N=10: ten clients, whose turns switch every ``local_steps`` steps, for two rounds.
+
+The model is a Llama built from a config (hidden 256, 4 layers, vocab 512 by default), batches of
+8 × 64 random tokens; the one trained block is layer 1 (``block_patterns``). The Lightning runs turn
+off the logger, checkpointing, the progress bar and the model summary, so they time the training loop
+(``--trainer-defaults`` keeps them). A run is timed from building its Trainer (or first optimizer) to
+the end of training: wall clock, CPU seconds of this process, and the CPU seconds outside the model's
+forward and backward (optimizer update, data, framework), which load from other processes on a busy
+machine inflates least.
+
+    python benchmarks/overhead.py [--repeats 5] [--steps 80] [--device cpu] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shlex
+import statistics
+import tempfile
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from lightning import Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_parablock import CausalLMModule, FederatedBlockStrategy, ParaBlockCallback
+
+BLOCK = r"^model\.model\.layers\.1\."
+
+
+class RandomTokens(Dataset):
+    """Fixed random token sequences, every token a label."""
+
+    def __init__(self, num_examples: int, length: int, vocab_size: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.input_ids = torch.randint(3, vocab_size, (num_examples, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def llama_config(hidden: int, layers: int, vocab: int, length: int) -> dict:
+    return dict(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=length,
+    )
+
+
+@dataclass
+class Timing:
+    wall: float  # seconds
+    cpu: float  # seconds of CPU this process used, all threads: what load from other processes inflates least
+    model_cpu: float  # of which in the model's forward and in backward, the same work in every run
+    steps: int
+
+    @property
+    def outside_model_cpu(self) -> float:
+        """CPU spent on everything but forward and backward: the optimizer update, data and the framework."""
+        return self.cpu - self.model_cpu
+
+
+class Stopwatch:
+    """Times a run, and on the main thread the CPU inside ``model``'s forward and inside ``Tensor.backward``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.model_cpu = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._hooks = [
+            self.model.register_forward_pre_hook(lambda *_: self._start()),
+            self.model.register_forward_hook(lambda *_: self._stop()),
+        ]
+        self._backward = torch.Tensor.backward
+
+        def backward(tensor: torch.Tensor, *args, **kwargs) -> None:
+            self._start()
+            try:
+                self._backward(tensor, *args, **kwargs)
+            finally:
+                self._stop()
+
+        torch.Tensor.backward = backward
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        torch.Tensor.backward = self._backward
+        for hook in self._hooks:
+            hook.remove()
+
+    def _start(self) -> None:
+        self._started = time.thread_time()
+
+    def _stop(self) -> None:
+        self.model_cpu += time.thread_time() - self._started
+
+    def timing(self, steps: int) -> Timing:
+        return Timing(self.wall, self.cpu, self.model_cpu, steps)
+
+
+def freeze_all_but_block(module: CausalLMModule) -> None:
+    for name, param in module.named_parameters():
+        param.requires_grad_(re.search(BLOCK, name) is not None)
+
+
+class Benchmark:
+    def __init__(self, options: argparse.Namespace, root: str) -> None:
+        self.options = options
+        self.root = root  # where runs write their files
+        self.config = llama_config(options.hidden, options.layers, options.vocab, options.length)
+        self.data = RandomTokens(options.batch_size * options.steps, options.length, options.vocab)
+
+    def module(self) -> CausalLMModule:
+        return CausalLMModule(config=self.config, learning_rate=1e-3, seed=0)
+
+    def loader(self) -> DataLoader:
+        return DataLoader(
+            self.data, batch_size=self.options.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+
+    def trainer(self, **settings) -> Trainer:
+        if self.options.trainer_defaults:  # what a user comparing with defaults sees; files go to a temporary folder
+            quiet = dict(default_root_dir=self.root)
+        else:
+            quiet = dict(
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=self.root,  # the timeline file, written without a logger
+            )
+        return Trainer(accelerator=self.options.device, devices=1, num_sanity_val_steps=0, **quiet, **settings)
+
+    def bare(self) -> Timing:
+        module = self.module()
+        model = module.model.to(self.device)
+        model.train()
+        freeze_all_but_block(module)
+        block = [p for p in module.parameters() if p.requires_grad]
+        with Stopwatch(module.model) as watch:
+            steps = 0
+            for batch in self.loader():
+                if steps % self.options.local_steps == 0:
+                    optimizer = torch.optim.AdamW(block, lr=1e-3)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+            self.synchronize()
+        return watch.timing(steps)
+
+    def strategy(self, clients: int, rounds: int) -> Timing:
+        module = self.module()
+        with Stopwatch(module.model) as watch:
+            trainer = self.trainer(
+                strategy=FederatedBlockStrategy(
+                    num_clients=clients, local_steps=self.options.local_steps, block_patterns=[BLOCK], seed=0
+                ),
+                callbacks=[ParaBlockCallback(staleness=1)],
+                max_epochs=rounds,
+            )
+            trainer.fit(module, train_dataloaders=self.loader())
+            self.synchronize()
+        return watch.timing(trainer.global_step)
+
+    def lightning(self) -> Timing:
+        module = self.module()
+        freeze_all_but_block(module)
+        with Stopwatch(module.model) as watch:
+            trainer = self.trainer(max_steps=self.options.steps)
+            trainer.fit(module, train_dataloaders=self.loader())
+            self.synchronize()
+        return watch.timing(trainer.global_step)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.options.device == "gpu" else self.options.device)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def report(timings: dict[str, list[Timing]], many: str) -> None:
+    """Medians per step on each clock, the ratios the targets are stated in, and every run's seconds."""
+
+    def per_step(name: str, clock: str) -> float:
+        return statistics.median(getattr(t, clock) for t in timings[name]) / timings[name][0].steps * 1e3
+
+    print(f"\n{'median ms per step':22s} {'steps':>5s} {'wall':>7s} {'CPU':>7s} {'CPU outside fwd/bwd':>20s}")
+    for name, runs in timings.items():
+        print(
+            f"{name:22s} {runs[0].steps:5d} {per_step(name, 'wall'):7.2f} {per_step(name, 'cpu'):7.2f}"
+            f" {per_step(name, 'outside_model_cpu'):20.2f}"
+        )
+    for clock in ("wall", "cpu"):
+        bare, one = per_step("bare PyTorch loop", clock), per_step("strategy, N=1", clock)
+        print(f"\n{clock}: strategy N=1 / bare loop per step: {one / bare:.3f}")
+        print(f"{clock}: plain Lightning / bare loop per step: {per_step('plain Lightning', clock) / bare:.3f}")
+        print(f"{clock}: {many.replace('strategy, ', 'strategy ')} / N=1 per step: {per_step(many, clock) / one:.3f}")
+    # Forward and backward do the same work in every run; what load does to them differs from run to run.
+    # With them set to the bare loop's median, the ratios show the framework's cost alone.
+    model = per_step("bare PyTorch loop", "model_cpu")
+    outside = {name: per_step(name, "outside_model_cpu") for name in timings}
+    bare, one = model + outside["bare PyTorch loop"], model + outside["strategy, N=1"]
+    print(f"\nCPU, forward/backward at the bare loop's median ({model:.2f} ms/step):")
+    print(f"  strategy N=1 / bare loop per step: {one / bare:.3f}")
+    print(f"  plain Lightning / bare loop per step: {(model + outside['plain Lightning']) / bare:.3f}")
+    print(f"  {many.replace('strategy, ', 'strategy ')} / N=1 per step: {(model + outside[many]) / one:.3f}")
+    print("\nevery run, wall / CPU seconds:")
+    for name, runs in timings.items():
+        print(f"  {name:22s} {'  '.join(f'{t.wall:.2f}/{t.cpu:.2f}' for t in runs)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of the bare loop and N=1")
+    parser.add_argument("--local-steps", type=int, default=8, help="steps per turn (K)")
+    parser.add_argument("--clients", type=int, default=10, help="N of the many-client run (two rounds)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'gpu'")
+    parser.add_argument(
+        "--trainer-defaults",
+        action="store_true",
+        help="keep the Trainer's logger, checkpointing (every epoch, so every round), progress bar and model summary",
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 16 steps, 1 repeat: checks it runs")
+    options = parser.parse_args()
+    if options.quick:
+        options.repeats, options.steps, options.local_steps, options.clients = 1, 16, 4, 2
+        options.hidden, options.layers, options.vocab, options.length = 32, 2, 64, 16
+    if options.steps % options.local_steps:
+        parser.error(f"--steps ({options.steps}) must be a multiple of --local-steps ({options.local_steps})")
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available", tips: once per run
+    warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec).*")
+
+    with tempfile.TemporaryDirectory(prefix="parablock-overhead-") as root:
+        timings = measure(Benchmark(options, root), options)
+    report(timings, many=f"strategy, N={options.clients}")
+    print(
+        f"torch {torch.__version__}, device {options.device}, {torch.get_num_threads()} threads;"
+        f" command: {shlex.join([sys.executable, *sys.argv])}"
+    )
+
+
+def measure(bench: Benchmark, options: argparse.Namespace) -> dict[str, list[Timing]]:
+    """Every run once to warm up, then ``repeats`` rounds of all runs, in alternating order."""
+    runs: dict[str, Callable[[], Timing]] = {
+        "bare PyTorch loop": bench.bare,
+        "strategy, N=1": lambda: bench.strategy(1, options.steps // options.local_steps),
+        "plain Lightning": bench.lightning,
+        f"strategy, N={options.clients}": lambda: bench.strategy(options.clients, 2),
+    }
+    for run in runs.values():  # warm-up: first-call costs (imports, allocator) land in no timed run
+        run()
+    timings: dict[str, list[Timing]] = {name: [] for name in runs}
+    for repeat in range(options.repeats):
+        for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
+            timings[name].append(runs[name]())
+    return timings
+
+
+if __name__ == "__main__":
+    main()
