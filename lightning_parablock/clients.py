@@ -7,7 +7,6 @@ shard, those pending deltas and its optimizer state; never a model copy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,13 +74,3 @@ def sample_participants(round_index: int, num_clients: int, count: int, seed: in
         return list(range(num_clients))
     generator = seeded_generator(seed, 0xC11E, round_index)
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())
-
-
-def aggregation_weights(clients: Sequence[VirtualClient], weighting: str) -> list[float]:
-    """w_i over the given clients, summing to one: uniform, or by sample count."""
-    if weighting == "uniform":
-        return [1.0 / len(clients)] * len(clients)
-    if weighting == "samples":
-        total = sum(c.num_samples for c in clients)
-        return [c.num_samples / total for c in clients]
-    raise ValueError(f"`weighting` must be 'uniform' or 'samples', got {weighting!r}.")

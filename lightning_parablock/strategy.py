@@ -440,38 +440,6 @@ class FederatedBlockStrategy(DDPStrategy):
         for index, shard in enumerate(shards):
             if len(shard) == 0:
                 raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
-        clients = [VirtualClient(index=i, sample_indices=list(shard)) for i, shard in enumerate(shards)]
-        if self._restored_pending is not None:
-            for client in clients:
-                saved = self._restored_pending.get(client.index, {})
-                client.pending = {r: BlockDelta(r, d["block"], d["tensors"]) for r, d in saved.items()}
-            self._restored_pending = None
-        else:
-            for client, old in zip(clients, self.clients):
-                client.pending = old.pending
-        return clients
-
-
-    def _make_clients(self, trainer: "pl.Trainer", num_examples: int) -> list[VirtualClient]:
-        """Client shards from the datamodule's ``client_partition(num_clients)``, else an iid split."""
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "client_partition"):
-            shards = datamodule.client_partition(self.num_clients)
-            if len(shards) != self.num_clients:
-                raise MisconfigurationException(
-                    f"`{type(datamodule).__name__}.client_partition` returned {len(shards)} shards for"
-                    f" num_clients={self.num_clients}."
-                )
-        else:
-            if num_examples < self.num_clients:
-                raise MisconfigurationException(
-                    f"The training set has {num_examples} examples, fewer than num_clients={self.num_clients}."
-                )
-            order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(self.seed)).tolist()
-            shards = [order[i :: self.num_clients] for i in range(self.num_clients)]
-        for index, shard in enumerate(shards):
-            if len(shard) == 0:
-                raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
         return [VirtualClient(index=i, sample_indices=list(shard)) for i, shard in enumerate(shards)]
 
     @property

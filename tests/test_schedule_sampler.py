@@ -14,7 +14,6 @@ from lightning_parablock.aggregate import NonFiniteDeltaError, weighted_mean
 from lightning_parablock.clients import (
     BlockDelta,
     VirtualClient,
-    aggregation_weights,
     optimizer_state_nbytes,
     participants_per_round,
     sample_participants,
@@ -268,24 +267,6 @@ def test_consecutive_batches_cover_the_whole_shard(shard_size, batch_size, seed,
 
 def clients_with(*sizes: int) -> list[VirtualClient]:
     return [VirtualClient(index=i, sample_indices=list(range(n))) for i, n in enumerate(sizes)]
-
-
-def test_uniform_and_sample_weights():
-    clients = clients_with(10, 30, 60)
-    assert aggregation_weights(clients, "uniform") == pytest.approx([1 / 3] * 3)
-    assert aggregation_weights(clients, "samples") == pytest.approx([0.1, 0.3, 0.6])
-    with pytest.raises(ValueError, match="'uniform' or 'samples', got 'tokens'"):
-        aggregation_weights(clients, "tokens")
-
-
-@given(sizes=st.lists(st.integers(1, 10_000), min_size=1, max_size=20), weighting=st.sampled_from(["uniform", "samples"]))
-def test_weights_are_non_negative_and_sum_to_one(sizes, weighting):
-    weights = aggregation_weights(clients_with(*sizes), weighting)
-    assert len(weights) == len(sizes)
-    assert all(w > 0 for w in weights)
-    assert math.isclose(sum(weights), 1.0, rel_tol=1e-9)
-    if weighting == "samples":  # proportional to sample counts
-        assert all(math.isclose(w / weights[0], n / sizes[0], rel_tol=1e-9) for w, n in zip(weights, sizes))
 
 
 def test_client_state_bytes_count_pending_deltas_and_optimizer_state():
