@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from lightning_parablock.blocks import BlockPartition
 from lightning_parablock.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.master import MasterBlock, needs_master
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
 
@@ -40,6 +41,7 @@ class _Turn:
     block: int
     global_values: dict[str, Tensor]  # exact global values of every parameter the view touches
     start_values: dict[str, Tensor]  # θ_0 of the round's block, fp32
+    master: Optional[MasterBlock]  # fp32 masters of the block's half-precision weights
 
 
 class Federation:
@@ -53,6 +55,8 @@ class Federation:
             (client, block).
         offload_deltas: keep pending deltas in host memory.
         new_optimizer: builds an optimizer over a block's parameters.
+        master_weights: train bf16/fp16 weights of the active block through fp32 masters (see
+            :mod:`~lightning_parablock.master`); without them steps below half precision's resolution vanish.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class Federation:
         optimizer_state: OptimizerStatePolicy,
         offload_deltas: bool,
         new_optimizer: Callable[[list[nn.Parameter]], Optimizer],
+        master_weights: bool = True,
     ) -> None:
         self.model = model
         self.partition = partition
@@ -70,6 +75,7 @@ class Federation:
         self.optimizer_state = optimizer_state
         self.offload_deltas = offload_deltas
         self.new_optimizer = new_optimizer
+        self.master_weights = master_weights
         self.clients: dict[int, VirtualClient] = {}  # hosted here, by client id
         self.unaggregated: dict[int, int] = {}  # round -> block, trained and not yet aggregated (every rank agrees)
         self.kept_optimizers: dict[tuple[int, int], Optimizer] = {}  # (client, block), with "per_block"
@@ -126,11 +132,21 @@ class Federation:
         touched = {block} | {d.block for d in client.pending.values()}
         params = {n: p for b in touched for n, p in self.partition.parameters(self.model, b).items()}
         global_values = {name: p.detach().clone() for name, p in params.items()}
-        for name, value in self._view_values(client, global_values).items():
+        views = self._view_values(client, global_values)
+        for name, value in views.items():
             params[name].copy_(value.to(params[name].dtype))
-        start_values = {n: p.detach().float().clone() for n, p in self.partition.parameters(self.model, block).items()}
-        self._turn = _Turn(client, round_index, block, global_values, start_values)
-        return self._optimizer(client.index, block)
+        block_params = self.partition.parameters(self.model, block)
+        start_values = {n: p.detach().to(torch.float32, copy=True) for n, p in block_params.items()}
+        half = {n: p for n, p in block_params.items() if needs_master(p)} if self.master_weights else {}
+        for name in half.keys() & views.keys():  # a master starts from the exact view, not its rounded weights
+            start_values[name] = views[name].clone()
+        optimizer = self._optimizer(client.index, block)
+        master = MasterBlock(half, start_values, optimizer) if half else None
+        saved = self._saved_optimizer_states.pop((client.index, block), None)
+        if saved is not None:  # after the masters are bound: loading casts the state to its parameters' dtype
+            optimizer.load_state_dict(saved)
+        self._turn = _Turn(client, round_index, block, global_values, start_values, master)
+        return optimizer
 
     @torch.no_grad()
     def leave(self, record: bool = True) -> Optional[int]:
@@ -142,8 +158,12 @@ class Federation:
         if turn is None:
             return None
         params = self.partition.parameters(self.model, turn.block)
+        masters = {} if turn.master is None else turn.master.masters
+        if turn.master is not None:
+            turn.master.release()
         if record:
-            delta = {name: params[name].detach().float() - start for name, start in turn.start_values.items()}
+            current = {name: masters.get(name, param) for name, param in params.items()}
+            delta = {name: current[name].detach().float() - start for name, start in turn.start_values.items()}
             if self.offload_deltas:
                 delta = {name: tensor.cpu() for name, tensor in delta.items()}
             turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta)
@@ -160,9 +180,6 @@ class Federation:
             return kept
         optimizer = self.new_optimizer(list(self.partition.parameters(self.model, block).values()))
         if self.optimizer_state == "per_block":
-            saved = self._saved_optimizer_states.pop((client_index, block), None)
-            if saved is not None:
-                optimizer.load_state_dict(saved)
             self.kept_optimizers[(client_index, block)] = optimizer
         return optimizer
 

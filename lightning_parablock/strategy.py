@@ -28,7 +28,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
@@ -117,6 +117,10 @@ class FederatedBlockStrategy(DDPStrategy):
             of clients on ranks.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
             ``False`` in the order the datamodule gave.
+        master_weights: with ``precision="bf16-true"`` or ``"16-true"``, train the active block through fp32
+            master copies made when a client's turn starts and dropped when it ends (the optimizer state is
+            fp32 too, for that block only); without them an optimizer step below half precision's resolution
+            rounds away. Deltas and the aggregate are fp32 either way.
         offload_deltas: keep pending deltas in host memory instead of on the device. For large models on
             a GPU: N clients × (staleness + 1) fp32 blocks leave GPU memory, and each turn copies its
             client's deltas back (a 2-layer block of Llama 3-8B is 1.75 GB in fp32).
@@ -148,6 +152,7 @@ class FederatedBlockStrategy(DDPStrategy):
         seed: int = 0,
         shuffle: bool = True,
         offload_deltas: bool = False,
+        master_weights: bool = True,
         device: Optional[_DEVICE] = None,
         accelerator: Optional[Accelerator] = None,
         process_group_backend: Optional[str] = None,
@@ -192,6 +197,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.seed = seed
         self.shuffle = shuffle
         self.offload_deltas = offload_deltas
+        self.master_weights = master_weights
 
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
@@ -274,6 +280,7 @@ class FederatedBlockStrategy(DDPStrategy):
             optimizer_state=self.optimizer_state_policy,
             offload_deltas=self.offload_deltas,
             new_optimizer=self._new_client_optimizer,
+            master_weights=self.master_weights,
         )
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
@@ -294,11 +301,11 @@ class FederatedBlockStrategy(DDPStrategy):
                 "FederatedBlockStrategy needs automatic optimization: it hands each client's optimizer to"
                 " Lightning's loop. Set `self.automatic_optimization = True` in your LightningModule."
             )
-        if isinstance(trainer.precision_plugin, HalfPrecision):
+        if isinstance(trainer.precision_plugin, DoublePrecision):
             raise MisconfigurationException(
-                f"`precision={trainer.precision!r}` keeps the trained block in half precision, where small updates"
-                " round away; fp32 master copies of the active block are not implemented yet. Use"
-                " `precision='bf16-mixed'` (or '16-mixed')."
+                f"`precision={trainer.precision!r}` is not supported: deltas, their exchange and the aggregate are"
+                " kept in fp32, which would silently drop fp64 weights' precision. Use '32-true', 'bf16-true',"
+                " 'bf16-mixed', '16-true' or '16-mixed'."
             )
         if not _is_whole_epoch(trainer.limit_train_batches):
             raise MisconfigurationException(
