@@ -4,6 +4,7 @@ from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.blocks import Block, BlockPartition, partition_by_patterns, partition_decoder
 from lightning_parablock.callback import ParaBlockCallback
 from lightning_parablock.comm import CommunicationError, SimulatedLink
+from lightning_parablock.compress import BF16Codec, Codec, Int8Codec, TopKCodec
 from lightning_parablock.module import CausalLMModule
 from lightning_parablock.schedule import BlockSchedule
 from lightning_parablock.strategy import FederatedBlockStrategy
@@ -13,16 +14,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
+    "BF16Codec",
     "Block",
     "BlockPartition",
     "BlockSchedule",
     "CausalLMModule",
+    "Codec",
     "CommunicationError",
     "FederatedBlockStrategy",
+    "Int8Codec",
     "ParaBlockCallback",
     "RoundRecord",
     "RunSummary",
     "SimulatedLink",
+    "TopKCodec",
     "load_timeline",
     "modelled_wallclock",
     "partition_by_patterns",

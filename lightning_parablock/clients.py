@@ -37,13 +37,16 @@ class VirtualClient:
     index: int
     sample_indices: list[int]
     pending: dict[int, BlockDelta] = field(default_factory=dict)  # round -> own delta, not yet aggregated
+    residual: dict[str, Tensor] = field(default_factory=dict)  # what error-feedback compression has not sent yet
 
     @property
     def num_samples(self) -> int:
         return len(self.sample_indices)
 
     def pending_nbytes(self) -> int:
-        return sum(delta.nbytes for delta in self.pending.values())
+        """Pending deltas and the compression residual."""
+        residual = sum(t.numel() * t.element_size() for t in self.residual.values())
+        return residual + sum(delta.nbytes for delta in self.pending.values())
 
 
 def optimizer_state_nbytes(optimizer: Optimizer) -> int:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.compress import EncodedTensor, as_encoded, decode_delta, encoded_nbytes
 
 _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -120,7 +121,9 @@ def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
 class Transport(Protocol):
     """How one round's deltas meet: returns the aggregate after the (modelled or real) transfer.
 
-    Runs on the communication thread. ``deltas`` are the senders this process hosts; ``weights`` their
+    Runs on the communication thread. ``deltas`` are the senders this process hosts, as fp32 tensors or as
+    encoded by a :class:`~lightning_parablock.compress.Codec` (decoded to fp32 before aggregating; the
+    bytes counted are the encoded ones); ``weights`` their
     unnormalized aggregation weights (1 for uniform, the sample count for ``"samples"``), normalized over
     every sender the aggregate keeps. :func:`exchange` keeps every client in this process;
     :class:`~lightning_parablock.collective.CollectiveTransport` adds the other ranks' with torch.distributed.
@@ -130,7 +133,7 @@ class Transport(Protocol):
         self,
         round_index: int,
         block: int,
-        deltas: Mapping[int, Mapping[str, Tensor]],
+        deltas: Mapping[int, Mapping[str, Union[Tensor, EncodedTensor]]],
         weights: Mapping[int, float],
         link: SimulatedLink,
         aggregator: Aggregator,
@@ -141,7 +144,7 @@ class Transport(Protocol):
 def exchange(
     round_index: int,
     block: int,
-    deltas: Mapping[int, Mapping[str, Tensor]],
+    deltas: Mapping[int, Mapping[str, Union[Tensor, EncodedTensor]]],
     weights: Mapping[int, float],
     link: SimulatedLink,
     aggregator: Optional[Aggregator] = None,
@@ -151,11 +154,10 @@ def exchange(
     start = time.perf_counter()
     with torch.no_grad():  # grad mode is per thread: the worker starts with it on
         uploaded = {
-            client: {name: t.detach().to("cpu", copy=True) for name, t in delta.items()}
-            for client, delta in deltas.items()
+            client: {name: t.to("cpu") for name, t in as_encoded(delta).items()} for client, delta in deltas.items()
         }
-        result = (aggregator or Aggregator())(uploaded, weights)
-    upload_bytes = {client: tensor_bytes(delta) for client, delta in uploaded.items()}
+        upload_bytes = {client: encoded_nbytes(delta) for client, delta in uploaded.items()}
+        result = (aggregator or Aggregator())({c: decode_delta(d) for c, d in uploaded.items()}, weights)
     download_bytes = tensor_bytes(result.aggregate)
     return finish_exchange(
         round_index, block, result.aggregate, result.skipped_clients, upload_bytes, download_bytes, link, start, stop

@@ -23,13 +23,15 @@ from torch.optim import Optimizer
 
 from lightning_parablock.blocks import BlockPartition
 from lightning_parablock.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
 from lightning_parablock.master import MasterBlock, needs_master
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
 
 #: Version of :meth:`Federation.state_dict`. 1: pending deltas and kept optimizer states of every client
 #: (single process). 2: adds the rounds trained but not yet aggregated and the client placement on ranks.
-STATE_SCHEMA_VERSION = 2
+#: 3: adds each client's error-feedback residual of compressed uploads.
+STATE_SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Federation:
         self.clients = {c.index: c for c in clients}
         for index, client in self.clients.items():
             if index in previous:
-                client.pending = previous[index].pending
+                client.pending, client.residual = previous[index].pending, previous[index].residual
 
     @property
     def active_client(self) -> Optional[int]:
@@ -108,6 +110,11 @@ class Federation:
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each hosted client's own delta of ``round_index``, by client id."""
         return {i: c.pending[round_index].tensors for i, c in self.clients.items() if round_index in c.pending}
+
+    def encode_round(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
+        """Each hosted client's delta of ``round_index`` as it goes on the wire (updating its residual)."""
+        deltas = self.round_deltas(round_index)
+        return {i: encode_delta(codec, delta, self.clients[i].residual) for i, delta in deltas.items()}
 
     def sample_counts(self, client_indices: Sequence[int]) -> dict[int, int]:
         return {i: self.clients[i].num_samples for i in client_indices}
@@ -222,6 +229,7 @@ class Federation:
         for client in self.clients.values():
             if client.index in left_out:
                 client.pending.clear()
+                client.residual.clear()
             client.pending.pop(round_index, None)
 
     # ------------------------------------------------------------- checkpoints
@@ -235,6 +243,7 @@ class Federation:
                 i: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
                 for i, c in self.clients.items()
             },
+            "residuals": {i: dict(c.residual) for i, c in self.clients.items() if c.residual},
             "optimizers": {
                 **self._saved_optimizer_states,
                 **{key: optimizer.state_dict() for key, optimizer in self.kept_optimizers.items()},
@@ -253,6 +262,7 @@ class Federation:
         for index, client in self.clients.items():
             saved = pending.get(index, {})
             client.pending = {r: BlockDelta(r, d["block"], d["tensors"]) for r, d in saved.items()}
+            client.residual = dict(state.get("residuals", {}).get(index, {}))
         if "unaggregated" in state:
             self.unaggregated = {int(r): int(b) for r, b in state["unaggregated"].items()}
         else:  # version 1: one process held every client, so its pending deltas name every open round

@@ -55,6 +55,7 @@ from lightning_parablock.collective import (
     place_clients,
 )
 from lightning_parablock.comm import CommWorker, SimulatedLink
+from lightning_parablock.compress import Codec, EncodedDelta
 from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
@@ -538,6 +539,10 @@ class FederatedBlockStrategy(DDPStrategy):
         """Each hosted client's own delta of ``round_index``, by client id."""
         return self.federation.round_deltas(round_index)
 
+    def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
+        """Each hosted client's delta of ``round_index`` encoded for the wire (error-feedback residuals updated)."""
+        return self.federation.encode_round(round_index, codec)
+
     def round_weights(self, round_index: int) -> dict[int, float]:
         """Unnormalized aggregation weights of the hosted senders of ``round_index`` (1, or the sample count)."""
         senders = self.federation.round_deltas(round_index)
@@ -701,6 +706,7 @@ class FederatedBlockStrategy(DDPStrategy):
                     **state,
                     "pending": {i: p for s in states for i, p in s["pending"].items()},
                     "optimizers": {k: o for s in states for k, o in s["optimizers"].items()},
+                    "residuals": {i: r for s in states for i, r in s["residuals"].items()},
                 }
             checkpoint["federation"] = {
                 **state,
