@@ -24,6 +24,9 @@ class CausalLMModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         seed: Seeds the random initialization of a model built from ``config``, without touching global RNG state.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward instead of keeping them
+            (Hugging Face's ``gradient_checkpointing_enable``), trading compute for activation memory. Non-reentrant
+            checkpointing, so layers below the active block, whose inputs need no gradient, still pass one to it.
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -51,6 +55,15 @@ class CausalLMModule(L.LightningModule):
                 self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
             else:
                 self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+        if gradient_checkpointing:
+            if not self.model.supports_gradient_checkpointing:
+                raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing.")
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 names it so
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
 
     @property
     def hf_model(self) -> PreTrainedModel:
