@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +25,14 @@ class BlockDelta:
     round: int
     block: int
     tensors: dict[str, Tensor]
+    ready: Optional[Any] = None  # a CUDA event: the tensors are host copies still in flight until it completes
+
+    def wait(self) -> "BlockDelta":
+        """Block until the tensors' copy (if any is in flight) has landed; return self."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
 
     @property
     def nbytes(self) -> int:

@@ -18,13 +18,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.compress import EncodedTensor, as_encoded, decode_delta, encoded_nbytes
+from lightning_parablock.cuda_overlap import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
 
 _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -153,9 +155,10 @@ def exchange(
     """The in-memory transport: upload every delta, aggregate, download; return after the modelled link time."""
     start = time.perf_counter()
     with torch.no_grad():  # grad mode is per thread: the worker starts with it on
-        uploaded = {
-            client: {name: t.to("cpu") for name, t in as_encoded(delta).items()} for client, delta in deltas.items()
-        }
+        with record_function(COPY_RANGE):
+            uploaded = {
+                client: {name: t.to("cpu") for name, t in as_encoded(delta).items()} for client, delta in deltas.items()
+            }
         upload_bytes = {client: encoded_nbytes(delta) for client, delta in uploaded.items()}
         result = (aggregator or Aggregator())({c: decode_delta(d) for c, d in uploaded.items()}, weights)
     download_bytes = tensor_bytes(result.aggregate)
@@ -210,6 +213,8 @@ class CommWorker:
         aggregator: how the server combines deltas.
         transport: how deltas meet; :func:`exchange` (every client in this process) by default.
         describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
+        stage_to_host: start copying CUDA deltas to pinned host memory on a side stream when they are submitted
+            (for transports that work on the host); the thread waits for the copies' event, the trainer never.
     """
 
     def __init__(
@@ -219,12 +224,14 @@ class CommWorker:
         aggregator: Optional[Aggregator] = None,
         transport: Transport = exchange,
         describe_stall: Optional[Callable[[int], str]] = None,
+        stage_to_host: bool = True,
     ) -> None:
         self.link = link
         self.timeout_s = timeout_s
         self.aggregator = aggregator or Aggregator()
         self.transport = transport
         self.describe_stall = describe_stall
+        self.stage_to_host = stage_to_host
         self._queue: Optional[queue.SimpleQueue] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
@@ -240,8 +247,20 @@ class CommWorker:
                 )
                 thread.start()
             future: Future = Future()
+            copies: list[Any] = []
+            if self.stage_to_host:
+                deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
             job = functools.partial(
-                self.transport, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator, self._stop
+                _exchange_after,
+                copies,
+                self.transport,
+                round_index,
+                block,
+                dict(deltas),
+                dict(weights),
+                self.link,
+                self.aggregator,
+                self._stop,
             )
             self._queue.put((future, job))
             self._in_flight[round_index] = (block, future)
@@ -278,6 +297,26 @@ class CommWorker:
                 self._queue.put(None)
                 self._queue = None
             self._stop = threading.Event()  # the worker may be used again by a later fit
+
+
+def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Union[Tensor, EncodedTensor]]:
+    """Host copies of a delta's CUDA tensors, started on a side stream; their events go to ``copies``."""
+    staged: dict[str, Union[Tensor, EncodedTensor]] = {}
+    for name, value in delta.items():
+        payload = value.payload if isinstance(value, EncodedTensor) else {"tensor": value}
+        host, done = copy_to_host(payload)
+        if done is not None:
+            copies.append(done)
+        staged[name] = EncodedTensor(value.codec, value.shape, host) if isinstance(value, EncodedTensor) else host["tensor"]
+    return staged
+
+
+def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> RoundExchange:
+    """On the thread: wait for the deltas' host copies, then run the exchange."""
+    for done in copies:
+        done.synchronize()
+    with record_function(EXCHANGE_RANGE):
+        return transport(*args)
 
 
 def _serve(jobs: queue.SimpleQueue, stop: threading.Event) -> None:

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from lightning_parablock.blocks import BlockPartition
 from lightning_parablock.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
 from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
+from lightning_parablock.cuda_overlap import copy_to_host
 from lightning_parablock.master import MasterBlock, needs_master
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
@@ -109,7 +110,7 @@ class Federation:
 
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each hosted client's own delta of ``round_index``, by client id."""
-        return {i: c.pending[round_index].tensors for i, c in self.clients.items() if round_index in c.pending}
+        return {i: c.pending[round_index].wait().tensors for i, c in self.clients.items() if round_index in c.pending}
 
     def encode_round(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
         """Each hosted client's delta of ``round_index`` as it goes on the wire (updating its residual)."""
@@ -171,9 +172,10 @@ class Federation:
         if record:
             current = {name: masters.get(name, param) for name, param in params.items()}
             delta = {name: current[name].detach().float() - start for name, start in turn.start_values.items()}
-            if self.offload_deltas:
-                delta = {name: tensor.cpu() for name, tensor in delta.items()}
-            turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta)
+            ready = None
+            if self.offload_deltas:  # pinned, non-blocking: the next client's turn does not wait for the copy
+                delta, ready = copy_to_host(delta)
+            turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta, ready)
         all_params = dict(self.model.named_parameters())
         for name, value in turn.global_values.items():
             all_params[name].copy_(value)
@@ -202,7 +204,7 @@ class Federation:
         """global + η Σ own pending deltas, in fp32, for the parameters the client's deltas touch."""
         views: dict[str, Tensor] = {}
         for delta in sorted(client.pending.values(), key=lambda d: d.round):
-            for name, tensor in delta.tensors.items():
+            for name, tensor in delta.wait().tensors.items():
                 base = views.get(name, global_values[name].float())
                 views[name] = base + self.global_lr * tensor.to(base.device)
         return views
@@ -240,7 +242,7 @@ class Federation:
             "version": STATE_SCHEMA_VERSION,
             "unaggregated": dict(self.unaggregated),
             "pending": {
-                i: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
+                i: {r: {"block": d.block, "tensors": d.wait().tensors} for r, d in c.pending.items()}
                 for i, c in self.clients.items()
             },
             "residuals": {i: dict(c.residual) for i, c in self.clients.items() if c.residual},

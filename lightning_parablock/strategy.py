@@ -12,7 +12,6 @@ train independently.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,6 +55,7 @@ from lightning_parablock.collective import (
 )
 from lightning_parablock.comm import CommWorker, SimulatedLink
 from lightning_parablock.compress import Codec, EncodedDelta
+from lightning_parablock.cuda_overlap import TurnTimer
 from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
@@ -208,7 +208,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.current: Optional[RoundState] = None
         self._round_blocks: dict[int, int] = {}
         self._participants: dict[int, list[int]] = {}
-        self._turn_started_at = 0.0
+        self._timer = TurnTimer(torch.device("cpu"))
         self._idle = False  # this rank waits through a turn while other ranks train
         self._idle_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         self._last_module_optimizer: Optional[weakref.ref[Optimizer]] = None
@@ -283,6 +283,7 @@ class FederatedBlockStrategy(DDPStrategy):
             new_optimizer=self._new_client_optimizer,
             master_weights=self.master_weights,
         )
+        self._timer = TurnTimer(self.root_device)
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
 
@@ -514,6 +515,7 @@ class FederatedBlockStrategy(DDPStrategy):
         """Close the last client's turn; the model holds the global values again."""
         assert self.current is not None and self.federation is not None, "no round in progress"
         self._leave_client()
+        self.current.compute_seconds.update(self._timer.resolve())
         self.federation.round_trained(self.current.index, self.current.block)
         return self.current
 
@@ -577,7 +579,10 @@ class FederatedBlockStrategy(DDPStrategy):
             return CommWorker(link, timeout_s, aggregator)
         device = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         transport = CollectiveTransport(new_exchange_group(timeout_s), self.placement, self._block_layout, timeout_s, device)
-        return CommWorker(link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall)
+        return CommWorker(
+            link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall,
+            stage_to_host=device.type == "cpu",
+        )  # fmt: skip
 
     def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
         return [(n, p.shape) for n, p in self.partition.parameters(self.lightning_module, block).items()]
@@ -628,7 +633,7 @@ class FederatedBlockStrategy(DDPStrategy):
             self.optimizers = [self._idle_optimizer]
         else:
             self.optimizers = [self.federation.enter(client, self.current.index, self.current.block)]
-        self._turn_started_at = time.perf_counter()
+        self._timer.start()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -673,15 +678,14 @@ class FederatedBlockStrategy(DDPStrategy):
         """End the turn in progress (a client's or an idle one) and note its compute time."""
         if self._idle:
             self._idle = False
+            self._timer.stop(None)
             self.optimizers = []
             return
         client = None if self.federation is None else self.federation.leave(record)
         if client is None:
             return
         self.optimizers = []  # checkpoints carry no stale client optimizer
-        if self.root_device.type == "cuda":
-            torch.cuda.synchronize(self.root_device)
-        self.current.compute_seconds[client] = time.perf_counter() - self._turn_started_at
+        self._timer.stop(client)  # read at the round's end: no device-wide synchronize per turn
 
     # ------------------------------------------------------------- checkpoints
 
