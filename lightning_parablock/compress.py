@@ -33,7 +33,8 @@ class EncodedTensor:
         return sum(t.numel() * t.element_size() for t in self.payload.values())
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "EncodedTensor":
-        payload = {k: v.to(device, non_blocking=non_blocking, copy=True) for k, v in self.payload.items()}
+        """On ``device``; payloads already there are shared, not copied (nothing writes to a sent delta)."""
+        payload = {k: v.to(device, non_blocking=non_blocking) for k, v in self.payload.items()}
         return EncodedTensor(self.codec, self.shape, payload)
 
     def decode(self) -> Tensor:
