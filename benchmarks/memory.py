@@ -7,16 +7,22 @@ and the optimizer state of the one block being trained, so the expected peak is
 
 Each N runs in a fresh process (peak RSS only grows). On CPU the figure is the growth of peak RSS
 (``resource.getrusage``) from just before the model is built to the end of training; on CUDA it is
-``torch.cuda.max_memory_allocated``. A Llama built from a config (random weights, no download) with one
-decoder layer per block, fp32, AdamW, staleness 1, two rounds of one local step per client.
+``torch.cuda.max_memory_allocated``. On CPU every allocation of 1 MiB or more gets its own mapping
+(``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the RSS and its peak follows live tensors; with
+``--glibc-heap`` glibc keeps freed blocks in its heap and the peak includes them. The second ratio
+adds what a client's turn holds on top: the exact global copy of the blocks its view touches (s+1),
+the block's gradient and the aggregate in flight. A Llama built from a config (random weights, no
+download) with one decoder layer per block, fp32, AdamW, staleness 1, two rounds of one local step
+per client.
 
-    python benchmarks/memory.py [--clients 1 10 50] [--device cpu|cuda] [--hidden 512] [--layers 8]
+    python benchmarks/memory.py [--clients 1 10 50] [--device cpu|cuda] [--hidden 512] [--layers 8] [--glibc-heap]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -91,26 +97,39 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument(
+        "--glibc-heap", action="store_true",
+        help="leave glibc's default: freed blocks stay in its heap and count in the peak RSS",
+    )  # fmt: skip
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child run: print JSON
     options = parser.parse_args()
     if options.one is not None:
-        print(json.dumps(measure(options.one, options.device, options.hidden, options.layers)))
+        print(json.dumps(measure(options.one, options.device, options.hidden, options.layers)), flush=True)
         return
 
     staleness = 1
-    print(f"{'clients':>7s} {'measured':>11s} {'formula':>11s} {'ratio':>6s}   (model, block in MB; seconds)")
+    print(f"{'clients':>7s} {'measured':>11s} {'formula':>11s} {'ratio':>6s} {'+ turn':>11s} {'ratio':>6s}"
+          "   (model, block in MB; seconds)")  # fmt: skip
     for clients in options.clients:
         command = [sys.executable, __file__, "--one", str(clients), "--device", options.device,
                    "--hidden", str(options.hidden), "--layers", str(options.layers)]  # fmt: skip
-        run = subprocess.run(command, capture_output=True, text=True, check=True)
-        result = json.loads(run.stdout.strip().splitlines()[-1])
+        env = dict(os.environ)
+        if not options.glibc_heap:
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        if not run.stdout.strip():
+            raise RuntimeError(f"the run with {clients} clients failed:\n{run.stderr[-2000:]}")
+        result = json.loads(run.stdout.strip().splitlines()[-1])  # (printed and flushed before the process exits)
         formula = result["model"] + clients * (staleness + 1) * result["block"] + result["optimizer"]
+        with_turn = formula + (staleness + 3) * result["block"]
         print(
             f"{clients:7d} {result['peak'] / 1e6:8.1f} MB {formula / 1e6:8.1f} MB {result['peak'] / formula:6.2f}"
+            f" {with_turn / 1e6:8.1f} MB {result['peak'] / with_turn:6.2f}"
             f"   ({result['model'] / 1e6:.1f}, {result['block'] / 1e6:.1f}; {result['seconds']:.1f} s)"
         )
-    print(f"\nformula: model + N·(s+1)·block + one block's AdamW state, s={staleness}, fp32; torch {torch.__version__},"
-          f" {options.device}")  # fmt: skip
+    print(f"\nformula: model + N·(s+1)·block + one block's AdamW state, s={staleness}, fp32; + turn: the formula plus"
+          f" a turn's working set, (s+3)·block (the exact global copy of the blocks a view touches, the gradient,"
+          f" the aggregate in flight); torch {torch.__version__}, {options.device}")  # fmt: skip
 
 
 if __name__ == "__main__":

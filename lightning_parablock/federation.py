@@ -144,10 +144,8 @@ class Federation:
         for name, value in views.items():
             params[name].copy_(value.to(params[name].dtype))
         block_params = self.partition.parameters(self.model, block)
-        start_values = {n: p.detach().to(torch.float32, copy=True) for n, p in block_params.items()}
         half = {n: p for n, p in block_params.items() if needs_master(p)} if self.master_weights else {}
-        for name in half.keys() & views.keys():  # a master starts from the exact view, not its rounded weights
-            start_values[name] = views[name].clone()
+        start_values = {n: self._start_value(n, p, views, global_values, n in half) for n, p in block_params.items()}
         optimizer = self._optimizer(client.index, block)
         master = MasterBlock(half, start_values, optimizer) if half else None
         saved = self._saved_optimizer_states.pop((client.index, block), None)
@@ -155,6 +153,21 @@ class Federation:
             optimizer.load_state_dict(saved)
         self._turn = _Turn(client, round_index, block, global_values, start_values, master)
         return optimizer
+
+    @staticmethod
+    def _start_value(
+        name: str, param: Tensor, views: dict[str, Tensor], global_values: dict[str, Tensor], mastered: bool
+    ) -> Tensor:
+        """θ_0 of one parameter in fp32, sharing a tensor the turn already holds where that is exact.
+
+        A master starts from the exact fp32 view; half-precision weights trained in place start from their
+        rounded values; without pending deltas on it, θ_0 is the (unchanging) global copy.
+        """
+        if name not in views:
+            return global_values[name].to(torch.float32)
+        if mastered or param.dtype == torch.float32:
+            return views[name]
+        return param.detach().to(torch.float32, copy=True)
 
     @torch.no_grad()
     def leave(self, record: bool = True) -> Optional[int]:
