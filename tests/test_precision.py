@@ -222,3 +222,31 @@ def test_kept_optimizer_state_resumes_in_fp32_under_half_weights():
     restored = [s["exp_avg"] for s in optimizer.state.values()]
     assert all(r.dtype == torch.float32 and torch.equal(r, m) for r, m in zip(restored, moments, strict=True))
     assert all(any(p is m for m in resumed._turn.master.masters.values()) for p in optimizer.state)
+
+
+def test_clipping_and_accumulation_act_on_the_fp32_masters():
+    seen, clipped = [], []
+
+    def norm(optimizer):
+        masters = [p for group in optimizer.param_groups for p in group["params"]]
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in masters)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in masters])).item()
+
+    class Norms(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(norm(optimizer))
+            if not getattr(optimizer, "_probed", False):
+                optimizer.register_step_post_hook(lambda opt, *_: clipped.append(norm(opt)))
+                optimizer._probed = True
+
+    module = ToyModule(optimizer="adamw", lr=0.02)
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=2)
+    trainer = quiet_trainer(
+        strategy=strategy, callbacks=[ParaBlockCallback(), Norms()], max_epochs=3, precision="bf16-true",
+        accumulate_grad_batches=2, gradient_clip_val=1e-3,
+    )  # fmt: skip
+    start = full_loss(ToyModule())
+    trainer.fit(module, toy_loader(toy_dataset()))
+    assert len(seen) == 3 * 2 * 2 and max(seen) > 1e-3  # before clipping; Lightning clips right after this hook
+    assert len(clipped) == len(seen) and max(clipped) <= 1e-3 * (1 + 1e-5)
+    assert full_loss(module) < start
