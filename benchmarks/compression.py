@@ -77,7 +77,8 @@ def main() -> None:
     for compression, precision in SETTINGS:
         loss, uploaded, seconds = run(compression, precision, options.clients, options.rounds, options.device)
         print(f"{compression:12s} {precision:11s} {loss:9.4f} {uploaded / 1e6:9.3f} MB {seconds:8.1f}")
-    print(f"\n{options.clients} clients, {options.rounds} rounds, 4 local steps; torch {torch.__version__}, {options.device}")
+    setup = f"{options.clients} clients, {options.rounds} rounds, 4 local steps"
+    print(f"\n{setup}; torch {torch.__version__}, {options.device}")
 
 
 if __name__ == "__main__":

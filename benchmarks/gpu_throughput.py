@@ -110,7 +110,8 @@ def measure(method: str, shape: str, device: str, steps: int, warmup: int, batch
         return dict(method=method, oom=True)
     measured = clock.steps - warmup
     seconds = (clock.ended or time.perf_counter()) - clock.started
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_growth
     result = dict(method=method, tokens_per_second=min(measured, steps) * batch_size * sequence / seconds, peak=peak)
     if method == "parablock":
         summary = callback.summary()
@@ -150,8 +151,10 @@ def main() -> None:
         if result.get("oom"):
             print(f"{method:10s} OOM")
             continue
-        extra = f"  exposed wait {100 * result['exposed_wait_share']:.1f}% of compute" if "exposed_wait_share" in result else ""
-        print(f"{method:10s} {result['tokens_per_second']:10.1f} tokens/s  peak {result['peak'] / 2**30:7.3f} GiB{extra}")
+        share = result.get("exposed_wait_share")
+        extra = "" if share is None else f"  exposed wait {100 * share:.1f}% of compute"
+        speed, peak = result["tokens_per_second"], result["peak"] / 2**30
+        print(f"{method:10s} {speed:10.1f} tokens/s  peak {peak:7.3f} GiB{extra}")
     print(f"torch {torch.__version__}")
 
 

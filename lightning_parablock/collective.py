@@ -105,8 +105,8 @@ class CollectiveTransport:
             mine = {client: _flatten(decode_delta(delta), layout, self.device) for client, delta in encoded.items()}
             status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=self.device)
             for client, flat in mine.items():
-                finite = bool(torch.isfinite(flat).all())
-                status[client] = torch.tensor([1.0, float(weights[client]), float(not finite), encoded_nbytes(encoded[client])])
+                bad_values = float(not torch.isfinite(flat).all())
+                status[client] = torch.tensor([1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])])
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             status = status.cpu()

@@ -299,15 +299,15 @@ class CommWorker:
             self._stop = threading.Event()  # the worker may be used again by a later fit
 
 
-def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Union[Tensor, EncodedTensor]]:
+def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Any]:
     """Host copies of a delta's CUDA tensors, started on a side stream; their events go to ``copies``."""
-    staged: dict[str, Union[Tensor, EncodedTensor]] = {}
+    staged: dict[str, Any] = {}
     for name, value in delta.items():
-        payload = value.payload if isinstance(value, EncodedTensor) else {"tensor": value}
-        host, done = copy_to_host(payload)
+        encoded = isinstance(value, EncodedTensor)
+        host, done = copy_to_host(value.payload if encoded else {"tensor": value})
         if done is not None:
             copies.append(done)
-        staged[name] = EncodedTensor(value.codec, value.shape, host) if isinstance(value, EncodedTensor) else host["tensor"]
+        staged[name] = EncodedTensor(value.codec, value.shape, host) if encoded else host["tensor"]
     return staged
 
 

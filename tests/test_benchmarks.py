@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 def run(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

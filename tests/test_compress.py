@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from helpers import quiet_trainer
-from lightning_parablock import BF16Codec, FederatedBlockStrategy, Int8Codec, ParaBlockCallback, SimulatedLink, TopKCodec
+from lightning_parablock import (
+    BF16Codec,
+    FederatedBlockStrategy,
+    Int8Codec,
+    ParaBlockCallback,
+    SimulatedLink,
+    TopKCodec,
+)
 from lightning_parablock.comm import exchange
 from lightning_parablock.compress import Codec, encode_delta, encoded_nbytes, make_codec
 from toy import ToyModule, toy_dataset, toy_loader
@@ -94,7 +101,9 @@ def fit(compression, rounds=4, ckpt_path=None, tmp_path=None, staleness=1):
     callbacks = [callback]
     if tmp_path is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, save_last=True))
-    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, max_epochs=rounds, enable_checkpointing=tmp_path is not None)
+    trainer = quiet_trainer(
+        strategy=strategy, callbacks=callbacks, max_epochs=rounds, enable_checkpointing=tmp_path is not None
+    )
     trainer.fit(module, toy_loader(toy_dataset()), ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     return module, strategy, callback
 

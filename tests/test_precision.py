@@ -4,14 +4,13 @@ import pytest
 import torch
 from lightning import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from lightning_parablock.blocks import partition_by_patterns
 from lightning_parablock.clients import VirtualClient
 from lightning_parablock.federation import Federation
-from lightning_parablock.master import MasterBlock, rebind
+from lightning_parablock.master import rebind
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 
@@ -51,7 +50,8 @@ def test_full_precision_weights_take_no_master_copy(precision):
 
     module = ToyModule()
     strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
-    trainer = quiet_trainer(strategy=strategy, callbacks=[NoMasters(), ParaBlockCallback()], max_epochs=2, precision=precision)
+    callbacks = [NoMasters(), ParaBlockCallback()]
+    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, max_epochs=2, precision=precision)
     trainer.fit(module, toy_loader(toy_dataset()))
     assert all(p.dtype == torch.float32 for p in module.parameters())
 
@@ -75,7 +75,8 @@ def _steps_below_resolution(master_weights):
         num_clients=1, local_steps=8, block_patterns=[r"layers\.0\.", r"layers\.1\."], schedule="sequential",
         master_weights=master_weights,
     )  # fmt: skip
-    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=0)], max_epochs=1, precision="bf16-true")
+    callbacks = [ParaBlockCallback(staleness=0)]
+    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, max_epochs=1, precision="bf16-true")
     trainer.fit(module, toy_loader(toy_dataset(n=32)))
     return module.net.layers[0][0].bias.detach().float()
 
@@ -92,8 +93,11 @@ def test_master_delta_is_the_fp32_sum_of_the_steps():
     module = OneWeight()
     with torch.no_grad():
         module.net.layers[0][0].bias.fill_(1.0)
-    strategy = FederatedBlockStrategy(num_clients=1, local_steps=8, block_patterns=[r"layers\.0\.", r"layers\.1\."], schedule="sequential")
-    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1)], max_epochs=2, precision="bf16-true")
+    strategy = FederatedBlockStrategy(
+        num_clients=1, local_steps=8, block_patterns=[r"layers\.0\.", r"layers\.1\."], schedule="sequential"
+    )
+    callbacks = [ParaBlockCallback(staleness=1)]
+    trainer = quiet_trainer(strategy=strategy, callbacks=callbacks, max_epochs=2, precision="bf16-true")
 
     class Peek(Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -164,8 +168,9 @@ def test_global_values_come_back_bit_exact_after_a_half_precision_turn():
 def _delta(round_index, block, model, value):
     from lightning_parablock.clients import BlockDelta
 
-    names = [n for n in dict(model.named_parameters()) if n.startswith(f"{block}.")]
-    return BlockDelta(round_index, block, {n: torch.full_like(dict(model.named_parameters())[n], value, dtype=torch.float32) for n in names})
+    params = {n: p for n, p in model.named_parameters() if n.startswith(f"{block}.")}
+    tensors = {n: torch.full_like(p, value, dtype=torch.float32) for n, p in params.items()}
+    return BlockDelta(round_index, block, tensors)
 
 
 def test_master_starts_from_the_exact_view_not_the_rounded_weights():
