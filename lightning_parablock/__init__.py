@@ -7,6 +7,7 @@ from lightning_parablock.comm import CommunicationError, SimulatedLink
 from lightning_parablock.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.flora import FLoRAStrategy, StackingAggregator
 from lightning_parablock.methods import METHODS, Method, method
+from lightning_parablock.compress import BF16Codec, Codec, Int8Codec, TopKCodec
 from lightning_parablock.module import CausalLMModule
 from lightning_parablock.schedule import BlockSchedule
 from lightning_parablock.strategy import FederatedBlockStrategy
@@ -16,21 +17,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Aggregator",
+    "BF16Codec",
     "Block",
     "BlockPartition",
     "BlockSchedule",
     "CausalLMModule",
+    "Codec",
     "CommunicationError",
     "FLoRAStrategy",
     "FedCyBGDStrategy",
     "FederatedBlockStrategy",
     "METHODS",
     "Method",
+    "Int8Codec",
     "ParaBlockCallback",
     "RoundRecord",
     "RunSummary",
     "SimulatedLink",
     "StackingAggregator",
+    "TopKCodec",
     "load_timeline",
     "method",
     "modelled_wallclock",

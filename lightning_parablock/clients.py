@@ -8,6 +8,7 @@ shard, those pending deltas and its optimizer state; never a model copy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +24,14 @@ class BlockDelta:
     round: int
     block: int
     tensors: dict[str, Tensor]
+    ready: Optional[Any] = None  # a CUDA event: the tensors are host copies still in flight until it completes
+
+    def wait(self) -> "BlockDelta":
+        """Block until the tensors' copy (if any is in flight) has landed; return self."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
 
     @property
     def nbytes(self) -> int:
@@ -36,13 +45,16 @@ class VirtualClient:
     index: int
     sample_indices: list[int]
     pending: dict[int, BlockDelta] = field(default_factory=dict)  # round -> own delta, not yet aggregated
+    residual: dict[str, Tensor] = field(default_factory=dict)  # what error-feedback compression has not sent yet
 
     @property
     def num_samples(self) -> int:
         return len(self.sample_indices)
 
     def pending_nbytes(self) -> int:
-        return sum(delta.nbytes for delta in self.pending.values())
+        """Pending deltas and the compression residual."""
+        residual = sum(t.numel() * t.element_size() for t in self.residual.values())
+        return residual + sum(delta.nbytes for delta in self.pending.values())
 
 
 def optimizer_state_nbytes(optimizer: Optimizer) -> int:

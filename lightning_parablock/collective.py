@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lightning_parablock.aggregate import Aggregator, NonFiniteDeltaError, clip_by_norm
 from lightning_parablock.comm import RoundExchange, SimulatedLink, finish_exchange
+from lightning_parablock.compress import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.schedule import seeded_generator
 
 BlockLayout = list[tuple[str, torch.Size]]
@@ -101,10 +102,13 @@ class CollectiveTransport:
             torch.cuda.set_device(self.device)  # the current device is per thread: NCCL needs this rank's GPU
         layout = self.layout(block)
         with torch.no_grad():
-            mine = {client: _flatten(deltas[client], layout, self.device) for client in sorted(deltas)}
-            status = torch.zeros(len(self.placement), 3, dtype=torch.float64, device=self.device)
+            # Encoded deltas are decoded before the reduction: what is counted is what each client would send.
+            encoded = {client: as_encoded(deltas[client]) for client in sorted(deltas)}
+            mine = {client: _flatten(decode_delta(delta), layout, self.device) for client, delta in encoded.items()}
+            status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=self.device)
             for client, flat in mine.items():
-                status[client] = torch.tensor([1.0, float(weights[client]), float(not torch.isfinite(flat).all())])
+                bad_values = float(not torch.isfinite(flat).all())
+                status[client] = torch.tensor([1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])])
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             status = status.cpu()
@@ -119,8 +123,8 @@ class CollectiveTransport:
             if senders and not kept:
                 raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {bad}.")
             aggregate = self._combine(mine, kept, {c: float(status[c, 1]) for c in kept}, layout, aggregator, round_index)
-        nbytes = sum(shape.numel() for _, shape in layout) * 4  # fp32 on the wire
-        upload_bytes = {client: nbytes for client in senders}
+        nbytes = sum(shape.numel() for _, shape in layout) * 4  # the aggregate comes back in fp32
+        upload_bytes = {client: int(status[client, 3]) for client in senders}
         return finish_exchange(
             round_index, block, aggregate, bad, upload_bytes, nbytes if kept else 0, link, start, stop
         )

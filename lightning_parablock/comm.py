@@ -18,13 +18,16 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.validation import check_float, check_positive
+from lightning_parablock.compress import EncodedTensor, as_encoded, decode_delta, encoded_nbytes
+from lightning_parablock.cuda_overlap import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
 
 _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -122,7 +125,9 @@ def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
 class Transport(Protocol):
     """How one round's deltas meet: returns the aggregate after the (modelled or real) transfer.
 
-    Runs on the communication thread. ``deltas`` are the senders this process hosts; ``weights`` their
+    Runs on the communication thread. ``deltas`` are the senders this process hosts, as fp32 tensors or as
+    encoded by a :class:`~lightning_parablock.compress.Codec` (decoded to fp32 before aggregating; the
+    bytes counted are the encoded ones); ``weights`` their
     unnormalized aggregation weights (1 for uniform, the sample count for ``"samples"``), normalized over
     every sender the aggregate keeps. :func:`exchange` keeps every client in this process;
     :class:`~lightning_parablock.collective.CollectiveTransport` adds the other ranks' with torch.distributed.
@@ -132,7 +137,7 @@ class Transport(Protocol):
         self,
         round_index: int,
         block: int,
-        deltas: Mapping[int, Mapping[str, Tensor]],
+        deltas: Mapping[int, Mapping[str, Union[Tensor, EncodedTensor]]],
         weights: Mapping[int, float],
         link: SimulatedLink,
         aggregator: Aggregator,
@@ -143,7 +148,7 @@ class Transport(Protocol):
 def exchange(
     round_index: int,
     block: int,
-    deltas: Mapping[int, Mapping[str, Tensor]],
+    deltas: Mapping[int, Mapping[str, Union[Tensor, EncodedTensor]]],
     weights: Mapping[int, float],
     link: SimulatedLink,
     aggregator: Optional[Aggregator] = None,
@@ -152,12 +157,12 @@ def exchange(
     """The in-memory transport: upload every delta, aggregate, download; return after the modelled link time."""
     start = time.perf_counter()
     with torch.no_grad():  # grad mode is per thread: the worker starts with it on
-        uploaded = {
-            client: {name: t.detach().to("cpu", copy=True) for name, t in delta.items()}
-            for client, delta in deltas.items()
-        }
-        result = (aggregator or Aggregator())(uploaded, weights)
-    upload_bytes = {client: tensor_bytes(delta) for client, delta in uploaded.items()}
+        with record_function(COPY_RANGE):
+            uploaded = {
+                client: {name: t.to("cpu") for name, t in as_encoded(delta).items()} for client, delta in deltas.items()
+            }
+        upload_bytes = {client: encoded_nbytes(delta) for client, delta in uploaded.items()}
+        result = (aggregator or Aggregator())({c: decode_delta(d) for c, d in uploaded.items()}, weights)
     download_bytes = tensor_bytes(result.aggregate)
     return finish_exchange(
         round_index, block, result.aggregate, result.skipped_clients, upload_bytes, download_bytes, link, start, stop
@@ -210,6 +215,8 @@ class CommWorker:
         aggregator: how the server combines deltas.
         transport: how deltas meet; :func:`exchange` (every client in this process) by default.
         describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
+        stage_to_host: start copying CUDA deltas to pinned host memory on a side stream when they are submitted
+            (for transports that work on the host); the thread waits for the copies' event, the trainer never.
     """
 
     def __init__(
@@ -219,12 +226,14 @@ class CommWorker:
         aggregator: Optional[Aggregator] = None,
         transport: Transport = exchange,
         describe_stall: Optional[Callable[[int], str]] = None,
+        stage_to_host: bool = True,
     ) -> None:
         self.link = link
         self.timeout_s = timeout_s
         self.aggregator = aggregator or Aggregator()
         self.transport = transport
         self.describe_stall = describe_stall
+        self.stage_to_host = stage_to_host
         self._queue: Optional[queue.SimpleQueue] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
@@ -240,8 +249,20 @@ class CommWorker:
                 )
                 thread.start()
             future: Future = Future()
+            copies: list[Any] = []
+            if self.stage_to_host:
+                deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
             job = functools.partial(
-                self.transport, round_index, block, dict(deltas), dict(weights), self.link, self.aggregator, self._stop
+                _exchange_after,
+                copies,
+                self.transport,
+                round_index,
+                block,
+                dict(deltas),
+                dict(weights),
+                self.link,
+                self.aggregator,
+                self._stop,
             )
             self._queue.put((future, job))
             self._in_flight[round_index] = (block, future)
@@ -278,6 +299,26 @@ class CommWorker:
                 self._queue.put(None)
                 self._queue = None
             self._stop = threading.Event()  # the worker may be used again by a later fit
+
+
+def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Any]:
+    """Host copies of a delta's CUDA tensors, started on a side stream; their events go to ``copies``."""
+    staged: dict[str, Any] = {}
+    for name, value in delta.items():
+        encoded = isinstance(value, EncodedTensor)
+        host, done = copy_to_host(value.payload if encoded else {"tensor": value})
+        if done is not None:
+            copies.append(done)
+        staged[name] = EncodedTensor(value.codec, value.shape, host) if encoded else host["tensor"]
+    return staged
+
+
+def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> RoundExchange:
+    """On the thread: wait for the deltas' host copies, then run the exchange."""
+    for done in copies:
+        done.synchronize()
+    with record_function(EXCHANGE_RANGE):
+        return transport(*args)
 
 
 def _serve(jobs: queue.SimpleQueue, stop: threading.Event) -> None:

@@ -23,12 +23,16 @@ from torch.optim import Optimizer
 
 from lightning_parablock.blocks import BlockPartition
 from lightning_parablock.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
+from lightning_parablock.cuda_overlap import copy_to_host
+from lightning_parablock.master import MasterBlock, needs_master
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
 
 #: Version of :meth:`Federation.state_dict`. 1: pending deltas and kept optimizer states of every client
 #: (single process). 2: adds the rounds trained but not yet aggregated and the client placement on ranks.
-STATE_SCHEMA_VERSION = 2
+#: 3: adds each client's error-feedback residual of compressed uploads.
+STATE_SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -40,6 +44,7 @@ class _Turn:
     block: int
     global_values: dict[str, Tensor]  # exact global values of every parameter the view touches
     start_values: dict[str, Tensor]  # θ_0 of the round's block, fp32
+    master: Optional[MasterBlock]  # fp32 masters of the block's half-precision weights
 
 
 class Federation:
@@ -53,6 +58,8 @@ class Federation:
             (client, block).
         offload_deltas: keep pending deltas in host memory.
         new_optimizer: builds an optimizer over a block's parameters.
+        master_weights: train bf16/fp16 weights of the active block through fp32 masters (see
+            :mod:`~lightning_parablock.master`); without them steps below half precision's resolution vanish.
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class Federation:
         optimizer_state: OptimizerStatePolicy,
         offload_deltas: bool,
         new_optimizer: Callable[[list[nn.Parameter]], Optimizer],
+        master_weights: bool = True,
     ) -> None:
         self.model = model
         self.partition = partition
@@ -70,6 +78,7 @@ class Federation:
         self.optimizer_state = optimizer_state
         self.offload_deltas = offload_deltas
         self.new_optimizer = new_optimizer
+        self.master_weights = master_weights
         self.clients: dict[int, VirtualClient] = {}  # hosted here, by client id
         self.unaggregated: dict[int, int] = {}  # round -> block, trained and not yet aggregated (every rank agrees)
         self.kept_optimizers: dict[tuple[int, int], Optimizer] = {}  # (client, block), with "per_block"
@@ -84,7 +93,7 @@ class Federation:
         self.clients = {c.index: c for c in clients}
         for index, client in self.clients.items():
             if index in previous:
-                client.pending = previous[index].pending
+                client.pending, client.residual = previous[index].pending, previous[index].residual
 
     @property
     def active_client(self) -> Optional[int]:
@@ -101,7 +110,12 @@ class Federation:
 
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each hosted client's own delta of ``round_index``, by client id."""
-        return {i: c.pending[round_index].tensors for i, c in self.clients.items() if round_index in c.pending}
+        return {i: c.pending[round_index].wait().tensors for i, c in self.clients.items() if round_index in c.pending}
+
+    def encode_round(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
+        """Each hosted client's delta of ``round_index`` as it goes on the wire (updating its residual)."""
+        deltas = self.round_deltas(round_index)
+        return {i: encode_delta(codec, delta, self.clients[i].residual) for i, delta in deltas.items()}
 
     def sample_counts(self, client_indices: Sequence[int]) -> dict[int, int]:
         return {i: self.clients[i].num_samples for i in client_indices}
@@ -126,11 +140,34 @@ class Federation:
         touched = {block} | {d.block for d in client.pending.values()}
         params = {n: p for b in touched for n, p in self.partition.parameters(self.model, b).items()}
         global_values = {name: p.detach().clone() for name, p in params.items()}
-        for name, value in self._view_values(client, global_values).items():
+        views = self._view_values(client, global_values)
+        for name, value in views.items():
             params[name].copy_(value.to(params[name].dtype))
-        start_values = {n: p.detach().float().clone() for n, p in self.partition.parameters(self.model, block).items()}
-        self._turn = _Turn(client, round_index, block, global_values, start_values)
-        return self._optimizer(client.index, block)
+        block_params = self.partition.parameters(self.model, block)
+        half = {n: p for n, p in block_params.items() if needs_master(p)} if self.master_weights else {}
+        start_values = {n: self._start_value(n, p, views, global_values, n in half) for n, p in block_params.items()}
+        optimizer = self._optimizer(client.index, block)
+        master = MasterBlock(half, start_values, optimizer) if half else None
+        saved = self._saved_optimizer_states.pop((client.index, block), None)
+        if saved is not None:  # after the masters are bound: loading casts the state to its parameters' dtype
+            optimizer.load_state_dict(saved)
+        self._turn = _Turn(client, round_index, block, global_values, start_values, master)
+        return optimizer
+
+    @staticmethod
+    def _start_value(
+        name: str, param: Tensor, views: dict[str, Tensor], global_values: dict[str, Tensor], mastered: bool
+    ) -> Tensor:
+        """θ_0 of one parameter in fp32, sharing a tensor the turn already holds where that is exact.
+
+        A master starts from the exact fp32 view; half-precision weights trained in place start from their
+        rounded values; without pending deltas on it, θ_0 is the (unchanging) global copy.
+        """
+        if name not in views:
+            return global_values[name].to(torch.float32)
+        if mastered or param.dtype == torch.float32:
+            return views[name]
+        return param.detach().to(torch.float32, copy=True)
 
     @torch.no_grad()
     def leave(self, record: bool = True) -> Optional[int]:
@@ -142,11 +179,16 @@ class Federation:
         if turn is None:
             return None
         params = self.partition.parameters(self.model, turn.block)
+        masters = {} if turn.master is None else turn.master.masters
+        if turn.master is not None:
+            turn.master.release()
         if record:
-            delta = {name: params[name].detach().float() - start for name, start in turn.start_values.items()}
-            if self.offload_deltas:
-                delta = {name: tensor.cpu() for name, tensor in delta.items()}
-            turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta)
+            current = {name: masters.get(name, param) for name, param in params.items()}
+            delta = {name: current[name].detach().float() - start for name, start in turn.start_values.items()}
+            ready = None
+            if self.offload_deltas:  # pinned, non-blocking: the next client's turn does not wait for the copy
+                delta, ready = copy_to_host(delta)
+            turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta, ready)
         all_params = dict(self.model.named_parameters())
         for name, value in turn.global_values.items():
             all_params[name].copy_(value)
@@ -160,9 +202,6 @@ class Federation:
             return kept
         optimizer = self.new_optimizer(list(self.partition.parameters(self.model, block).values()))
         if self.optimizer_state == "per_block":
-            saved = self._saved_optimizer_states.pop((client_index, block), None)
-            if saved is not None:
-                optimizer.load_state_dict(saved)
             self.kept_optimizers[(client_index, block)] = optimizer
         return optimizer
 
@@ -178,7 +217,7 @@ class Federation:
         """global + η Σ own pending deltas, in fp32, for the parameters the client's deltas touch."""
         views: dict[str, Tensor] = {}
         for delta in sorted(client.pending.values(), key=lambda d: d.round):
-            for name, tensor in delta.tensors.items():
+            for name, tensor in delta.wait().tensors.items():
                 base = views.get(name, global_values[name].float())
                 views[name] = base + self.global_lr * tensor.to(base.device)
         return views
@@ -205,6 +244,7 @@ class Federation:
         for client in self.clients.values():
             if client.index in left_out:
                 client.pending.clear()
+                client.residual.clear()
             client.pending.pop(round_index, None)
 
     # ------------------------------------------------------------- checkpoints
@@ -215,9 +255,10 @@ class Federation:
             "version": STATE_SCHEMA_VERSION,
             "unaggregated": dict(self.unaggregated),
             "pending": {
-                i: {r: {"block": d.block, "tensors": d.tensors} for r, d in c.pending.items()}
+                i: {r: {"block": d.block, "tensors": d.wait().tensors} for r, d in c.pending.items()}
                 for i, c in self.clients.items()
             },
+            "residuals": {i: dict(c.residual) for i, c in self.clients.items() if c.residual},
             "optimizers": {
                 **self._saved_optimizer_states,
                 **{key: optimizer.state_dict() for key, optimizer in self.kept_optimizers.items()},
@@ -236,6 +277,7 @@ class Federation:
         for index, client in self.clients.items():
             saved = pending.get(index, {})
             client.pending = {r: BlockDelta(r, d["block"], d["tensors"]) for r, d in saved.items()}
+            client.residual = dict(state.get("residuals", {}).get(index, {}))
         if "unaggregated" in state:
             self.unaggregated = {int(r): int(b) for r, b in state["unaggregated"].items()}
         else:  # version 1: one process held every client, so its pending deltas name every open round

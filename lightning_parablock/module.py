@@ -31,6 +31,9 @@ class CausalLMModule(L.LightningModule):
             ``LoraConfig`` arguments (defaults: ``r=32``, ``lora_alpha=64``, ``lora_dropout=0.05``,
             ``target_modules="all-linear"``). Adapter parameters are named ``...lora_A.default.weight`` and
             ``...lora_B.default.weight``.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward instead of keeping them
+            (Hugging Face's ``gradient_checkpointing_enable``), trading compute for activation memory. Non-reentrant
+            checkpointing, so layers below the active block, whose inputs need no gradient, still pass one to it.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class CausalLMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
         lora: Optional[dict[str, Any]] = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -59,8 +63,21 @@ class CausalLMModule(L.LightningModule):
                 self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
             else:
                 self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+            if gradient_checkpointing:
+                self._enable_gradient_checkpointing()
             if lora is not None:
                 self.model = add_lora(self.model, lora)
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant, so layers below the active block, whose inputs need no gradient, still pass one to it."""
+        if not self.model.supports_gradient_checkpointing:
+            raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing.")
+        enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 names it so
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
 
     @property
     def hf_model(self) -> PreTrainedModel:

@@ -12,7 +12,6 @@ train independently.
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +27,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
@@ -56,6 +55,8 @@ from lightning_parablock.collective import (
     place_clients,
 )
 from lightning_parablock.comm import CommWorker, SimulatedLink
+from lightning_parablock.compress import Codec, EncodedDelta
+from lightning_parablock.cuda_overlap import TurnTimer
 from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
@@ -124,6 +125,10 @@ class FederatedBlockStrategy(DDPStrategy):
             of clients on ranks.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
             ``False`` in the order the datamodule gave.
+        master_weights: with ``precision="bf16-true"`` or ``"16-true"``, train the active block through fp32
+            master copies made when a client's turn starts and dropped when it ends (the optimizer state is
+            fp32 too, for that block only); without them an optimizer step below half precision's resolution
+            rounds away. Deltas and the aggregate are fp32 either way.
         offload_deltas: keep pending deltas in host memory instead of on the device. For large models on
             a GPU: N clients × (staleness + 1) fp32 blocks leave GPU memory, and each turn copies its
             client's deltas back (a 2-layer block of Llama 3-8B is 1.75 GB in fp32).
@@ -155,6 +160,7 @@ class FederatedBlockStrategy(DDPStrategy):
         seed: int = 0,
         shuffle: bool = True,
         offload_deltas: bool = False,
+        master_weights: bool = True,
         device: Optional[_DEVICE] = None,
         accelerator: Optional[Accelerator] = None,
         process_group_backend: Optional[str] = None,
@@ -200,6 +206,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.seed = seed
         self.shuffle = shuffle
         self.offload_deltas = offload_deltas
+        self.master_weights = master_weights
 
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
@@ -209,7 +216,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.current: Optional[RoundState] = None
         self._round_blocks: dict[int, int] = {}
         self._participants: dict[int, list[int]] = {}
-        self._turn_started_at = 0.0
+        self._timer = TurnTimer(torch.device("cpu"))
         self._idle = False  # this rank waits through a turn while other ranks train
         self._idle_optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         self._last_module_optimizer: Optional[weakref.ref[Optimizer]] = None
@@ -295,7 +302,9 @@ class FederatedBlockStrategy(DDPStrategy):
             optimizer_state=self.optimizer_state_policy,
             offload_deltas=self.offload_deltas,
             new_optimizer=self._new_client_optimizer,
+            master_weights=self.master_weights,
         )
+        self._timer = TurnTimer(self.root_device)
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
 
@@ -315,11 +324,11 @@ class FederatedBlockStrategy(DDPStrategy):
                 "FederatedBlockStrategy needs automatic optimization: it hands each client's optimizer to"
                 " Lightning's loop. Set `self.automatic_optimization = True` in your LightningModule."
             )
-        if isinstance(trainer.precision_plugin, HalfPrecision):
+        if isinstance(trainer.precision_plugin, DoublePrecision):
             raise MisconfigurationException(
-                f"`precision={trainer.precision!r}` keeps the trained block in half precision, where small updates"
-                " round away; fp32 master copies of the active block are not implemented yet. Use"
-                " `precision='bf16-mixed'` (or '16-mixed')."
+                f"`precision={trainer.precision!r}` is not supported: deltas, their exchange and the aggregate are"
+                " kept in fp32, which would silently drop fp64 weights' precision. Use '32-true', 'bf16-true',"
+                " 'bf16-mixed', '16-true' or '16-mixed'."
             )
         if not _is_whole_epoch(trainer.limit_train_batches):
             raise MisconfigurationException(
@@ -496,6 +505,7 @@ class FederatedBlockStrategy(DDPStrategy):
         """Close the last client's turn; the model holds the global values again."""
         assert self.current is not None and self.federation is not None, "no round in progress"
         self._leave_client()
+        self.current.compute_seconds.update(self._timer.resolve())
         self.federation.round_trained(self.current.index, self.current.block)
         return self.current
 
@@ -520,6 +530,10 @@ class FederatedBlockStrategy(DDPStrategy):
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each hosted client's own delta of ``round_index``, by client id."""
         return self.federation.round_deltas(round_index)
+
+    def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
+        """Each hosted client's delta of ``round_index`` encoded for the wire (error-feedback residuals updated)."""
+        return self.federation.encode_round(round_index, codec)
 
     def round_weights(self, round_index: int) -> dict[int, float]:
         """Unnormalized aggregation weights of the hosted senders of ``round_index`` (1, or the sample count)."""
@@ -555,7 +569,10 @@ class FederatedBlockStrategy(DDPStrategy):
             return CommWorker(link, timeout_s, aggregator)
         device = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
         transport = CollectiveTransport(new_exchange_group(timeout_s), self.placement, self._block_layout, timeout_s, device)
-        return CommWorker(link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall)
+        return CommWorker(
+            link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall,
+            stage_to_host=device.type == "cpu",
+        )  # fmt: skip
 
     def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
         return [(n, p.shape) for n, p in self.partition.parameters(self.lightning_module, block).items()]
@@ -606,7 +623,7 @@ class FederatedBlockStrategy(DDPStrategy):
             self.optimizers = [self._idle_optimizer]
         else:
             self.optimizers = [self.federation.enter(client, self.current.index, self.current.block)]
-        self._turn_started_at = time.perf_counter()
+        self._timer.start()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -651,15 +668,14 @@ class FederatedBlockStrategy(DDPStrategy):
         """End the turn in progress (a client's or an idle one) and note its compute time."""
         if self._idle:
             self._idle = False
+            self._timer.stop(None)
             self.optimizers = []
             return
         client = None if self.federation is None else self.federation.leave(record)
         if client is None:
             return
         self.optimizers = []  # checkpoints carry no stale client optimizer
-        if self.root_device.type == "cuda":
-            torch.cuda.synchronize(self.root_device)
-        self.current.compute_seconds[client] = time.perf_counter() - self._turn_started_at
+        self._timer.stop(client)  # read at the round's end: no device-wide synchronize per turn
 
     # ------------------------------------------------------------- checkpoints
 
@@ -684,6 +700,7 @@ class FederatedBlockStrategy(DDPStrategy):
                     **state,
                     "pending": {i: p for s in states for i, p in s["pending"].items()},
                     "optimizers": {k: o for s in states for k, o in s["optimizers"].items()},
+                    "residuals": {i: r for s in states for i, r in s["residuals"].items()},
                 }
             checkpoint["federation"] = {
                 **state,

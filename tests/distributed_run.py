@@ -62,6 +62,7 @@ def train(
     aggregator: str = "mean",
     latency: str = "0s",
     comm_timeout: float = 120.0,
+    compression: str = "none",
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     fault: Fault | None = None,
@@ -73,6 +74,7 @@ def train(
         link=SimulatedLink(latency=latency),
         aggregator=Aggregator(method=aggregator),
         comm_timeout=comm_timeout,
+        compression=compression,
     )
     callbacks: list[Callback] = [callback] + ([fault] if fault is not None else [])
     if checkpoint_dir is not None:
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--aggregator", default="mean")
     parser.add_argument("--latency", default="0s")
     parser.add_argument("--comm_timeout", type=float, default=120.0)
+    parser.add_argument("--compression", default="none")
     parser.add_argument("--checkpoint_dir", type=Path, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed"])

@@ -160,7 +160,7 @@ def test_exchange_link_time_uses_the_slowest_upload():
     assert result.link_seconds == pytest.approx(2 * (0.01 + 4000 / 1e6))
 
 
-def test_exchange_copies_deltas_and_ignores_autograd():
+def test_exchange_result_is_its_own_and_ignores_autograd():
     delta = torch.ones(3, requires_grad=True)
     result = exchange(0, 0, {0: {"w": delta}}, {0: 1.0}, SimulatedLink())
     assert not result.aggregate["w"].requires_grad

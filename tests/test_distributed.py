@@ -69,6 +69,8 @@ def assert_close_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         dict(staleness=1, clients_per_round=3, weighting="samples"),
         dict(staleness=1, optimizer="adamw"),
         dict(staleness=1, aggregator="median"),
+        dict(staleness=1, compression="topk"),
+        dict(staleness=1, compression="int8"),
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -86,6 +88,8 @@ def test_two_processes_of_two_clients_equal_one_process_of_four(tmp_path, settin
     rounds = [r for r in two["records"] if not r["flush"]]
     assert all(sorted(r["compute_seconds"]) == sorted(r["participants"]) for r in rounds)
     assert all(set(r["ranks"]) == {0, 1} and set(r["client_rank"].values()) <= {0, 1} for r in rounds)
+    # every client's upload is counted as it was encoded, whichever rank hosts it
+    assert [r["upload_bytes"] for r in two["records"]] == [r["upload_bytes"] for r in one["records"]]
 
 
 def test_both_processes_killed_mid_run_resume_bit_identically(tmp_path):

@@ -106,3 +106,27 @@ def test_save_pretrained_roundtrip(tiny_llama_config, datamodule, tmp_path):
     reloaded = CausalLMModule(model_name_or_path=str(tmp_path))
     batch = next(iter(datamodule.train_dataloader()))
     assert _batch_loss(reloaded, batch) == pytest.approx(_batch_loss(module, batch))
+
+
+@pytest.mark.parametrize("active_layer", [0, 1])
+def test_gradient_checkpointing_gives_the_active_block_the_same_gradients(tiny_llama_config, datamodule, active_layer):
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    grads = []
+    for checkpointing in (False, True):
+        module = CausalLMModule(config=tiny_llama_config, seed=0, gradient_checkpointing=checkpointing)
+        module.train()
+        for name, param in module.named_parameters():  # as the strategy freezes: only one decoder layer trains
+            param.requires_grad_(f"layers.{active_layer}." in name)
+        recomputed = []
+        if checkpointing:
+            mlp = module.model.model.layers[active_layer].mlp  # called inside the checkpointed layer's forward
+            mlp_forward = mlp.forward  # (module hooks do not run again in the recomputation; forward does)
+            mlp.forward = lambda *args, **kwargs: recomputed.append(1) or mlp_forward(*args, **kwargs)
+        module(**batch).loss.backward()
+        if checkpointing:
+            assert len(recomputed) == 2  # forward, then again in backward
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and plain
+    assert all(checkpointed[n] is not None and torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)

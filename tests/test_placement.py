@@ -79,7 +79,7 @@ def fit(tmp_path, **kwargs):
 def test_a_checkpoint_of_another_world_size_is_refused_naming_both(tmp_path):
     fit(tmp_path)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert checkpoint["federation"]["world_size"] == 1 and checkpoint["federation"]["version"] == 2
+    assert checkpoint["federation"]["world_size"] == 1 and checkpoint["federation"]["version"] == 3
     checkpoint["federation"]["world_size"] = 2
     checkpoint["federation"]["placement"] = place_clients(4, 2, seed=3)
     torch.save(checkpoint, tmp_path / "two_ranks.ckpt")
@@ -108,5 +108,5 @@ def test_a_checkpoint_of_a_newer_schema_is_refused(tmp_path):
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     checkpoint["federation"]["version"] = 99
     torch.save(checkpoint, tmp_path / "v99.ckpt")
-    with pytest.raises(ValueError, match="schema version 99.*up to 2"):
+    with pytest.raises(ValueError, match="schema version 99.*up to 3"):
         fit(tmp_path / "again", ckpt_path=str(tmp_path / "v99.ckpt"), weights_only=True)

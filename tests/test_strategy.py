@@ -170,9 +170,9 @@ def test_changing_accumulation_during_training_is_refused():
         fit(callbacks=callbacks, max_epochs=4)
 
 
-def test_half_precision_weights_are_refused_until_master_copies_exist():
-    with pytest.raises(MisconfigurationException, match="precision='bf16-true'.*bf16-mixed"):
-        fit(precision="bf16-true")
+def test_double_precision_is_refused_rather_than_silently_dropped_to_fp32():
+    with pytest.raises(MisconfigurationException, match="precision='64-true'.*fp32"):
+        fit(precision="64-true")
 
 
 class FrozenBiases(ToyModule):
