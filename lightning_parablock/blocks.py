@@ -217,6 +217,24 @@ def partition_decoder(
     return BlockPartition(blocks, model)
 
 
+def compile_block_patterns(block_patterns: Sequence[Union[str, Sequence[str]]]) -> list[list[re.Pattern[str]]]:
+    """Each block's compiled patterns; a pattern that is not a regular expression is named with its block."""
+    compiled = []
+    for index, entry in enumerate(block_patterns):
+        patterns = [entry] if isinstance(entry, str) else list(entry)
+        block = []
+        for pattern in patterns:
+            try:
+                block.append(re.compile(pattern))
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"`block_patterns[{index}]` holds {pattern!r}, which is not a regular expression ({error});"
+                    " give a pattern or a list of patterns per block, e.g. ['layers\\.0\\.', 'layers\\.1\\.']."
+                ) from None
+        compiled.append(block)
+    return compiled
+
+
 def partition_by_patterns(model: nn.Module, block_patterns: Sequence[Union[str, Sequence[str]]]) -> BlockPartition:
     """Blocks named by regular expressions over parameter names, for models that are not HF decoders.
 
@@ -228,9 +246,8 @@ def partition_by_patterns(model: nn.Module, block_patterns: Sequence[Union[str, 
     names = [n for n, _ in model.named_parameters()]
     taken: set[str] = set()
     blocks = []
-    for index, entry in enumerate(block_patterns):
+    for index, (entry, compiled) in enumerate(zip(block_patterns, compile_block_patterns(block_patterns))):
         patterns = [entry] if isinstance(entry, str) else list(entry)
-        compiled = [re.compile(p) for p in patterns]
         owned = [n for n in names if n not in taken and any(c.search(n) for c in compiled)]
         if not owned:
             raise ValueError(

@@ -44,6 +44,7 @@ from lightning_parablock.blocks import (
     BlockPartition,
     LayerSplit,
     RemainderPolicy,
+    compile_block_patterns,
     partition_by_patterns,
     partition_decoder,
 )
@@ -187,6 +188,8 @@ class FederatedBlockStrategy(DDPStrategy):
         check_choice("optimizer_state", optimizer_state, ("reset", "per_block"))
         check_choice("weighting", weighting, ("uniform", "samples"))
         seed = check_int("seed", seed, minimum=0)
+        if block_patterns:
+            compile_block_patterns(block_patterns)  # refuse a bad pattern now, not when training starts
         self.num_clients = num_clients
         self.local_steps = local_steps
         self.block_options = dict(

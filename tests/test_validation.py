@@ -25,6 +25,7 @@ CONSTRUCTION_ERRORS = [
     (lambda: FederatedBlockStrategy(global_lr=float("inf")), r"`global_lr \(η\)` must be a finite number, got inf"),
     (lambda: FederatedBlockStrategy(layers_per_block=0), r"`layers_per_block` must be a positive integer, got 0"),
     (lambda: FederatedBlockStrategy(seed=-3), r"`seed` must be an integer >= 0, got -3"),
+    (lambda: FederatedBlockStrategy(block_patterns=["layers", ["ok", "("]]), r"`block_patterns\[1\]` holds '\(', which is not a regular expression"),
     (lambda: ParaBlockCallback(comm_timeout=float("nan")), r"`comm_timeout` must be a finite number, got nan"),
     (lambda: SimulatedLink(latency=float("inf")), r"`latency` must be a finite number, got inf"),
     (lambda: ParaBlockCallback(comm_timeout="soon"), r"Could not parse duration 'soon'"),
