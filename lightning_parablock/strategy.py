@@ -333,6 +333,15 @@ class FederatedBlockStrategy(DDPStrategy):
                 " kept in fp32, which would silently drop fp64 weights' precision. Use '32-true', 'bf16-true',"
                 " 'bf16-mixed', '16-true' or '16-mixed'."
             )
+        if trainer.accumulate_grad_batches < 1:
+            raise MisconfigurationException(
+                f"`accumulate_grad_batches={trainer.accumulate_grad_batches}` would take no optimizer step; use 1 or more."
+            )
+        if trainer.max_epochs == 0 or trainer.max_steps == 0:
+            raise MisconfigurationException(
+                f"`max_epochs={trainer.max_epochs}`, `max_steps={trainer.max_steps}` would train no round: one epoch"
+                " is one federated round, so give `max_epochs` of at least 1 (more than the callback's staleness)."
+            )
         if not _is_whole_epoch(trainer.limit_train_batches):
             raise MisconfigurationException(
                 f"`limit_train_batches={trainer.limit_train_batches}` would cut rounds short: one epoch is one"

@@ -157,3 +157,17 @@ def test_fast_dev_run_is_refused_with_a_message_about_fast_dev_run():
     )
     with pytest.raises(MisconfigurationException, match=r"`fast_dev_run=True` runs 1 batch.*max_epochs=2"):
         trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(accumulate_grad_batches=0, max_epochs=2), r"`accumulate_grad_batches=0` would take no optimizer step"),
+        (dict(max_epochs=0), r"`max_epochs=0`.*would train no round"),
+        (dict(max_epochs=2, max_steps=0), r"`max_steps=0` would train no round"),
+    ],
+)
+def test_trainer_settings_that_train_nothing_are_refused(settings, message):
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), callbacks=[ParaBlockCallback(staleness=0)], **settings)
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()))
