@@ -9,11 +9,13 @@ as it would overlap a real network.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import queue
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -235,6 +237,7 @@ class CommWorker:
         self.describe_stall = describe_stall
         self.stage_to_host = stage_to_host
         self._queue: Optional[queue.SimpleQueue] = None
+        self._thread: Optional[threading.Thread] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -244,10 +247,11 @@ class CommWorker:
         with self._lock:
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
-                thread = threading.Thread(
+                self._thread = threading.Thread(
                     target=_serve, args=(self._queue, self._stop), name="parablock-comm", daemon=True
                 )
-                thread.start()
+                self._thread.start()
+                _LIVE_WORKERS.add(self)
             future: Future = Future()
             copies: list[Any] = []
             if self.stage_to_host:
@@ -288,8 +292,13 @@ class CommWorker:
                 f" {type(error).__name__}: {error}"
             ) from error
 
-    def shutdown(self) -> None:
-        """Stop the thread without waiting for exchanges nobody will collect."""
+    def shutdown(self, join_s: float = 5.0) -> None:
+        """Stop the thread without waiting for exchanges nobody will collect.
+
+        The thread is given ``join_s`` to finish the exchange it is in: a daemon thread still inside
+        torch when the interpreter exits aborts the process ("terminate called without an active
+        exception"). One stuck for longer is left behind; being a daemon, it cannot keep the process alive.
+        """
         with self._lock:
             self._stop.set()
             for _, future in self._in_flight.values():
@@ -299,6 +308,20 @@ class CommWorker:
                 self._queue.put(None)
                 self._queue = None
             self._stop = threading.Event()  # the worker may be used again by a later fit
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=join_s)
+        _LIVE_WORKERS.discard(self)
+
+
+_LIVE_WORKERS: "weakref.WeakSet[CommWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_live_workers() -> None:
+    """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the interpreter does."""
+    for worker in list(_LIVE_WORKERS):
+        worker.shutdown(join_s=1.0)
 
 
 def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Any]:
