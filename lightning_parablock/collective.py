@@ -228,6 +228,26 @@ class FaultWatch:
         except Exception:  # noqa: BLE001 - the store's host is gone: the others find out from their collectives
             pass
 
+    def report_peer_fault(self, wait_s: float = 3.0) -> bool:
+        """After an error here: if another rank published a failure (it may take a moment), say so and return True.
+
+        A peer that raises closes its connections before this rank's watcher polls, so this rank's own error
+        is often gloo's "Connection closed by peer"; the peer's own cause is what the user needs to read.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if self._store.check([_FAULT_KEY]):
+                    rank, _, message = self._store.get(_FAULT_KEY).decode().partition("|")
+                    if int(rank) != self.rank:
+                        print(f"[rank {self.rank}] lightning_parablock: stopping because {message}.", file=sys.stderr, flush=True)
+                        return True
+            except Exception:  # noqa: BLE001 - the store's host is gone: nothing more to learn
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
     def stop(self) -> None:
         """Stop watching (training ended here); waits for the thread so it is out of the store at exit."""
         self._stop.set()

@@ -650,7 +650,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        if self._fault_watch is not None:
+        if self._fault_watch is not None and not self._fault_watch.report_peer_fault():
             self._fault_watch.publish(None if self.current is None else self.current.index, exception)
         self.abandon_turn()
         self._restore_user_trainable()
