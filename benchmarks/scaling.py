@@ -9,7 +9,8 @@ runs alternate across repeats so that load on a shared machine hits every config
     python benchmarks/scaling.py [--repeats 3] [--rounds 8] [--local_steps 6]
 
 Prints, per configuration, the median round seconds of each repeat; then the 2-process / 1-process
-ratio (target ≤ 0.55) and, with a link emulated so that an exchange costs about a round's compute,
+ratio (target ≤ 0.55) beside the same ratio for a bare PyTorch loop (two plain processes sharing the
+machine: what the hardware itself allows) and, with a link emulated so that an exchange costs about a round's compute,
 ParaBlock's round time against max(compute, comm) (target ≤ 1.05×) and ParaBlock / FedBCD against
 max(c, m) / (c + m).
 """
@@ -59,10 +60,56 @@ def worker(args: argparse.Namespace) -> None:
         rounds = [r for r in callback.records if not r.flush][1:]
         result = {
             "round_s": statistics.median(r.wall_seconds for r in rounds),
-            "compute_s": statistics.median(max(r.ranks[k]["compute_seconds"] for k in r.ranks) if r.ranks else sum(r.compute_seconds.values()) for r in rounds),
+            "compute_s": statistics.median(
+                max(r.ranks[k]["compute_seconds"] for k in r.ranks) if r.ranks else sum(r.compute_seconds.values())
+                for r in rounds
+            ),
             "link_s": statistics.median(r.link_seconds for r in callback.records if r.exchanged_round is not None),
         }
         Path(args.out).write_text(json.dumps(result))
+
+
+def bare_worker(args: argparse.Namespace) -> None:
+    """A plain PyTorch loop on the same model (one decoder layer trained, AdamW, one thread): the hardware's own speed."""
+    import time
+
+    import torch
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = yaml.safe_load((HERE.parents[1] / "recipes" / "tiny.yaml").read_text())["model"]["init_args"]["config"]
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    for name, param in model.named_parameters():
+        param.requires_grad_(".layers.1." in name)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = torch.randint(3, config["vocab_size"], (16, 32))
+    for step in range(args.bare_steps + 3):  # 3 warm-up steps, untimed
+        if step == 3:
+            start = time.perf_counter()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    Path(args.out).write_text(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def launch_bare(processes: int, steps: int) -> float:
+    """``processes`` bare loops at once, ``steps / processes`` steps each; the slowest one's seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"bare{i}.json" for i in range(processes)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        running = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), "--worker", "--bare_steps", str(steps // processes), "--out", str(out)],
+                cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for out in outs
+        ]  # fmt: skip
+        for process in running:
+            if process.wait(timeout=900):
+                raise RuntimeError(f"a bare loop exited with {process.returncode}")
+        return max(json.loads(out.read_text())["seconds"] for out in outs)
 
 
 def launch(devices: int, staleness: int, latency: float, rounds: int, local_steps: int) -> dict:
@@ -88,22 +135,33 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--staleness", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--latency", default="0s", help=argparse.SUPPRESS)
+    parser.add_argument("--bare_steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        bare_worker(args) if args.bare_steps else worker(args)
         return
-    print(f"command: python benchmarks/scaling.py --repeats {args.repeats} --rounds {args.rounds} --local_steps {args.local_steps}")
+    print(
+        f"command: python benchmarks/scaling.py --repeats {args.repeats} --rounds {args.rounds} --local_steps {args.local_steps}"
+    )
 
     # 1. Scaling: the same 4 clients on one process or two (no link time).
-    one, two = [], []
+    one, two, bare_one, bare_two = [], [], [], []
+    bare_steps = 4 * args.local_steps * args.rounds  # as many steps as the federation's rounds take
     for _ in range(args.repeats):
         one.append(launch(1, 1, 0.0, args.rounds, args.local_steps))
         two.append(launch(2, 1, 0.0, args.rounds, args.local_steps))
+        bare_one.append(launch_bare(1, bare_steps))
+        bare_two.append(launch_bare(2, bare_steps))
     one_s = statistics.median(r["round_s"] for r in one)
     two_s = statistics.median(r["round_s"] for r in two)
     print(f"1 process x 4 clients: round {[round(r['round_s'], 3) for r in one]} s, median {one_s:.3f} s")
     print(f"2 processes x 2 clients: round {[round(r['round_s'], 3) for r in two]} s, median {two_s:.3f} s")
     print(f"2-process / 1-process round time: {two_s / one_s:.3f} (target <= 0.55)")
+    hardware = statistics.median(b / a for a, b in zip(bare_one, bare_two))
+    print(
+        f"the same for a bare PyTorch loop ({bare_steps} steps on 1 process vs half each on 2 at once):"
+        f" {[round(b / a, 3) for a, b in zip(bare_one, bare_two)]}, median {hardware:.3f} (this machine's own limit)"
+    )
 
     # 2. Overlap: a link emulated on top of the real collective so that an exchange costs one round's compute.
     compute = statistics.median(r["compute_s"] for r in two)
@@ -121,7 +179,9 @@ def main() -> None:
     print(f"ParaBlock (s=1) round: {[round(r['round_s'], 3) for r in para]} s, median {para_s:.3f} s")
     print(f"FedBCD (s=0) round: {[round(r['round_s'], 3) for r in bcd]} s, median {bcd_s:.3f} s")
     print(f"ParaBlock round / max(c, m): {para_s / ideal:.3f} (target <= 1.05)")
-    print(f"ParaBlock / FedBCD: {para_s / bcd_s:.3f} vs max(c, m) / (c + m) = {ideal / (c + comm):.3f} (target: within 0.05)")
+    print(
+        f"ParaBlock / FedBCD: {para_s / bcd_s:.3f} vs max(c, m) / (c + m) = {ideal / (c + comm):.3f} (target: within 0.05)"
+    )
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ class FaultWatch:
     def publish(self, round_index: Optional[int], error: BaseException) -> None:
         """Tell every other rank that this one failed, and why."""
         where = f" in round {round_index}" if round_index is not None else ""
-        message = f"rank {self.rank} failed{where}: {type(error).__name__}: {error}"
+        cause = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        message = f"rank {self.rank} failed{where}: {cause}"
         try:
             self._store.set(_FAULT_KEY, f"{self.rank}|{message}")
         except Exception:  # noqa: BLE001 - the store's host is gone: the others find out from their collectives

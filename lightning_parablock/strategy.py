@@ -13,6 +13,7 @@ train independently.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -32,7 +33,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -310,6 +311,8 @@ class FederatedBlockStrategy(DDPStrategy):
         self._timer = TurnTimer(self.root_device)
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
+        if self.distributed:
+            _SigtermCheckAtTurnStarts.install(trainer, lambda: self.batch_sampler.batches_per_turn)
 
     def _check_restored_blocks(self) -> None:
         saved, self._saved_blocks = self._saved_blocks, None
@@ -650,8 +653,10 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        if self._fault_watch is not None and not self._fault_watch.report_peer_fault():
-            self._fault_watch.publish(None if self.current is None else self.current.index, exception)
+        # A SIGTERM is no fault: Lightning tells every rank, and all of them stop at the same batch.
+        if self._fault_watch is not None and not isinstance(exception, SIGTERMException):
+            if not self._fault_watch.report_peer_fault():
+                self._fault_watch.publish(None if self.current is None else self.current.index, exception)
         self.abandon_turn()
         self._restore_user_trainable()
         super().on_exception(exception)
@@ -669,6 +674,8 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self.lightning_module is not None and self.lightning_module._trainer is not None:
+            _SigtermCheckAtTurnStarts.uninstall(self.lightning_module.trainer)
         if self._fault_watch is not None:
             self._fault_watch.stop()
             self._fault_watch = None
@@ -768,6 +775,44 @@ class FederatedBlockStrategy(DDPStrategy):
 
 
 FederatedBlockStrategy.register_strategies(StrategyRegistry)
+
+
+class _SigtermCheckAtTurnStarts:
+    """Lightning's SIGTERM check, run before the first batch of every turn instead of before every batch.
+
+    With several processes Lightning broadcasts rank 0's SIGTERM flag on the default group before every
+    batch, so that every rank stops at the same batch. That is a lockstep point per step (on CUDA also a
+    device synchronize for ``.item()``), and clients here need none: they meet only at the exchange. Every
+    rank runs the same batches (idle turns pad the rounds), so counting the checks Lightning asks for and
+    running every ``batches_per_turn``-th keeps the ranks agreeing on where they stop: a SIGTERM (SLURM
+    preemption, ``kill``) stops the run at the next turn start instead of the next batch.
+    """
+
+    _ATTRIBUTE = "_broadcast_sigterm_tensor"  # TrainingEpochLoop's per-batch check (Lightning 2.x)
+
+    def __init__(self, check: Callable[[], None], batches_per_turn: Callable[[], int]) -> None:
+        self._check = check
+        self._batches_per_turn = batches_per_turn
+        self._asked = 0
+
+    def __call__(self) -> None:
+        if self._asked % self._batches_per_turn() == 0:
+            self._check()
+        self._asked += 1
+
+    @classmethod
+    def install(cls, trainer: "pl.Trainer", batches_per_turn: Callable[[], int]) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        check = getattr(loop, cls._ATTRIBUTE, None)
+        if check is None or isinstance(check, cls):  # another Lightning version, or installed already
+            return
+        setattr(loop, cls._ATTRIBUTE, cls(check, batches_per_turn))
+
+    @classmethod
+    def uninstall(cls, trainer: "pl.Trainer") -> None:
+        loop = trainer.fit_loop.epoch_loop
+        if isinstance(loop.__dict__.get(cls._ATTRIBUTE), cls):
+            delattr(loop, cls._ATTRIBUTE)  # the class's own method again
 
 
 def _no_module_optimizer() -> None:

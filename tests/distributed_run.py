@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ from toy import ToyModule, toy_dataset, toy_loader
 
 
 class Fault(Callback):
-    """Make ``rank`` raise, stall its exchange, or announce itself and sleep (to be killed) in ``round``."""
+    """In ``round``, make ``rank`` raise, stall its exchange or receive SIGTERM, or announce itself and sleep (to be killed)."""
 
     def __init__(self, kind: str, rank: int, at_round: int, marker: Path | None) -> None:
         self.kind, self.rank, self.at_round, self.marker = kind, rank, at_round, marker
@@ -35,6 +36,9 @@ class Fault(Callback):
             self.marker.write_text(json.dumps({"pid": os.getpid()}))
             time.sleep(600)
         if trainer.global_rank != self.rank:
+            return
+        if self.kind == "sigterm":  # as SLURM preempts: the job's first process is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         if self.kind == "raise":
             raise RuntimeError(f"simulated failure on rank {self.rank}")
@@ -124,7 +128,7 @@ def main() -> None:
     parser.add_argument("--compression", default="none")
     parser.add_argument("--checkpoint_dir", type=Path, default=None)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed"])
+    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed", "sigterm"])
     parser.add_argument("--fault_rank", type=int, default=1)
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)

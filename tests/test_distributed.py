@@ -137,3 +137,12 @@ def test_a_stalled_exchange_ends_within_comm_timeout_naming_the_rank(tmp_path):
     assert code != 0
     assert "did not finish within comm_timeout=5.0s" in output, output[-3000:]
     assert "Rank(s) [1] never joined it" in output, output[-3000:]
+
+
+def test_a_sigterm_stops_both_ranks_gracefully_without_a_fault(tmp_path):
+    # As SLURM preempts a job: Lightning tells every rank, and each stops at the same turn start.
+    code, output, _ = launch(tmp_path / "out.pt", "--fault", "sigterm", "--fault_rank", "0", timeout=180)
+    assert code == 0, output[-3000:]  # Lightning's SIGTERMException is a SystemExit without an error code
+    assert "[rank: 0] Received SIGTERM" in output and "[rank: 1] Received SIGTERM" in output, output[-3000:]
+    assert "failed" not in output, output[-3000:]  # no rank reports a fault for it
+    assert not (tmp_path / "out.pt").exists()  # training stopped before its end
