@@ -223,11 +223,19 @@ def report(timings: dict[str, list[Timing]], many: str) -> None:
             f"{name:22s} {runs[0].steps:5d} {per_step(name, 'wall'):7.2f} {per_step(name, 'cpu'):7.2f}"
             f" {per_step(name, 'outside_model_cpu'):20.2f}"
         )
+    def paired(name: str, baseline: str, clock: str) -> str:
+        """The ratio within each repeat (its runs ran minutes apart at most), and the median of those."""
+        ratios = [
+            (getattr(a, clock) / a.steps) / (getattr(b, clock) / b.steps)
+            for a, b in zip(timings[name], timings[baseline])
+        ]
+        return f"{statistics.median(ratios):.3f}  (per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
+
     for clock in ("wall", "cpu"):
-        bare, one = per_step("bare PyTorch loop", clock), per_step("strategy, N=1", clock)
-        print(f"\n{clock}: strategy N=1 / bare loop per step: {one / bare:.3f}")
-        print(f"{clock}: plain Lightning / bare loop per step: {per_step('plain Lightning', clock) / bare:.3f}")
-        print(f"{clock}: {many.replace('strategy, ', 'strategy ')} / N=1 per step: {per_step(many, clock) / one:.3f}")
+        print(f"\n{clock}, median of each repeat's ratio:")
+        print(f"  strategy N=1 / bare loop per step: {paired('strategy, N=1', 'bare PyTorch loop', clock)}")
+        print(f"  plain Lightning / bare loop per step: {paired('plain Lightning', 'bare PyTorch loop', clock)}")
+        print(f"  {many.replace('strategy, ', 'strategy ')} / N=1 per step: {paired(many, 'strategy, N=1', clock)}")
     # Forward and backward do the same work in every run; what load does to them differs from run to run.
     # With them set to the bare loop's median, the ratios show the framework's cost alone.
     model = per_step("bare PyTorch loop", "model_cpu")

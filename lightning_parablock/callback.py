@@ -255,7 +255,10 @@ class ParaBlockCallback(Callback):
         }
         if record.client_loss:
             metrics["parablock/train_loss"] = sum(record.client_loss.values()) / len(record.client_loss)
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        # Every rank holds the same merged record: a max over ranks changes no value, and it is the
+        # epoch-level sync Lightning asks for with several processes (it warns about every metric otherwise).
+        distributed = pl_module.trainer.world_size > 1
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=distributed, reduce_fx="max")
 
     def summary(self) -> RunSummary:
         """Totals over the run so far: seconds measured on this process, bytes counted."""
