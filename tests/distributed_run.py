@@ -138,7 +138,7 @@ def _train_method(out: Path, name: str, devices: int, num_clients: int, rounds: 
     if spec.lora:
         lora = {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0}
         module = CausalLMModule(config=TINY_LLAMA, seed=0, **spec.module_args(lora))
-        data = SyntheticArithmeticDataModule(num_examples=32, val_examples=8, batch_size=4, max_length=32, seed=0)
+        data = SyntheticArithmeticDataModule(num_examples=32, val_examples=8, batch_size=4, max_length=48, seed=0)
         trainer.fit(module, datamodule=data)
     else:
         module = ToyModule()
