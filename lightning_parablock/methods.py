@@ -6,7 +6,7 @@ caller's, so runs stay comparable. Most methods are presets over the block machi
 ===========  ===========================================  =========  ==========
 method       what one round trains                        staleness  LoRA
 ===========  ===========================================  =========  ==========
-parablock    one decoder block, exchange overlapped       1          no
+parablock    one decoder block, exchange overlapped       ≥ 1        no
 fedbcd       one decoder block, then exchange             0          no
 full_ft      every parameter (FedAvg)                     0          no
 fedit        every LoRA adapter (FedAvg of A and B)       0          yes
@@ -55,6 +55,7 @@ class Method:
     longer_staleness: bool = False  # ParaBlock: any staleness >= `staleness` is still the method
 
     def accepts_staleness(self, staleness: int) -> bool:
+        """Whether a run at ``staleness`` is still this method (a recipe may set it only then)."""
         return staleness == self.staleness or (self.longer_staleness and staleness > self.staleness)
 
     def rounds(self, cycles: int, num_clients: int) -> int:
