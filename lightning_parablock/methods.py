@@ -113,8 +113,10 @@ def identify(strategy: FederatedBlockStrategy, callback: ParaBlockCallback) -> O
     presets = {name: normalized_patterns(s.strategy_args.get("block_patterns")) for name, s in _METHODS.items()}
     for spec in _METHODS.values():
         preset = presets[spec.name]
-        # a method without its own blocks (decoder blocks) matches any blocks but another method's
-        blocks_match = patterns == preset if preset is not None else patterns not in presets.values() or patterns is None
+        if preset is not None:
+            blocks_match = patterns == preset
+        else:  # a method without blocks of its own (decoder blocks) matches any blocks but another method's
+            blocks_match = patterns is None or patterns not in presets.values()
         stacking = isinstance(callback.aggregator, StackingAggregator)
         if (
             type(strategy) is spec.strategy_class

@@ -84,18 +84,30 @@ def test_a_bad_method_name_is_refused_naming_the_accepted_ones(tmp_path, capsys)
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--method", "flora", "--trainer.callbacks.staleness", "1"],
-         "`method: flora` sets `trainer.callbacks[0].init_args.staleness` to 0, but the config sets 1"),
-        (["--method", "parablock", "--trainer.callbacks.staleness", "0"],
-         "`method: parablock` sets `trainer.callbacks[0].init_args.staleness` to '>= 1', but the config sets 0"),
-        (["--method", "fedit", "--trainer.strategy.init_args.block_patterns", '[["lora_B"]]'],
-         "`method: fedit` sets `trainer.strategy.init_args.block_patterns` to [['lora_']], but the config sets"),
-        (["--method", "fedbcd", "--model.init_args.lora", '{"r": 4}'],
-         "`method: fedbcd` sets `model.init_args.lora` to None, but the config sets {'r': 4}"),
-        (["--method", "fedit", "--trainer.callbacks.aggregator", "lightning_parablock.StackingAggregator"],
-         "sets `trainer.callbacks[0].init_args.aggregator` to 'lightning_parablock.Aggregator'"),
-        (["--trainer.strategy.class_path", "lightning_parablock.FLoRAStrategy", "--method", "fedcybgd"],
-         "`method: fedcybgd` sets `trainer.strategy.class_path` to 'lightning_parablock.FedCyBGDStrategy'"),
+        (
+            ["--method", "flora", "--trainer.callbacks.staleness", "1"],
+            "`method: flora` sets `trainer.callbacks[0].init_args.staleness` to 0, but the config sets 1",
+        ),
+        (
+            ["--method", "parablock", "--trainer.callbacks.staleness", "0"],
+            "`method: parablock` sets `trainer.callbacks[0].init_args.staleness` to '>= 1', but the config sets 0",
+        ),
+        (
+            ["--method", "fedit", "--trainer.strategy.init_args.block_patterns", '[["lora_B"]]'],
+            "`method: fedit` sets `trainer.strategy.init_args.block_patterns` to [['lora_']], but the config sets",
+        ),
+        (
+            ["--method", "fedbcd", "--model.init_args.lora", '{"r": 4}'],
+            "`method: fedbcd` sets `model.init_args.lora` to None, but the config sets {'r': 4}",
+        ),
+        (
+            ["--method", "fedit", "--trainer.callbacks.aggregator", "lightning_parablock.StackingAggregator"],
+            "sets `trainer.callbacks[0].init_args.aggregator` to 'lightning_parablock.Aggregator'",
+        ),
+        (
+            ["--trainer.strategy.class_path", "lightning_parablock.FLoRAStrategy", "--method", "fedcybgd"],
+            "`method: fedcybgd` sets `trainer.strategy.class_path` to 'lightning_parablock.FedCyBGDStrategy'",
+        ),
     ],
     ids=["flora-staleness", "parablock-staleness", "fedit-blocks", "fedbcd-lora", "fedit-stacking", "strategy-class"],
 )

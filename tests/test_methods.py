@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from helpers import quiet_trainer
 from lightning_parablock import CausalLMModule
 from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.cli import main
 from lightning_parablock.data import SyntheticArithmeticDataModule
 from lightning_parablock.fedcybgd import cyclic_turn
 from lightning_parablock.flora import StackingAggregator, stacked_products
@@ -173,7 +174,7 @@ def test_flora_client_ranks_are_checked(tiny_llama_config):
         _fit("flora", tiny_llama_config, cycles=1, client_ranks=[4, 8])
 
 
-def test_the_timeline_names_the_method_and_an_older_one_without_it_still_reports(tiny_llama_config, tmp_path):
+def test_the_timeline_names_the_method_and_an_older_one_without_it_still_reports(tiny_llama_config, tmp_path, capsys):
     _, _, callback, _, _, _ = _fit("ffa_lora", tiny_llama_config, cycles=1)
     meta, _ = load_timeline(callback._timeline_path)
     assert meta["method"] == "ffa_lora"
@@ -186,6 +187,8 @@ def test_the_timeline_names_the_method_and_an_older_one_without_it_still_reports
     assert rows[0].startswith("fedit (version_0)") and rows[1].startswith("staleness 0 (version_1)")
     text, _ = report(runs, run="version_0")
     assert "method: fedit" in text
+    main(["report", str(runs), "--compare", "--bandwidth", "50MB/s"])
+    assert "fedit (version_0)" in capsys.readouterr().out
 
 
 def test_fedcybgd_visits_clients_in_order_each_on_its_block_and_counts_the_fetch(tiny_llama_config):
