@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning import LightningDataModule, LightningModule
 
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, StackingAggregator
@@ -139,3 +140,20 @@ def test_the_tiny_recipe_trains_with_every_method_and_its_timeline_names_it(name
     assert timeline["method"] == name
     rounds = [r for r in timeline["records"] if not r["flush"]]
     assert len(rounds) == (4 if name == "fedcybgd" else 2)
+
+
+@pytest.mark.slow
+def test_the_saved_config_of_a_method_run_repeats_it_without_converting_twice(tmp_path, capsys):
+    main(["fit", *tiny(tmp_path, "--method", "fedcybgd", "--trainer.max_epochs", "1")])
+    saved = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
+    assert saved["method"] is None and saved["trainer"]["max_epochs"] == 2  # the settings the method chose
+    for fit_only in ("ckpt_path", "weights_only"):  # `fit` options: this parses the config without a subcommand
+        saved.pop(fit_only, None)
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(saved))
+    cli = ParaBlockCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(tmp_path / "saved.yaml")],
+    )  # fmt: skip
+    assert (
+        type(cli.trainer.strategy).__name__ == "FedCyBGDStrategy" and cli.trainer.max_epochs == 2
+    )  # 1 cycle, 2 clients
