@@ -40,7 +40,8 @@ class ParaBlockCallback(Callback):
     Args:
         staleness: rounds between training a block and aggregating it. ``0`` is FedBCD (train,
             then exchange, synchronously), ``1`` is ParaBlock (exchange round ``t − 1`` while
-            training round ``t``), ``k ≥ 2`` the paper's multi-round staleness.
+            training round ``t``), ``k ≥ 2`` the paper's multi-round staleness. ``None`` (the default)
+            is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.method_config`).
         link: the modelled link; by default an infinitely fast one (only real work is timed).
         aggregator: how the server combines deltas; by default the weighted mean of the paper, raising
             on a non-finite delta. See :class:`~lightning_parablock.aggregate.Aggregator` for the robust
@@ -55,13 +56,13 @@ class ParaBlockCallback(Callback):
 
     def __init__(
         self,
-        staleness: int = 1,
+        staleness: Optional[int] = None,
         link: Optional[SimulatedLink] = None,
         aggregator: Optional[Aggregator] = None,
         comm_timeout: float | str = 1800.0,
         compression: Union[str, Codec, None] = "none",
     ) -> None:
-        self.staleness = check_int("staleness (0 = FedBCD, 1 = ParaBlock)", staleness, minimum=0)
+        self.staleness = check_int("staleness (0 = FedBCD, 1 = ParaBlock)", 1 if staleness is None else staleness, minimum=0)
         self.link = link if link is not None else SimulatedLink()
         self.aggregator = aggregator if aggregator is not None else Aggregator()
         self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout))
@@ -272,7 +273,10 @@ class ParaBlockCallback(Callback):
         if not trainer.is_global_zero or self._timeline_path is None:
             return
         strategy = self._strategy(trainer)
+        from lightning_parablock.methods import identify  # methods builds callbacks: imported here, not above
+
         meta = {
+            "method": identify(strategy, self),
             "staleness": self.staleness,
             "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
             "compression": repr(self.codec),

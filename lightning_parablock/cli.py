@@ -25,6 +25,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock import preflight, report
 from lightning_parablock.callback import ParaBlockCallback
+from lightning_parablock.method_config import apply_method
+from lightning_parablock.methods import MethodName
 from lightning_parablock.output import OutputPlan, check_output_dir, save_model
 
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
@@ -53,7 +55,9 @@ def concise_parse_error(message: str) -> str:
     details = [line for line in lines if line and not _PARSER_KEY.fullmatch(line) and not _UNION_NOISE.match(line)]
     if not keys or not details:
         return message
-    return f"`{'.init_args.'.join(keys)}`: {details[0]}"
+    given = next((line[len("Given value: ") :] for line in lines if line.startswith("Given value: ")), None)
+    detail = details[0] if given is None or "Got value" in details[0] else f"{details[0]}. Got value: {given}"
+    return f"`{'.init_args.'.join(keys)}`: {detail}"
 
 
 class ConciseArgumentParser(LightningArgumentParser):
@@ -102,6 +106,15 @@ class ParaBlockCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
+            "--method",
+            type=Optional[MethodName],
+            default=None,
+            help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
+            " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
+            " otherwise (see lightning_parablock.method_config). With fedcybgd, epoch counts are cycles. Default:"
+            " the config as written.",
+        )
+        parser.add_argument(
             "--output_dir",
             type=Optional[str],
             default=None,
@@ -122,6 +135,15 @@ class ParaBlockCLI(LightningCLI):
         """
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("method"):
+            try:
+                notes = apply_method(config, config.method)
+            except USAGE_ERRORS as error:
+                refuse(error)
+            for note in notes:
+                print(f"parablock: {note}", file=sys.stderr, flush=True)
+            config.method = None  # applied: the saved config.yaml holds the settings, re-running it repeats the run
         self._construction_errors = _ConstructionErrors(self)
         self.parser.add_instantiator(self._construction_errors, object, subclasses=True, prepend=True)
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_parablock.aggregate import Aggregator, NonFiniteDeltaError, clip_by_norm
-from lightning_parablock.comm import RoundExchange, SimulatedLink, finish_exchange
+from lightning_parablock.comm import RoundExchange, SimulatedLink, finish_exchange, tensor_bytes
 from lightning_parablock.compress import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.schedule import seeded_generator
 
@@ -123,10 +123,10 @@ class CollectiveTransport:
             if senders and not kept:
                 raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {bad}.")
             aggregate = self._combine(mine, kept, {c: float(status[c, 1]) for c in kept}, layout, aggregator, round_index)
-        nbytes = sum(shape.numel() for _, shape in layout) * 4  # the aggregate comes back in fp32
+        nbytes = tensor_bytes(aggregate) if aggregate is not None else 0  # fp32; FLoRA's stacks are N deltas wide
         upload_bytes = {client: int(status[client, 3]) for client in senders}
         return finish_exchange(
-            round_index, block, aggregate, bad, upload_bytes, nbytes if kept else 0, link, start, stop
+            round_index, block, aggregate, bad, upload_bytes, nbytes, link, start, stop
         )
 
     def _combine(

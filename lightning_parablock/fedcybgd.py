@@ -32,7 +32,8 @@ def cyclic_turn(round_index: int, num_clients: int, num_blocks: int) -> tuple[in
 class FedCyBGDStrategy(FederatedBlockStrategy):
     """:class:`FederatedBlockStrategy` with FedCyBGD's cycle: one client per round, its own block.
 
-    Use with ``ParaBlockCallback(staleness=0)`` and ``max_epochs`` = cycles × ``num_clients``.
+    Use with ``ParaBlockCallback(staleness=0)`` and ``max_epochs`` = cycles × ``num_clients``
+    (``Method.rounds``); a recipe's ``method: fedcybgd`` states cycles and the CLI converts them.
     ``schedule``, ``participation`` and ``clients_per_round`` do not apply.
     """
 

@@ -7,12 +7,22 @@ the timeline), merges the product into its frozen base weights and restarts from
 adapters. In this library the deltas a client uploads are ΔA_i and ΔB_i against the
 adapters of the round's start, which every client shares (seeded), so A_i = A + ΔA_i and,
 B starting at zero, B_i = ΔB_i.
+
+Clients may have different ranks (``FLoRAStrategy(client_ranks=[...])``, FLoRA's point): the
+module holds adapters of rank r_max = the module's ``r``, and client i trains only their first r_i
+components (rows of A, columns of B; the gradients of the others are zeroed while its view is
+loaded, and what its optimizer does to them anyway, e.g. weight decay, is left out of its delta).
+It uploads B_i (out × r_i) and A_i (r_i × in) only, so the bytes counted are those of a rank-r_i
+adapter, and the stack is Σ r_i wide. Every client's product is scaled as the module's, alpha / r_max:
+a rank-r_i client is the rank-r_max adapter with its other components at zero, and the stacked
+product is merged with one scale (peft's per-rank alpha / r_i would make the same B_i A_i count
+differently per client; choose ``lora_alpha`` for r_max).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,11 +34,12 @@ from lightning_parablock.aggregate import (
     Aggregator,
     Deltas,
     NonFiniteDeltaError,
-    check_deltas,
     non_finite_clients,
 )
-from lightning_parablock.lora import ADAPTER, lora_pairs, merge_products, restart_adapters
+from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
+from lightning_parablock.lora import ADAPTER, LoraPair, lora_pairs, merge_products, restart_adapters
 from lightning_parablock.strategy import FederatedBlockStrategy
+from lightning_parablock.validation import check_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -40,8 +51,9 @@ class StackingAggregator(Aggregator):
     """The server of FLoRA: per adapted layer, ``[w_i ΔB_i]`` side by side and ``[ΔA_i]`` one under another.
 
     The aggregate keeps the adapters' names with stacked shapes: ``lora_B`` is
-    ``(out, N·r)`` and ``lora_A`` is ``(N·r, in)``, clients in ascending id. Non-finite
-    deltas raise, or with ``nonfinite="skip"`` their clients are left out of the stack.
+    ``(out, Σ r_i)`` and ``lora_A`` is ``(Σ r_i, in)``, clients in ascending id; clients may send
+    different ranks r_i. Non-finite deltas raise, or with ``nonfinite="skip"`` their clients are
+    left out of the stack.
     """
 
     def __init__(self, nonfinite: str = "raise") -> None:
@@ -49,7 +61,7 @@ class StackingAggregator(Aggregator):
 
     @override
     def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        names = check_deltas(deltas)
+        names = _check_stackable(deltas)
         not_lora = [n for n in names if not n.endswith((_A, _B))]
         if not_lora:
             raise ValueError(f"FLoRA stacks LoRA adapters only; the block also holds {not_lora[:3]}.")
@@ -73,21 +85,45 @@ class StackingAggregator(Aggregator):
         return f"{type(self).__name__}(nonfinite={self.nonfinite!r})"
 
 
+def _check_stackable(deltas: Deltas) -> list[str]:
+    """The names every client sent; a ValueError when clients disagree on names or on the shapes outside the rank."""
+    if not deltas:
+        raise ValueError("Cannot aggregate a round with no client deltas.")
+    clients = sorted(deltas)
+    reference = deltas[clients[0]]
+    names = list(reference)
+    for client in clients:
+        if list(deltas[client]) != names:
+            raise ValueError(f"Client {client} sent tensors {list(deltas[client])}, expected {names}.")
+        for name in names:
+            keep = 1 if name.endswith(_A) else 0  # A is (r_i, in), B is (out, r_i)
+            if deltas[client][name].shape[keep] != reference[name].shape[keep]:
+                raise ValueError(
+                    f"Client {client} sent {name!r} of shape {tuple(deltas[client][name].shape)}, which does not"
+                    f" stack with {tuple(reference[name].shape)}."
+                )
+    return names
+
+
 def stacked_products(
-    stacked: Mapping[str, Tensor], adapters: Mapping[str, Tensor], pairs: Sequence[tuple[str, str, str]]
+    stacked: Mapping[str, Tensor],
+    adapters: Mapping[str, Tensor],
+    pairs: Sequence[tuple[str, str, str]],
+    ranks: Optional[Sequence[int]] = None,
 ) -> dict[str, Tensor]:
     """Σ_i w_i B_i A_i per base weight, from the stacks and the round's starting A (``adapters``).
 
-    ``pairs`` are (base, A, B) names; A_i = A + ΔA_i, so the A stack is the starting A
-    repeated once per client plus the stacked ΔA_i.
+    ``pairs`` are (base, A, B) names; A_i = A[:r_i] + ΔA_i, so the A stack is each client's first
+    r_i rows of the starting A plus the stacked ΔA_i. ``ranks`` are the stacked clients' r_i in
+    order; by default every client has the adapters' full rank.
     """
     products = {}
     for base, a, b in pairs:
         if a not in stacked:
             continue
         a_start = adapters[a].float().to(stacked[a].device)
-        clients = stacked[a].shape[0] // a_start.shape[0]
-        products[base] = stacked[b] @ (a_start.repeat(clients, 1) + stacked[a])
+        own = ranks if ranks is not None else [a_start.shape[0]] * (stacked[a].shape[0] // a_start.shape[0])
+        products[base] = stacked[b] @ (torch.cat([a_start[:r] for r in own]) + stacked[a])
     return products
 
 
@@ -96,7 +132,24 @@ class FLoRAStrategy(FederatedBlockStrategy):
 
     Use with ``CausalLMModule(lora=...)``, ``block_patterns=["lora_"]`` and
     ``ParaBlockCallback(staleness=0, aggregator=StackingAggregator())``: FLoRA is synchronous.
+
+    Args:
+        client_ranks: each client's LoRA rank r_i, from 1 to the module's ``r`` (one entry per client);
+            by default every client has the module's rank. One process only, for now.
+        **kwargs: :class:`FederatedBlockStrategy`'s arguments.
     """
+
+    def __init__(self, *args: Any, client_ranks: Optional[list[int]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if client_ranks is not None:
+            if len(client_ranks) != self.num_clients:
+                raise ValueError(
+                    f"`client_ranks` needs one rank per client (num_clients={self.num_clients}), got {len(client_ranks)}:"
+                    f" {client_ranks}."
+                )
+            for i, rank in enumerate(client_ranks):
+                check_int(f"client_ranks[{i}]", rank, minimum=1)
+        self.client_ranks = None if client_ranks is None else list(client_ranks)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -111,8 +164,66 @@ class FLoRAStrategy(FederatedBlockStrategy):
                         " `ParaBlockCallback(staleness=0, aggregator=StackingAggregator())`, got"
                         f" staleness={callback.staleness} and aggregator={callback.aggregator!r}."
                     )
-        if not any(True for _ in lora_pairs(self.lightning_module)):
+        pairs = list(lora_pairs(self.lightning_module))
+        if not pairs:
             raise MisconfigurationException("FLoRAStrategy needs LoRA adapters: `CausalLMModule(lora={...})`.")
+        if self.client_ranks is not None:
+            self._check_ranks(pairs, trainer.world_size)
+            for pair in pairs:
+                pair.layer.lora_A[ADAPTER].weight.register_hook(lambda grad: self._own_components(grad, rows=True))
+                pair.layer.lora_B[ADAPTER].weight.register_hook(lambda grad: self._own_components(grad, rows=False))
+
+    def _check_ranks(self, pairs: Sequence[LoraPair], world_size: int) -> None:
+        r_max = min(pair.layer.lora_A[ADAPTER].weight.shape[0] for pair in pairs)
+        too_large = [(i, r) for i, r in enumerate(self.client_ranks) if r > r_max]
+        if too_large:
+            i, rank = too_large[0]
+            raise MisconfigurationException(
+                f"`client_ranks[{i}]={rank}` is above the module's LoRA rank r={r_max}: every rank must be from 1 to"
+                f" {r_max} (give the module r = max(client_ranks) = {max(self.client_ranks)})."
+            )
+        if world_size > 1:
+            raise MisconfigurationException(
+                f"`client_ranks` (heterogeneous LoRA ranks) runs on one process for now, got world_size={world_size}:"
+                " the collective exchange gathers equal-sized deltas."
+            )
+
+    def rank_of(self, client: int) -> Optional[int]:
+        """Client ``client``'s LoRA rank r_i, or ``None`` when every client has the module's."""
+        return None if self.client_ranks is None else self.client_ranks[client]
+
+    def _own_components(self, tensor: Tensor, rows: bool, client: Optional[int] = None) -> Tensor:
+        """``tensor`` (a gradient or delta of A, by rows, or of B, by columns) with the components beyond the
+        client's rank set to zero; the active client's by default, unchanged between turns."""
+        client = self.active_client if client is None else client
+        rank = None if client is None else self.rank_of(client)
+        if rank is None or rank >= tensor.shape[0 if rows else 1]:
+            return tensor
+        kept = tensor.clone()
+        (kept[rank:] if rows else kept[:, rank:]).zero_()
+        return kept
+
+    @override
+    def _leave_client(self, record: bool = True) -> None:
+        """End the turn; a client below the module's rank keeps no change beyond its own components."""
+        client, round_index = self.active_client, None if self.current is None else self.current.index
+        super()._leave_client(record)
+        if record and client is not None and self.rank_of(client) is not None:
+            delta = self.federation.clients[client].pending.get(round_index)
+            for name, tensor in ({} if delta is None else delta.wait().tensors).items():
+                tensor.copy_(self._own_components(tensor, rows=name.endswith(_A), client=client))
+
+    @override
+    def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
+        """Each client's ΔA_i (r_i × in) and ΔB_i (out × r_i): a rank-r_i client sends a rank-r_i adapter."""
+        if self.client_ranks is None:
+            return super().round_uploads(round_index, codec)
+        uploads = {}
+        for client, delta in self.round_deltas(round_index).items():
+            rank = self.client_ranks[client]
+            own = {n: t[:rank] if n.endswith(_A) else t[:, :rank] for n, t in delta.items()}
+            uploads[client] = encode_delta(codec, own, self.federation.clients[client].residual)
+        return uploads
 
     @override
     @torch.no_grad()
@@ -128,7 +239,9 @@ class FLoRAStrategy(FederatedBlockStrategy):
             for _, _, b in pairs:
                 if b in aggregate and params[b].count_nonzero():
                     raise RuntimeError(f"FLoRA expects every round to start with B = 0, but {b!r} is not zero.")
-            products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs)
+            senders = sorted(set(self.participants_of(round_index)) - set(left_out))
+            ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
+            products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
             merge_products(model, {base: self.global_lr * product for base, product in products.items()})
         restart_adapters(model, self.seed, 0xF10A, round_index)
         self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update

@@ -6,7 +6,7 @@ caller's, so runs stay comparable. Most methods are presets over the block machi
 ===========  ===========================================  =========  ==========
 method       what one round trains                        staleness  LoRA
 ===========  ===========================================  =========  ==========
-parablock    one decoder block, exchange overlapped       1          no
+parablock    one decoder block, exchange overlapped       ≥ 1        no
 fedbcd       one decoder block, then exchange             0          no
 full_ft      every parameter (FedAvg)                     0          no
 fedit        every LoRA adapter (FedAvg of A and B)       0          yes
@@ -16,14 +16,18 @@ fedcybgd     one client, its own block, model passed on   0          no
 ===========  ===========================================  =========  ==========
 
 FLoRA and FedCyBGD need their own strategy classes (:mod:`lightning_parablock.flora`,
-:mod:`lightning_parablock.fedcybgd`); FLoRA also its aggregator.
+:mod:`lightning_parablock.fedcybgd`); FLoRA also its aggregator. ParaBlock accepts any staleness
+from 1 up (the paper's Table 5); every other method is synchronous. A recipe switches the method
+with one line, ``method: fedit`` (see :mod:`lightning_parablock.method_config`); a run's timeline
+names the method its settings match (:func:`identify`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.callback import ParaBlockCallback
@@ -48,6 +52,11 @@ class Method:
     lora: bool = False
     aggregator_class: Optional[type[Aggregator]] = None
     one_client_per_round: bool = False  # FedCyBGD: a cycle over N clients takes N rounds
+    longer_staleness: bool = False  # ParaBlock: any staleness >= `staleness` is still the method
+
+    def accepts_staleness(self, staleness: int) -> bool:
+        """Whether a run at ``staleness`` is still this method (a recipe may set it only then)."""
+        return staleness == self.staleness or (self.longer_staleness and staleness > self.staleness)
 
     def rounds(self, cycles: int, num_clients: int) -> int:
         """Rounds (epochs) for ``cycles`` rounds of the paper's kind, where every client trains once."""
@@ -69,7 +78,7 @@ _ALL_PARAMETERS = [".*"]
 _ADAPTERS = ["lora_"]
 
 _METHODS = {
-    "parablock": Method("parablock", "ParaBlock", staleness=1),
+    "parablock": Method("parablock", "ParaBlock", staleness=1, longer_staleness=True),
     "fedbcd": Method("fedbcd", "FedBCD", staleness=0),
     "full_ft": Method("full_ft", "Full FT", staleness=0, strategy_args={"block_patterns": [_ALL_PARAMETERS]}),
     "fedit": Method("fedit", "FedIT", staleness=0, strategy_args={"block_patterns": [_ADAPTERS]}, lora=True),
@@ -92,3 +101,35 @@ def method(name: str) -> Method:
     if name not in _METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {name!r}.")
     return _METHODS[name]
+
+
+def identify(strategy: FederatedBlockStrategy, callback: ParaBlockCallback) -> Optional[str]:
+    """The method whose settings a run has (strategy class, blocks, staleness, aggregator), or ``None``.
+
+    Read from the objects rather than from a label, so a run built by hand, by :func:`method` or by a
+    recipe's ``method:`` line is named the same way in its timeline.
+    """
+    patterns = normalized_patterns(strategy.block_patterns)
+    presets = {name: normalized_patterns(s.strategy_args.get("block_patterns")) for name, s in _METHODS.items()}
+    for spec in _METHODS.values():
+        preset = presets[spec.name]
+        if preset is not None:
+            blocks_match = patterns == preset
+        else:  # a method without blocks of its own (decoder blocks) matches any blocks but another method's
+            blocks_match = patterns is None or patterns not in presets.values()
+        stacking = isinstance(callback.aggregator, StackingAggregator)
+        if (
+            type(strategy) is spec.strategy_class
+            and blocks_match
+            and spec.accepts_staleness(callback.staleness)
+            and stacking == (spec.aggregator_class is StackingAggregator)
+        ):
+            return spec.name
+    return None
+
+
+def normalized_patterns(patterns: Optional[Sequence[Union[str, Sequence[str]]]]) -> Optional[list[list[str]]]:
+    """``block_patterns`` with every block as a list of patterns (a block may be given as one string)."""
+    if patterns is None:
+        return None
+    return [[entry] if isinstance(entry, str) else list(entry) for entry in patterns]

@@ -3,7 +3,8 @@
 Reads the timeline a run wrote (``parablock_timeline.json``), prints measured and modelled
 times at the bandwidths asked for, and draws a Figure-1-style Gantt chart of compute and
 communication per client, a Figure-2-style runtime-vs-bandwidth bar chart of ParaBlock vs
-FedBCD, and the loss curve.
+FedBCD, and the loss curve. ``--compare`` puts every run under a folder side by side, one row
+per run labelled by its method (the timeline's ``method``; older timelines say only their staleness).
 """
 
 from __future__ import annotations
@@ -101,6 +102,46 @@ def validation_losses(log_dir: Path, rounds: int) -> list[tuple[int, float]]:
             logged = [(epoch_at_step.get(e.step, 0), e.step, e.value) for e in events.Scalars(key)]
     by_round = {0 if step == 0 else min(epoch + 1, rounds): loss for epoch, step, loss in logged}
     return sorted(by_round.items())
+
+
+def method_label(meta: dict, path: Path) -> str:
+    """A run's row label: its method and folder; a timeline written before methods were recorded gives its staleness."""
+    method = meta.get("method") or f"staleness {meta.get('staleness')}"
+    return f"{method} ({path.parent.name})"
+
+
+def format_comparison(runs: Sequence[tuple[str, int, Sequence[RoundRecord]]], links: dict[str, SimulatedLink]) -> str:
+    """One row per (label, staleness, records): rounds, final training loss, bytes, measured and modelled seconds.
+
+    Each run's modelled time uses its own staleness: the methods as they ran, over the same links.
+    """
+    width = max(len(label) for label, _, _ in runs)
+    header = f"{'run':<{width}}  {'rounds':>6}  {'train loss':>10}  {'MB moved':>9}  {'measured s':>10}"
+    header += "".join(f"  {name + ' s':>{max(12, len(name) + 2)}}" for name in links)
+    lines = [header]
+    for label, staleness, records in runs:
+        summary = RunSummary.of(records)
+        losses = [loss for loss in map(_mean_loss, records) if loss is not None]
+        loss = f"{losses[-1]:.4f}" if losses else "-"
+        row = f"{label:<{width}}  {summary.rounds:>6}  {loss:>10}  {summary.bytes_moved / 1e6:>9.2f}"
+        row += f"  {summary.measured_seconds:>10.2f}"
+        row += "".join(
+            f"  {modelled_wallclock(records, link, staleness):>{max(12, len(name) + 2)}.2f}" for name, link in links.items()
+        )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def compare(run_dir: Path, bandwidths: Sequence[str] = DEFAULT_BANDWIDTHS, latency: str = "0s") -> str:
+    """Every run under ``run_dir`` side by side (oldest first), labelled by method."""
+    links = {f"{b}, {latency}": SimulatedLink(b, latency) for b in bandwidths}
+    runs = []
+    for path in find_timelines(run_dir):
+        meta, records = load_timeline(path)
+        runs.append((method_label(meta, path), meta["staleness"], records))
+    return "modelled federated wall-clock (clients in parallel), each run at its own staleness\n" + format_comparison(
+        runs, links
+    )
 
 
 def _mean_loss(record: RoundRecord) -> Optional[float]:
@@ -254,7 +295,7 @@ def report(
     lines = [f"timeline: {timeline}"]
     if others:
         lines.append(f"  (also under {run_dir}: {', '.join(str(p.parent) for p in others)}; choose one with --run)")
-    lines.append(f"this run's link: {link_label(own_link)}")
+    lines.append(f"method: {meta.get('method') or 'not recorded'}; this run's link: {link_label(own_link)}")
     if validation:
         (first_round, first), (last_round, last) = validation[0], validation[-1]
         lines.append(f"validation loss {first:.4f} after {first_round} rounds -> {last:.4f} after {last_round}")
@@ -273,9 +314,13 @@ def main(args: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--latency", default=None, help="link latency to model, e.g. 20ms (default: the run's)")
     parser.add_argument("--rounds", default=f"0-{GANTT_ROUNDS - 1}", help="rounds the Gantt chart shows: 0-7, 5 or all (default: %(default)s)")
     parser.add_argument("--output_dir", "--output-dir", type=Path, default=None, help="where to write the PNGs (default: beside the timeline)")
+    parser.add_argument("--compare", action="store_true", help="print every run under run_dir side by side, one row per run labelled by its method")
     options = parser.parse_args(args)
     bandwidths = [b.strip() for b in options.bandwidth.split(",") if b.strip()]
     try:
+        if options.compare:
+            print(compare(options.run_dir, bandwidths, options.latency or "0s"))
+            return
         rounds = parse_rounds(options.rounds)
         table, paths = report(options.run_dir, bandwidths, options.latency, options.output_dir, rounds, options.run)
     except (FileNotFoundError, ValueError) as error:

@@ -2,7 +2,8 @@
 
 Lightning's launcher re-runs this script once per extra rank. Rank 0 writes the final global model
 (and the timeline's location) to ``--out``. Fault options make one rank raise, stall or wait to be
-killed, for the fault tests.
+killed, for the fault tests. ``--method`` trains one of the Table 1 methods instead: FLoRA on a tiny
+Llama with LoRA, the others on the toy model, all with SGD.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import os
 import signal
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock import Aggregator, CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock import method as method_settings
+from lightning_parablock.data import SyntheticArithmeticDataModule
 from toy import ToyModule, toy_dataset, toy_loader
 
 
@@ -70,6 +74,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     fault: Fault | None = None,
+    method: str | None = None,
 ) -> dict:
     """Train the toy federation; rank 0 saves and returns the final global model and the timeline records."""
     torch.set_num_threads(1)
@@ -80,6 +85,8 @@ def train(
         comm_timeout=comm_timeout,
         compression=compression,
     )
+    if method is not None:
+        return _train_method(out, method, devices, num_clients, rounds, comm_timeout)
     callbacks: list[Callback] = [callback] + ([fault] if fault is not None else [])
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_epochs=1, save_last=True, save_top_k=-1))
@@ -113,6 +120,42 @@ def train(
     return result
 
 
+TINY_LLAMA = {
+    "model_type": "llama", "vocab_size": 128, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+
+
+def _train_method(out: Path, name: str, devices: int, num_clients: int, rounds: int, comm_timeout: float) -> dict:
+    """A Table 1 method with SGD: FLoRA on a tiny Llama with LoRA, the others on the toy model; ``rounds`` cycles."""
+    spec = method_settings(name)
+    callback = spec.callback(comm_timeout=comm_timeout)
+    strategy = spec.strategy(
+        num_clients=num_clients, local_steps=2, seed=3, client_optimizer=partial(torch.optim.SGD, lr=0.05)
+    )
+    trainer = Trainer(
+        strategy=strategy, accelerator="cpu", devices=devices, callbacks=[callback],
+        max_epochs=spec.rounds(rounds, num_clients), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out.parent,
+    )  # fmt: skip
+    if spec.lora:
+        lora = {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0}
+        module = CausalLMModule(config=TINY_LLAMA, seed=0, **spec.module_args(lora))
+        data = SyntheticArithmeticDataModule(num_examples=32, val_examples=8, batch_size=4, max_length=48, seed=0)
+        trainer.fit(module, datamodule=data)
+    else:
+        module = ToyModule()
+        trainer.fit(module, toy_loader(toy_dataset()))
+    result = {
+        "params": {n: p.detach().clone() for n, p in module.named_parameters()},
+        "records": [asdict(r) for r in callback.records],
+    }
+    if trainer.is_global_zero:
+        torch.save(result, out)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -132,6 +175,7 @@ def main() -> None:
     parser.add_argument("--fault_rank", type=int, default=1)
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)
+    parser.add_argument("--method", default=None)
     args = vars(parser.parse_args())
     kind, rank, at_round, marker = (args.pop(k) for k in ("fault", "fault_rank", "fault_round", "marker"))
     train(**args, fault=Fault(kind, rank, at_round, marker) if kind else None)

@@ -2,26 +2,30 @@
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
 from helpers import quiet_trainer
 from lightning_parablock import CausalLMModule
 from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.cli import main
 from lightning_parablock.data import SyntheticArithmeticDataModule
 from lightning_parablock.fedcybgd import cyclic_turn
 from lightning_parablock.flora import StackingAggregator, stacked_products
 from lightning_parablock.lora import lora_pairs
 from lightning_parablock.methods import METHODS, method
+from lightning_parablock.report import compare, report
+from lightning_parablock.timeline import TIMELINE_FILENAME, load_timeline, save_timeline
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 CLIENTS = 2
 
 
-def _fit(name, config, cycles=3, spy=None):
+def _fit(name, config, cycles=3, spy=None, **strategy_args):
     spec = method(name)
     module = CausalLMModule(config=config, learning_rate=1e-2, seed=0, **spec.module_args(LORA))
     data = SyntheticArithmeticDataModule(num_examples=64, val_examples=16, batch_size=8, partition="dirichlet", seed=0)
-    strategy = spec.strategy(num_clients=CLIENTS, local_steps=2, include_embeddings=True, seed=0)
+    strategy = spec.strategy(num_clients=CLIENTS, local_steps=2, include_embeddings=True, seed=0, **strategy_args)
     if spy is not None:
         spy(strategy)
     callback = spec.callback()
@@ -107,6 +111,84 @@ def test_flora_merges_the_stacked_product_into_the_base_and_restarts_the_adapter
             ) * pair.scaling
             torch.testing.assert_close(after[pair.base] - before[pair.base], expected, rtol=1e-5, atol=1e-6)
             assert not after[pair.b].any() and not torch.equal(after[pair.a], before[pair.a])
+
+
+def test_flora_stacks_clients_of_different_ranks_into_the_sum_of_their_products():
+    generator = torch.Generator().manual_seed(1)
+    a, b = "x.lora_A.default.weight", "x.lora_B.default.weight"
+    a0 = torch.randn(4, 5, generator=generator)  # the module's rank r_max = 4
+    ranks = {0: 4, 1: 1, 2: 3}
+    deltas = {
+        c: {a: torch.randn(r, 5, generator=generator), b: torch.randn(6, r, generator=generator)}
+        for c, r in ranks.items()
+    }  # fmt: skip
+    weights = {0: 0.2, 1: 0.5, 2: 0.3}
+    stacked = StackingAggregator()(deltas, weights).aggregate
+    assert stacked[a].shape == (8, 5) and stacked[b].shape == (6, 8)  # Σ r_i = 8
+    products = stacked_products(stacked, {a: a0}, [("x.w", a, b)], ranks=list(ranks.values()))
+    expected = sum(w * deltas[c][b] @ (a0[: ranks[c]] + deltas[c][a]) for c, w in weights.items())
+    torch.testing.assert_close(products["x.w"], expected)
+
+
+def test_flora_with_client_ranks_trains_each_clients_own_components_and_sends_rank_sized_adapters(tiny_llama_config):
+    ranks = [2, 4]  # LORA's r = 4 is r_max
+    seen = []
+
+    def spy(strategy):
+        apply = strategy.apply_aggregate
+
+        def recording(round_index, aggregate, left_out=()):
+            params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
+            seen.append((strategy.round_deltas(round_index), strategy.round_weights(round_index), params))
+            apply(round_index, aggregate, left_out)
+            seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
+
+        strategy.apply_aggregate = recording
+
+    module, strategy, callback, _, before, after = _fit("flora", tiny_llama_config, cycles=2, spy=spy, client_ranks=ranks)
+    assert after < before
+    pairs = list(lora_pairs(module))
+    for deltas, weights, params_before, params_after in seen:
+        for pair in pairs:
+            assert deltas[1][pair.a][2:].any()  # the rank-4 client moves every component
+            assert not deltas[0][pair.a][2:].any() and not deltas[0][pair.b][:, 2:].any()  # rank 2: only its own
+        total = sum(weights.values())
+        for pair in pairs:
+            expected = sum(
+                w / total * deltas[c][pair.b][:, : ranks[c]] @ (params_before[pair.a] + deltas[c][pair.a])[: ranks[c]]
+                for c, w in weights.items()
+            ) * pair.scaling  # one scale, alpha / r_max, for every client
+            torch.testing.assert_close(params_after[pair.base] - params_before[pair.base], expected, rtol=1e-5, atol=1e-6)
+    sizes = {c: sum(4 * r * (p.layer.lora_A["default"].weight.shape[1] + p.layer.lora_B["default"].weight.shape[0])
+                    for p in pairs) for c, r in enumerate(ranks)}  # fmt: skip
+    for record in (r for r in callback.records if r.exchanged_round is not None):
+        assert record.upload_bytes == sizes and record.download_bytes == sum(sizes.values())
+
+
+def test_flora_client_ranks_are_checked(tiny_llama_config):
+    with pytest.raises(ValueError, match=r"`client_ranks` needs one rank per client \(num_clients=2\), got 3"):
+        method("flora").strategy(num_clients=2, client_ranks=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"client_ranks\[1\]"):
+        method("flora").strategy(num_clients=2, client_ranks=[1, 0])
+    with pytest.raises(MisconfigurationException, match=r"`client_ranks\[1\]=8` is above the module's LoRA rank r=4"):
+        _fit("flora", tiny_llama_config, cycles=1, client_ranks=[4, 8])
+
+
+def test_the_timeline_names_the_method_and_an_older_one_without_it_still_reports(tiny_llama_config, tmp_path, capsys):
+    _, _, callback, _, _, _ = _fit("ffa_lora", tiny_llama_config, cycles=1)
+    meta, _ = load_timeline(callback._timeline_path)
+    assert meta["method"] == "ffa_lora"
+    runs = tmp_path / "runs"
+    for version, method_name in (("version_0", "fedit"), ("version_1", None)):
+        extra = {"method": method_name} if method_name else {}  # version_1 as written before methods were recorded
+        save_timeline(runs / version / TIMELINE_FILENAME, callback.records, {**extra, "staleness": 0, "link": meta["link"]})
+    table = compare(runs, ["50MB/s"])
+    rows = table.splitlines()[2:]
+    assert rows[0].startswith("fedit (version_0)") and rows[1].startswith("staleness 0 (version_1)")
+    text, _ = report(runs, run="version_0")
+    assert "method: fedit" in text
+    main(["report", str(runs), "--compare", "--bandwidth", "50MB/s"])
+    assert "fedit (version_0)" in capsys.readouterr().out
 
 
 def test_fedcybgd_visits_clients_in_order_each_on_its_block_and_counts_the_fetch(tiny_llama_config):

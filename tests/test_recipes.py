@@ -13,9 +13,10 @@ import pytest
 import yaml
 from lightning import LightningDataModule, LightningModule
 
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, StackingAggregator
 from lightning_parablock.cli import ParaBlockCLI, main
 from lightning_parablock.data import FederatedDataModule, build_char_tokenizer
+from lightning_parablock.methods import method
 
 PAPER = Path(__file__).parents[1] / "recipes" / "paper"
 LOCAL_TINY = PAPER.parent / "local_tiny.yaml"
@@ -48,6 +49,11 @@ def _recipe(name):
     return yaml.safe_load((PAPER / f"{name}.yaml").read_text())
 
 
+def _staleness(recipe):
+    """The recipe's staleness: written where it is not its method's own."""
+    return recipe["trainer"]["callbacks"][0]["init_args"].get("staleness", method(recipe["method"]).staleness)
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """A saved character tokenizer and the fixtures, repeated, in the recipes' schemas."""
@@ -63,7 +69,7 @@ def stand_ins(tmp_path_factory):
 def overrides(name, root):
     """The recipe, then the shipped override file for local files and a tiny model, then this test's paths."""
     recipe = _recipe(name)
-    staleness = recipe["trainer"]["callbacks"][0]["init_args"]["staleness"]
+    staleness = _staleness(recipe)
     data_file = root / ("math.jsonl" if name.startswith("mathinstruct") else "alpaca.json")
     return [
         "--config", str(PAPER / f"{name}.yaml"),
@@ -110,7 +116,7 @@ def test_main_recipes_state_the_papers_settings(name, blocks, rounds):
     assert layers // strategy["layers_per_block"] == blocks and trainer["max_epochs"] == rounds
     assert strategy["num_clients"] == 10 and strategy["schedule"] == "random" and strategy["global_lr"] == 1.0
     assert data["batch_size"] * trainer["accumulate_grad_batches"] == 4
-    assert trainer["callbacks"][0]["init_args"]["staleness"] == 1
+    assert recipe["method"] == "parablock" and _staleness(recipe) == 1
     assert trainer["accelerator"] == "gpu" and trainer["devices"] == 1 and trainer["precision"].startswith("bf16")
     assert recipe["model"]["init_args"]["model_name_or_path"] == data["tokenizer"]
     if name.startswith("alpaca"):
@@ -125,7 +131,7 @@ def test_main_recipes_state_the_papers_settings(name, blocks, rounds):
 @pytest.mark.parametrize(
     ("name", "path", "value"),
     [
-        ("alpaca_llama3_8b_fedbcd", "trainer.callbacks.0.init_args.staleness", 0),
+        ("alpaca_llama3_8b_fedbcd", "method", "fedbcd"),
         ("mathinstruct_llama3_8b_staleness_2", "trainer.callbacks.0.init_args.staleness", 2),
         ("mathinstruct_llama3_8b_cross_silo", "trainer.strategy.init_args.num_clients", 50),
         ("mathinstruct_llama3_8b_cross_silo", "trainer.strategy.init_args.participation", 0.2),
@@ -136,16 +142,13 @@ def test_main_recipes_state_the_papers_settings(name, blocks, rounds):
         ("mathinstruct_llama3_8b_extreme", "data.init_args.alpha", 0.01),
         ("alpaca_llama3_8b_bandwidth_50", "trainer.callbacks.0.init_args.link.init_args.bandwidth", "50MB/s"),
         ("alpaca_llama3_8b_batch_8", "trainer.accumulate_grad_batches", 2),
-        ("alpaca_llama3_8b_full_ft", "trainer.strategy.init_args.block_patterns", [[".*"]]),
+        ("alpaca_llama3_8b_full_ft", "method", "full_ft"),
         ("alpaca_llama3_8b_full_ft", "trainer.max_epochs", 3),
-        ("alpaca_llama3_8b_fedit", "model.init_args.lora", {"r": 32}),
-        ("alpaca_llama3_8b_fedit", "trainer.callbacks.0.init_args.staleness", 0),
-        ("alpaca_llama3_8b_ffa_lora", "trainer.strategy.init_args.block_patterns", [["lora_B"]]),
-        ("alpaca_llama3_8b_flora", "trainer.strategy.class_path", "lightning_parablock.FLoRAStrategy"),
-        ("alpaca_llama3_8b_flora", "trainer.callbacks.0.init_args.aggregator.class_path", "lightning_parablock.StackingAggregator"),
-        ("mathinstruct_llama3_8b_fedcybgd", "trainer.strategy.class_path", "lightning_parablock.FedCyBGDStrategy"),
-        ("mathinstruct_llama3_8b_fedcybgd", "trainer.max_epochs", 320),  # 32 cycles over 10 clients
-        ("mathinstruct_llama3_8b_fedcybgd", "trainer.callbacks.1.init_args.every_n_rounds", 80),
+        ("alpaca_llama3_8b_fedit", "method", "fedit"),
+        ("alpaca_llama3_8b_ffa_lora", "method", "ffa_lora"),
+        ("alpaca_llama3_8b_flora", "method", "flora"),
+        ("mathinstruct_llama3_8b_fedcybgd", "method", "fedcybgd"),
+        ("mathinstruct_llama3_8b_fedcybgd", "trainer.max_epochs", 32),  # cycles: the CLI trains 32 x 10 epochs
     ],
 )
 def test_ablations_change_what_they_name(name, path, value):
@@ -153,6 +156,42 @@ def test_ablations_change_what_they_name(name, path, value):
     for key in path.split("."):
         node = node[int(key)] if key.isdigit() else node[key]
     assert node == value
+
+
+METHOD_ONLY = {"full_ft": {"trainer.max_epochs"}, "fedit": {"model.init_args.learning_rate"}}
+METHOD_ONLY |= {name: METHOD_ONLY["fedit"] for name in ("ffa_lora", "flora")}
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list):
+        return {k: v for i, value in enumerate(node) for k, v in _leaves(value, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
+@pytest.mark.parametrize("name", ["fedbcd", "full_ft", "fedit", "ffa_lora", "flora", "fedcybgd"])
+@pytest.mark.parametrize("data", ["alpaca", "mathinstruct"])
+def test_method_recipes_differ_from_parablocks_only_by_the_method_line(data, name):
+    base, other = _leaves(_recipe(f"{data}_llama3_8b")), _leaves(_recipe(f"{data}_llama3_8b_{name}"))
+    names = {"trainer.logger.init_args.name", "trainer.default_root_dir", "output_dir"}  # the run's own folders
+    differ = {key for key in base.keys() | other.keys() if base.get(key) != other.get(key)} - names
+    assert differ == {"method"} | METHOD_ONLY.get(name, set())
+
+
+@pytest.mark.parametrize("name", ["fedbcd", "full_ft", "fedit", "ffa_lora", "flora", "fedcybgd"])
+def test_the_method_line_builds_the_methods_strategy_callback_and_module(name, stand_ins):
+    cli = ParaBlockCLI(
+        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=[*overrides(f"alpaca_llama3_8b_{name}", stand_ins), "--trainer.max_epochs", "2"],
+    )  # fmt: skip
+    spec, strategy = method(name), cli.trainer.strategy
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, ParaBlockCallback))
+    assert type(strategy) is spec.strategy_class and callback.staleness == spec.staleness
+    assert strategy.block_patterns == spec.strategy_args.get("block_patterns")
+    assert isinstance(callback.aggregator, StackingAggregator) == (name == "flora")
+    assert (cli.model.hparams.get("lora") is not None) == spec.lora
+    assert cli.trainer.max_epochs == (2 * strategy.num_clients if name == "fedcybgd" else 2)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -170,7 +209,7 @@ def test_every_recipe_parses_and_builds(name, stand_ins):
     assert isinstance(strategy, FederatedBlockStrategy) and isinstance(cli.datamodule, FederatedDataModule)
     assert strategy.num_clients == recipe["trainer"]["strategy"]["init_args"]["num_clients"]
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ParaBlockCallback))
-    assert callback.staleness == recipe["trainer"]["callbacks"][0]["init_args"]["staleness"]
+    assert callback.staleness == _staleness(recipe)
     assert cli.datamodule.hparams.partition == recipe["data"]["init_args"]["partition"]
 
 

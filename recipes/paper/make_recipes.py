@@ -11,9 +11,11 @@ Alpaca-GPT4 instructions and Dirichlet(0.6) over MathInstruct's ``source`` (a 50
 local steps, learning rate, sequence length, the number of instruction clusters, the validation hold-out.
 
 The other methods of the paper's Table 1 (``lightning_parablock.methods``) run on the same data, model and link:
-Full FT (FedAvg of every parameter, 3 rounds as in the paper), FedIT, FFA-LoRA and FLoRA (LoRA rank 32), and
-FedCyBGD (one client per round, so a cycle over 10 clients is 10 epochs). LoRA's alpha, dropout, target modules and
-learning rate are ASSUMED.
+every recipe starts with a ``method:`` line, and a method's recipe differs from the ParaBlock one by that line and
+only by what is truly the method's (see ``lightning_parablock.method_config``): Full FT runs 3 rounds as in the
+paper; FedIT, FFA-LoRA and FLoRA train LoRA adapters (rank 32, ``LORA_DEFAULTS``) at a larger learning rate;
+FedCyBGD reads ``max_epochs`` as cycles (32 cycles over 10 clients are 320 epochs, converted by the CLI). LoRA's
+alpha, dropout, target modules and learning rate are ASSUMED.
 """
 
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from lightning_parablock.files import write_text_atomic
+from lightning_parablock.methods import METHODS
 from lightning_parablock.methods import method as method_settings
 
 HERE = Path(__file__).parent
@@ -69,7 +72,6 @@ LOCAL_STEPS = 50  # ASSUMED: K, optimizer steps per client and round
 LEARNING_RATE = 1.0e-5  # ASSUMED: AdamW, full-parameter fine-tuning of the active block
 MAX_LENGTH = 512  # ASSUMED
 VAL_FRACTION = 0.01  # ASSUMED: held out from the training data for the global model's loss
-LORA = {"r": 32}  # the paper's rank; alpha 64, dropout 0.05, all linear layers: LORA_DEFAULTS, ASSUMED
 LORA_LEARNING_RATE = 2.0e-4  # ASSUMED
 FULL_FT_ROUNDS = 3  # the paper runs Full FT (FedAvg of the whole model) for 3 rounds
 BASELINES = ("full_ft", "fedit", "ffa_lora", "flora", "fedcybgd")  # of the paper's Table 1, beside ParaBlock and FedBCD
@@ -79,7 +81,7 @@ def recipe(
     data: str,
     model: str,
     *,
-    staleness: int = 1,
+    staleness: Optional[int] = None,
     layers_per_block: int = 2,
     layer_split: str = "none",
     schedule: str = "random",
@@ -94,8 +96,9 @@ def recipe(
 ) -> dict[str, Any]:
     """One experiment: the paper's defaults for ``data`` on ``model``, with the given changes.
 
-    ``method`` other than ``"parablock"`` sets the strategy, its blocks, the staleness and LoRA as
-    :func:`lightning_parablock.methods.method` says; ``staleness`` is then the method's.
+    ``method`` is the config's ``method:`` line: the CLI sets the strategy class, its blocks, the
+    staleness, the aggregator and LoRA from it (the paper's LoRA rank 32 is ``LORA_DEFAULTS``).
+    ``staleness`` is written only when given (ParaBlock with s >= 2); by default it is the method's.
     """
     spec, dataset = MODELS[model], DATASETS[data]
     settings = method_settings(method)
@@ -123,38 +126,31 @@ def recipe(
         "weighting": "uniform",
         "seed": 0,
         "offload_deltas": True,  # N x (s + 1) fp32 blocks in host memory: 1.75 GB each for an 8B 2-layer block
-        **settings.strategy_args,
     }
-    callback = {
-        "staleness": staleness if method == "parablock" else settings.staleness,
-        "link": {"class_path": "lightning_parablock.SimulatedLink", "init_args": {"bandwidth": bandwidth}},
-    }
-    if settings.aggregator_class is not None:
-        callback["aggregator"] = {"class_path": f"lightning_parablock.{settings.aggregator_class.__name__}"}
+    callback: dict[str, Any] = {} if staleness is None else {"staleness": staleness}
+    callback["link"] = {"class_path": "lightning_parablock.SimulatedLink", "init_args": {"bandwidth": bandwidth}}
     module = {"model_name_or_path": spec["checkpoint"], "learning_rate": LEARNING_RATE}
     if settings.lora:
-        module.update(learning_rate=LORA_LEARNING_RATE, **settings.module_args(LORA))
-    rounds = FULL_FT_ROUNDS if method == "full_ft" else spec["rounds"]
-    strategy_class = f"lightning_parablock.{settings.strategy_class.__name__}"
-    turns = settings.rounds(1, num_clients)  # epochs per round of the paper: N for FedCyBGD, else 1
-    gsm8k = {**GSM8K_CALLBACK, "init_args": {**GSM8K_CALLBACK["init_args"], "every_n_rounds": 8 * turns}}
+        module["learning_rate"] = LORA_LEARNING_RATE
+    rounds = FULL_FT_ROUNDS if method == "full_ft" else spec["rounds"]  # cycles for FedCyBGD
     return {
+        "method": method,
         "seed_everything": 0,
         "trainer": {
             "accelerator": "gpu",
             "devices": 1,
             "precision": "bf16-mixed",
-            "max_epochs": settings.rounds(rounds, num_clients),
+            "max_epochs": rounds,
             "accumulate_grad_batches": accumulate,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/paper"}},
             "enable_checkpointing": False,
             "num_sanity_val_steps": 0,
-            "check_val_every_n_epoch": 8 * turns,
-            "strategy": {"class_path": strategy_class, "init_args": strategy},
+            "check_val_every_n_epoch": 8,
+            "strategy": {"class_path": "lightning_parablock.FederatedBlockStrategy", "init_args": strategy},
             "callbacks": [
                 {"class_path": "lightning_parablock.ParaBlockCallback", "init_args": callback},
                 # after ParaBlockCallback: it evaluates the global model, on the datamodule's eval split
-                *([gsm8k] if "eval_dataset" in data_args else []),
+                *([GSM8K_CALLBACK] if "eval_dataset" in data_args else []),
             ],
         },
         "model": {
@@ -180,7 +176,7 @@ def experiments() -> dict[str, tuple[str, dict[str, Any]]]:
         base = f"{data}_llama3_8b"
         runs[f"{base}_fedbcd"] = (
             "FedBCD baseline: the same run with communication not overlapped (staleness 0).",
-            recipe(data, "llama3_8b", staleness=0),
+            recipe(data, "llama3_8b", method="fedbcd"),
         )
         runs[f"{base}_cross_silo"] = (
             "Cross-silo: 20% of 50 clients train each round.",
@@ -236,6 +232,8 @@ def render(name: str, summary: str, config: dict[str, Any]) -> str:
         f"#   parablock fit --config recipes/paper/{name}.yaml",
         "# Generated by recipes/paper/make_recipes.py, which documents the settings: edit it, not this file.",
         "# ASSUMED (not stated in the paper): local_steps, learning_rate, max_length, val_fraction, num_clusters.",
+        "# Another method of the paper's Table 1, all else equal: change the `method` line or add `--method NAME`",
+        f"# ({', '.join(METHODS)}; with fedcybgd, max_epochs counts cycles).",
         "# One GPU, bf16-mixed: FederatedBlockStrategy refuses bf16-true until it keeps fp32 master copies of",
         "# the active block. Pending deltas are offloaded to host memory (offload_deltas); the fp32 weights of",
         "# an 8B model still take 32 GB of GPU memory.",
