@@ -93,8 +93,12 @@ def test_overhead_benchmark_runs_and_prints_its_figures():
     result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     for clock in ("wall", "cpu"):
-        assert re.search(rf"{clock}: strategy N=1 / bare loop per step: [0-9.]+", result.stdout)
-        assert re.search(rf"{clock}: plain Lightning / bare loop per step: [0-9.]+", result.stdout)
-        assert re.search(rf"{clock}: strategy N=2 / N=1 per step: [0-9.]+", result.stdout)
+        assert re.search(
+            rf"{clock}, median of each repeat's ratio:\n"
+            r"  strategy N=1 / bare loop per step: [0-9.]+  \(per repeat: [0-9.]+\)\n"
+            r"  plain Lightning / bare loop per step: [0-9.]+  \(per repeat: [0-9.]+\)\n"
+            r"  strategy N=2 / N=1 per step: [0-9.]+  \(per repeat: [0-9.]+\)",
+            result.stdout,
+        ), result.stdout
     assert re.search(r"forward/backward at the bare loop's median \([0-9.]+ ms/step\)", result.stdout)
     assert "command: " in result.stdout and "overhead.py --quick" in result.stdout
