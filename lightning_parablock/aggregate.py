@@ -8,7 +8,7 @@ coordinate-wise median and the trimmed mean, and a policy for non-finite deltas.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -22,12 +22,21 @@ AggregationMethod = Literal["mean", "median", "trimmed_mean"]
 NonFinitePolicy = Literal["raise", "skip"]
 
 
+def _fixed(shape: torch.Size, free_dim: Optional[int]) -> tuple[int, ...]:
+    """``shape`` without the dimension allowed to differ between clients."""
+    return tuple(size for dim, size in enumerate(shape) if dim != free_dim)
+
+
 class NonFiniteDeltaError(FloatingPointError):
     """A client sent a delta with NaN or Inf; aggregating it would poison the global model."""
 
 
-def check_deltas(deltas: Deltas) -> list[str]:
-    """The tensor names every client sent; a ValueError when clients disagree on names or shapes."""
+def check_deltas(deltas: Deltas, free_dim: Callable[[str], Optional[int]] = lambda name: None) -> list[str]:
+    """The tensor names every client sent; a ValueError when clients disagree on names or shapes.
+
+    ``free_dim(name)`` is a dimension of that tensor that may differ between clients (FLoRA's
+    per-client LoRA rank), or ``None`` when the whole shape must agree.
+    """
     if not deltas:
         raise ValueError("Cannot aggregate a round with no client deltas.")
     clients = sorted(deltas)
@@ -38,7 +47,8 @@ def check_deltas(deltas: Deltas) -> list[str]:
         if list(delta) != names:
             raise ValueError(f"Client {client} sent tensors {list(delta)}, expected {names}.")
         for name in names:
-            if delta[name].shape != reference[name].shape:  # add_ would broadcast a wrong shape silently
+            if _fixed(delta[name].shape, free_dim(name)) != _fixed(reference[name].shape, free_dim(name)):
+                # add_ would broadcast a wrong shape silently
                 raise ValueError(
                     f"Client {client} sent {name!r} of shape {tuple(delta[name].shape)},"
                     f" expected {tuple(reference[name].shape)}."

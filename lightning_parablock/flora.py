@@ -34,6 +34,7 @@ from lightning_parablock.aggregate import (
     Aggregator,
     Deltas,
     NonFiniteDeltaError,
+    check_deltas,
     non_finite_clients,
 )
 from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _A, _B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
+
+
+def _rank_dim(name: str) -> int:
+    """The LoRA rank's dimension, sized by each client's rank: A is (r_i, in), B (out, r_i)."""
+    return 0 if name.endswith(_A) else 1
 
 
 class StackingAggregator(Aggregator):
@@ -61,7 +67,7 @@ class StackingAggregator(Aggregator):
 
     @override
     def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        names = _check_stackable(deltas)
+        names = check_deltas(deltas, free_dim=_rank_dim)
         not_lora = [n for n in names if not n.endswith((_A, _B))]
         if not_lora:
             raise ValueError(f"FLoRA stacks LoRA adapters only; the block also holds {not_lora[:3]}.")
@@ -83,26 +89,6 @@ class StackingAggregator(Aggregator):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(nonfinite={self.nonfinite!r})"
-
-
-def _check_stackable(deltas: Deltas) -> list[str]:
-    """The names every client sent; a ValueError when clients disagree on names or on the shapes outside the rank."""
-    if not deltas:
-        raise ValueError("Cannot aggregate a round with no client deltas.")
-    clients = sorted(deltas)
-    reference = deltas[clients[0]]
-    names = list(reference)
-    for client in clients:
-        if list(deltas[client]) != names:
-            raise ValueError(f"Client {client} sent tensors {list(deltas[client])}, expected {names}.")
-        for name in names:
-            keep = 1 if name.endswith(_A) else 0  # A is (r_i, in), B is (out, r_i)
-            if deltas[client][name].shape[keep] != reference[name].shape[keep]:
-                raise ValueError(
-                    f"Client {client} sent {name!r} of shape {tuple(deltas[client][name].shape)}, which does not"
-                    f" stack with {tuple(reference[name].shape)}."
-                )
-    return names
 
 
 def stacked_products(
@@ -144,8 +130,8 @@ class FLoRAStrategy(FederatedBlockStrategy):
         if client_ranks is not None:
             if len(client_ranks) != self.num_clients:
                 raise ValueError(
-                    f"`client_ranks` needs one rank per client (num_clients={self.num_clients}), got {len(client_ranks)}:"
-                    f" {client_ranks}."
+                    f"`client_ranks` needs one rank per client (num_clients={self.num_clients}),"
+                    f" got {len(client_ranks)}: {client_ranks}."
                 )
             for i, rank in enumerate(client_ranks):
                 check_int(f"client_ranks[{i}]", rank, minimum=1)
