@@ -13,7 +13,6 @@ train independently.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
@@ -63,6 +62,7 @@ from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
+from lightning_parablock.sigterm import TurnStartSigterm
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
 from lightning_parablock.validation import check_choice, check_float, check_int, check_optional_int
 
@@ -228,6 +228,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self._restored_state: Optional[dict[str, Any]] = None
         self._saved_blocks: Optional[list[list[str]]] = None
         self._fault_watch: Optional[FaultWatch] = None
+        self._sigterm: Optional[TurnStartSigterm] = None
         self._restored_schedule: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------------- processes
@@ -311,8 +312,9 @@ class FederatedBlockStrategy(DDPStrategy):
         self._timer = TurnTimer(self.root_device)
         if self.distributed and self._fault_watch is None:
             self._fault_watch = FaultWatch()
-        if self.distributed:
-            _SigtermCheckAtTurnStarts.install(trainer, lambda: self.batch_sampler.batches_per_turn)
+        if self.distributed and self._sigterm is None:
+            self._sigterm = TurnStartSigterm(trainer, lambda: self.batch_sampler.batches_per_turn)
+            self._sigterm.install()
 
     def _check_restored_blocks(self) -> None:
         saved, self._saved_blocks = self._saved_blocks, None
@@ -653,7 +655,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # A SIGTERM is no fault: Lightning tells every rank, and all of them stop at the same batch.
+        # A SIGTERM is no fault: every rank stops at the same turn start (see sigterm.py).
         if self._fault_watch is not None and not isinstance(exception, SIGTERMException):
             if not self._fault_watch.report_peer_fault():
                 self._fault_watch.publish(None if self.current is None else self.current.index, exception)
@@ -674,8 +676,9 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        if self.lightning_module is not None and self.lightning_module._trainer is not None:
-            _SigtermCheckAtTurnStarts.uninstall(self.lightning_module.trainer)
+        if self._sigterm is not None:
+            self._sigterm.uninstall()
+            self._sigterm = None
         if self._fault_watch is not None:
             self._fault_watch.stop()
             self._fault_watch = None
@@ -775,44 +778,6 @@ class FederatedBlockStrategy(DDPStrategy):
 
 
 FederatedBlockStrategy.register_strategies(StrategyRegistry)
-
-
-class _SigtermCheckAtTurnStarts:
-    """Lightning's SIGTERM check, run before the first batch of every turn instead of before every batch.
-
-    With several processes Lightning broadcasts rank 0's SIGTERM flag on the default group before every
-    batch, so that every rank stops at the same batch. That is a lockstep point per step (on CUDA also a
-    device synchronize for ``.item()``), and clients here need none: they meet only at the exchange. Every
-    rank runs the same batches (idle turns pad the rounds), so counting the checks Lightning asks for and
-    running every ``batches_per_turn``-th keeps the ranks agreeing on where they stop: a SIGTERM (SLURM
-    preemption, ``kill``) stops the run at the next turn start instead of the next batch.
-    """
-
-    _ATTRIBUTE = "_broadcast_sigterm_tensor"  # TrainingEpochLoop's per-batch check (Lightning 2.x)
-
-    def __init__(self, check: Callable[[], None], batches_per_turn: Callable[[], int]) -> None:
-        self._check = check
-        self._batches_per_turn = batches_per_turn
-        self._asked = 0
-
-    def __call__(self) -> None:
-        if self._asked % self._batches_per_turn() == 0:
-            self._check()
-        self._asked += 1
-
-    @classmethod
-    def install(cls, trainer: "pl.Trainer", batches_per_turn: Callable[[], int]) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        check = getattr(loop, cls._ATTRIBUTE, None)
-        if check is None or isinstance(check, cls):  # another Lightning version, or installed already
-            return
-        setattr(loop, cls._ATTRIBUTE, cls(check, batches_per_turn))
-
-    @classmethod
-    def uninstall(cls, trainer: "pl.Trainer") -> None:
-        loop = trainer.fit_loop.epoch_loop
-        if isinstance(loop.__dict__.get(cls._ATTRIBUTE), cls):
-            delattr(loop, cls._ATTRIBUTE)  # the class's own method again
 
 
 def _no_module_optimizer() -> None:

@@ -57,6 +57,15 @@ class Fault(Callback):
 
             callback._worker.transport = stalled
 
+    def on_exception(self, trainer, pl_module, exception):
+        # Where each rank stopped, for the test to compare: the batches started so far in this round.
+        started = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        print(
+            f"[rank {trainer.global_rank}] stopped by {type(exception).__name__} in round {trainer.current_epoch}"
+            f" after {started} batches",
+            flush=True,
+        )
+
 
 def train(
     out: Path,

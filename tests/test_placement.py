@@ -110,23 +110,3 @@ def test_a_checkpoint_of_a_newer_schema_is_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "v99.ckpt")
     with pytest.raises(ValueError, match="schema version 99.*up to 3"):
         fit(tmp_path / "again", ckpt_path=str(tmp_path / "v99.ckpt"), weights_only=True)
-
-
-def test_lightnings_per_batch_sigterm_check_runs_only_at_turn_starts():
-    # Every rank asks for the check before every batch, the same number of times: running every
-    # batches_per_turn-th keeps the ranks agreeing where they stop, with one sync per turn, not per step.
-    from types import SimpleNamespace
-
-    from lightning_parablock.strategy import _SigtermCheckAtTurnStarts
-
-    checked: list[int] = []
-    asked = 0
-    loop = SimpleNamespace(_broadcast_sigterm_tensor=lambda: checked.append(asked))
-    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop))
-    _SigtermCheckAtTurnStarts.install(trainer, lambda: 3)
-    _SigtermCheckAtTurnStarts.install(trainer, lambda: 3)  # a second setup does not wrap it twice
-    for asked in range(9):
-        loop._broadcast_sigterm_tensor()
-    assert checked == [0, 3, 6]
-    _SigtermCheckAtTurnStarts.uninstall(trainer)
-    assert "_broadcast_sigterm_tensor" not in vars(loop)
