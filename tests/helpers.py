@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning import Trainer
+from reference_parablock import RoundSpec, run_reference
 from torch.utils.data import default_collate
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from reference_parablock import RoundSpec, run_reference
-from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+
+
+def tiny_recipe_args(tmp_path: Path, *extra: str, output_dir: Optional[Path] = None) -> list[str]:
+    """CLI arguments (after the subcommand) of the tiny recipe cut to 2 rounds of 64 examples, files under ``tmp_path``."""
+    return [
+        "--config", str(TINY_RECIPE),
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.max_epochs", "2",
+        "--data.init_args.num_examples", "64",
+        "--data.init_args.val_examples", "16",
+        "--output_dir", "null" if output_dir is None else str(output_dir),
+        *extra,
+    ]  # fmt: skip
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:

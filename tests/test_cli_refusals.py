@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_recipe_args
 from lightning import LightningDataModule, LightningModule
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 from lightning_parablock import CausalLMModule
 from lightning_parablock.cli import ParaBlockCLI, concise_parse_error, main
 from lightning_parablock.data import build_char_tokenizer
 from lightning_parablock.output import MARKER
-from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "recipes" / "tiny.yaml")
 PAPER_RECIPE = str(ROOT / "recipes" / "paper" / "alpaca_llama3_8b.yaml")
 LOCAL_TINY = str(ROOT / "recipes" / "local_tiny.yaml")
 SLOW = pytest.mark.slow  # each CLI run builds a model and data (1-5 s on a busy 2-core machine): one per class stays fast
@@ -27,17 +27,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--config", TINY,
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.max_epochs", "2",
-        "--data.init_args.num_examples", "64",
-        "--data.init_args.val_examples", "16",
-        "--output_dir", str(tmp_path / "model"),
-        *extra,
-    ]  # fmt: skip
+    return ["fit", *tiny_recipe_args(tmp_path, *extra, output_dir=tmp_path / "model")]
 
 
 def refused(capsys, args: list[str]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_recipe_args
 from lightning import LightningDataModule, LightningModule
 
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, StackingAggregator
@@ -16,24 +17,10 @@ from lightning_parablock.cli import ParaBlockCLI, main
 from lightning_parablock.methods import METHODS, identify, method
 from lightning_parablock.timeline import TIMELINE_FILENAME
 
-ROOT = Path(__file__).parents[1]
-TINY = str(ROOT / "recipes" / "tiny.yaml")
-
 
 def tiny(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--config", TINY,
-        "--trainer.default_root_dir", str(tmp_path / "run"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.max_epochs", "2",
-        "--trainer.strategy.init_args.num_clients", "2",
-        "--trainer.strategy.init_args.local_steps", "2",
-        "--data.init_args.num_examples", "64",
-        "--data.init_args.val_examples", "16",
-        "--output_dir", "null",
-        *extra,
-    ]  # fmt: skip
+    two_clients = ["--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "2"]
+    return tiny_recipe_args(tmp_path, *two_clients, *extra)
 
 
 def build(tmp_path: Path, *extra: str) -> ParaBlockCLI:

@@ -1,11 +1,13 @@
 """Every method of the paper's Table 1 on a tiny Llama: trains, moves what it should, counts what it sends."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
-from helpers import quiet_trainer
 from lightning_parablock import CausalLMModule
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.cli import main
@@ -87,10 +89,10 @@ def test_flora_aggregate_is_the_weighted_sum_of_the_clients_products():
     assert not torch.allclose(naive, expected)
 
 
-def test_flora_merges_the_stacked_product_into_the_base_and_restarts_the_adapters(tiny_llama_config):
-    seen = []
+def record_aggregates(seen: list) -> Callable:
+    """A spy for ``_fit``: per aggregate, the round's deltas and weights and the parameters before and after."""
 
-    def spy(strategy):
+    def spy(strategy) -> None:
         apply = strategy.apply_aggregate
 
         def recording(round_index, aggregate, left_out=()):
@@ -101,6 +103,12 @@ def test_flora_merges_the_stacked_product_into_the_base_and_restarts_the_adapter
 
         strategy.apply_aggregate = recording
 
+    return spy
+
+
+def test_flora_merges_the_stacked_product_into_the_base_and_restarts_the_adapters(tiny_llama_config):
+    seen: list = []
+    spy = record_aggregates(seen)
     module, _, _, _, _, _ = _fit("flora", tiny_llama_config, cycles=2, spy=spy)
     assert len(seen) == 2
     for deltas, weights, before, after in seen:
@@ -132,19 +140,8 @@ def test_flora_stacks_clients_of_different_ranks_into_the_sum_of_their_products(
 
 def test_flora_with_client_ranks_trains_each_clients_own_components_and_sends_rank_sized_adapters(tiny_llama_config):
     ranks = [2, 4]  # LORA's r = 4 is r_max
-    seen = []
-
-    def spy(strategy):
-        apply = strategy.apply_aggregate
-
-        def recording(round_index, aggregate, left_out=()):
-            params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
-            seen.append((strategy.round_deltas(round_index), strategy.round_weights(round_index), params))
-            apply(round_index, aggregate, left_out)
-            seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
-
-        strategy.apply_aggregate = recording
-
+    seen: list = []
+    spy = record_aggregates(seen)
     module, strategy, callback, _, before, after = _fit("flora", tiny_llama_config, cycles=2, spy=spy, client_ranks=ranks)
     assert after < before
     pairs = list(lora_pairs(module))
