@@ -206,7 +206,7 @@ def test_callback_needs_a_tokenizer_and_a_generating_model(tiny_llama_config):
         ({"prompt_format": "alpaca"}, "'alpaca_lora'.*'stanford_alpaca'"),
         ({"prompt_format": 3}, "or a function from question to prompt, got 3"),
         ({"prompt_format": lambda q: q, "fewshot": [("1+1?", "2")]}, "`fewshot` needs a named `prompt_format`"),
-        ({"fewshot": ["1+1? 2"]}, "`fewshot` must be \(question, answer\) pairs"),
+        ({"fewshot": ["1+1? 2"]}, r"`fewshot` must be \(question, answer\) pairs"),
         ({"every_n_rounds": 0}, "`every_n_rounds` must be a positive integer or None, got 0"),
         ({"at_end": False}, "would never evaluate"),
     ],

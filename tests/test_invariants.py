@@ -1,6 +1,5 @@
 """The invariants of DESIGN §1 on the Lightning implementation."""
 
-import copy
 
 import pytest
 import torch
