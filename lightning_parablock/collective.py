@@ -204,11 +204,27 @@ def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
     return dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
 
 
+_LOST_PEER_TEXTS = ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL", "comm_timeout")
+
+
+def is_lost_peer_error(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it came from) is what a rank gets when another rank stopped first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (dist.DistError, ConnectionError, TimeoutError)):
+            return True
+        if any(text in str(error) for text in _LOST_PEER_TEXTS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class FaultWatch:
     """Stops this rank when another rank publishes a failure, naming that rank and the round.
 
-    Without it a rank whose peer raised would wait in the next collective (Lightning's per-batch
-    broadcast swallows such errors) until a timeout, or be killed without a word by the launcher.
+    Without it a rank whose peer raised would wait in the next collective until a timeout, or be
+    killed without a word by the launcher.
     """
 
     def __init__(self, poll_s: float = 1.0) -> None:
@@ -229,12 +245,16 @@ class FaultWatch:
         except Exception:  # noqa: BLE001 - the store's host is gone: the others find out from their collectives
             pass
 
-    def report_peer_fault(self, wait_s: float = 3.0) -> bool:
-        """After an error here: if another rank published a failure (it may take a moment), say so and return True.
+    def report_peer_fault(self, error: BaseException, wait_s: float = 3.0) -> bool:
+        """After ``error`` here: if another rank published a failure, say so and return True.
 
         A peer that raises closes its connections before this rank's watcher polls, so this rank's own error
-        is often gloo's "Connection closed by peer"; the peer's own cause is what the user needs to read.
+        is often gloo's "Connection closed by peer"; the peer's own cause is what the user needs to read, and
+        for such an error it is worth waiting up to ``wait_s`` for it. Any other error is this rank's own:
+        it looks once and publishes at once.
         """
+        if not is_lost_peer_error(error):
+            wait_s = 0.0
         deadline = time.monotonic() + wait_s
         while True:
             try:

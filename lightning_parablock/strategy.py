@@ -657,7 +657,7 @@ class FederatedBlockStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         # A SIGTERM is no fault: every rank stops at the same turn start (see sigterm.py).
         if self._fault_watch is not None and not isinstance(exception, SIGTERMException):
-            if not self._fault_watch.report_peer_fault():
+            if not self._fault_watch.report_peer_fault(exception):
                 self._fault_watch.publish(None if self.current is None else self.current.index, exception)
         self.abandon_turn()
         self._restore_user_trainable()

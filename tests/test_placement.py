@@ -4,16 +4,18 @@ records, checkpoints from another world size, and the federation's state schema.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.collective import place_clients
+from lightning_parablock.collective import FaultWatch, is_lost_peer_error, place_clients
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.timeline import RoundRecord, merge_rank_records, record_from_json
 from toy import ToyModule, toy_dataset, toy_loader
@@ -110,3 +112,41 @@ def test_a_checkpoint_of_a_newer_schema_is_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "v99.ckpt")
     with pytest.raises(ValueError, match="schema version 99.*up to 3"):
         fit(tmp_path / "again", ckpt_path=str(tmp_path / "v99.ckpt"), weights_only=True)
+
+
+def _chained() -> RuntimeError:
+    try:
+        try:
+            raise ConnectionResetError("peer gone")
+        except ConnectionResetError as error:
+            raise RuntimeError("the exchange of round 3 failed") from error
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "lost_peer"),
+    [
+        (RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"), True),
+        (dist.DistBackendError("NCCL communicator was aborted on rank 0"), True),
+        (TimeoutError("a collective did not finish within comm_timeout=5.0s."), True),
+        (_chained(), True),
+        (RuntimeError("simulated failure on rank 1"), False),
+        (ValueError("labels and logits differ in length"), False),
+    ],
+    ids=["gloo", "nccl", "timeout", "chained", "own-runtime-error", "own-value-error"],
+)
+def test_only_a_lost_peer_error_waits_for_the_peers_own_cause(monkeypatch, error, lost_peer):
+    # A rank whose own code raised publishes its cause at once; one that lost a peer first waits a moment
+    # for the peer's cause, which is what the user needs to read.
+    assert is_lost_peer_error(error) is lost_peer
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        watch = FaultWatch(poll_s=0.05)
+        slept: list[float] = []
+        monkeypatch.setattr(time, "sleep", slept.append)
+        assert not watch.report_peer_fault(error, wait_s=0.3)
+        watch.stop()
+    finally:
+        dist.destroy_process_group()
+    assert bool(slept) is lost_peer
