@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-import yaml
+from common import TIMING_ONLY, TINY_CONFIG
 from lightning import Trainer
 
 from lightning_parablock import CausalLMModule, FederatedBlockStrategy, ParaBlockCallback
 from lightning_parablock.data import SyntheticArithmeticDataModule
 
-TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
-TINY_CONFIG = yaml.safe_load(TINY_RECIPE.read_text())["model"]["init_args"]["config"]
 SETTINGS = [  # (compression, precision)
     ("none", "32-true"),
     ("bf16", "32-true"),
@@ -46,12 +43,7 @@ def run(compression: str, precision: str, clients: int, rounds: int, device: str
         max_epochs=rounds,
         accelerator=device,
         precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **TIMING_ONLY,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)

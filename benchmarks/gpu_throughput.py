@@ -53,6 +53,7 @@ class RandomTokens(Dataset):
 
 def measure(method: str, shape: str, device: str, steps: int, warmup: int, batch_size: int) -> dict:
     """Train with ``method`` in this process; tokens/s after ``warmup`` steps and peak memory."""
+    from common import TIMING_ONLY
     from lightning import Callback, Trainer
     from torch.utils.data import DataLoader
 
@@ -98,11 +99,7 @@ def measure(method: str, shape: str, device: str, steps: int, warmup: int, batch
 
             targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
             module.model = get_peft_model(module.model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    trainer = Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, callbacks=callbacks, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, **kwargs,
-    )  # fmt: skip
+    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, callbacks=callbacks, **TIMING_ONLY, **kwargs)
     loader = DataLoader(RandomTokens(examples, config["vocab_size"], sequence), batch_size=batch_size, shuffle=False)
     try:
         trainer.fit(module, loader)

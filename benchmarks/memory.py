@@ -52,6 +52,7 @@ def _peak_rss_bytes() -> int:
 
 def measure(clients: int, device: str, hidden: int, layers: int) -> dict:
     """Train once in this process and return the measured peak and the pieces of the formula."""
+    from common import TIMING_ONLY
     from lightning import Trainer
     from torch.utils.data import DataLoader
 
@@ -75,8 +76,7 @@ def measure(clients: int, device: str, hidden: int, layers: int) -> dict:
     strategy = FederatedBlockStrategy(num_clients=clients, local_steps=1, layers_per_block=1, seed=0)
     trainer = Trainer(
         strategy=strategy, callbacks=[ParaBlockCallback(staleness=1)], max_epochs=2,
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, **TIMING_ONLY,
     )  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, loader)

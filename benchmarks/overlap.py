@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
+from common import TIMING_ONLY, TINY_CONFIG
 from lightning import Callback, Trainer
 
 from lightning_parablock import CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock.data import SyntheticArithmeticDataModule
-
-TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
-TINY_CONFIG = yaml.safe_load(TINY_RECIPE.read_text())["model"]["init_args"]["config"]
 
 
 class LargestClientState(Callback):
@@ -46,12 +42,7 @@ def run(staleness: int, clients: int, rounds: int, latency: str, device: str, pr
         callbacks=[callback, *([probe] if probe else [])],
         max_epochs=rounds,
         accelerator=device,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **TIMING_ONLY,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)

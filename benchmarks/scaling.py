@@ -26,20 +26,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import TIMING_ONLY, TINY_CONFIG
+
 HERE = Path(__file__).resolve()
 
 
 def worker(args: argparse.Namespace) -> None:
     """One training run (rank 0 and, through Lightning's launcher, rank 1); rank 0 writes the records."""
     import torch
-    import yaml
     from lightning import Trainer
 
     from lightning_parablock import CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
     from lightning_parablock.data import SyntheticArithmeticDataModule
 
     torch.set_num_threads(1)
-    config = yaml.safe_load((HERE.parents[1] / "recipes" / "tiny.yaml").read_text())["model"]["init_args"]["config"]
+    config = TINY_CONFIG
     callback = ParaBlockCallback(staleness=args.staleness, link=SimulatedLink(latency=args.latency))
     trainer = Trainer(
         strategy=FederatedBlockStrategy(num_clients=4, local_steps=args.local_steps, seed=0),
@@ -47,12 +48,7 @@ def worker(args: argparse.Namespace) -> None:
         max_epochs=args.rounds,
         accelerator="cpu",
         devices=args.devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **TIMING_ONLY,
     )
     data = SyntheticArithmeticDataModule(num_examples=400, val_examples=0, batch_size=16, partition="iid", seed=0)
     trainer.fit(CausalLMModule(config=config, learning_rate=3e-3, seed=0), datamodule=data)
@@ -74,12 +70,11 @@ def bare_worker(args: argparse.Namespace) -> None:
     import time
 
     import torch
-    import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = yaml.safe_load((HERE.parents[1] / "recipes" / "tiny.yaml").read_text())["model"]["init_args"]["config"]
+    config = TINY_CONFIG
     model = LlamaForCausalLM(LlamaConfig(**config))
     for name, param in model.named_parameters():
         param.requires_grad_(".layers.1." in name)
