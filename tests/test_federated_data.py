@@ -142,6 +142,20 @@ def test_missing_column_names_it_and_the_columns_there(cache_dir):
         load_examples(DataSource(data_files=MATH, columns={"label": "source"}), seed=0, cache_dir=cache_dir)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("null.jsonl", '{"instruction": "q0", "output": "a0"}\n{"instruction": "q1", "output": null}\n', r"null 'output' \(the 'output' field\) in row 1"),
+        ("null.csv", "prompt,response\nq0,a0\nq1,a1\n,a2\n", r"null 'prompt' \(the 'instruction' field\) in row 2"),
+    ],
+)  # fmt: skip
+def test_a_null_instruction_or_output_is_refused_naming_its_row(tmp_path, cache_dir, name, text, message):
+    (tmp_path / name).write_text(text)
+    columns = {"instruction": "prompt", "output": "response"} if name.endswith(".csv") else None
+    with pytest.raises(ValueError, match=message):
+        load_examples(DataSource(data_files=str(tmp_path / name), columns=columns), seed=0, cache_dir=cache_dir)
+
+
 def test_unknown_file_type_and_no_source_are_refused():
     with pytest.raises(
         ValueError, match=r"data_files='notes.txt'.*\['.txt'\].*\['.csv', '.json', '.jsonl', '.parquet'\]"
