@@ -498,6 +498,13 @@ def test_bad_arguments_are_refused(tokenizer_dir, cache_dir, kwargs, match):
         datamodule(tokenizer_dir, cache_dir, **kwargs)
 
 
+def test_a_val_fraction_that_leaves_no_training_example_is_refused(tmp_path, tokenizer_dir, cache_dir):
+    (tmp_path / "three.jsonl").write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(3)))
+    data = datamodule(tokenizer_dir, cache_dir, data_files=str(tmp_path / "three.jsonl"), val_fraction=0.9)
+    with pytest.raises(ValueError, match=r"`val_fraction=0.9` holds out all 3 example\(s\).*at most 2/3"):
+        data.setup()
+
+
 def test_label_column_must_exist_and_is_required_to_skew(tokenizer_dir, cache_dir):
     with pytest.raises(ValueError, match=r"label_column='topic'.*columns are \[.*'source'"):
         datamodule(tokenizer_dir, cache_dir, partition="dirichlet", label_column="topic").client_partition(3)

@@ -6,6 +6,7 @@ needs (which dataset, which prompt template, how skewed the clients are) is an a
 states it in YAML.
 """
 
+import math
 from dataclasses import asdict, replace
 from typing import Any, Literal, Optional, Union
 
@@ -166,6 +167,13 @@ class FederatedDataModule(L.LightningDataModule):
         hparams = self.hparams
         examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in self._sources().items()}
         if hparams.val_fraction > 0:
+            rows = len(examples["train"])
+            if math.ceil(hparams.val_fraction * rows) >= rows:  # how `train_test_split` sizes the held-out part
+                raise ValueError(
+                    f"`val_fraction={hparams.val_fraction}` holds out all {rows} example(s) of"
+                    f" {self.source.describe()}, leaving none to train on; use a val_fraction of at most"
+                    f" {rows - 1}/{rows}, or more data."
+                )
             held_out = examples["train"].train_test_split(test_size=hparams.val_fraction, seed=hparams.seed)
             examples["train"], examples["val"] = held_out["train"], held_out["test"]
         tokenized = {}
