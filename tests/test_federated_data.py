@@ -505,6 +505,13 @@ def test_a_val_fraction_that_leaves_no_training_example_is_refused(tmp_path, tok
         data.setup()
 
 
+def test_a_dataset_that_is_not_a_data_source_is_refused(tokenizer_dir):
+    with pytest.raises(TypeError, match=r"`dataset` must be a DataSource .*got 'train.jsonl'"):
+        FederatedDataModule("train.jsonl", tokenizer=tokenizer_dir)
+    with pytest.raises(TypeError, match=r"`eval_dataset` must be a DataSource .*got \['test.jsonl'\]"):
+        FederatedDataModule(DataSource(data_files=MATH), tokenizer=tokenizer_dir, eval_dataset=["test.jsonl"])
+
+
 def test_label_column_must_exist_and_is_required_to_skew(tokenizer_dir, cache_dir):
     with pytest.raises(ValueError, match=r"label_column='topic'.*columns are \[.*'source'"):
         datamodule(tokenizer_dir, cache_dir, partition="dirichlet", label_column="topic").client_partition(3)

@@ -119,6 +119,12 @@ class FederatedDataModule(L.LightningDataModule):
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
         dataset = DataSource(**dataset) if isinstance(dataset, dict) else dataset
         eval_dataset = DataSource(**eval_dataset) if isinstance(eval_dataset, dict) else eval_dataset
+        for name, source in (("dataset", dataset), ("eval_dataset", eval_dataset)):
+            if source is not None and not isinstance(source, DataSource):
+                raise TypeError(
+                    f"`{name}` must be a DataSource (or a dict of its fields), e.g."
+                    f" `DataSource(data_files='train.jsonl')`, got {source!r}."
+                )
         self.save_hyperparameters(ignore=["tokenizer", "partitioner"])
         self.hparams.dataset = asdict(dataset)
         self.hparams.eval_dataset = asdict(eval_dataset) if eval_dataset is not None else None
