@@ -8,7 +8,7 @@ head of a decoder model). Nothing here knows about rounds or Lightning.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -219,8 +219,16 @@ def partition_decoder(
 
 def compile_block_patterns(block_patterns: Sequence[Union[str, Sequence[str]]]) -> list[list[re.Pattern[str]]]:
     """Each block's compiled patterns; a pattern that is not a regular expression is named with its block."""
+    if isinstance(block_patterns, (str, Mapping)):  # a string would be read as one block per character
+        raise TypeError(
+            f"`block_patterns` must be a list with one pattern (or list of patterns) per block, got {block_patterns!r}."
+        )
     compiled = []
     for index, entry in enumerate(block_patterns):
+        if not isinstance(entry, (str, list, tuple)) or not entry:
+            raise ValueError(
+                f"`block_patterns[{index}]` must be a pattern or a non-empty list of patterns, got {entry!r}."
+            )
         patterns = [entry] if isinstance(entry, str) else list(entry)
         block = []
         for pattern in patterns:

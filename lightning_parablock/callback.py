@@ -63,6 +63,13 @@ class ParaBlockCallback(Callback):
         compression: Union[str, Codec, None] = "none",
     ) -> None:
         self.staleness = check_int("staleness (0 = FedBCD, 1 = ParaBlock)", 1 if staleness is None else staleness, minimum=0)
+        if link is not None and not isinstance(link, SimulatedLink):
+            raise TypeError(f"`link` must be a SimulatedLink, e.g. `SimulatedLink(bandwidth='100MB/s')`, got {link!r}.")
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(
+                f"`aggregator` must be an Aggregator (or a subclass), e.g. `Aggregator(method='median')`,"
+                f" got {aggregator!r}."
+            )
         self.link = link if link is not None else SimulatedLink()
         self.aggregator = aggregator if aggregator is not None else Aggregator()
         self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout))

@@ -19,6 +19,8 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
+from lightning_parablock.validation import check_choice, check_float, check_int
+
 
 @dataclass
 class EncodedTensor:
@@ -78,12 +80,8 @@ class Int8Codec(Codec):
     name = "int8"
 
     def __init__(self, granularity: Literal["row", "block"] = "row", block_size: int = 256) -> None:
-        if granularity not in ("row", "block"):
-            raise ValueError(f"`granularity` must be 'row' or 'block', got {granularity!r}.")
-        if block_size < 1:
-            raise ValueError(f"`block_size` must be positive, got {block_size}.")
-        self.granularity = granularity
-        self.block_size = block_size
+        self.granularity = check_choice("granularity", granularity, ("row", "block"))
+        self.block_size = check_int("block_size", block_size, minimum=1)
 
     def _groups(self, tensor: Tensor) -> Tensor:
         flat = tensor.detach().float().reshape(-1)
@@ -115,8 +113,7 @@ class TopKCodec(Codec):
     error_feedback = True
 
     def __init__(self, fraction: float = 0.1) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+        check_float("fraction", fraction, minimum=0.0, maximum=1.0, min_open=True)
         self.fraction = fraction
 
     def encode(self, tensor: Tensor) -> EncodedTensor:

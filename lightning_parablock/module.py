@@ -1,6 +1,7 @@
 """A LightningModule around any Hugging Face causal LM, ready for block-wise federated fine-tuning."""
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -10,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from lightning_parablock.eval.perplexity import TokenPerplexity
 from lightning_parablock.lora import add_lora
+from lightning_parablock.validation import check_bool, check_float, check_int
 
 
 class CausalLMModule(L.LightningModule):
@@ -53,8 +55,21 @@ class CausalLMModule(L.LightningModule):
                 "Pass exactly one of `model_name_or_path` (a pretrained checkpoint) and `config` (a dict for"
                 f" `AutoConfig.for_model`), got model_name_or_path={model_name_or_path!r} and config={config!r}."
             )
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"`config` must be a dict of `AutoConfig.for_model` arguments, got {config!r}.")
         if config is not None and "model_type" not in config:
             raise ValueError(f"`config` must name a `model_type` such as 'llama', got keys {sorted(config)}.")
+        # Checked here, by name: torch's AdamW lets an infinite rate or weight decay through.
+        check_float("learning_rate", learning_rate, minimum=0.0)
+        check_float("weight_decay", weight_decay, minimum=0.0)
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"`betas` must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}.")
+        for index, beta in enumerate(betas):
+            check_float(f"betas[{index}]", beta, minimum=0.0, maximum=1.0, max_open=True)
+        check_int("seed", seed, minimum=0)
+        if lora is not None and not isinstance(lora, Mapping):
+            raise TypeError(f"`lora` must be a dict of `peft.LoraConfig` arguments such as {{'r': 32}}, got {lora!r}.")
+        check_bool("gradient_checkpointing", gradient_checkpointing)
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
         with torch.random.fork_rng(devices=[]):

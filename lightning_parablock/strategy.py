@@ -64,7 +64,7 @@ from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.sigterm import TurnStartSigterm
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
-from lightning_parablock.validation import check_choice, check_float, check_int, check_optional_int
+from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -189,6 +189,16 @@ class FederatedBlockStrategy(DDPStrategy):
         check_choice("optimizer_state", optimizer_state, ("reset", "per_block"))
         check_choice("weighting", weighting, ("uniform", "samples"))
         seed = check_int("seed", seed, minimum=0)
+        for name, flag in (
+            ("include_embeddings", include_embeddings), ("include_head", include_head), ("shuffle", shuffle),
+            ("offload_deltas", offload_deltas), ("master_weights", master_weights),
+        ):  # fmt: skip
+            check_bool(name, flag)
+        if client_optimizer is not None and not callable(client_optimizer):
+            raise TypeError(
+                "`client_optimizer` must be a callable that builds an optimizer from parameters, e.g."
+                f" `functools.partial(torch.optim.AdamW, lr=1e-4)`, got {client_optimizer!r}."
+            )
         if block_patterns:
             compile_block_patterns(block_patterns)  # refuse a bad pattern now, not when training starts
         self.num_clients = num_clients

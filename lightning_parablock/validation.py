@@ -89,3 +89,10 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
         accepted = f"{', '.join(others)} or {last}" if others else last
         raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``: a string such as ``"no"`` would otherwise read as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {_describe(value)}.")
+    return value

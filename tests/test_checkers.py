@@ -6,7 +6,7 @@ import pytest
 
 from lightning_parablock import Aggregator, SimulatedLink
 from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
-from lightning_parablock.validation import check_choice, check_float, check_int, check_positive
+from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_positive
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,7 @@ from lightning_parablock.validation import check_choice, check_float, check_int,
         (lambda: check_float("fraction", 1.0, 0.0, 1.0, max_open=True), ValueError, r"in \[0, 1\), got 1.0"),
         (lambda: check_positive("bandwidth", 0), ValueError, r"`bandwidth` must be positive, got 0"),
         (lambda: check_choice("method", "krum", ("mean", "median")), ValueError, r"'mean' or 'median', got 'krum'"),
+        (lambda: check_bool("shuffle", "no"), TypeError, r"`shuffle` must be True or False, got 'no' \(str\)"),
     ],
 )
 def test_checkers_name_the_argument_the_value_and_what_is_accepted(call, error, message):

@@ -128,3 +128,22 @@ def test_residuals_resume_bit_exactly(tmp_path):
     assert saved["version"] == 3 and saved["residuals"]
     resumed, _, _ = fit("topk", rounds=5, ckpt_path=checkpoint, tmp_path=tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Int8Codec("block", block_size=2.5), r"`block_size` must be an integer, got 2.5 \(float\)"),
+        (lambda: Int8Codec("block", block_size=True), r"`block_size` must be an integer, got True \(bool\)"),
+        (lambda: Int8Codec("block", block_size="64"), r"`block_size` must be an integer, got '64' \(str\)"),
+        (lambda: Int8Codec("block", block_size=0), r"`block_size` must be a positive integer, got 0"),
+        (lambda: Int8Codec("column"), r"`granularity` must be 'row' or 'block', got 'column'"),
+        (lambda: TopKCodec(fraction=True), r"`fraction` must be a number, got True \(bool\)"),
+        (lambda: TopKCodec(fraction="0.5"), r"`fraction` must be a number, got '0.5' \(str\)"),
+        (lambda: TopKCodec(fraction=0.0), r"`fraction` must be in \(0, 1\], got 0.0"),
+        (lambda: TopKCodec(fraction=float("nan")), r"`fraction` must be a finite number, got nan"),
+    ],
+)
+def test_bad_codec_settings_are_refused_naming_them(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()

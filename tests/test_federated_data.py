@@ -142,6 +142,20 @@ def test_missing_column_names_it_and_the_columns_there(cache_dir):
         load_examples(DataSource(data_files=MATH, columns={"label": "source"}), seed=0, cache_dir=cache_dir)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("null.jsonl", '{"instruction": "q0", "output": "a0"}\n{"instruction": "q1", "output": null}\n', r"null 'output' \(the 'output' field\) in row 1"),
+        ("null.csv", "prompt,response\nq0,a0\nq1,a1\n,a2\n", r"null 'prompt' \(the 'instruction' field\) in row 2"),
+    ],
+)  # fmt: skip
+def test_a_null_instruction_or_output_is_refused_naming_its_row(tmp_path, cache_dir, name, text, message):
+    (tmp_path / name).write_text(text)
+    columns = {"instruction": "prompt", "output": "response"} if name.endswith(".csv") else None
+    with pytest.raises(ValueError, match=message):
+        load_examples(DataSource(data_files=str(tmp_path / name), columns=columns), seed=0, cache_dir=cache_dir)
+
+
 def test_unknown_file_type_and_no_source_are_refused():
     with pytest.raises(
         ValueError, match=r"data_files='notes.txt'.*\['.txt'\].*\['.csv', '.json', '.jsonl', '.parquet'\]"
@@ -482,6 +496,20 @@ def test_local_file_trains_through_the_federated_strategy(tokenizer_dir, cache_d
 def test_bad_arguments_are_refused(tokenizer_dir, cache_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         datamodule(tokenizer_dir, cache_dir, **kwargs)
+
+
+def test_a_val_fraction_that_leaves_no_training_example_is_refused(tmp_path, tokenizer_dir, cache_dir):
+    (tmp_path / "three.jsonl").write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(3)))
+    data = datamodule(tokenizer_dir, cache_dir, data_files=str(tmp_path / "three.jsonl"), val_fraction=0.9)
+    with pytest.raises(ValueError, match=r"`val_fraction=0.9` holds out all 3 example\(s\).*at most 2/3"):
+        data.setup()
+
+
+def test_a_dataset_that_is_not_a_data_source_is_refused(tokenizer_dir):
+    with pytest.raises(TypeError, match=r"`dataset` must be a DataSource .*got 'train.jsonl'"):
+        FederatedDataModule("train.jsonl", tokenizer=tokenizer_dir)
+    with pytest.raises(TypeError, match=r"`eval_dataset` must be a DataSource .*got \['test.jsonl'\]"):
+        FederatedDataModule(DataSource(data_files=MATH), tokenizer=tokenizer_dir, eval_dataset=["test.jsonl"])
 
 
 def test_label_column_must_exist_and_is_required_to_skew(tokenizer_dir, cache_dir):

@@ -130,3 +130,29 @@ def test_gradient_checkpointing_gives_the_active_block_the_same_gradients(tiny_l
     plain, checkpointed = grads
     assert plain.keys() == checkpointed.keys() and plain
     assert all(checkpointed[n] is not None and torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(learning_rate=float("nan")), r"`learning_rate` must be a finite number, got nan"),
+        (dict(learning_rate=float("inf")), r"`learning_rate` must be a finite number, got inf"),
+        (dict(learning_rate=-1e-3), r"`learning_rate` must be >= 0, got -0.001"),
+        (dict(learning_rate="fast"), r"`learning_rate` must be a number, got 'fast' \(str\)"),
+        (dict(weight_decay=float("inf")), r"`weight_decay` must be a finite number, got inf"),
+        (dict(betas=(1.5, 0.9)), r"`betas\[0\]` must be in \[0, 1\), got 1.5"),
+        (dict(betas=(0.9,)), r"`betas` must be two numbers in \[0, 1\).*got \(0.9,\)"),
+        (dict(seed=2.5), r"`seed` must be an integer, got 2.5"),
+        (dict(lora="yes"), r"`lora` must be a dict of `peft.LoraConfig` arguments.*got 'yes'"),
+        (dict(gradient_checkpointing="no"), r"`gradient_checkpointing` must be True or False, got 'no' \(str\)"),
+        (dict(config="llama"), r"`config` must be a dict.*got 'llama'"),
+    ],
+)
+def test_bad_arguments_are_refused_on_construction(tiny_llama_config, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        CausalLMModule(**{"config": tiny_llama_config, **kwargs})
+
+
+def test_optimizer_settings_from_a_checkpoint_list_are_accepted(tiny_llama_config):
+    module = CausalLMModule(config=tiny_llama_config, learning_rate=0, betas=[0.8, 0.9], seed=1.0)  # hparams.yaml
+    assert tuple(module.hparams.betas) == (0.8, 0.9)

@@ -6,6 +6,7 @@ needs (which dataset, which prompt template, how skewed the clients are) is an a
 states it in YAML.
 """
 
+import math
 from dataclasses import asdict, replace
 from typing import Any, Literal, Optional, Union
 
@@ -118,6 +119,12 @@ class FederatedDataModule(L.LightningDataModule):
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
         dataset = DataSource(**dataset) if isinstance(dataset, dict) else dataset
         eval_dataset = DataSource(**eval_dataset) if isinstance(eval_dataset, dict) else eval_dataset
+        for name, source in (("dataset", dataset), ("eval_dataset", eval_dataset)):
+            if source is not None and not isinstance(source, DataSource):
+                raise TypeError(
+                    f"`{name}` must be a DataSource (or a dict of its fields), e.g."
+                    f" `DataSource(data_files='train.jsonl')`, got {source!r}."
+                )
         self.save_hyperparameters(ignore=["tokenizer", "partitioner"])
         self.hparams.dataset = asdict(dataset)
         self.hparams.eval_dataset = asdict(eval_dataset) if eval_dataset is not None else None
@@ -166,6 +173,13 @@ class FederatedDataModule(L.LightningDataModule):
         hparams = self.hparams
         examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in self._sources().items()}
         if hparams.val_fraction > 0:
+            rows = len(examples["train"])
+            if math.ceil(hparams.val_fraction * rows) >= rows:  # how `train_test_split` sizes the held-out part
+                raise ValueError(
+                    f"`val_fraction={hparams.val_fraction}` holds out all {rows} example(s) of"
+                    f" {self.source.describe()}, leaving none to train on; use a val_fraction of at most"
+                    f" {rows - 1}/{rows}, or more data."
+                )
             held_out = examples["train"].train_test_split(test_size=hparams.val_fraction, seed=hparams.seed)
             examples["train"], examples["val"] = held_out["train"], held_out["test"]
         tokenized = {}

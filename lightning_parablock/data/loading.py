@@ -140,6 +140,13 @@ def to_instruction_schema(dataset: Dataset, columns: dict[str, str], where: str 
     renames = {column: field for field, column in mapping.items() if column in available and column != field}
     clashing = [field for field in renames.values() if field in available and field not in renames]
     dataset = dataset.remove_columns(clashing).rename_columns(renames)
+    for field in (INSTRUCTION, OUTPUT):  # a null would be trained on as an empty prompt or an empty answer
+        if dataset.data.column(field).null_count:
+            row = dataset[field].index(None)
+            raise ValueError(
+                f"{where} has a null {mapping[field]!r} (the {field!r} field) in row {row}; every example needs"
+                " a text instruction and output. Drop or fill the rows without one."
+            )
     if INPUT not in dataset.column_names:
         dataset = dataset.add_column(INPUT, [""] * len(dataset))
     return dataset
