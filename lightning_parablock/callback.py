@@ -166,8 +166,10 @@ class ParaBlockCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._strategy(trainer).round_open:  # training stopped inside the round (max_steps)
+        strategy = self._strategy(trainer)
+        if strategy.round_open:  # training stopped inside the round (max_steps)
             self._close_round(trainer, pl_module)
+        strategy.round_ended()
 
     def _close_round(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The round boundary: the last turn ends, the exchange due now is collected and applied."""

@@ -62,7 +62,7 @@ from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
 from lightning_parablock.schedule import BlockSchedule, ScheduleKind
-from lightning_parablock.sigterm import TurnStartSigterm
+from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
 from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 
@@ -239,6 +239,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self._saved_blocks: Optional[list[list[str]]] = None
         self._fault_watch: Optional[FaultWatch] = None
         self._sigterm: Optional[TurnStartSigterm] = None
+        self._requeue: Optional[RoundEndRequeue] = None
         self._restored_schedule: Optional[dict[str, Any]] = None
 
     # ----------------------------------------------------------- processes
@@ -325,6 +326,9 @@ class FederatedBlockStrategy(DDPStrategy):
         if self.distributed and self._sigterm is None:
             self._sigterm = TurnStartSigterm(trainer, lambda: self.batch_sampler.batches_per_turn)
             self._sigterm.install()
+        if self._requeue is None:
+            self._requeue = RoundEndRequeue(trainer)
+            self._requeue.install()
 
     def _check_restored_blocks(self) -> None:
         saved, self._saved_blocks = self._saved_blocks, None
@@ -536,6 +540,11 @@ class FederatedBlockStrategy(DDPStrategy):
         self.federation.round_trained(self.current.index, self.current.block)
         return self.current
 
+    def round_ended(self) -> None:
+        """Every rank has applied the round's boundary: the one point where a requeue checkpoint can be saved."""
+        if self._requeue is not None:
+            self._requeue.at_round_end()
+
     @property
     def round_open(self) -> bool:
         """A round has begun and its boundary is not applied yet: no consistent state to save."""
@@ -665,7 +674,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # A SIGTERM is no fault: every rank stops at the same turn start (see sigterm.py).
+        # A SIGTERM is no fault: every rank stops at the same turn start (see preemption.py).
         if self._fault_watch is not None and not isinstance(exception, SIGTERMException):
             if not self._fault_watch.report_peer_fault(exception):
                 self._fault_watch.publish(None if self.current is None else self.current.index, exception)
@@ -689,6 +698,9 @@ class FederatedBlockStrategy(DDPStrategy):
         if self._sigterm is not None:
             self._sigterm.uninstall()
             self._sigterm = None
+        if self._requeue is not None:
+            self._requeue.uninstall()
+            self._requeue = None
         if self._fault_watch is not None:
             self._fault_watch.stop()
             self._fault_watch = None

@@ -1,11 +1,15 @@
 """A run stopped at a round boundary resumes to the same final model as an uninterrupted one."""
 
+import os
+import signal
 from datetime import timedelta
 
 import pytest
 import torch
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers import quiet_trainer
@@ -192,3 +196,33 @@ def test_validating_a_checkpoint_leaves_the_next_fit_alone(tmp_path):
     module, trainer = run(tmp_path / "fresh", 1)
     trainer.validate(module, toy_loader(toy_dataset(n=8)), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
     assert trainer.strategy._restored_state is None
+
+
+class RequeueSignal(Callback):
+    """SLURM's ``--signal=SIGUSR1@90``: the requeue signal arrives in the middle of a round."""
+
+    def __init__(self, at_round: int) -> None:
+        self.at_round = at_round
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.at_round and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_slurms_requeue_signal_mid_round_saves_at_the_rounds_end_and_the_run_resumes_from_it(tmp_path, monkeypatch):
+    # Lightning saves in the signal handler, mid-round, where nothing consistent can be saved; the
+    # strategy saves at the round's end instead, and the job is requeued as Lightning does it.
+    for name, value in dict(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0",
+                            SLURM_NODEID="0", SLURM_JOB_NAME="parablock").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    requeued: list[list[str]] = []
+    monkeypatch.setattr(signal_connector, "call", lambda command, **_: requeued.append(command) or 0)
+    uninterrupted, _ = run(tmp_path / "a", 1)
+    slurm = dict(plugins=[SLURMEnvironment(auto_requeue=True)], default_root_dir=tmp_path / "b")
+    with pytest.raises(RuntimeError, match="simulated crash"):  # the job is stopped after the requeue
+        run(tmp_path / "b", 1, callbacks=[RequeueSignal(at_round=2), Crash(at_round=4)], **slurm)
+    assert requeued == [["scontrol", "requeue", "4242"]]
+    saved = torch.load(tmp_path / "b" / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert saved["epoch"] == 2 and saved["federation"]["unaggregated"] == {2: saved["federation"]["unaggregated"][2]}
+    resumed, _ = run(tmp_path / "c", 1, ckpt_path=str(tmp_path / "b" / "hpc_ckpt_1.ckpt"))
+    assert_same_parameters(uninterrupted, resumed)

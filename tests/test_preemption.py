@@ -1,4 +1,4 @@
-"""SIGTERM with several processes: the handler only notes it, the ranks agree on it at turn starts.
+"""Preemption signals: the handlers only note them; the ranks agree at turn starts (SIGTERM) or round ends (requeue).
 
 One process with a world-size-1 gloo group stands in for a rank; the two-process run is in
 ``test_distributed.py``.
@@ -12,9 +12,11 @@ import signal
 import pytest
 import torch.distributed as dist
 from lightning import Trainer
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_parablock.sigterm import TurnStartSigterm
+from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
 
 
 @pytest.fixture
@@ -111,3 +113,41 @@ def test_uninstall_gives_lightning_its_own_handling_back(rank_group):
     sigterm.uninstall()
     assert "_sigterm_notifier_fn" not in vars(connector) and "_broadcast_sigterm_tensor" not in vars(loop)
     assert connector._sigterm_notifier_fn.__func__ is type(connector)._sigterm_notifier_fn
+
+
+def test_a_requeue_signal_on_any_rank_runs_lightnings_save_and_requeue_on_every_rank_at_the_round_end(
+    rank_group, collectives, monkeypatch
+):
+    calls, peer = collectives
+    handled: list[int] = []
+    monkeypatch.setattr(_SignalConnector, "_slurm_sigusr_handler_fn", lambda self, signum, frame: handled.append(signum))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    for name, value in dict(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0").items():
+        monkeypatch.setenv(name, value)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, plugins=[SLURMEnvironment(auto_requeue=True)])
+    requeue = RoundEndRequeue(trainer)
+    requeue.install()
+    trainer._signal_connector._slurm_sigusr_handler_fn(signal.SIGUSR1, None)  # the handler only notes it
+    assert handled == [] and calls == []
+    requeue.at_round_end()
+    assert handled == [signal.SIGUSR1] and calls == ["all_reduce"]
+    requeue.at_round_end()  # acted on once
+    assert handled == [signal.SIGUSR1]
+    peer["flag"] = int(signal.SIGUSR1)  # another rank was signalled: this one saves with it
+    requeue.at_round_end()
+    assert handled == [signal.SIGUSR1, signal.SIGUSR1]
+    requeue.uninstall()
+    assert "_slurm_sigusr_handler_fn" not in vars(trainer._signal_connector)
+
+
+def test_without_slurms_auto_requeue_nothing_is_taken_over_and_a_round_end_costs_no_collective(
+    rank_group, collectives, monkeypatch
+):
+    calls, _ = collectives
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False)
+    requeue = RoundEndRequeue(trainer)
+    requeue.install()
+    assert "_slurm_sigusr_handler_fn" not in vars(trainer._signal_connector)
+    requeue.at_round_end()
+    assert calls == []
