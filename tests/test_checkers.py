@@ -38,7 +38,7 @@ def test_checkers_return_the_value_in_its_kind():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: SimulatedLink(bandwidth=0), r"[Bb]andwidth must be positive, got 0"),
+        (lambda: SimulatedLink(bandwidth=0), r"`bandwidth` must be positive, got 0"),
         (lambda: SimulatedLink(bandwidth=math.inf), r"`bandwidth` must be a finite number, got inf"),
         (lambda: SimulatedLink(latency=math.nan), r"latency"),
         (lambda: Aggregator(clip_norm=math.inf), r"`clip_norm` must be a finite number, got inf"),
