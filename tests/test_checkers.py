@@ -47,6 +47,10 @@ def test_checkers_return_the_value_in_its_kind():
         (lambda: SyntheticArithmeticDataModule(batch_size=True), r"`batch_size` must be an integer, got True"),
         (lambda: SyntheticArithmeticDataModule(alpha=math.nan), r"`alpha` must be a finite number, got nan"),
         (lambda: DataSource(path="json", max_examples=0.5), r"`max_examples` must be an integer, got 0.5"),
+        (lambda: DataSource(data_files=5), r"`data_files` must be a path, a list of paths, or a dict .*got 5 \(int\)"),
+        (lambda: DataSource(data_files={"train": [3]}), r"`data_files` must be .*got \{'train': \[3\]\} \(dict\)"),
+        (lambda: DataSource(path="json", columns=["question"]), r"`columns` must be a dict from a field .*got \['question'\] \(list\)"),
+        (lambda: DataSource(path="json", columns={"instruction": 1}), r"`columns` must be a dict .*got \{'instruction': 1\}"),
     ],
 )
 def test_constructors_refuse_bad_numbers(make, message):
