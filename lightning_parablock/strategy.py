@@ -200,7 +200,7 @@ class FederatedBlockStrategy(DDPStrategy):
                 "`client_optimizer` must be a callable that builds an optimizer from parameters, e.g."
                 f" `functools.partial(torch.optim.AdamW, lr=1e-4)`, got {client_optimizer!r}."
             )
-        if block_patterns:
+        if block_patterns is not None:
             compile_block_patterns(block_patterns)  # refuse a bad pattern now, not when training starts
         self.num_clients = num_clients
         self.local_steps = local_steps
@@ -301,7 +301,7 @@ class FederatedBlockStrategy(DDPStrategy):
         model = self.lightning_module
         self.partition = (
             partition_by_patterns(model, self.block_patterns)
-            if self.block_patterns
+            if self.block_patterns is not None
             else partition_decoder(model, **self.block_options)
         )
         probe = GradientProbe(self) if self.schedule_kind == "gradient" else None
