@@ -99,6 +99,13 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_optional_text(name: str, value: Any, accepted: str = "a non-empty string") -> Any:
+    """``value``, unless it is the empty string: ``None`` means unset, and ``""`` is neither unset nor a name."""
+    if isinstance(value, str) and not value:
+        raise ValueError(f"`{name}` must be {accepted}, or None to leave it unset, got {value!r}.")
+    return value
+
+
 def check_pretrained_folder(name: str, value: str) -> None:
     """A ``from_pretrained`` name that looks like a local path (``/``, ``./``, ``../``, ``~``) names a folder.
 

@@ -6,7 +6,14 @@ import pytest
 
 from lightning_parablock import Aggregator, SimulatedLink
 from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
-from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_positive
+from lightning_parablock.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_text,
+    check_positive,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +30,7 @@ from lightning_parablock.validation import check_bool, check_choice, check_float
         (lambda: check_positive("bandwidth", 0), ValueError, r"`bandwidth` must be positive, got 0"),
         (lambda: check_choice("method", "krum", ("mean", "median")), ValueError, r"'mean' or 'median', got 'krum'"),
         (lambda: check_bool("shuffle", "no"), TypeError, r"`shuffle` must be True or False, got 'no' \(str\)"),
+        (lambda: check_optional_text("label_column", ""), ValueError, r"`label_column` must be a non-empty string, or None"),
     ],
 )
 def test_checkers_name_the_argument_the_value_and_what_is_accepted(call, error, message):
