@@ -219,9 +219,15 @@ def partition_decoder(
 
 def compile_block_patterns(block_patterns: Sequence[Union[str, Sequence[str]]]) -> list[list[re.Pattern[str]]]:
     """Each block's compiled patterns; a pattern that is not a regular expression is named with its block."""
-    if isinstance(block_patterns, (str, Mapping)):  # a string would be read as one block per character
+    # a string would be read as one block per character
+    if isinstance(block_patterns, (str, Mapping)) or not isinstance(block_patterns, Sequence):
         raise TypeError(
             f"`block_patterns` must be a list with one pattern (or list of patterns) per block, got {block_patterns!r}."
+        )
+    if len(block_patterns) == 0:
+        raise ValueError(
+            "`block_patterns` is empty ([]): give at least one block (a pattern or a list of patterns), or None for"
+            " the decoder's layers."
         )
     compiled = []
     for index, entry in enumerate(block_patterns):
@@ -249,8 +255,6 @@ def partition_by_patterns(model: nn.Module, block_patterns: Sequence[Union[str, 
     Each entry is one block: a pattern or a list of patterns (``re.search``); a parameter goes to
     the first block that matches it.
     """
-    if not block_patterns:
-        raise ValueError("`block_patterns` is empty; give one pattern (or list of patterns) per block.")
     names = [n for n, _ in model.named_parameters()]
     taken: set[str] = set()
     blocks = []

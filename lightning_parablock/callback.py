@@ -72,7 +72,7 @@ class ParaBlockCallback(Callback):
             )
         self.link = link if link is not None else SimulatedLink()
         self.aggregator = aggregator if aggregator is not None else Aggregator()
-        self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout))
+        self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout, "comm_timeout"))
         self.codec = make_codec(compression)
         self.records: list[RoundRecord] = []
         self._worker: Optional[CommWorker] = None

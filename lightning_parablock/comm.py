@@ -40,8 +40,12 @@ _BANDWIDTH = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ]+)\s*
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ]*)\s*$", re.IGNORECASE)
 
 
-def parse_bandwidth(value: Union[str, float, int]) -> float:
-    """Bytes per second from ``"100MB/s"``, ``"1Gbit/s"``, ``"800Mbps"`` or a number of bytes per second."""
+def parse_bandwidth(value: Union[str, float, int], name: Optional[str] = None) -> float:
+    """Bytes per second from ``"100MB/s"``, ``"1Gbit/s"``, ``"800Mbps"`` or a number of bytes per second.
+
+    ``name`` is the argument the value was given as (``bandwidth``); an error names it.
+    """
+    where = f"`{name}`: " if name else ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         bytes_per_second = float(value)
     else:
@@ -52,27 +56,34 @@ def parse_bandwidth(value: Union[str, float, int]) -> float:
             unit = unit[:-1] + "bit"  # "800Mbps", "800Mb/s": a lower-case b means bits, an upper-case B bytes
         if not match or unit not in _BYTE_UNITS:
             raise ValueError(
-                f"Could not parse bandwidth {value!r}. Use a number with a unit per second, e.g. '100MB/s',"
-                f" '1.5GiB/s', '800Mbit/s', '800Mbps', or a number of bytes per second."
+                f"{where}Could not parse bandwidth {value!r}. Use a positive number with a unit per second, e.g."
+                " '100MB/s', '1.5GiB/s', '800Mbit/s', '800Mbps', or a number of bytes per second."
             )
         bytes_per_second = float(match.group(1)) * _BYTE_UNITS[unit]
     if not bytes_per_second > 0:
-        raise ValueError(f"Bandwidth must be positive, got {value!r}.")
+        raise ValueError(f"{f'`{name}`' if name else 'Bandwidth'} must be positive, got {value!r}.")
     return bytes_per_second
 
 
-def parse_duration(value: Union[str, float, int]) -> float:
-    """Seconds from ``"20ms"``, ``"0.5s"``, ``"150us"`` or a number of seconds."""
+def parse_duration(value: Union[str, float, int], name: Optional[str] = None) -> float:
+    """Seconds from ``"20ms"``, ``"0.5s"``, ``"150us"`` or a number of seconds.
+
+    ``name`` is the argument the value was given as (``latency``, ``comm_timeout``); an error names it.
+    """
+    where = f"`{name}`: " if name else ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         match = _DURATION.match(str(value))
         unit = (match.group(2) or "s").lower() if match else ""
         if not match or unit not in _TIME_UNITS:
-            raise ValueError(f"Could not parse duration {value!r}. Use e.g. '20ms', '0.5s', '150us' or seconds.")
+            raise ValueError(
+                f"{where}Could not parse duration {value!r}. Use a number with a unit (s, ms, us), e.g. '20ms',"
+                " '1.5s', '150us', or a number of seconds."
+            )
         seconds = float(match.group(1)) * _TIME_UNITS[unit]
     if seconds < 0:
-        raise ValueError(f"A duration cannot be negative, got {value!r}.")
+        raise ValueError(f"{f'`{name}`' if name else 'A duration'} cannot be negative, got {value!r}.")
     return seconds
 
 
@@ -89,8 +100,10 @@ class SimulatedLink:
         # float before str: a number on the command line ("--...bandwidth 1e8") parses as bytes per second
         self.bandwidth = bandwidth
         self.latency = latency
-        self.bytes_per_second = None if bandwidth is None else check_positive("bandwidth", parse_bandwidth(bandwidth))
-        self.latency_s = check_float("latency", parse_duration(latency), minimum=0.0)
+        self.bytes_per_second = (
+            None if bandwidth is None else check_positive("bandwidth", parse_bandwidth(bandwidth, "bandwidth"))
+        )
+        self.latency_s = check_float("latency", parse_duration(latency, "latency"), minimum=0.0)
 
     def transfer_seconds(self, nbytes: int) -> float:
         """Modelled time to move ``nbytes`` one way."""

@@ -12,7 +12,8 @@ server applies as it is (the exchange's aggregate of one client, also downloaded
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -34,8 +35,21 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
 
     Use with ``ParaBlockCallback(staleness=0)`` and ``max_epochs`` = cycles × ``num_clients``
     (``Method.rounds``); a recipe's ``method: fedcybgd`` states cycles and the CLI converts them.
-    ``schedule``, ``participation`` and ``clients_per_round`` do not apply.
+    ``schedule``, ``participation`` and ``clients_per_round`` do not apply: a value other than the default
+    is refused.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        signature = inspect.signature(FederatedBlockStrategy.__init__)
+        given = signature.bind(self, *args, **kwargs).arguments
+        for name in ("schedule", "participation", "clients_per_round"):
+            default = signature.parameters[name].default
+            if name in given and given[name] != default:
+                raise ValueError(
+                    f"FedCyBGD trains one client per round, on block `client mod B`: `{name}` does not apply;"
+                    f" leave it at its default {default!r}, got {given[name]!r}."
+                )
+        super().__init__(*args, **kwargs)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:

@@ -17,9 +17,25 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from lightning_parablock.schedule import seeded_generator
+from lightning_parablock.validation import check_float, check_int
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ADAPTER = "default"
+
+
+def check_lora_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``r`` a positive integer, ``lora_alpha`` a number >= 0 and ``lora_dropout`` in [0, 1).
+
+    Checked by name before any model is built: peft takes ``r=2.5`` and torch then fails deep inside a layer.
+    Other keys are left to ``peft.LoraConfig``. Returns the options with ``r`` as an ``int`` (``2.0`` is 2).
+    """
+    if "lora_alpha" in options:
+        check_float("lora['lora_alpha']", options["lora_alpha"], minimum=0.0)
+    if "lora_dropout" in options:
+        check_float("lora['lora_dropout']", options["lora_dropout"], minimum=0.0, maximum=1.0, max_open=True)
+    if "r" in options:
+        return {**options, "r": check_int("lora['r']", options["r"], minimum=1)}
+    return dict(options)
 
 
 def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
@@ -32,7 +48,7 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
         raise ValueError(
             f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha."
         )
-    config = LoraConfig(**{**LORA_DEFAULTS, **options})
+    config = LoraConfig(**{**LORA_DEFAULTS, **check_lora_options(options)})
     return get_peft_model(model, config)
 
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_parablock.eval.perplexity import TokenPerplexity
-from lightning_parablock.lora import add_lora
-from lightning_parablock.validation import check_bool, check_float, check_int
+from lightning_parablock.lora import add_lora, check_lora_options
+from lightning_parablock.validation import check_bool, check_float, check_int, check_pretrained_folder
 
 
 class CausalLMModule(L.LightningModule):
@@ -69,6 +69,10 @@ class CausalLMModule(L.LightningModule):
         check_int("seed", seed, minimum=0)
         if lora is not None and not isinstance(lora, Mapping):
             raise TypeError(f"`lora` must be a dict of `peft.LoraConfig` arguments such as {{'r': 32}}, got {lora!r}.")
+        if lora is not None:
+            check_lora_options(lora)
+        if isinstance(model_name_or_path, str):
+            check_pretrained_folder("model_name_or_path", model_name_or_path)
         check_bool("gradient_checkpointing", gradient_checkpointing)
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes

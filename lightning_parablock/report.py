@@ -282,7 +282,7 @@ def report(
     if not bandwidths:
         raise ValueError("No bandwidth to model; pass e.g. --bandwidth 50MB/s,100MB/s.")
     for bandwidth in bandwidths:
-        parse_bandwidth(bandwidth)  # a clear error before any figure is drawn
+        parse_bandwidth(bandwidth, "bandwidth")  # a clear error before any figure is drawn
     links = {f"{b}, {latency}": SimulatedLink(b, latency) for b in bandwidths}
     output_dir = output_dir or timeline.parent
     validation = validation_losses(timeline.parent, RunSummary.of(records).rounds)

@@ -61,8 +61,8 @@ from lightning_parablock.cuda_overlap import TurnTimer
 from lightning_parablock.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.probe import GradientProbe
 from lightning_parablock.sampler import FederatedBatchSampler
-from lightning_parablock.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
+from lightning_parablock.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
 from lightning_parablock.timeline import RoundRecord, merge_rank_records
 from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 
@@ -183,6 +183,7 @@ class FederatedBlockStrategy(DDPStrategy):
         check_int("layers_per_block", layers_per_block, minimum=1)
         check_choice("layer_split", layer_split, ("none", "attention_mlp"))
         check_choice("remainder", remainder, ("error", "last_smaller", "merge_into_last"))
+        check_choice("schedule", schedule, SCHEDULE_KINDS)
         global_lr = check_float("global_lr (η)", global_lr, minimum=0.0, min_open=True)
         participation = check_float("participation", participation, minimum=0.0, maximum=1.0, min_open=True)
         clients_per_round = check_optional_int("clients_per_round", clients_per_round, minimum=1)
@@ -199,7 +200,7 @@ class FederatedBlockStrategy(DDPStrategy):
                 "`client_optimizer` must be a callable that builds an optimizer from parameters, e.g."
                 f" `functools.partial(torch.optim.AdamW, lr=1e-4)`, got {client_optimizer!r}."
             )
-        if block_patterns:
+        if block_patterns is not None:
             compile_block_patterns(block_patterns)  # refuse a bad pattern now, not when training starts
         self.num_clients = num_clients
         self.local_steps = local_steps
@@ -301,7 +302,7 @@ class FederatedBlockStrategy(DDPStrategy):
         model = self.lightning_module
         self.partition = (
             partition_by_patterns(model, self.block_patterns)
-            if self.block_patterns
+            if self.block_patterns is not None
             else partition_decoder(model, **self.block_options)
         )
         probe = GradientProbe(self) if self.schedule_kind == "gradient" else None

@@ -6,7 +6,14 @@ import pytest
 
 from lightning_parablock import Aggregator, SimulatedLink
 from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
-from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_positive
+from lightning_parablock.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_text,
+    check_positive,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +30,7 @@ from lightning_parablock.validation import check_bool, check_choice, check_float
         (lambda: check_positive("bandwidth", 0), ValueError, r"`bandwidth` must be positive, got 0"),
         (lambda: check_choice("method", "krum", ("mean", "median")), ValueError, r"'mean' or 'median', got 'krum'"),
         (lambda: check_bool("shuffle", "no"), TypeError, r"`shuffle` must be True or False, got 'no' \(str\)"),
+        (lambda: check_optional_text("label_column", ""), ValueError, r"`label_column` must be a non-empty string, or None"),
     ],
 )
 def test_checkers_name_the_argument_the_value_and_what_is_accepted(call, error, message):
@@ -38,7 +46,7 @@ def test_checkers_return_the_value_in_its_kind():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: SimulatedLink(bandwidth=0), r"[Bb]andwidth must be positive, got 0"),
+        (lambda: SimulatedLink(bandwidth=0), r"`bandwidth` must be positive, got 0"),
         (lambda: SimulatedLink(bandwidth=math.inf), r"`bandwidth` must be a finite number, got inf"),
         (lambda: SimulatedLink(latency=math.nan), r"latency"),
         (lambda: Aggregator(clip_norm=math.inf), r"`clip_norm` must be a finite number, got inf"),
@@ -47,6 +55,10 @@ def test_checkers_return_the_value_in_its_kind():
         (lambda: SyntheticArithmeticDataModule(batch_size=True), r"`batch_size` must be an integer, got True"),
         (lambda: SyntheticArithmeticDataModule(alpha=math.nan), r"`alpha` must be a finite number, got nan"),
         (lambda: DataSource(path="json", max_examples=0.5), r"`max_examples` must be an integer, got 0.5"),
+        (lambda: DataSource(data_files=5), r"`data_files` must be a path, a list of paths, or a dict .*got 5 \(int\)"),
+        (lambda: DataSource(data_files={"train": [3]}), r"`data_files` must be .*got \{'train': \[3\]\} \(dict\)"),
+        (lambda: DataSource(path="json", columns=["question"]), r"`columns` must be a dict from a field .*got \['question'\] \(list\)"),
+        (lambda: DataSource(path="json", columns={"instruction": 1}), r"`columns` must be a dict .*got \{'instruction': 1\}"),
     ],
 )
 def test_constructors_refuse_bad_numbers(make, message):

@@ -48,8 +48,8 @@ def assert_nothing_created(tmp_path: Path, before: dict[str, bytes]) -> None:
 
 CONSTRUCTION = [
     (["--trainer.strategy.init_args.num_clients", "0"], r"FederatedBlockStrategy: `num_clients` must be a positive integer, got 0"),
-    (["--trainer.callbacks.init_args.link.init_args.bandwidth", "0"], r"SimulatedLink: Bandwidth must be positive, got 0"),
-    pytest.param(*(["--trainer.callbacks.init_args.link.init_args.latency", "nan"], r"SimulatedLink: Could not parse duration 'nan'"), marks=SLOW),
+    (["--trainer.callbacks.init_args.link.init_args.bandwidth", "0"], r"SimulatedLink: `bandwidth` must be positive, got 0"),
+    pytest.param(*(["--trainer.callbacks.init_args.link.init_args.latency", "nan"], r"SimulatedLink: `latency`: Could not parse duration 'nan'"), marks=SLOW),
     pytest.param(*(["--trainer.callbacks.init_args.aggregator", '{"class_path": "lightning_parablock.Aggregator", "init_args": {"trim_fraction": 0.7}}'],
      r"Aggregator: `trim_fraction` must be in \[0, 0.5\), got 0.7"), marks=SLOW),
     pytest.param(*(["--model.init_args.config", '{"vocab_size": 8}'], r"CausalLMModule: `config` must name a `model_type`"), marks=SLOW),

@@ -491,6 +491,8 @@ def test_local_file_trains_through_the_federated_strategy(tokenizer_dir, cache_d
         ({"val_fraction": 1.0}, r"val_fraction.*\[0, 1\).*1.0"),
         ({"val_fraction": 0.1, "val_split": "test"}, "either `val_split` \\('test'\\) or `val_fraction` \\(0.1\\)"),
         ({"max_length": 0}, "max_length.*positive.*0"),
+        ({"label_column": ""}, r"`label_column` must be a column name of the data, or None to leave it unset, got ''"),
+        ({"partition_plot": ""}, r"`partition_plot` must be a path for the PNG heatmap, or None to leave it unset, got ''"),
     ],
 )
 def test_bad_arguments_are_refused(tokenizer_dir, cache_dir, kwargs, match):

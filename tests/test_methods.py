@@ -12,7 +12,7 @@ from lightning_parablock import CausalLMModule
 from lightning_parablock.aggregate import Aggregator
 from lightning_parablock.cli import main
 from lightning_parablock.data import SyntheticArithmeticDataModule
-from lightning_parablock.fedcybgd import cyclic_turn
+from lightning_parablock.fedcybgd import FedCyBGDStrategy, cyclic_turn
 from lightning_parablock.flora import StackingAggregator, stacked_products
 from lightning_parablock.lora import lora_pairs
 from lightning_parablock.methods import METHODS, method
@@ -199,6 +199,15 @@ def test_fedcybgd_visits_clients_in_order_each_on_its_block_and_counts_the_fetch
     for t, record in enumerate(records):
         fetched = sum(strategy.block_nbytes(b) for b in changed_before[t])
         assert record.sync_download_bytes == {t % CLIENTS: fetched}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("schedule", "sequential"), ("participation", 0.5), ("clients_per_round", 1)]
+)
+def test_fedcybgd_refuses_the_options_its_cycle_ignores(option, value):
+    with pytest.raises(ValueError, match=rf"FedCyBGD trains one client per round, on block `client mod B`: `{option}`"):
+        FedCyBGDStrategy(num_clients=CLIENTS, **{option: value})
+    FedCyBGDStrategy(CLIENTS, schedule="random", participation=1.0, clients_per_round=None)  # the defaults pass
 
 
 def test_lora_module_saves_a_plain_merged_model(tiny_llama_config, tmp_path):

@@ -146,11 +146,28 @@ def test_gradient_checkpointing_gives_the_active_block_the_same_gradients(tiny_l
         (dict(lora="yes"), r"`lora` must be a dict of `peft.LoraConfig` arguments.*got 'yes'"),
         (dict(gradient_checkpointing="no"), r"`gradient_checkpointing` must be True or False, got 'no' \(str\)"),
         (dict(config="llama"), r"`config` must be a dict.*got 'llama'"),
+        (dict(lora={"r": 2.5}), r"`lora\['r'\]` must be an integer, got 2.5"),
+        (dict(lora={"r": 0}), r"`lora\['r'\]` must be a positive integer, got 0"),
+        (dict(lora={"r": "8"}), r"`lora\['r'\]` must be an integer, got '8' \(str\)"),
+        (dict(lora={"lora_alpha": "big"}), r"`lora\['lora_alpha'\]` must be a number, got 'big'"),
+        (dict(lora={"lora_alpha": -16}), r"`lora\['lora_alpha'\]` must be >= 0, got -16"),
+        (dict(lora={"lora_dropout": 1.0}), r"`lora\['lora_dropout'\]` must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_arguments_are_refused_on_construction(tiny_llama_config, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         CausalLMModule(**{"config": tiny_llama_config, **kwargs})
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/path", "./missing_model", "~/missing_model"])
+def test_a_missing_local_checkpoint_folder_is_named_not_read_as_a_hub_name(path):
+    with pytest.raises(FileNotFoundError, match=rf"`model_name_or_path='{path}'` does not exist.*save_pretrained"):
+        CausalLMModule(model_name_or_path=path)
+
+
+def test_a_whole_float_lora_rank_is_taken_as_an_integer(tiny_llama_config):
+    module = CausalLMModule(config=tiny_llama_config, lora={"r": 2.0})  # YAML and JSON may not keep 2 apart from 2.0
+    assert module.model.peft_config["default"].r == 2
 
 
 def test_optimizer_settings_from_a_checkpoint_list_are_accepted(tiny_llama_config):

@@ -30,7 +30,14 @@ from lightning_parablock.data.plot import plot_partition
 from lightning_parablock.data.prompts import PromptFormat, check_prompt_format
 from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.tokenizer import load_tokenizer
-from lightning_parablock.validation import check_choice, check_float, check_int, check_optional_int, check_positive
+from lightning_parablock.validation import (
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_optional_text,
+    check_positive,
+)
 
 try:  # optional: flwr-datasets pins an older `datasets`, so it is not a dependency
     from flwr_datasets.partitioner import Partitioner
@@ -116,6 +123,8 @@ class FederatedDataModule(L.LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_optional_int("num_proc", num_proc, minimum=1)
         check_int("seed", seed, minimum=0)
+        check_optional_text("label_column", label_column, "a column name of the data")
+        check_optional_text("partition_plot", partition_plot, "a path for the PNG heatmap")
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
         dataset = DataSource(**dataset) if isinstance(dataset, dict) else dataset
         eval_dataset = DataSource(**eval_dataset) if isinstance(eval_dataset, dict) else eval_dataset

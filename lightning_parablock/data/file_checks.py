@@ -22,6 +22,24 @@ def listed_files(data_files: DataFiles) -> list[str]:
     return [data_files] if isinstance(data_files, str) else list(data_files)
 
 
+def check_data_files_shape(data_files: object) -> None:
+    """``data_files`` is one path, a list of paths, or a dict from split name to a path or a list of paths."""
+
+    def paths(group: object) -> bool:
+        return isinstance(group, str) or (isinstance(group, (list, tuple)) and all(isinstance(f, str) for f in group))
+
+    if isinstance(data_files, dict):
+        accepted = all(isinstance(split, str) and paths(group) for split, group in data_files.items())
+    else:
+        accepted = paths(data_files)
+    if not accepted:
+        raise TypeError(
+            "`data_files` must be a path, a list of paths, or a dict from split name to a path or a list of paths,"
+            f" e.g. 'train.jsonl' or {{'train': ['a.jsonl', 'b.jsonl']}}, got {data_files!r}"
+            f" ({type(data_files).__name__})."
+        )
+
+
 def check_data_files(data_files: DataFiles) -> None:
     """Each local file exists and holds at least one example; each JSON row parses to an object.
 

@@ -12,7 +12,7 @@ from typing import Optional
 from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from lightning_parablock.data.file_checks import DataFiles, check_data_files, listed_files
+from lightning_parablock.data.file_checks import DataFiles, check_data_files, check_data_files_shape, listed_files
 from lightning_parablock.validation import check_optional_int
 
 INSTRUCTION, INPUT, OUTPUT = "instruction", "input", "output"
@@ -65,6 +65,16 @@ class DataSource:
 
     def __post_init__(self) -> None:
         check_optional_int("max_examples", self.max_examples, minimum=1)
+        if self.data_files is not None:
+            check_data_files_shape(self.data_files)
+        if self.columns is not None and not (
+            isinstance(self.columns, dict) and all(isinstance(c, str) for c in (*self.columns, *self.columns.values()))
+        ):
+            raise TypeError(
+                f"`columns` must be a dict from a field ({', '.join(map(repr, TEXT_FIELDS))}) to the data's column"
+                f" name, e.g. {{'instruction': 'question', 'output': 'answer'}}, got {self.columns!r}"
+                f" ({type(self.columns).__name__})."
+            )
 
     @property
     def preset(self) -> Optional[DatasetPreset]:

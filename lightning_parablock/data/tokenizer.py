@@ -7,7 +7,6 @@ out character by character the template alone would be ~150 tokens, longer than 
 tiny model is trained on.
 """
 
-from pathlib import Path
 from typing import Union
 
 from tokenizers import AddedToken, Tokenizer, decoders
@@ -21,6 +20,7 @@ from lightning_parablock.data.prompts import (
     PREAMBLE_WITH_INPUT,
     RESPONSE_HEADER,
 )
+from lightning_parablock.validation import check_pretrained_folder
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -74,14 +74,7 @@ def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrained
 
 def _from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``, naming the value when it is neither a local folder nor a loadable name."""
-    path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or name_or_path.count("/") > 1
-    if looks_local and not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"`tokenizer={name_or_path!r}` {what} (resolved to {path.resolve()}): give a folder written by"
-            " `save_pretrained` or a Hub name such as 'meta-llama/Meta-Llama-3-8B'."
-        )
+    check_pretrained_folder("tokenizer", name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
