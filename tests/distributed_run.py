@@ -2,7 +2,8 @@
 
 Lightning's launcher re-runs this script once per extra rank. Rank 0 writes the final global model
 (and the timeline's location) to ``--out``. Fault options make one rank raise, stall or wait to be
-killed, for the fault tests. ``--method`` trains one of the Table 1 methods instead: FLoRA on a tiny
+killed, or get SLURM's requeue signal, for the fault tests; ``--slurm`` runs the processes as srun
+starts them (the test starts each with its ``SLURM_*`` variables). ``--method`` trains one of the Table 1 methods instead: FLoRA on a tiny
 Llama with LoRA, the others on the toy model, all with SGD.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors import signal_connector
 
 from lightning_parablock import Aggregator, CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock import method as method_settings
@@ -43,6 +46,9 @@ class Fault(Callback):
             return
         if self.kind == "sigterm":  # as SLURM preempts: the job's first process is told to stop
             os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self.kind == "requeue":  # SLURM's `--signal=SIGUSR1@90`, here to one rank only
+            os.kill(os.getpid(), signal.SIGUSR1)
             return
         if self.kind == "raise":
             raise RuntimeError(f"simulated failure on rank {self.rank}")
@@ -82,6 +88,8 @@ def train(
     compression: str = "none",
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    ckpt_path: Path | None = None,
+    slurm: bool = False,
     fault: Fault | None = None,
     method: str | None = None,
 ) -> dict:
@@ -117,9 +125,10 @@ def train(
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out.parent,
+        plugins=[_slurm_with_requeue_printed()] if slurm else None,
     )
     module = ToyModule(optimizer=optimizer)
-    trainer.fit(module, toy_loader(toy_dataset()), ckpt_path="last" if resume else None)
+    trainer.fit(module, toy_loader(toy_dataset()), ckpt_path=ckpt_path or ("last" if resume else None))
     result = {
         "params": {name: p.detach().clone() for name, p in module.named_parameters()},
         "records": [asdict(r) for r in callback.records],
@@ -127,6 +136,17 @@ def train(
     if trainer.is_global_zero:
         torch.save(result, out)
     return result
+
+
+def _slurm_with_requeue_printed() -> SLURMEnvironment:
+    """SLURM with auto-requeue, its processes started by the test as srun would; `scontrol` is printed, not run."""
+
+    def call(command, **_):
+        print(f"requeue: {command}", flush=True)
+        return 0
+
+    signal_connector.call = call
+    return SLURMEnvironment(auto_requeue=True)
 
 
 TINY_LLAMA = {
@@ -180,7 +200,9 @@ def main() -> None:
     parser.add_argument("--compression", default="none")
     parser.add_argument("--checkpoint_dir", type=Path, default=None)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed", "sigterm"])
+    parser.add_argument("--ckpt_path", type=Path, default=None)
+    parser.add_argument("--slurm", action="store_true", help="processes started as srun does, SLURM_* set")
+    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed", "sigterm", "requeue"])
     parser.add_argument("--fault_rank", type=int, default=1)
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)

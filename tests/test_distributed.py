@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import signal
 import subprocess
 import sys
@@ -171,3 +172,60 @@ def test_a_sigterm_stops_both_ranks_at_the_same_turn_start_without_a_fault_repor
     assert set(stops) == {"0", "1"} and stops["0"] == stops["1"], output[-3000:]
     assert "failed in round" not in output and "Traceback" not in output, output[-3000:]
     assert not (tmp_path / "out.pt").exists()  # training stopped before its end
+
+
+def test_slurms_requeue_signal_to_one_rank_saves_every_ranks_clients_at_the_rounds_end_and_resumes(tmp_path):
+    # As srun starts a job: each process with its SLURM_* variables, auto-requeue on. Only rank 1 gets
+    # the signal mid-round; at the round's end both ranks save together (the checkpoint gathers every
+    # rank's clients), rank 0 requeues, and training goes on. The requeued job resumes bit-identically.
+    uninterrupted = tmp_path / "uninterrupted.pt"
+    code, output, _ = launch(uninterrupted)
+    assert code == 0, output[-3000:]
+
+    signalled = tmp_path / "signalled"
+    signalled.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1",
+            "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "parablock",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }  # fmt: skip
+        command = [
+            sys.executable, str(SCRIPT), "--out", str(signalled / "out.pt"), "--devices", "2", "--slurm",
+            "--fault", "requeue", "--fault_rank", "1", "--fault_round", "2",
+        ]  # fmt: skip
+        processes.append(
+            subprocess.Popen(command, cwd=signalled, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+        )
+    outputs = []
+    try:
+        for process in processes:
+            try:
+                outputs.append(process.communicate(timeout=180)[0].decode())
+            except subprocess.TimeoutExpired:
+                pytest.fail("the SLURM-style 2-process run hung past 180 s")
+            assert process.returncode == 0, outputs[-1][-3000:]
+    finally:
+        for process in processes:
+            _kill_group(process.pid)
+    rank0, rank1 = outputs
+    assert "[rank: 1] Received requeue signal" in rank1, rank1[-3000:]
+    assert rank0.count("requeue: ['scontrol', 'requeue', '4242']") == 1, rank0[-3000:]
+    checkpoint = torch.load(signalled / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 2  # saved at the end of round 2, the round the signal arrived in
+    assert sorted(checkpoint["federation"]["pending"]) == [0, 1, 2, 3]  # both ranks' clients
+
+    resumed = tmp_path / "resumed.pt"
+    code, output, _ = launch(resumed, "--ckpt_path", str(signalled / "hpc_ckpt_1.ckpt"))
+    assert code == 0, output[-3000:]
+    a, b = torch.load(uninterrupted, weights_only=False), torch.load(resumed, weights_only=False)
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
