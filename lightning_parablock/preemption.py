@@ -55,6 +55,21 @@ _REQUEUE = "_slurm_sigusr_handler_fn"  # its SLURM auto-requeue handler, read at
 _LOOP_CHECK = "_broadcast_sigterm_tensor"  # TrainingEpochLoop's per-batch check
 
 
+def _give_back(owner: object, attribute: str, replacement: Callable) -> None:
+    """Remove ``replacement`` if it still shadows ``attribute``: the class's own method shows through again."""
+    if owner.__dict__.get(attribute) == replacement:
+        delattr(owner, attribute)
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` any rank holds; every rank calls it at the same point. One process: ``value``."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 class TurnStartSigterm:
     """Installed on a Trainer for one distributed fit: note SIGTERM locally, agree on it at turn starts.
 
@@ -80,11 +95,8 @@ class TurnStartSigterm:
 
     def uninstall(self) -> None:
         """Give the connector and the loop their own methods back."""
-        connector, loop = self.trainer._signal_connector, self.trainer.fit_loop.epoch_loop
-        if connector.__dict__.get(_NOTIFIER) == self._note:
-            delattr(connector, _NOTIFIER)
-        if loop.__dict__.get(_LOOP_CHECK) == self._check_at_turn_start:
-            delattr(loop, _LOOP_CHECK)
+        _give_back(self.trainer._signal_connector, _NOTIFIER, self._note)
+        _give_back(self.trainer.fit_loop.epoch_loop, _LOOP_CHECK, self._check_at_turn_start)
 
     def _note(self, signum: int, _: FrameType | None) -> None:
         """The signal handler: no collective here, it could meet any other collective of another rank."""
@@ -99,9 +111,7 @@ class TurnStartSigterm:
         asked, self._asked = self._asked, self._asked + 1
         if asked % self._batches_per_turn() != 0 or not dist.is_initialized():
             return
-        flag = torch.tensor([int(self._received)], device=self.trainer.strategy.root_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 1:
+        if _max_over_ranks(int(self._received), self.trainer.strategy.root_device) == 1:
             self.trainer._signal_connector.received_sigterm = True  # for whatever reads it while stopping
             with contextlib.suppress(Exception):
                 dist.barrier()  # every rank leaves together, as Lightning's own check does
@@ -128,9 +138,7 @@ class RoundEndRequeue:
 
     def uninstall(self) -> None:
         """Give the connector its own handler back."""
-        connector = self.trainer._signal_connector
-        if connector.__dict__.get(_REQUEUE) == self._note:
-            delattr(connector, _REQUEUE)
+        _give_back(self.trainer._signal_connector, _REQUEUE, self._note)
 
     def _note(self, signum: int, _: FrameType | None) -> None:
         """The signal handler: nothing can be saved mid-round, and no collective may run here."""
@@ -142,12 +150,8 @@ class RoundEndRequeue:
         """After a round's boundary, on every rank: if any rank was signalled, save and requeue as Lightning does."""
         if self.trainer._signal_connector.__dict__.get(_REQUEUE) != self._note:
             return  # not installed: no rank has a requeue handler, and none joins the all-reduce below
-        signum = self._signum
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([0 if signum is None else signum], device=self.trainer.strategy.root_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item()) or None
-        if signum is None:
+        signum = _max_over_ranks(self._signum or 0, self.trainer.strategy.root_device)
+        if not signum:
             return
         self._signum = None
         connector = self.trainer._signal_connector

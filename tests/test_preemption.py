@@ -39,6 +39,7 @@ def collectives(monkeypatch):
         return real_all_reduce(tensor, *args, **kwargs)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)  # this rank and the peers
     monkeypatch.setattr(dist, "broadcast", lambda *a, **k: calls.append("broadcast"))
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
     return calls, peer
@@ -121,7 +122,6 @@ def test_a_requeue_signal_on_any_rank_runs_lightnings_save_and_requeue_on_every_
     calls, peer = collectives
     handled: list[int] = []
     monkeypatch.setattr(_SignalConnector, "_slurm_sigusr_handler_fn", lambda self, signum, frame: handled.append(signum))
-    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
     for name, value in dict(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0").items():
         monkeypatch.setenv(name, value)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, plugins=[SLURMEnvironment(auto_requeue=True)])
@@ -144,7 +144,6 @@ def test_without_slurms_auto_requeue_nothing_is_taken_over_and_a_round_end_costs
     rank_group, collectives, monkeypatch
 ):
     calls, _ = collectives
-    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False)
     requeue = RoundEndRequeue(trainer)
     requeue.install()
