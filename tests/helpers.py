@@ -18,7 +18,7 @@ TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 
 
 def tiny_recipe_args(tmp_path: Path, *extra: str, output_dir: Optional[Path] = None) -> list[str]:
-    """CLI arguments (after the subcommand) of the tiny recipe cut to 2 rounds of 64 examples, files under ``tmp_path``."""
+    """CLI arguments (after the subcommand) of the tiny recipe cut to 2 rounds of 64 examples, in ``tmp_path``."""
     return [
         "--config", str(TINY_RECIPE),
         "--trainer.default_root_dir", str(tmp_path / "run"),
@@ -30,6 +30,15 @@ def tiny_recipe_args(tmp_path: Path, *extra: str, output_dir: Optional[Path] = N
         "--output_dir", "null" if output_dir is None else str(output_dir),
         *extra,
     ]  # fmt: skip
+
+
+def slurm_variables(rank: int = 0, tasks: int = 1) -> dict[str, str]:
+    """What srun sets for one of ``tasks`` processes of job 4242 on this machine (SLURMEnvironment reads them)."""
+    return {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "parablock", "SLURM_NODELIST": "127.0.0.1", "SLURM_NODEID": "0",
+        "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+    }  # fmt: skip
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from distributed_run import train
+from helpers import slurm_variables
 
 TESTS = Path(__file__).parent
 SCRIPT = TESTS / "distributed_run.py"
@@ -165,7 +166,8 @@ def test_a_sigterm_stops_both_ranks_at_the_same_turn_start_without_a_fault_repor
     # Rank 1 signalled: only that rank knows; the others learn it at the next turn start. No collective
     # runs inside the signal handler (Lightning's own broadcast there could meet another rank's
     # round-end all-gather); the ranks agree at the next turn start and all stop there, gracefully.
-    code, output, _ = launch(tmp_path / "out.pt", "--fault", "sigterm", "--fault_rank", str(signalled_rank), timeout=180)
+    fault = ["--fault", "sigterm", "--fault_rank", str(signalled_rank)]
+    code, output, _ = launch(tmp_path / "out.pt", *fault, timeout=180)
     assert code == 0, output[-3000:]  # Lightning's SIGTERMException is a SystemExit without an error code
     assert f"[rank: {signalled_rank}] Received SIGTERM" in output, output[-3000:]
     stops = dict(re.findall(r"\[rank (\d)\] stopped by SIGTERMException (in round \d+ after \d+ batches)", output))
@@ -193,10 +195,10 @@ def test_slurms_requeue_signal_to_one_rank_saves_every_ranks_clients_at_the_roun
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1",
-            "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-            "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "parablock",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        }  # fmt: skip
+            **slurm_variables(rank, tasks=2),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         command = [
             sys.executable, str(SCRIPT), "--out", str(signalled / "out.pt"), "--devices", "2", "--slurm",
             "--fault", "requeue", "--fault_rank", "1", "--fault_round", "2",

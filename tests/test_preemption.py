@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from helpers import slurm_variables
 from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
 
 
@@ -121,8 +122,9 @@ def test_a_requeue_signal_on_any_rank_runs_lightnings_save_and_requeue_on_every_
 ):
     calls, peer = collectives
     handled: list[int] = []
-    monkeypatch.setattr(_SignalConnector, "_slurm_sigusr_handler_fn", lambda self, signum, frame: handled.append(signum))
-    for name, value in dict(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0").items():
+    lightnings_handler = lambda self, signum, frame: handled.append(signum)  # noqa: E731 - save, then requeue
+    monkeypatch.setattr(_SignalConnector, "_slurm_sigusr_handler_fn", lightnings_handler)
+    for name, value in slurm_variables().items():
         monkeypatch.setenv(name, value)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, plugins=[SLURMEnvironment(auto_requeue=True)])
     requeue = RoundEndRequeue(trainer)

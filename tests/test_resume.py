@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from helpers import quiet_trainer
+from helpers import quiet_trainer, slurm_variables
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from toy import ToyModule, toy_dataset, toy_loader
 
@@ -212,8 +212,7 @@ class RequeueSignal(Callback):
 def test_slurms_requeue_signal_mid_round_saves_at_the_rounds_end_and_the_run_resumes_from_it(tmp_path, monkeypatch):
     # Lightning saves in the signal handler, mid-round, where nothing consistent can be saved; the
     # strategy saves at the round's end instead, and the job is requeued as Lightning does it.
-    for name, value in dict(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0",
-                            SLURM_NODEID="0", SLURM_JOB_NAME="parablock").items():  # fmt: skip
+    for name, value in slurm_variables().items():
         monkeypatch.setenv(name, value)
     requeued: list[list[str]] = []
     monkeypatch.setattr(signal_connector, "call", lambda command, **_: requeued.append(command) or 0)
