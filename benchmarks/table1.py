@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from common import TINY_CONFIG
 from lightning import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
@@ -36,8 +36,6 @@ from lightning_parablock.eval.generation import generate_answers
 from lightning_parablock.methods import METHODS, method
 from lightning_parablock.timeline import RunSummary, modelled_wallclock
 
-TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
-TINY_CONFIG = yaml.safe_load(TINY_RECIPE.read_text())["model"]["init_args"]["config"]
 BANDWIDTHS = ("50MB/s", "100MB/s", "150MB/s")
 BATCHES = (2, 4, 8)
 MAIN_BATCH, MAIN_BANDWIDTH = 4, "100MB/s"
