@@ -1,12 +1,12 @@
 """The paper's Table 1 and Figure 2 at tiny scale: all seven methods on one task, split, seed and model.
 
 Trains the tiny Llama of recipes/tiny.yaml (from scratch) on the synthetic arithmetic task, split over the clients
-by Dirichlet(0.5) over the problem kind (or iid), with every method of lightning_parablock.methods: same seed,
+by Dirichlet(0.5) over the problem kind (or iid), with every method of lightning_parablock.methods.registry: same seed,
 same split, same model, same local steps and learning rate (LoRA methods: rank 8 adapters on every linear layer and
 their own learning rate). A "round" is one where every client trains once; FedCyBGD's clients take turns, so its
 round is as many epochs as there are clients. Prints one table: final validation loss, exact-match accuracy of
 greedy answers on the validation problems, bytes per client, this process's measured time, and the modelled
-federated wall-clock (clients in parallel; lightning_parablock.timeline.modelled_wallclock) at 50/100/150 MB/s with
+federated wall-clock (clients in parallel; lightning_parablock.telemetry.timeline.modelled_wallclock) at 50/100/150 MB/s with
 effective batch 4 and at 100 MB/s with effective batch 2/4/8 (the paper's Figure 2 grid; one run per batch size).
 Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON.
 
@@ -33,8 +33,8 @@ from lightning_parablock import CausalLMModule, SimulatedLink
 from lightning_parablock.data import SyntheticArithmeticDataModule, format_prompt
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.eval.generation import generate_answers
-from lightning_parablock.methods import METHODS, method
-from lightning_parablock.timeline import RunSummary, modelled_wallclock
+from lightning_parablock.methods.registry import METHODS, method
+from lightning_parablock.telemetry.timeline import RunSummary, modelled_wallclock
 
 BANDWIDTHS = ("50MB/s", "100MB/s", "150MB/s")
 BATCHES = (2, 4, 8)

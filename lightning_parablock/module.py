@@ -9,9 +9,9 @@ import lightning as L
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_parablock.argument_checks import check_bool, check_float, check_int, check_pretrained_folder
+from lightning_parablock.core.lora import add_lora, check_lora_options
 from lightning_parablock.eval.perplexity import TokenPerplexity
-from lightning_parablock.lora import add_lora, check_lora_options
-from lightning_parablock.validation import check_bool, check_float, check_int, check_pretrained_folder
 
 
 class CausalLMModule(L.LightningModule):

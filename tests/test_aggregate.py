@@ -8,7 +8,7 @@ from lightning import Callback
 
 from helpers import quiet_trainer
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.aggregate import NonFiniteDeltaError, clip_by_norm
+from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError, clip_by_norm
 from toy import ToyModule, toy_dataset, toy_loader
 
 

@@ -10,7 +10,7 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from lightning_parablock.blocks import (
+from lightning_parablock.core.blocks import (
     Block,
     BlockPartition,
     find_decoder_layers,

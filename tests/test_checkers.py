@@ -6,7 +6,7 @@ import pytest
 
 from lightning_parablock import Aggregator, SimulatedLink
 from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
-from lightning_parablock.validation import (
+from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
     check_float,

@@ -1,5 +1,5 @@
 """`parablock fit` refuses bad input before training: one line naming the value (exit status 2, no traceback, no
-jsonargparse Union noise), and nothing created or deleted. Each test is a real run of `lightning_parablock.cli.main`."""
+jsonargparse Union noise), and nothing created or deleted. Each test is a real run of `lightning_parablock.cli.command.main`."""
 
 import json
 import re
@@ -12,9 +12,9 @@ from lightning import LightningDataModule, LightningModule
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 from lightning_parablock import CausalLMModule
-from lightning_parablock.cli import ParaBlockCLI, concise_parse_error, main
+from lightning_parablock.cli.command import ParaBlockCLI, concise_parse_error, main
 from lightning_parablock.data import build_char_tokenizer
-from lightning_parablock.output import MARKER
+from lightning_parablock.cli.output_folder import MARKER
 
 ROOT = Path(__file__).parents[1]
 PAPER_RECIPE = str(ROOT / "recipes" / "paper" / "alpaca_llama3_8b.yaml")

@@ -9,16 +9,10 @@ import time
 import pytest
 import torch
 
-from lightning_parablock.aggregate import NonFiniteDeltaError
-from lightning_parablock.comm import (
-    CommunicationError,
-    CommWorker,
-    RoundExchange,
-    SimulatedLink,
-    exchange,
-    parse_bandwidth,
-    parse_duration,
-)
+from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError
+from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, exchange
+from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth, parse_duration
 
 # --------------------------------------------------------------------------- parsing
 
@@ -205,7 +199,7 @@ def test_worker_handles_several_rounds_in_flight_in_order(worker_factory):
 
 
 def test_exchange_runs_on_a_background_thread(worker_factory, monkeypatch):
-    import lightning_parablock.comm as comm
+    import lightning_parablock.comm.worker as comm
 
     threads = []
     original = comm.Aggregator.__call__

@@ -14,8 +14,8 @@ from lightning_parablock import (
     SimulatedLink,
     TopKCodec,
 )
-from lightning_parablock.comm import exchange
-from lightning_parablock.compress import Codec, encode_delta, encoded_nbytes, make_codec
+from lightning_parablock.comm.exchange import exchange
+from lightning_parablock.comm.codecs import Codec, encode_delta, encoded_nbytes, make_codec
 from toy import ToyModule, toy_dataset, toy_loader
 
 

@@ -9,7 +9,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
-from lightning_parablock.cuda_overlap import COMPUTE_RANGE, COPY_RANGE, EXCHANGE_RANGE, TurnTimer, copy_to_host
+from lightning_parablock.core.turn_timer import COMPUTE_RANGE, TurnTimer
+from lightning_parablock.core.device_copies import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
 from toy import ToyModule, toy_dataset, toy_loader
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -14,8 +14,8 @@ from lightning import LightningDataModule, LightningModule
 
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, StackingAggregator
 from lightning_parablock.cli import ParaBlockCLI, main
-from lightning_parablock.methods import METHODS, identify, method
-from lightning_parablock.timeline import TIMELINE_FILENAME
+from lightning_parablock.methods.registry import METHODS, identify, method
+from lightning_parablock.telemetry.timeline import TIMELINE_FILENAME
 
 
 def tiny(tmp_path: Path, *extra: str) -> list[str]:

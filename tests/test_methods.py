@@ -9,15 +9,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
 from lightning_parablock import CausalLMModule
-from lightning_parablock.aggregate import Aggregator
+from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.cli import main
 from lightning_parablock.data import SyntheticArithmeticDataModule
-from lightning_parablock.fedcybgd import FedCyBGDStrategy, cyclic_turn
-from lightning_parablock.flora import StackingAggregator, stacked_products
-from lightning_parablock.lora import lora_pairs
-from lightning_parablock.methods import METHODS, method
-from lightning_parablock.report import compare, report
-from lightning_parablock.timeline import TIMELINE_FILENAME, load_timeline, save_timeline
+from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy, cyclic_turn
+from lightning_parablock.aggregation.stacking import StackingAggregator
+from lightning_parablock.strategies.flora import stacked_products
+from lightning_parablock.core.lora import lora_pairs
+from lightning_parablock.methods.registry import METHODS, method
+from lightning_parablock.telemetry.report import compare, report
+from lightning_parablock.telemetry.timeline import TIMELINE_FILENAME, load_timeline, save_timeline
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 CLIENTS = 2

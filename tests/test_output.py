@@ -8,7 +8,7 @@ from lightning import LightningModule
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_parablock.output import (
+from lightning_parablock.cli.output_folder import (
     MARKER,
     STATE_DICT_FILENAME,
     OutputDirError,

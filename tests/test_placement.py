@@ -15,9 +15,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.collective import FaultWatch, is_lost_peer_error, place_clients
-from lightning_parablock.sampler import FederatedBatchSampler
-from lightning_parablock.timeline import RoundRecord, merge_rank_records, record_from_json
+from lightning_parablock.fault_tolerance.fault_watch import FaultWatch, is_lost_peer_error
+from lightning_parablock.core.planning import place_clients
+from lightning_parablock.core.sampler import FederatedBatchSampler
+from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records, record_from_json
 from toy import ToyModule, toy_dataset, toy_loader
 
 

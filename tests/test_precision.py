@@ -7,10 +7,10 @@ from torch import nn
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.blocks import partition_by_patterns
-from lightning_parablock.clients import VirtualClient
-from lightning_parablock.federation import Federation
-from lightning_parablock.master import rebind
+from lightning_parablock.core.blocks import partition_by_patterns
+from lightning_parablock.core.clients import VirtualClient
+from lightning_parablock.core.federation import Federation
+from lightning_parablock.core.master_weights import rebind
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 
@@ -166,7 +166,7 @@ def test_global_values_come_back_bit_exact_after_a_half_precision_turn():
 
 
 def _delta(round_index, block, model, value):
-    from lightning_parablock.clients import BlockDelta
+    from lightning_parablock.core.clients import BlockDelta
 
     params = {n: p for n, p in model.named_parameters() if n.startswith(f"{block}.")}
     tensors = {n: torch.full_like(p, value, dtype=torch.float32) for n, p in params.items()}

@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import slurm_variables
-from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
+from lightning_parablock.fault_tolerance.preemption import RoundEndRequeue, TurnStartSigterm
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, StackingAggregator
 from lightning_parablock.cli import ParaBlockCLI, main
 from lightning_parablock.data import FederatedDataModule, build_char_tokenizer
-from lightning_parablock.methods import method
+from lightning_parablock.methods.registry import method
 
 PAPER = Path(__file__).parents[1] / "recipes" / "paper"
 LOCAL_TINY = PAPER.parent / "local_tiny.yaml"

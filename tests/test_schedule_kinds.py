@@ -11,8 +11,8 @@ from torch.utils.data import default_collate
 
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.probe import block_gradient_norms
-from lightning_parablock.schedule import BlockSchedule
+from lightning_parablock.strategies.gradient_probe import block_gradient_norms
+from lightning_parablock.core.schedule import BlockSchedule
 from toy import ToyDecoder, ToyModule, toy_dataset, toy_loader, toy_loss
 
 

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lightning_parablock.schedule import PURE_SCHEDULE_KINDS, BlockSchedule
+from lightning_parablock.core.schedule import PURE_SCHEDULE_KINDS, BlockSchedule
 
 
 @given(

@@ -7,7 +7,7 @@ import pytest
 from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock.cli import main
-from lightning_parablock.timeline import (
+from lightning_parablock.telemetry.timeline import (
     RoundRecord,
     load_timeline,
     modelled_wallclock,

@@ -6,12 +6,12 @@ import lightning as L
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from lightning_parablock.argument_checks import check_choice, check_int, check_positive
 from lightning_parablock.data.formatting import SFTCollator, tokenize_for_sft
 from lightning_parablock.data.partition import dirichlet_partition, iid_partition
 from lightning_parablock.data.prompts import format_prompt
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import build_char_tokenizer
-from lightning_parablock.validation import check_choice, check_int, check_positive
 
 _PARTITIONS = ("iid", "dirichlet")
 

@@ -16,6 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_parablock.argument_checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_optional_text,
+    check_positive,
+)
 from lightning_parablock.data.formatting import SFTCollator
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, DataSource, load_examples
 from lightning_parablock.data.partition import (
@@ -30,14 +38,6 @@ from lightning_parablock.data.plot import plot_partition
 from lightning_parablock.data.prompts import PromptFormat, check_prompt_format
 from lightning_parablock.data.sft_dataset import TokenizationReport, tokenize_dataset
 from lightning_parablock.data.tokenizer import load_tokenizer
-from lightning_parablock.validation import (
-    check_choice,
-    check_float,
-    check_int,
-    check_optional_int,
-    check_optional_text,
-    check_positive,
-)
 
 try:  # optional: flwr-datasets pins an older `datasets`, so it is not a dependency
     from flwr_datasets.partitioner import Partitioner

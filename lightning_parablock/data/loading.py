@@ -12,8 +12,8 @@ from typing import Optional
 from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from lightning_parablock.argument_checks import check_optional_int
 from lightning_parablock.data.file_checks import DataFiles, check_data_files, check_data_files_shape, listed_files
-from lightning_parablock.validation import check_optional_int
 
 INSTRUCTION, INPUT, OUTPUT = "instruction", "input", "output"
 TEXT_FIELDS = (INSTRUCTION, INPUT, OUTPUT)

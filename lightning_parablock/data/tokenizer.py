@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from lightning_parablock.argument_checks import check_pretrained_folder
 from lightning_parablock.data.prompts import (
     INPUT_HEADER,
     INSTRUCTION_HEADER,
@@ -20,7 +21,6 @@ from lightning_parablock.data.prompts import (
     PREAMBLE_WITH_INPUT,
     RESPONSE_HEADER,
 )
-from lightning_parablock.validation import check_pretrained_folder
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_parablock.callback import ParaBlockCallback
+from lightning_parablock.callbacks.parablock import ParaBlockCallback
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

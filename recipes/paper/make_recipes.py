@@ -10,9 +10,9 @@ Alpaca-GPT4 instructions and Dirichlet(0.6) over MathInstruct's ``source`` (a 50
 20% of 50 clients; links of 50/100/150 MB/s. Not stated there, and chosen here (marked ASSUMED in the files):
 local steps, learning rate, sequence length, the number of instruction clusters, the validation hold-out.
 
-The other methods of the paper's Table 1 (``lightning_parablock.methods``) run on the same data, model and link:
+The other methods of the paper's Table 1 (``lightning_parablock.methods.registry``) run on the same data, model and link:
 every recipe starts with a ``method:`` line, and a method's recipe differs from the ParaBlock one by that line and
-only by what is truly the method's (see ``lightning_parablock.method_config``): Full FT runs 3 rounds as in the
+only by what is truly the method's (see ``lightning_parablock.methods.recipe_method``): Full FT runs 3 rounds as in the
 paper; FedIT, FFA-LoRA and FLoRA train LoRA adapters (rank 32, ``LORA_DEFAULTS``) at a larger learning rate;
 FedCyBGD reads ``max_epochs`` as cycles (32 cycles over 10 clients are 320 epochs, converted by the CLI). LoRA's
 alpha, dropout, target modules and learning rate are ASSUMED.
@@ -24,8 +24,8 @@ from typing import Any, Optional
 import yaml
 
 from lightning_parablock.files import write_text_atomic
-from lightning_parablock.methods import METHODS
-from lightning_parablock.methods import method as method_settings
+from lightning_parablock.methods.registry import METHODS
+from lightning_parablock.methods.registry import method as method_settings
 
 HERE = Path(__file__).parent
 

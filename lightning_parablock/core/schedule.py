@@ -13,6 +13,8 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from lightning_parablock.core.rng import seeded_generator
+
 ScheduleKind = Literal["random", "sequential", "reverse", "permutation", "gradient"]
 PURE_SCHEDULE_KINDS: tuple[str, ...] = ("random", "sequential", "reverse", "permutation")
 SCHEDULE_KINDS: tuple[str, ...] = (*PURE_SCHEDULE_KINDS, "gradient")
@@ -21,12 +23,6 @@ BlockGradientNorms = Callable[[int], list[float]]
 """The gradient norm of every block of the model at the start of a round (given the round index)."""
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A generator keyed by several integers (seed, round, client ...), independent of global RNG state."""
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + int(key)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 class BlockSchedule:

@@ -15,10 +15,10 @@ flora        every LoRA adapter, stacked and merged       0          yes
 fedcybgd     one client, its own block, model passed on   0          no
 ===========  ===========================================  =========  ==========
 
-FLoRA and FedCyBGD need their own strategy classes (:mod:`lightning_parablock.flora`,
-:mod:`lightning_parablock.fedcybgd`); FLoRA also its aggregator. ParaBlock accepts any staleness
+FLoRA and FedCyBGD need their own strategy classes (:mod:`lightning_parablock.strategies.flora`,
+:mod:`lightning_parablock.strategies.fedcybgd`); FLoRA also its aggregator. ParaBlock accepts any staleness
 from 1 up (the paper's Table 5); every other method is synchronous. A recipe switches the method
-with one line, ``method: fedit`` (see :mod:`lightning_parablock.method_config`); a run's timeline
+with one line, ``method: fedit`` (see :mod:`lightning_parablock.methods.recipe_method`); a run's timeline
 names the method its settings match (:func:`identify`).
 """
 
@@ -29,12 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
-from lightning_parablock.aggregate import Aggregator
-from lightning_parablock.callback import ParaBlockCallback
-from lightning_parablock.comm import SimulatedLink
-from lightning_parablock.fedcybgd import FedCyBGDStrategy
-from lightning_parablock.flora import FLoRAStrategy, StackingAggregator
-from lightning_parablock.strategy import FederatedBlockStrategy
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.stacking import StackingAggregator
+from lightning_parablock.callbacks.parablock import ParaBlockCallback
+from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.strategies.flora import FLoRAStrategy
 
 MethodName = Literal["parablock", "fedbcd", "full_ft", "fedit", "ffa_lora", "flora", "fedcybgd"]
 METHODS: tuple[str, ...] = get_args(MethodName)

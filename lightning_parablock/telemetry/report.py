@@ -19,8 +19,8 @@ from typing import Optional
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from lightning_parablock.comm import SimulatedLink, parse_bandwidth
-from lightning_parablock.timeline import (
+from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth
+from lightning_parablock.telemetry.timeline import (
     TIMELINE_FILENAME,
     RoundRecord,
     RunSummary,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_parablock.strategy import FederatedBlockStrategy, RoundState
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy, RoundState
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -54,7 +54,7 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
-        from lightning_parablock.callback import ParaBlockCallback
+        from lightning_parablock.callbacks.parablock import ParaBlockCallback
 
         for callback in trainer.callbacks:
             if isinstance(callback, ParaBlockCallback) and callback.staleness != 0:

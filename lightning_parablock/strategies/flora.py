@@ -29,66 +29,26 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock.aggregate import (
-    AggregateResult,
-    Aggregator,
-    Deltas,
-    NonFiniteDeltaError,
-    check_deltas,
-    non_finite_clients,
+from lightning_parablock.aggregation.stacking import StackingAggregator
+from lightning_parablock.argument_checks import check_int
+from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
+from lightning_parablock.core.lora import (
+    ADAPTER,
+    LORA_A_WEIGHT,
+    LoraPair,
+    lora_pairs,
+    merge_products,
+    restart_adapters,
 )
-from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
-from lightning_parablock.lora import ADAPTER, LoraPair, lora_pairs, merge_products, restart_adapters
-from lightning_parablock.strategy import FederatedBlockStrategy
-from lightning_parablock.validation import check_int
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-_A, _B = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
 
 
-def _rank_dim(name: str) -> int:
-    """The LoRA rank's dimension, sized by each client's rank: A is (r_i, in), B (out, r_i)."""
-    return 0 if name.endswith(_A) else 1
 
 
-class StackingAggregator(Aggregator):
-    """The server of FLoRA: per adapted layer, ``[w_i ΔB_i]`` side by side and ``[ΔA_i]`` one under another.
-
-    The aggregate keeps the adapters' names with stacked shapes: ``lora_B`` is
-    ``(out, Σ r_i)`` and ``lora_A`` is ``(Σ r_i, in)``, clients in ascending id; clients may send
-    different ranks r_i. Non-finite deltas raise, or with ``nonfinite="skip"`` their clients are
-    left out of the stack.
-    """
-
-    def __init__(self, nonfinite: str = "raise") -> None:
-        super().__init__(nonfinite=nonfinite)
-
-    @override
-    def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        names = check_deltas(deltas, free_dim=_rank_dim)
-        not_lora = [n for n in names if not n.endswith((_A, _B))]
-        if not_lora:
-            raise ValueError(f"FLoRA stacks LoRA adapters only; the block also holds {not_lora[:3]}.")
-        bad = non_finite_clients(deltas)
-        if bad and self.nonfinite == "raise":
-            client, name = next(iter(bad.items()))
-            raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
-        kept = [client for client in sorted(deltas) if client not in bad]
-        if not kept:
-            raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {sorted(bad)}.")
-        total = sum(weights[client] for client in kept)
-        aggregate: dict[str, Tensor] = {}
-        for name in names:
-            if name.endswith(_B):
-                aggregate[name] = torch.cat([deltas[c][name].float() * (weights[c] / total) for c in kept], dim=1)
-            else:
-                aggregate[name] = torch.cat([deltas[c][name].float() for c in kept], dim=0)
-        return AggregateResult(aggregate, sorted(bad))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(nonfinite={self.nonfinite!r})"
 
 
 def stacked_products(
@@ -140,7 +100,7 @@ class FLoRAStrategy(FederatedBlockStrategy):
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
-        from lightning_parablock.callback import ParaBlockCallback
+        from lightning_parablock.callbacks.parablock import ParaBlockCallback
 
         for callback in trainer.callbacks:
             if isinstance(callback, ParaBlockCallback):
@@ -197,7 +157,7 @@ class FLoRAStrategy(FederatedBlockStrategy):
         if record and client is not None and self.rank_of(client) is not None:
             delta = self.federation.clients[client].pending.get(round_index)
             for name, tensor in ({} if delta is None else delta.wait().tensors).items():
-                tensor.copy_(self._own_components(tensor, rows=name.endswith(_A), client=client))
+                tensor.copy_(self._own_components(tensor, rows=name.endswith(LORA_A_WEIGHT), client=client))
 
     @override
     def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
@@ -207,7 +167,7 @@ class FLoRAStrategy(FederatedBlockStrategy):
         uploads = {}
         for client, delta in self.round_deltas(round_index).items():
             rank = self.client_ranks[client]
-            own = {n: t[:rank] if n.endswith(_A) else t[:, :rank] for n, t in delta.items()}
+            own = {n: t[:rank] if n.endswith(LORA_A_WEIGHT) else t[:, :rank] for n, t in delta.items()}
             uploads[client] = encode_delta(codec, own, self.federation.clients[client].residual)
         return uploads
 

@@ -1,4 +1,4 @@
-"""``FederatedBlockStrategy``: Lightning glue over a :class:`~lightning_parablock.federation.Federation`.
+"""``FederatedBlockStrategy``: Lightning glue over a :class:`~lightning_parablock.core.federation.Federation`.
 
 The LightningModule's parameters *are* the global model. Each process hosts a fixed, seeded share of
 the clients (all of them with one device); when the training loop reaches a client's batches the
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.accelerators import Accelerator
@@ -28,7 +29,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import DoublePrecision
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
@@ -39,8 +39,13 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_parablock.aggregate import Aggregator
-from lightning_parablock.blocks import (
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.argument_checks import check_bool, check_choice, check_float, check_int, check_optional_int
+from lightning_parablock.comm.codecs import Codec, EncodedDelta
+from lightning_parablock.comm.distributed import CollectiveTransport, new_exchange_group
+from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.core.blocks import (
     BlockPartition,
     LayerSplit,
     RemainderPolicy,
@@ -48,23 +53,16 @@ from lightning_parablock.blocks import (
     partition_by_patterns,
     partition_decoder,
 )
-from lightning_parablock.clients import VirtualClient, participants_per_round, sample_participants
-from lightning_parablock.collective import (
-    CollectiveTransport,
-    FaultWatch,
-    new_exchange_group,
-    place_clients,
-)
-from lightning_parablock.comm import CommWorker, SimulatedLink
-from lightning_parablock.compress import Codec, EncodedDelta
-from lightning_parablock.cuda_overlap import TurnTimer
-from lightning_parablock.federation import Federation, OptimizerStatePolicy
-from lightning_parablock.probe import GradientProbe
-from lightning_parablock.sampler import FederatedBatchSampler
-from lightning_parablock.preemption import RoundEndRequeue, TurnStartSigterm
-from lightning_parablock.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
-from lightning_parablock.timeline import RoundRecord, merge_rank_records
-from lightning_parablock.validation import check_bool, check_choice, check_float, check_int, check_optional_int
+from lightning_parablock.core.clients import VirtualClient
+from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
+from lightning_parablock.core.planning import participants_per_round, place_clients, sample_participants
+from lightning_parablock.core.sampler import FederatedBatchSampler
+from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
+from lightning_parablock.core.turn_timer import TurnTimer
+from lightning_parablock.fault_tolerance.fault_watch import FaultWatch
+from lightning_parablock.fault_tolerance.preemption import RoundEndRequeue, TurnStartSigterm
+from lightning_parablock.strategies.gradient_probe import GradientProbe
+from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

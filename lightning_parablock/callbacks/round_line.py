@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional, TextIO
 
-from lightning_parablock.timeline import RoundRecord
+from lightning_parablock.telemetry.timeline import RoundRecord
 
 
 def format_round_line(record: RoundRecord, rounds: Optional[int] = None) -> str:

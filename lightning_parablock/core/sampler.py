@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Sampler
 
-from lightning_parablock.schedule import seeded_generator
+from lightning_parablock.core.rng import seeded_generator
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_parablock.validation import check_choice, check_float, check_positive
+from lightning_parablock.argument_checks import check_choice, check_float, check_positive
 
 Deltas = Mapping[int, Mapping[str, Tensor]]
 AggregationMethod = Literal["mean", "median", "trimmed_mean"]

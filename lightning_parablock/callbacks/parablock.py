@@ -22,13 +22,22 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock.aggregate import Aggregator
-from lightning_parablock.compress import Codec, make_codec
-from lightning_parablock.comm import CommWorker, RoundExchange, SimulatedLink, parse_duration
-from lightning_parablock.round_log import print_round_line
-from lightning_parablock.validation import check_int, check_positive
-from lightning_parablock.strategy import FederatedBlockStrategy
-from lightning_parablock.timeline import TIMELINE_FILENAME, RoundRecord, RunSummary, record_from_json, run_folder, save_timeline
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.argument_checks import check_int, check_positive
+from lightning_parablock.callbacks.round_line import print_round_line
+from lightning_parablock.comm.codecs import Codec, make_codec
+from lightning_parablock.comm.exchange import RoundExchange
+from lightning_parablock.comm.link import SimulatedLink, parse_duration
+from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.telemetry.timeline import (
+    TIMELINE_FILENAME,
+    RoundRecord,
+    RunSummary,
+    record_from_json,
+    run_folder,
+    save_timeline,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -41,16 +50,16 @@ class ParaBlockCallback(Callback):
         staleness: rounds between training a block and aggregating it. ``0`` is FedBCD (train,
             then exchange, synchronously), ``1`` is ParaBlock (exchange round ``t − 1`` while
             training round ``t``), ``k ≥ 2`` the paper's multi-round staleness. ``None`` (the default)
-            is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.method_config`).
+            is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.methods.recipe_method`).
         link: the modelled link; by default an infinitely fast one (only real work is timed).
         aggregator: how the server combines deltas; by default the weighted mean of the paper, raising
-            on a non-finite delta. See :class:`~lightning_parablock.aggregate.Aggregator` for the robust
+            on a non-finite delta. See :class:`~lightning_parablock.aggregation.aggregator.Aggregator` for the robust
             rules and for skipping non-finite clients.
         comm_timeout: longest wait at a boundary for one exchange before it counts as failed, in
             seconds or as a string such as ``"600s"``.
         compression: how clients' deltas go up the link: ``"none"`` (fp32), ``"bf16"``, ``"int8"`` (a scale
             per row), ``"int8-block"`` (a scale per 256 values), ``"topk"`` (10% of the entries, with error
-            feedback), or a :class:`~lightning_parablock.compress.Codec`. The server decodes to fp32 before
+            feedback), or a :class:`~lightning_parablock.comm.codecs.Codec`. The server decodes to fp32 before
             aggregating; the bytes counted are the encoded ones. Works with either transport.
     """
 
@@ -282,7 +291,7 @@ class ParaBlockCallback(Callback):
         if not trainer.is_global_zero or self._timeline_path is None:
             return
         strategy = self._strategy(trainer)
-        from lightning_parablock.methods import identify  # methods builds callbacks: imported here, not above
+        from lightning_parablock.methods.registry import identify  # methods builds callbacks: imported here, not above
 
         meta = {
             "method": identify(strategy, self),

@@ -16,11 +16,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from lightning_parablock.schedule import seeded_generator
-from lightning_parablock.validation import check_float, check_int
+from lightning_parablock.argument_checks import check_float, check_int
+from lightning_parablock.core.rng import seeded_generator
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ADAPTER = "default"
+LORA_A_WEIGHT, LORA_B_WEIGHT = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"  # name suffixes
 
 
 def check_lora_options(options: dict[str, Any]) -> dict[str, Any]:

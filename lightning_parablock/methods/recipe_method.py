@@ -2,7 +2,7 @@
 
 ``parablock fit --config recipes/tiny.yaml --method fedit`` (or ``method: fedit`` at the top of the
 config) keeps everything the config says about data, seed, model, link, local steps, evaluation and
-the timeline, and sets what the method decides (:mod:`lightning_parablock.methods`):
+the timeline, and sets what the method decides (:mod:`lightning_parablock.methods.registry`):
 
 - the strategy class (``trainer.strategy.class_path``; the config gives ``FederatedBlockStrategy``
   or the method's own class) and its ``block_patterns``;
@@ -28,11 +28,11 @@ from typing import Any, Optional
 
 from jsonargparse import Namespace
 
-from lightning_parablock.aggregate import Aggregator
-from lightning_parablock.callback import ParaBlockCallback
-from lightning_parablock.flora import StackingAggregator
-from lightning_parablock.methods import METHODS, Method, method, normalized_patterns
-from lightning_parablock.strategy import FederatedBlockStrategy
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.stacking import StackingAggregator
+from lightning_parablock.callbacks.parablock import ParaBlockCallback
+from lightning_parablock.methods.registry import METHODS, Method, method, normalized_patterns
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 
 _EPOCH_COUNTS = ("every_n_epochs", "every_n_rounds")  # callback arguments that count epochs
 

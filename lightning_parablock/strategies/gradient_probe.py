@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from lightning_parablock.strategy import FederatedBlockStrategy
+    from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 
 
 def block_gradient_norms(loss_fn: Callable[[], Tensor], blocks: Sequence[Sequence[nn.Parameter]]) -> list[float]:
@@ -53,7 +53,7 @@ def _logging_muted(module: nn.Module) -> Iterator[None]:
 
 
 class GradientProbe:
-    """``block_gradient_norms`` for :class:`~lightning_parablock.schedule.BlockSchedule`, bound to a strategy.
+    """``block_gradient_norms`` for :class:`~lightning_parablock.core.schedule.BlockSchedule`, bound to a strategy.
 
     The loss is the LightningModule's own ``training_step`` on the round's first batch (its
     logging muted), so any module the strategy trains can be probed.

@@ -1,11 +1,11 @@
 """The ``parablock`` command: LightningCLI that checks before training, reports the run and saves the model.
 
 ``parablock fit --config recipes/tiny.yaml`` first checks what it can (arguments, data, tokenizer,
-output folder, a checkpoint to resume; see :mod:`lightning_parablock.preflight`) and refuses bad input
+output folder, a checkpoint to resume; see :mod:`lightning_parablock.cli.preflight`) and refuses bad input
 in one line with exit status 2. After training it prints rounds, held-out loss before and after, bytes
 moved, measured time and the exposed communication wait, and writes the global model to
-``--output_dir`` (see :mod:`lightning_parablock.output`). ``parablock report RUN_DIR`` prints the run's
-table and draws its figures (see :mod:`lightning_parablock.report`).
+``--output_dir`` (see :mod:`lightning_parablock.cli.output_folder`). ``parablock report RUN_DIR`` prints the run's
+table and draws its figures (see :mod:`lightning_parablock.telemetry.report`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from lightning import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.cli import _InstantiatorFn  # to keep LightningCLI's own model/data instantiation
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    _InstantiatorFn,  # to keep LightningCLI's own model/data instantiation
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_parablock import preflight, report
-from lightning_parablock.callback import ParaBlockCallback
-from lightning_parablock.method_config import apply_method
-from lightning_parablock.methods import MethodName
-from lightning_parablock.output import OutputPlan, check_output_dir, save_model
+from lightning_parablock.callbacks.parablock import ParaBlockCallback
+from lightning_parablock.cli import preflight
+from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
+from lightning_parablock.methods.recipe_method import apply_method
+from lightning_parablock.methods.registry import MethodName
+from lightning_parablock.telemetry import report
 
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 """Bad input found before training: printed as one line, exit status 2, no traceback."""
@@ -111,7 +115,7 @@ class ParaBlockCLI(LightningCLI):
             default=None,
             help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
             " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
-            " otherwise (see lightning_parablock.method_config). With fedcybgd, epoch counts are cycles. Default:"
+            " otherwise (see lightning_parablock.methods.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
             " the config as written.",
         )
         parser.add_argument(
@@ -179,7 +183,7 @@ class ParaBlockCLI(LightningCLI):
             refuse(error)
 
     def _preflight(self) -> Optional[OutputPlan]:
-        """Checks before anything trains or is written (see :mod:`lightning_parablock.preflight`)."""
+        """Checks before anything trains or is written (see :mod:`lightning_parablock.cli.preflight`)."""
         config = self.config[self.subcommand]
         trainer = self.trainer
         preflight.refuse_fast_dev_run(trainer)

@@ -19,7 +19,7 @@ from typing import Literal, Union
 import torch
 from torch import Tensor
 
-from lightning_parablock.validation import check_choice, check_float, check_int
+from lightning_parablock.argument_checks import check_choice, check_float, check_int
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning_parablock.comm import SimulatedLink
+from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.files import write_text_atomic
 
 TIMELINE_FILENAME = "parablock_timeline.json"

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_parablock.blocks import BlockPartition
-from lightning_parablock.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
-from lightning_parablock.compress import Codec, EncodedDelta, encode_delta
-from lightning_parablock.cuda_overlap import copy_to_host
-from lightning_parablock.master import MasterBlock, needs_master
+from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
+from lightning_parablock.core.blocks import BlockPartition
+from lightning_parablock.core.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.core.device_copies import copy_to_host
+from lightning_parablock.core.master_weights import MasterBlock, needs_master
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
 
@@ -59,7 +59,7 @@ class Federation:
         offload_deltas: keep pending deltas in host memory.
         new_optimizer: builds an optimizer over a block's parameters.
         master_weights: train bf16/fp16 weights of the active block through fp32 masters (see
-            :mod:`~lightning_parablock.master`); without them steps below half precision's resolution vanish.
+            :mod:`~lightning_parablock.core.master_weights`); without them steps below half precision's resolution vanish.
     """
 
     def __init__(

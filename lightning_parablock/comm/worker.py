@@ -1,0 +1,185 @@
+"""The link between clients and server, and the background thread that uses it.
+
+A :class:`SimulatedLink` models bandwidth and latency. The :class:`CommWorker`
+does the real work of one exchange on a background thread (device-to-host
+copies of every client's delta, the aggregation) and then waits only for what is
+left of the modelled link time, so compute on the main thread overlaps it just
+as it would overlap a real network.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Optional, Union
+
+from torch import Tensor
+from torch.profiler import record_function
+
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.comm.codecs import EncodedTensor
+from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, Transport, exchange
+from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.core.device_copies import EXCHANGE_RANGE, copy_to_host
+
+
+class CommWorker:
+    """Runs exchanges on one background daemon thread; the main thread collects them at round boundaries.
+
+    The thread never logs and never touches the model: it reads the deltas it was given and returns a
+    new aggregate. Its errors re-raise in the main thread, in :meth:`wait`, with the round. It is a
+    daemon thread, so an exchange that never returns (a stalled peer, a user aggregator that hangs)
+    cannot keep the process alive after :meth:`wait` gave up on it.
+
+    Args:
+        link: the modelled link, waited out after the real work.
+        timeout_s: longest wait in :meth:`wait`.
+        aggregator: how the server combines deltas.
+        transport: how deltas meet; :func:`exchange` (every client in this process) by default.
+        describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
+        stage_to_host: start copying CUDA deltas to pinned host memory on a side stream when they are submitted
+            (for transports that work on the host); the thread waits for the copies' event, the trainer never.
+    """
+
+    def __init__(
+        self,
+        link: SimulatedLink,
+        timeout_s: float,
+        aggregator: Optional[Aggregator] = None,
+        transport: Transport = exchange,
+        describe_stall: Optional[Callable[[int], str]] = None,
+        stage_to_host: bool = True,
+    ) -> None:
+        self.link = link
+        self.timeout_s = timeout_s
+        self.aggregator = aggregator or Aggregator()
+        self.transport = transport
+        self.describe_stall = describe_stall
+        self.stage_to_host = stage_to_host
+        self._queue: Optional[queue.SimpleQueue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._in_flight: dict[int, tuple[int, Future]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
+        """Start the exchange of ``round_index`` behind any exchange already queued."""
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=_serve, args=(self._queue, self._stop), name="parablock-comm", daemon=True
+                )
+                self._thread.start()
+                _LIVE_WORKERS.add(self)
+            future: Future = Future()
+            copies: list[Any] = []
+            if self.stage_to_host:
+                deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
+            job = functools.partial(
+                _exchange_after,
+                copies,
+                self.transport,
+                round_index,
+                block,
+                dict(deltas),
+                dict(weights),
+                self.link,
+                self.aggregator,
+                self._stop,
+            )
+            self._queue.put((future, job))
+            self._in_flight[round_index] = (block, future)
+
+    def in_flight(self, round_index: int) -> bool:
+        return round_index in self._in_flight
+
+    def wait(self, round_index: int) -> RoundExchange:
+        """Block until the exchange of ``round_index`` is done and return it, re-raising its failure."""
+        block, future = self._in_flight.pop(round_index)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            stall = f" {self.describe_stall(round_index)}" if self.describe_stall is not None else ""
+            raise CommunicationError(
+                f"The exchange of round {round_index} (block {block}) did not finish within"
+                f" comm_timeout={self.timeout_s}s.{stall}"
+            ) from None
+        except Exception as error:
+            raise CommunicationError(
+                f"The exchange of round {round_index} (block {block}) failed on the communication thread:"
+                f" {type(error).__name__}: {error}"
+            ) from error
+
+    def shutdown(self, join_s: float = 5.0) -> None:
+        """Stop the thread without waiting for exchanges nobody will collect.
+
+        The thread is given ``join_s`` to finish the exchange it is in: a daemon thread still inside
+        torch when the interpreter exits aborts the process ("terminate called without an active
+        exception"). One stuck for longer is left behind; being a daemon, it cannot keep the process alive.
+        """
+        with self._lock:
+            self._stop.set()
+            for _, future in self._in_flight.values():
+                future.cancel()
+            self._in_flight.clear()
+            if self._queue is not None:
+                self._queue.put(None)
+                self._queue = None
+            self._stop = threading.Event()  # the worker may be used again by a later fit
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=join_s)
+        _LIVE_WORKERS.discard(self)
+
+
+_LIVE_WORKERS: "weakref.WeakSet[CommWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_live_workers() -> None:
+    """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the interpreter does."""
+    for worker in list(_LIVE_WORKERS):
+        worker.shutdown(join_s=1.0)
+
+
+def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Any]:
+    """Host copies of a delta's CUDA tensors, started on a side stream; their events go to ``copies``."""
+    staged: dict[str, Any] = {}
+    for name, value in delta.items():
+        encoded = isinstance(value, EncodedTensor)
+        host, done = copy_to_host(value.payload if encoded else {"tensor": value})
+        if done is not None:
+            copies.append(done)
+        staged[name] = EncodedTensor(value.codec, value.shape, host) if encoded else host["tensor"]
+    return staged
+
+
+def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> RoundExchange:
+    """On the thread: wait for the deltas' host copies, then run the exchange."""
+    for done in copies:
+        done.synchronize()
+    with record_function(EXCHANGE_RANGE):
+        return transport(*args)
+
+
+def _serve(jobs: queue.SimpleQueue, stop: threading.Event) -> None:
+    """The communication thread: run queued exchanges in order until told to stop."""
+    while True:
+        item = jobs.get()
+        if item is None or stop.is_set():
+            return
+        future, job = item
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(job())
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which re-raises it
+            future.set_exception(error)
