@@ -28,8 +28,8 @@ import logging
 import re
 import shlex
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable

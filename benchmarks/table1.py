@@ -29,7 +29,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
 
-from lightning_parablock import CausalLMModule, SimulatedLink
+from lightning_parablock import CausalLMModule, ParaBlockCallback, SimulatedLink
 from lightning_parablock.data import SyntheticArithmeticDataModule, format_prompt
 from lightning_parablock.data.synthetic import make_arithmetic_dataset
 from lightning_parablock.eval.generation import generate_answers
@@ -92,7 +92,7 @@ def train(name: str, options: argparse.Namespace, batch_size: int, validate: boo
         seed=0,
     )
     epochs_per_round = spec.rounds(1, options.clients)
-    callback = spec.callback(link=SimulatedLink(MAIN_BANDWIDTH, LATENCY))
+    callback = ParaBlockCallback.for_method(spec, link=SimulatedLink(MAIN_BANDWIDTH, LATENCY))
     curve = ValidationCurve(epochs_per_round)
     trainer = Trainer(
         strategy=strategy,

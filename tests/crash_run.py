@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 from lightning import Callback
-
 from test_resume import run
 
 

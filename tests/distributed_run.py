@@ -23,11 +23,11 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors import signal_connector
+from toy import ToyModule, toy_dataset, toy_loader
 
 from lightning_parablock import Aggregator, CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock import method as method_settings
 from lightning_parablock.data import SyntheticArithmeticDataModule
-from toy import ToyModule, toy_dataset, toy_loader
 
 
 class Fault(Callback):
@@ -159,7 +159,7 @@ TINY_LLAMA = {
 def _train_method(out: Path, name: str, devices: int, num_clients: int, rounds: int, comm_timeout: float) -> dict:
     """A Table 1 method with SGD: FLoRA on a tiny Llama with LoRA, the others on the toy model; ``rounds`` cycles."""
     spec = method_settings(name)
-    callback = spec.callback(comm_timeout=comm_timeout)
+    callback = ParaBlockCallback.for_method(spec, comm_timeout=comm_timeout)
     strategy = spec.strategy(
         num_clients=num_clients, local_steps=2, seed=3, client_optimizer=partial(torch.optim.SGD, lr=0.05)
     )

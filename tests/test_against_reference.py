@@ -1,7 +1,6 @@
 """The Lightning run agrees parameter by parameter with the literal plain-PyTorch Algorithm 2."""
 
 import pytest
-
 from helpers import lightning_and_reference, max_abs_diff
 
 

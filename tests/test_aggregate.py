@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from lightning import Callback
-
 from helpers import quiet_trainer
+from lightning import Callback
+from toy import ToyModule, toy_dataset, toy_loader
+
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
 from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError, clip_by_norm
-from toy import ToyModule, toy_dataset, toy_loader
 
 
 def honest_and_one_attacker(num_honest=6):

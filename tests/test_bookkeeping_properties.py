@@ -1,10 +1,9 @@
 """Property: for random federations, the one-model bookkeeping gives the literal per-client models."""
 
 import torch
+from helpers import lightning_and_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import lightning_and_reference
 from test_invariants import ViewRecorder
 
 

@@ -5,7 +5,6 @@ import math
 import pytest
 
 from lightning_parablock import Aggregator, SimulatedLink
-from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -14,6 +13,7 @@ from lightning_parablock.argument_checks import (
     check_optional_text,
     check_positive,
 )
+from lightning_parablock.data import DataSource, SyntheticArithmeticDataModule
 
 
 @pytest.mark.parametrize(

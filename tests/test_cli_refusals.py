@@ -13,8 +13,8 @@ from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 from lightning_parablock import CausalLMModule
 from lightning_parablock.cli.command import ParaBlockCLI, concise_parse_error, main
-from lightning_parablock.data import build_char_tokenizer
 from lightning_parablock.cli.output_folder import MARKER
+from lightning_parablock.data import build_char_tokenizer
 
 ROOT = Path(__file__).parents[1]
 PAPER_RECIPE = str(ROOT / "recipes" / "paper" / "alpaca_llama3_8b.yaml")

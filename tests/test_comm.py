@@ -11,8 +11,8 @@ import torch
 
 from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError
 from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, exchange
-from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth, parse_duration
+from lightning_parablock.comm.worker import CommWorker
 
 # --------------------------------------------------------------------------- parsing
 

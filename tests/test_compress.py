@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-
 from helpers import quiet_trainer
+from toy import ToyModule, toy_dataset, toy_loader
+
 from lightning_parablock import (
     BF16Codec,
     FederatedBlockStrategy,
@@ -14,9 +15,8 @@ from lightning_parablock import (
     SimulatedLink,
     TopKCodec,
 )
-from lightning_parablock.comm.exchange import exchange
 from lightning_parablock.comm.codecs import Codec, encode_delta, encoded_nbytes, make_codec
-from toy import ToyModule, toy_dataset, toy_loader
+from lightning_parablock.comm.exchange import exchange
 
 
 def sample(shape=(6, 50), seed=0):

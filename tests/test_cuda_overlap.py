@@ -5,13 +5,13 @@ The CUDA tests never ran where this was written (no GPU); they skip without one.
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from helpers import quiet_trainer
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
-from lightning_parablock.core.turn_timer import COMPUTE_RANGE, TurnTimer
-from lightning_parablock.core.device_copies import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
+from torch.profiler import ProfilerActivity, profile
 from toy import ToyModule, toy_dataset, toy_loader
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock.core.device_copies import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
+from lightning_parablock.core.turn_timer import COMPUTE_RANGE, TurnTimer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_run import train
 from helpers import slurm_variables
 

@@ -7,11 +7,12 @@ import lightning as L
 import pytest
 import torch
 from datasets import Dataset
+from helpers import quiet_trainer
 from lightning import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from toy import ToyModule, toy_dataset, toy_loader
 
-from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from lightning_parablock.data import SyntheticArithmeticDataModule, build_char_tokenizer, format_prompt
 from lightning_parablock.eval import (
@@ -21,7 +22,6 @@ from lightning_parablock.eval import (
     generate_answers,
 )
 from lightning_parablock.module import CausalLMModule
-from toy import ToyModule, toy_dataset, toy_loader
 
 QUESTIONS = ["What is 3 + 4?", "What is 12 - 5?", "What is 6 * 7?", "Which is larger, 8 or 3?", "What is 9 + 9?", "Hi"]
 MAX_NEW_TOKENS = 8

@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 pytest.importorskip("lm_eval")
 
+from helpers import quiet_trainer  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from helpers import quiet_trainer  # noqa: E402
 from lightning_parablock.data import SyntheticArithmeticDataModule, build_char_tokenizer  # noqa: E402
 from lightning_parablock.eval import LMEvalHarness, evaluate_with_lm_eval, write_local_task  # noqa: E402
 from lightning_parablock.eval.harness import flatten_scores, run_lm_eval  # noqa: E402

@@ -3,12 +3,12 @@
 
 import pytest
 import torch
+from helpers import lightning_and_reference, max_abs_diff, quiet_trainer
 from lightning import Callback, LightningDataModule
 from torch.utils.data import default_collate
-
-from helpers import lightning_and_reference, max_abs_diff, quiet_trainer
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 
 
 class ViewRecorder(Callback):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning import LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from helpers import quiet_trainer
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from toy import ToyModule, toy_dataset, toy_loader
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 
 
 def test_the_strategy_is_registered_by_name():

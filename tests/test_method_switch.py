@@ -48,7 +48,7 @@ def test_the_method_argument_builds_the_methods_objects_and_keeps_the_rest(name,
     assert strategy.block_patterns == spec.strategy_args.get("block_patterns")
     assert isinstance(callback.aggregator, StackingAggregator) == (spec.aggregator_class is StackingAggregator)
     assert (cli.model.hparams.lora is not None) == spec.lora
-    assert identify(strategy, callback) == name
+    assert identify(strategy, callback.staleness, callback.aggregator) == name
     # what the method does not decide stays the config's
     assert (strategy.num_clients, strategy.local_steps, strategy.seed, strategy.weighting) == (2, 2, 0, "samples")
     assert callback.link.latency == "20ms" and cli.model.hparams.learning_rate == 0.003

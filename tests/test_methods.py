@@ -8,15 +8,15 @@ from helpers import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
-from lightning_parablock import CausalLMModule
+from lightning_parablock import CausalLMModule, ParaBlockCallback
 from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.cli import main
-from lightning_parablock.data import SyntheticArithmeticDataModule
-from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy, cyclic_turn
 from lightning_parablock.aggregation.stacking import StackingAggregator
-from lightning_parablock.strategies.flora import stacked_products
+from lightning_parablock.cli import main
 from lightning_parablock.core.lora import lora_pairs
+from lightning_parablock.data import SyntheticArithmeticDataModule
 from lightning_parablock.methods.registry import METHODS, method
+from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy, cyclic_turn
+from lightning_parablock.strategies.flora import stacked_products
 from lightning_parablock.telemetry.report import compare, report
 from lightning_parablock.telemetry.timeline import TIMELINE_FILENAME, load_timeline, save_timeline
 
@@ -31,7 +31,7 @@ def _fit(name, config, cycles=3, spy=None, **strategy_args):
     strategy = spec.strategy(num_clients=CLIENTS, local_steps=2, include_embeddings=True, seed=0, **strategy_args)
     if spy is not None:
         spy(strategy)
-    callback = spec.callback()
+    callback = ParaBlockCallback.for_method(spec)
     trainer = quiet_trainer(strategy=strategy, callbacks=[callback], max_epochs=spec.rounds(cycles, CLIENTS))
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_run import train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "main_checkpoints"

@@ -10,16 +10,16 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from toy import ToyModule, toy_dataset, toy_loader
 
-from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.fault_tolerance.fault_watch import FaultWatch, is_lost_peer_error
 from lightning_parablock.core.planning import place_clients
 from lightning_parablock.core.sampler import FederatedBatchSampler
+from lightning_parablock.fault_tolerance.fault_watch import FaultWatch, is_lost_peer_error
 from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records, record_from_json
-from toy import ToyModule, toy_dataset, toy_loader
 
 
 @pytest.mark.parametrize("num_clients, world_size", [(4, 2), (10, 3), (50, 8), (3, 4)])

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning import Callback
 from torch import nn
+from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
-from helpers import quiet_trainer
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from lightning_parablock.core.blocks import partition_by_patterns
 from lightning_parablock.core.clients import VirtualClient
 from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.master_weights import rebind
-from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
 
 def fit(precision, module=None, rounds=6, **strategy_kwargs):

@@ -11,12 +11,12 @@ import signal
 
 import pytest
 import torch.distributed as dist
+from helpers import slurm_variables
 from lightning import Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import slurm_variables
 from lightning_parablock.fault_tolerance.preemption import RoundEndRequeue, TurnStartSigterm
 
 

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 try:  # works whether or not tests/ is a package
     from tests.reference_parablock import RoundSpec, run_reference

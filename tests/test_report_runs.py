@@ -3,14 +3,14 @@
 import io
 
 import pytest
-
 from helpers import quiet_trainer
+from toy import ToyModule, toy_dataset, toy_loader
+
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock.callbacks.round_line import format_round_line, print_round_line
 from lightning_parablock.cli import main
 from lightning_parablock.telemetry.report import parse_rounds
-from lightning_parablock.callbacks.round_line import format_round_line, print_round_line
 from lightning_parablock.telemetry.timeline import RoundRecord, save_timeline
-from toy import ToyModule, toy_dataset, toy_loader
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

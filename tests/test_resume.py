@@ -6,15 +6,15 @@ from datetime import timedelta
 
 import pytest
 import torch
+from helpers import quiet_trainer, slurm_variables
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from helpers import quiet_trainer, slurm_variables
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 from toy import ToyModule, toy_dataset, toy_loader
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 
 
 class Crash(Callback):

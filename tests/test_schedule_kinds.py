@@ -4,16 +4,16 @@ import copy
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import default_collate
-
-from helpers import quiet_trainer
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.strategies.gradient_probe import block_gradient_norms
-from lightning_parablock.core.schedule import BlockSchedule
 from toy import ToyDecoder, ToyModule, toy_dataset, toy_loader, toy_loss
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock.core.schedule import BlockSchedule
+from lightning_parablock.strategies.gradient_probe import block_gradient_norms
 
 
 def test_permutation_visits_every_block_once_per_cycle_in_fresh_orders():

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError, weighted_mean
 from lightning_parablock.core.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
 from lightning_parablock.core.planning import participants_per_round, sample_participants
+from lightning_parablock.core.rng import seeded_generator
 from lightning_parablock.core.sampler import ClientTurn, FederatedBatchSampler
 from lightning_parablock.core.schedule import BlockSchedule
-from lightning_parablock.core.rng import seeded_generator
 
 # --------------------------------------------------------------------------- block schedule
 

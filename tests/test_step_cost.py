@@ -1,10 +1,10 @@
 """What the strategy and callback do per step stays small: turn and round work is done per turn or round."""
 
-from lightning import Callback
-
 from helpers import quiet_trainer
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning import Callback
 from toy import ToyModule, toy_dataset, toy_loader
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
 
 
 class ProgressBarMetrics(Callback):

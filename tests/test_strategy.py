@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from helpers import quiet_trainer
-from lightning_parablock import CommunicationError, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
+
+from lightning_parablock import CommunicationError, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 
 
 def fit(module=None, strategy=None, callbacks=None, **trainer_kwargs):

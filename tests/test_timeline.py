@@ -3,8 +3,9 @@
 import json
 
 import pytest
-
 from helpers import quiet_trainer
+from toy import ToyModule, toy_dataset, toy_loader
+
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock.cli import main
 from lightning_parablock.telemetry.timeline import (
@@ -14,7 +15,6 @@ from lightning_parablock.telemetry.timeline import (
     overlap_efficiency,
     save_timeline,
 )
-from toy import ToyModule, toy_dataset, toy_loader
 
 # 1 MB/s, no latency: a client's exchange of `up` bytes with a 1 MB aggregate costs up/1e6 + 1 s.
 LINK = SimulatedLink("1MB/s")

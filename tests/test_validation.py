@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
+from toy import ToyModule, toy_dataset, toy_loader
 
-from helpers import quiet_trainer
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock.data import dirichlet_partition, iid_partition
-from toy import ToyModule, toy_dataset, toy_loader
 
 CONSTRUCTION_ERRORS = [
     (lambda: FederatedBlockStrategy(num_clients=0), r"`num_clients` must be a positive integer, got 0"),

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_parablock._compat import progress_bar_metrics, saves_within_epoch
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.argument_checks import check_int, check_positive
 from lightning_parablock.callbacks.round_line import print_round_line
@@ -29,6 +30,8 @@ from lightning_parablock.comm.codecs import Codec, make_codec
 from lightning_parablock.comm.exchange import RoundExchange
 from lightning_parablock.comm.link import SimulatedLink, parse_duration
 from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.methods.registry import Method, identify
+from lightning_parablock.methods.registry import method as method_settings
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.telemetry.timeline import (
     TIMELINE_FILENAME,
@@ -50,7 +53,7 @@ class ParaBlockCallback(Callback):
         staleness: rounds between training a block and aggregating it. ``0`` is FedBCD (train,
             then exchange, synchronously), ``1`` is ParaBlock (exchange round ``t − 1`` while
             training round ``t``), ``k ≥ 2`` the paper's multi-round staleness. ``None`` (the default)
-            is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.methods.recipe_method`).
+            is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.cli.recipe_method`).
         link: the modelled link; by default an infinitely fast one (only real work is timed).
         aggregator: how the server combines deltas; by default the weighted mean of the paper, raising
             on a non-finite delta. See :class:`~lightning_parablock.aggregation.aggregator.Aggregator` for the robust
@@ -90,6 +93,15 @@ class ParaBlockCallback(Callback):
         self._client_loss: dict[int, list[Tensor]] = {}  # client -> its micro-batches' losses this round
         self._shown_client: Optional[int] = None  # the client the progress bar names
 
+    @classmethod
+    def for_method(cls, method: Union[str, Method], **kwargs: Any) -> "ParaBlockCallback":
+        """The callback of one of the paper's Table 1 methods (``"fedit"``, ...): its staleness and aggregator.
+
+        ``kwargs`` are the other arguments (``link``, ``comm_timeout``, ``compression``).
+        """
+        spec = method if isinstance(method, Method) else method_settings(method)
+        return cls(**spec.callback_args(), **kwargs)
+
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
         if not isinstance(strategy, FederatedBlockStrategy):
@@ -117,12 +129,13 @@ class ParaBlockCallback(Callback):
                 f" no exchange would overlap training. Use a staleness from 0 to {max_epochs - 1}."
             )
         for checkpoint in trainer.checkpoint_callbacks:
-            if getattr(checkpoint, "_every_n_train_steps", 0) or getattr(checkpoint, "_train_time_interval", None):
+            if saves_within_epoch(checkpoint):
                 raise MisconfigurationException(
                     f"{type(checkpoint).__name__} saves every n training steps or after a time interval, which lands"
                     " inside a federated round that Lightning cannot resume consistently. Save at round"
                     " boundaries with `every_n_epochs` (one epoch is one round)."
                 )
+        self._strategy(trainer).check_exchange(self.staleness, self.aggregator)
         _move_after(self, LearningRateMonitor, trainer.callbacks)
         self._worker = self._strategy(trainer).comm_worker(self.link, self.aggregator, self.comm_timeout)
         self._timeline_path = self.timeline_path(trainer)  # on every rank: log_dir is a collective
@@ -171,7 +184,7 @@ class ParaBlockCallback(Callback):
         until the next turn replaces them.
         """
         turn = {"round": strategy.current.index, "client": strategy.active_client, "block": strategy.current.block}
-        trainer.progress_bar_metrics.update({key: str(value) for key, value in turn.items() if value is not None})
+        progress_bar_metrics(trainer).update({key: str(value) for key, value in turn.items() if value is not None})
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -291,10 +304,8 @@ class ParaBlockCallback(Callback):
         if not trainer.is_global_zero or self._timeline_path is None:
             return
         strategy = self._strategy(trainer)
-        from lightning_parablock.methods.registry import identify  # methods builds callbacks: imported here, not above
-
         meta = {
-            "method": identify(strategy, self),
+            "method": identify(strategy, self.staleness, self.aggregator),
             "staleness": self.staleness,
             "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
             "compression": repr(self.codec),

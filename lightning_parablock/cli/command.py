@@ -19,17 +19,14 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from lightning import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    _InstantiatorFn,  # to keep LightningCLI's own model/data instantiation
-)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.cli import preflight
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
-from lightning_parablock.methods.recipe_method import apply_method
+from lightning_parablock.cli.recipe_method import apply_method
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.telemetry import report
 
@@ -82,8 +79,8 @@ class _ConstructionErrors:
     """
 
     def __init__(self, cli: LightningCLI) -> None:
-        self.model = _InstantiatorFn(cli=cli, key="model")
-        self.data = _InstantiatorFn(cli=cli, key="data")
+        self.model = InstantiatorFn(cli=cli, key="model")
+        self.data = InstantiatorFn(cli=cli, key="data")
         self.last: Optional[tuple[type, Exception]] = None
 
     def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
@@ -115,7 +112,7 @@ class ParaBlockCLI(LightningCLI):
             default=None,
             help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
             " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
-            " otherwise (see lightning_parablock.methods.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
+            " otherwise (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
             " the config as written.",
         )
         parser.add_argument(

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_parablock._compat import default_store
 from lightning_parablock.aggregation.aggregator import Aggregator, NonFiniteDeltaError, clip_by_norm
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.comm.exchange import RoundExchange, finish_exchange, tensor_bytes
@@ -75,7 +76,7 @@ class CollectiveTransport:
         self.device = device
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self._store = dist.distributed_c10d._get_default_store()
+        self._store = default_store()
 
     def __call__(
         self,

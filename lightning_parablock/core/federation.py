@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
 from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
 from lightning_parablock.core.device_copies import copy_to_host
@@ -111,11 +110,6 @@ class Federation:
     def round_deltas(self, round_index: int) -> dict[int, dict[str, Tensor]]:
         """Each hosted client's own delta of ``round_index``, by client id."""
         return {i: c.pending[round_index].wait().tensors for i, c in self.clients.items() if round_index in c.pending}
-
-    def encode_round(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
-        """Each hosted client's delta of ``round_index`` as it goes on the wire (updating its residual)."""
-        deltas = self.round_deltas(round_index)
-        return {i: encode_delta(codec, delta, self.clients[i].residual) for i, delta in deltas.items()}
 
     def sample_counts(self, client_indices: Sequence[int]) -> dict[int, int]:
         return {i: self.clients[i].num_samples for i in client_indices}

@@ -17,7 +17,6 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from lightning_parablock.argument_checks import check_float, check_int
-from lightning_parablock.core.rng import seeded_generator
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ADAPTER = "default"
@@ -92,10 +91,9 @@ def merge_products(model: nn.Module, products: dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def restart_adapters(model: nn.Module, *keys: int) -> None:
+def restart_adapters(model: nn.Module, generator: torch.Generator) -> None:
     """Fresh adapters everywhere: A drawn like peft's default (Kaiming uniform) from a generator seeded by
-    ``keys``, so every client draws the same A; B zero, so the model's output does not change."""
-    generator = seeded_generator(*keys)
+    ``generator`` (seeded by the round), so every client draws the same A; B zero, so the model's output does not change."""
     for pair in lora_pairs(model):
         a, b = pair.layer.lora_A[ADAPTER].weight, pair.layer.lora_B[ADAPTER].weight
         bound = 1.0 / a.shape[1] ** 0.5  # kaiming_uniform_ with a=sqrt(5): sqrt(6 / ((1 + 5) fan_in))

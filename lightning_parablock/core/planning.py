@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lightning_parablock.core.rng import seeded_generator
+from lightning_parablock.core.rng import Stream, stream_generator
 
 
 def place_clients(num_clients: int, world_size: int, seed: int) -> list[int]:
     """The rank hosting each client: a seeded permutation dealt round-robin, so shares differ by at most one."""
-    order = torch.randperm(num_clients, generator=seeded_generator(seed, 0x9A4C)).tolist()
+    order = torch.randperm(num_clients, generator=stream_generator(seed, Stream.PLACEMENT)).tolist()
     placement = [0] * num_clients
     for position, client in enumerate(order):
         placement[client] = position % world_size
@@ -33,5 +33,5 @@ def sample_participants(round_index: int, num_clients: int, count: int, seed: in
     """The clients of round ``round_index``: all of them, or ``count`` drawn without replacement (seeded)."""
     if count >= num_clients:
         return list(range(num_clients))
-    generator = seeded_generator(seed, 0xC11E, round_index)
+    generator = stream_generator(seed, Stream.PARTICIPANTS, round_index)
     return sorted(torch.randperm(num_clients, generator=generator)[:count].tolist())

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Sampler
 
-from lightning_parablock.core.rng import seeded_generator
+from lightning_parablock.core.rng import Stream, stream_generator
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class FederatedBatchSampler(Sampler[list[int]]):
     @staticmethod
     @lru_cache(maxsize=256)
     def _cached_permutation(seed: int, client: int, size: int, epoch: int) -> torch.Tensor:
-        return torch.randperm(size, generator=seeded_generator(seed, 0xDA7A, client, epoch))
+        return torch.randperm(size, generator=stream_generator(seed, Stream.DATA_ORDER, client, epoch))
 
     def _permutation(self, client: int, size: int, epoch: int) -> torch.Tensor:
         return self._cached_permutation(self.seed, client, size, epoch)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from lightning_parablock.core.rng import seeded_generator
+from lightning_parablock.core.rng import Stream, stream_generator
 
 ScheduleKind = Literal["random", "sequential", "reverse", "permutation", "gradient"]
 PURE_SCHEDULE_KINDS: tuple[str, ...] = ("random", "sequential", "reverse", "permutation")
@@ -69,11 +69,11 @@ class BlockSchedule:
             return self.num_blocks - 1 - round_index % self.num_blocks
         if self.kind == "permutation":
             cycle, position = divmod(round_index, self.num_blocks)
-            order = torch.randperm(self.num_blocks, generator=seeded_generator(self.seed, 0xC7C1E, cycle))
+            order = torch.randperm(self.num_blocks, generator=stream_generator(self.seed, Stream.BLOCK_PERMUTATION, cycle))
             return int(order[position])
         if self.kind == "gradient":
             return self._gradient_choice(round_index)
-        generator = seeded_generator(self.seed, 0x5C4ED, round_index)
+        generator = stream_generator(self.seed, Stream.RANDOM_BLOCK, round_index)
         return int(torch.randint(self.num_blocks, (1,), generator=generator))
 
     def _gradient_choice(self, round_index: int) -> int:

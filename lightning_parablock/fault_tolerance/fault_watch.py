@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from lightning_parablock._compat import default_store
+
 _FAULT_KEY = "parablock/fault"
 
 
@@ -38,7 +40,7 @@ class FaultWatch:
 
     def __init__(self, poll_s: float = 1.0) -> None:
         self.rank = dist.get_rank()
-        self._store = dist.distributed_c10d._get_default_store()
+        self._store = default_store()
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="parablock-faultwatch", daemon=True)

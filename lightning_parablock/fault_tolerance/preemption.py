@@ -44,15 +44,20 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
+from lightning_parablock._compat import (
+    SIGTERM_LOOP_CHECK,
+    SIGTERM_NOTIFIER,
+    SLURM_REQUEUE_HANDLER,
+    cluster_environment,
+    signal_connector,
+)
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 # The note goes where Lightning's own "Received SIGTERM" goes: its logger shows INFO by default.
 log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
 
-_NOTIFIER = "_sigterm_notifier_fn"  # _SignalConnector's handler, read when it registers handlers
-_REQUEUE = "_slurm_sigusr_handler_fn"  # its SLURM auto-requeue handler, read at the same time
-_LOOP_CHECK = "_broadcast_sigterm_tensor"  # TrainingEpochLoop's per-batch check
 
 
 def _give_back(owner: object, attribute: str, replacement: Callable) -> None:
@@ -87,16 +92,16 @@ class TurnStartSigterm:
 
     def install(self) -> None:
         """Take over the handler (before Lightning registers it) and the loop's check."""
-        connector, loop = self.trainer._signal_connector, self.trainer.fit_loop.epoch_loop
-        if not hasattr(connector, _NOTIFIER) or not hasattr(loop, _LOOP_CHECK):
+        connector, loop = signal_connector(self.trainer), self.trainer.fit_loop.epoch_loop
+        if not hasattr(connector, SIGTERM_NOTIFIER) or not hasattr(loop, SIGTERM_LOOP_CHECK):
             return  # another Lightning version: its own handling stays
-        setattr(connector, _NOTIFIER, self._note)
-        setattr(loop, _LOOP_CHECK, self._check_at_turn_start)
+        setattr(connector, SIGTERM_NOTIFIER, self._note)
+        setattr(loop, SIGTERM_LOOP_CHECK, self._check_at_turn_start)
 
     def uninstall(self) -> None:
         """Give the connector and the loop their own methods back."""
-        _give_back(self.trainer._signal_connector, _NOTIFIER, self._note)
-        _give_back(self.trainer.fit_loop.epoch_loop, _LOOP_CHECK, self._check_at_turn_start)
+        _give_back(signal_connector(self.trainer), SIGTERM_NOTIFIER, self._note)
+        _give_back(self.trainer.fit_loop.epoch_loop, SIGTERM_LOOP_CHECK, self._check_at_turn_start)
 
     def _note(self, signum: int, _: FrameType | None) -> None:
         """The signal handler: no collective here, it could meet any other collective of another rank."""
@@ -112,7 +117,7 @@ class TurnStartSigterm:
         if asked % self._batches_per_turn() != 0 or not dist.is_initialized():
             return
         if _max_over_ranks(int(self._received), self.trainer.strategy.root_device) == 1:
-            self.trainer._signal_connector.received_sigterm = True  # for whatever reads it while stopping
+            signal_connector(self.trainer).received_sigterm = True  # for whatever reads it while stopping
             with contextlib.suppress(Exception):
                 dist.barrier()  # every rank leaves together, as Lightning's own check does
             raise SIGTERMException()
@@ -131,14 +136,14 @@ class RoundEndRequeue:
 
     def install(self) -> None:
         """Take over the handler (before Lightning registers it), where Lightning will register one."""
-        connector = self.trainer._signal_connector
-        environment = self.trainer._accelerator_connector.cluster_environment
-        if hasattr(connector, _REQUEUE) and isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
-            setattr(connector, _REQUEUE, self._note)
+        connector = signal_connector(self.trainer)
+        environment = cluster_environment(self.trainer)
+        if hasattr(connector, SLURM_REQUEUE_HANDLER) and isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            setattr(connector, SLURM_REQUEUE_HANDLER, self._note)
 
     def uninstall(self) -> None:
         """Give the connector its own handler back."""
-        _give_back(self.trainer._signal_connector, _REQUEUE, self._note)
+        _give_back(signal_connector(self.trainer), SLURM_REQUEUE_HANDLER, self._note)
 
     def _note(self, signum: int, _: FrameType | None) -> None:
         """The signal handler: nothing can be saved mid-round, and no collective may run here."""
@@ -148,11 +153,11 @@ class RoundEndRequeue:
 
     def at_round_end(self) -> None:
         """After a round's boundary, on every rank: if any rank was signalled, save and requeue as Lightning does."""
-        if self.trainer._signal_connector.__dict__.get(_REQUEUE) != self._note:
+        if signal_connector(self.trainer).__dict__.get(SLURM_REQUEUE_HANDLER) != self._note:
             return  # not installed: no rank has a requeue handler, and none joins the all-reduce below
         signum = _max_over_ranks(self._signum or 0, self.trainer.strategy.root_device)
         if not signum:
             return
         self._signum = None
-        connector = self.trainer._signal_connector
-        getattr(type(connector), _REQUEUE)(connector, signum, None)  # Lightning's own: save, then requeue
+        connector = signal_connector(self.trainer)
+        getattr(type(connector), SLURM_REQUEUE_HANDLER)(connector, signum, None)  # Lightning's own: save, then requeue

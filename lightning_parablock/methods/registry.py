@@ -18,7 +18,7 @@ fedcybgd     one client, its own block, model passed on   0          no
 FLoRA and FedCyBGD need their own strategy classes (:mod:`lightning_parablock.strategies.flora`,
 :mod:`lightning_parablock.strategies.fedcybgd`); FLoRA also its aggregator. ParaBlock accepts any staleness
 from 1 up (the paper's Table 5); every other method is synchronous. A recipe switches the method
-with one line, ``method: fedit`` (see :mod:`lightning_parablock.methods.recipe_method`); a run's timeline
+with one line, ``method: fedit`` (see :mod:`lightning_parablock.cli.recipe_method`); a run's timeline
 names the method its settings match (:func:`identify`).
 """
 
@@ -31,8 +31,6 @@ from typing import Any, Literal, Optional, Union, get_args
 
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
-from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.strategies.flora import FLoRAStrategy
@@ -66,9 +64,10 @@ class Method:
     def strategy(self, **kwargs: Any) -> FederatedBlockStrategy:
         return self.strategy_class(**{**kwargs, **copy.deepcopy(self.strategy_args)})
 
-    def callback(self, link: Optional[SimulatedLink] = None, **kwargs: Any) -> ParaBlockCallback:
+    def callback_args(self) -> dict[str, Any]:
+        """The ``ParaBlockCallback`` arguments the method decides (see ``ParaBlockCallback.for_method``)."""
         aggregator = self.aggregator_class() if self.aggregator_class is not None else None
-        return ParaBlockCallback(staleness=self.staleness, link=link, aggregator=aggregator, **kwargs)
+        return {"staleness": self.staleness, "aggregator": aggregator}
 
     def module_args(self, lora: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """``CausalLMModule`` arguments: the LoRA options (``{}`` for the defaults) for adapter methods."""
@@ -104,7 +103,7 @@ def method(name: str) -> Method:
     return _METHODS[name]
 
 
-def identify(strategy: FederatedBlockStrategy, callback: ParaBlockCallback) -> Optional[str]:
+def identify(strategy: FederatedBlockStrategy, staleness: int, aggregator: Aggregator) -> Optional[str]:
     """The method whose settings a run has (strategy class, blocks, staleness, aggregator), or ``None``.
 
     Read from the objects rather than from a label, so a run built by hand, by :func:`method` or by a
@@ -118,11 +117,11 @@ def identify(strategy: FederatedBlockStrategy, callback: ParaBlockCallback) -> O
             blocks_match = patterns == preset
         else:  # a method without blocks of its own (decoder blocks) matches any blocks but another method's
             blocks_match = patterns is None or patterns not in presets.values()
-        stacking = isinstance(callback.aggregator, StackingAggregator)
+        stacking = isinstance(aggregator, StackingAggregator)
         if (
             type(strategy) is spec.strategy_class
             and blocks_match
-            and spec.accepts_staleness(callback.staleness)
+            and spec.accepts_staleness(staleness)
             and stacking == (spec.aggregator_class is StackingAggregator)
         ):
             return spec.name

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy, RoundState
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
+    pass
 
 
 def cyclic_turn(round_index: int, num_clients: int, num_blocks: int) -> tuple[int, int]:
@@ -52,16 +53,12 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
         super().__init__(*args, **kwargs)
 
     @override
-    def setup(self, trainer: "pl.Trainer") -> None:
-        super().setup(trainer)
-        from lightning_parablock.callbacks.parablock import ParaBlockCallback
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, ParaBlockCallback) and callback.staleness != 0:
-                raise MisconfigurationException(
-                    f"FedCyBGD passes the model from client to client: use `ParaBlockCallback(staleness=0)`,"
-                    f" got staleness={callback.staleness}."
-                )
+    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
+        if staleness != 0:
+            raise MisconfigurationException(
+                f"FedCyBGD passes the model from client to client: use `ParaBlockCallback(staleness=0)`,"
+                f" got staleness={staleness}."
+            )
 
     @override
     def participants_of(self, round_index: int) -> list[int]:

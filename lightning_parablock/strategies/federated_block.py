@@ -21,13 +21,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.types import _DEVICE, _PATH
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
@@ -39,9 +34,17 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_parablock._compat import (
+    Device,
+    PathLike,
+    StrategyRegistryType,
+    init_optimizers_and_lr_schedulers,
+    optimizers_to_device,
+    sync_module_states,
+)
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.argument_checks import check_bool, check_choice, check_float, check_int, check_optional_int
-from lightning_parablock.comm.codecs import Codec, EncodedDelta
+from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
 from lightning_parablock.comm.distributed import CollectiveTransport, new_exchange_group
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.worker import CommWorker
@@ -161,7 +164,7 @@ class FederatedBlockStrategy(DDPStrategy):
         shuffle: bool = True,
         offload_deltas: bool = False,
         master_weights: bool = True,
-        device: Optional[_DEVICE] = None,
+        device: Optional[Device] = None,
         accelerator: Optional[Accelerator] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
@@ -285,11 +288,14 @@ class FederatedBlockStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.distributed:
-            _sync_module_states(self.model)  # every rank starts from rank 0's global model
+            sync_module_states(self.model)  # every rank starts from rank 0's global model
         if trainer.state.fn == TrainerFn.FITTING:
             self._setup_federation(trainer)
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
+        """Refuse an exchange this strategy cannot run (asked by ``ParaBlockCallback`` at setup); any goes here."""
 
     @override
     def configure_ddp(self) -> None:
@@ -385,7 +391,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self._last_module_optimizer = None
 
     def _optimizer_from_module(self) -> Optimizer:
-        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        optimizers, schedulers = init_optimizers_and_lr_schedulers(self.lightning_module)
         if len(optimizers) != 1 or schedulers:
             raise MisconfigurationException(
                 f"FederatedBlockStrategy needs `configure_optimizers` to return exactly one optimizer and no LR"
@@ -568,7 +574,14 @@ class FederatedBlockStrategy(DDPStrategy):
 
     def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
         """Each hosted client's delta of ``round_index`` encoded for the wire (error-feedback residuals updated)."""
-        return self.federation.encode_round(round_index, codec)
+        return {
+            client: encode_delta(codec, self.upload_of(client, delta), self.federation.clients[client].residual)
+            for client, delta in self.federation.round_deltas(round_index).items()
+        }
+
+    def upload_of(self, client: int, delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What of a client's delta goes up the link: all of it here (FLoRA sends a rank-r_i slice)."""
+        return delta
 
     def round_weights(self, round_index: int) -> dict[int, float]:
         """Unnormalized aggregation weights of the hosted senders of ``round_index`` (1, or the sample count)."""
@@ -704,7 +717,7 @@ class FederatedBlockStrategy(DDPStrategy):
             self._fault_watch.stop()
             self._fault_watch = None
         if self.federation is not None:
-            _optimizers_to_device(list(self.federation.kept_optimizers.values()), torch.device("cpu"))
+            optimizers_to_device(list(self.federation.kept_optimizers.values()), torch.device("cpu"))
         super().teardown()
 
     def _leave_client(self, record: bool = True) -> None:
@@ -723,7 +736,7 @@ class FederatedBlockStrategy(DDPStrategy):
     # ------------------------------------------------------------- checkpoints
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Optional[Any] = None) -> None:
         """Add every client's pending deltas and kept optimizer states (gathered from every rank)."""
         if self.round_open:
             message = (
@@ -757,7 +770,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         """``Trainer(strategy="federated_block")`` (and ``--trainer.strategy federated_block``) once this is imported."""
         strategy_registry.register(
             cls.strategy_name,
@@ -773,7 +786,7 @@ class FederatedBlockStrategy(DDPStrategy):
         return False
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: PathLike, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         federation = checkpoint.get("federation")
         if federation is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:

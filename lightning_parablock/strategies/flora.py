@@ -29,9 +29,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.argument_checks import check_int
-from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
 from lightning_parablock.core.lora import (
     ADAPTER,
     LORA_A_WEIGHT,
@@ -40,6 +40,7 @@ from lightning_parablock.core.lora import (
     merge_products,
     restart_adapters,
 )
+from lightning_parablock.core.rng import Stream, stream_generator
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 
 if TYPE_CHECKING:
@@ -98,18 +99,17 @@ class FLoRAStrategy(FederatedBlockStrategy):
         self.client_ranks = None if client_ranks is None else list(client_ranks)
 
     @override
+    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
+        if staleness != 0 or not isinstance(aggregator, StackingAggregator):
+            raise MisconfigurationException(
+                "FLoRAStrategy merges every round's adapters before the next round starts: use"
+                " `ParaBlockCallback(staleness=0, aggregator=StackingAggregator())`, got"
+                f" staleness={staleness} and aggregator={aggregator!r}."
+            )
+
+    @override
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
-        from lightning_parablock.callbacks.parablock import ParaBlockCallback
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, ParaBlockCallback):
-                if callback.staleness != 0 or not isinstance(callback.aggregator, StackingAggregator):
-                    raise MisconfigurationException(
-                        "FLoRAStrategy merges every round's adapters before the next round starts: use"
-                        " `ParaBlockCallback(staleness=0, aggregator=StackingAggregator())`, got"
-                        f" staleness={callback.staleness} and aggregator={callback.aggregator!r}."
-                    )
         pairs = list(lora_pairs(self.lightning_module))
         if not pairs:
             raise MisconfigurationException("FLoRAStrategy needs LoRA adapters: `CausalLMModule(lora={...})`.")
@@ -160,16 +160,12 @@ class FLoRAStrategy(FederatedBlockStrategy):
                 tensor.copy_(self._own_components(tensor, rows=name.endswith(LORA_A_WEIGHT), client=client))
 
     @override
-    def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
-        """Each client's ΔA_i (r_i × in) and ΔB_i (out × r_i): a rank-r_i client sends a rank-r_i adapter."""
+    def upload_of(self, client: int, delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """ΔA_i (r_i × in) and ΔB_i (out × r_i): a rank-r_i client sends a rank-r_i adapter."""
         if self.client_ranks is None:
-            return super().round_uploads(round_index, codec)
-        uploads = {}
-        for client, delta in self.round_deltas(round_index).items():
-            rank = self.client_ranks[client]
-            own = {n: t[:rank] if n.endswith(LORA_A_WEIGHT) else t[:, :rank] for n, t in delta.items()}
-            uploads[client] = encode_delta(codec, own, self.federation.clients[client].residual)
-        return uploads
+            return delta
+        rank = self.client_ranks[client]
+        return {n: t[:rank] if n.endswith(LORA_A_WEIGHT) else t[:, :rank] for n, t in delta.items()}
 
     @override
     @torch.no_grad()
@@ -189,5 +185,5 @@ class FLoRAStrategy(FederatedBlockStrategy):
             ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
             products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
             merge_products(model, {base: self.global_lr * product for base, product in products.items()})
-        restart_adapters(model, self.seed, 0xF10A, round_index)
+        restart_adapters(model, stream_generator(self.seed, Stream.LORA_RESTART, round_index))
         self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update

@@ -12,7 +12,7 @@ local steps, learning rate, sequence length, the number of instruction clusters,
 
 The other methods of the paper's Table 1 (``lightning_parablock.methods.registry``) run on the same data, model and link:
 every recipe starts with a ``method:`` line, and a method's recipe differs from the ParaBlock one by that line and
-only by what is truly the method's (see ``lightning_parablock.methods.recipe_method``): Full FT runs 3 rounds as in the
+only by what is truly the method's (see ``lightning_parablock.cli.recipe_method``): Full FT runs 3 rounds as in the
 paper; FedIT, FFA-LoRA and FLoRA train LoRA adapters (rank 32, ``LORA_DEFAULTS``) at a larger learning rate;
 FedCyBGD reads ``max_epochs`` as cycles (32 cycles over 10 clients are 320 epochs, converted by the CLI). LoRA's
 alpha, dropout, target modules and learning rate are ASSUMED.
