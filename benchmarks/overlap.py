@@ -28,7 +28,7 @@ class LargestClientState(Callback):
         self.bytes = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.bytes = max(self.bytes, trainer.strategy.client_state_nbytes())
+        self.bytes = max(self.bytes, trainer.strategy.federation.client_state_nbytes())
 
 
 def run(staleness: int, clients: int, rounds: int, latency: str, device: str, probe: Optional[Callback] = None):

@@ -102,7 +102,7 @@ def lightning_and_reference(
         factory = lambda params: torch.optim.SGD(params, lr=initial.lr, momentum=0.5)  # noqa: E731
     else:
         factory = lambda params: torch.optim.AdamW(params, lr=initial.lr, weight_decay=0.01)  # noqa: E731
-    weights = [c.num_samples for c in strategy.clients] if weighting == "samples" else None
+    weights = [c.num_samples for c in strategy.federation.clients.values()] if weighting == "samples" else None
     reference = run_reference(
         initial, toy_loss, specs, num_clients, factory, staleness, global_lr, accumulate, client_weights=weights
     )

@@ -69,7 +69,7 @@ def test_aggregator_arguments_are_checked(kwargs, message):
 class PoisonOneClient(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 2:
-            next(iter(trainer.strategy.clients[1].pending[1].tensors.values())).fill_(math.nan)
+            next(iter(trainer.strategy.federation.clients[1].pending[1].tensors.values())).fill_(math.nan)
 
 
 def test_a_non_finite_client_is_skipped_in_a_run_and_never_reaches_the_global_model():
@@ -84,4 +84,4 @@ def test_a_non_finite_client_is_skipped_in_a_run_and_never_reaches_the_global_mo
         trainer.fit(module, toy_loader(toy_dataset()))
     assert [r.skipped_clients for r in callback.records] == [[], [], [1], [], []]
     assert all(torch.isfinite(p).all() for p in module.parameters())
-    assert all(torch.isfinite(v).all() for c in range(3) for v in trainer.strategy.client_view(c).values())
+    assert all(torch.isfinite(v).all() for c in range(3) for v in trainer.strategy.federation.client_view(c).values())

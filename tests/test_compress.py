@@ -117,7 +117,7 @@ def test_a_run_with_topk_counts_encoded_bytes_and_keeps_residuals():
         assert ours.block == plain.block
         # a block of the toy is one 8x8 Linear: 64 + 8 values; 10% → 7 + 1 entries of 8 bytes
         assert all(n < plain.upload_bytes[c] / 4 for c, n in ours.upload_bytes.items())
-    assert any(c.residual for c in strategy.clients)
+    assert any(c.residual for c in strategy.federation.clients.values())
 
 
 def test_residuals_resume_bit_exactly(tmp_path):

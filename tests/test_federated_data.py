@@ -474,7 +474,7 @@ def test_local_file_trains_through_the_federated_strategy(tokenizer_dir, cache_d
     before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
     trainer.fit(module, datamodule=dm)
     after = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
-    assert [c.sample_indices for c in strategy.clients] == dm.client_indices
+    assert [c.sample_indices for c in strategy.federation.clients.values()] == dm.client_indices
     assert [r.round for r in callback.records if not r.flush] == [0, 1]
     assert np.isfinite(after) and after < before
 

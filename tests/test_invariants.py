@@ -19,7 +19,7 @@ class ViewRecorder(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         strategy = trainer.strategy
-        self.views.append([strategy.client_view(j) for j in range(strategy.num_clients)])
+        self.views.append([strategy.federation.client_view(j) for j in range(strategy.num_clients)])
         self.globals.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
@@ -102,7 +102,7 @@ class StateSizeProbe(Callback):
         self.largest_client_state = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.largest_client_state = max(self.largest_client_state, trainer.strategy.client_state_nbytes())
+        self.largest_client_state = max(self.largest_client_state, trainer.strategy.federation.client_state_nbytes())
 
 
 @pytest.mark.parametrize("optimizer_state", ["reset", "per_block"])

@@ -26,7 +26,7 @@ def test_the_strategy_is_registered_by_name():
     trainer = quiet_trainer(strategy="federated_block", callbacks=[ParaBlockCallback(staleness=1)], max_epochs=2)
     assert isinstance(trainer.strategy, FederatedBlockStrategy)
     trainer.fit(ToyModule(), toy_loader(toy_dataset()))
-    assert trainer.strategy.pending_rounds() == []
+    assert trainer.strategy.federation.pending_rounds() == []
 
 
 class CountingLrModule(ToyModule):
@@ -155,16 +155,16 @@ def test_fast_dev_run_is_refused_with_a_message_about_fast_dev_run():
     trainer = quiet_trainer(
         strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), callbacks=[ParaBlockCallback()], fast_dev_run=True
     )
-    with pytest.raises(MisconfigurationException, match=r"`fast_dev_run=True` runs 1 batch.*max_epochs=2"):
+    with pytest.raises(MisconfigurationException, match=r"`fast_dev_run=True` runs a single batch.*max_epochs=2"):
         trainer.fit(ToyModule(), toy_loader(toy_dataset()))
 
 
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(accumulate_grad_batches=0, max_epochs=2), r"`accumulate_grad_batches=0` would take no optimizer step"),
-        (dict(max_epochs=0), r"`max_epochs=0`.*would train no round"),
-        (dict(max_epochs=2, max_steps=0), r"`max_steps=0` would train no round"),
+        (dict(accumulate_grad_batches=0, max_epochs=2), r"`accumulate_grad_batches=0` would train nothing"),
+        (dict(max_epochs=0), r"`max_epochs=0` would train nothing"),
+        (dict(max_epochs=2, max_steps=0), r"`max_steps=0` would train nothing"),
     ],
 )
 def test_trainer_settings_that_train_nothing_are_refused(settings, message):

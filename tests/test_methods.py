@@ -13,9 +13,10 @@ from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.cli import main
 from lightning_parablock.core.lora import lora_pairs
+from lightning_parablock.core.planning import cyclic_turn
 from lightning_parablock.data import SyntheticArithmeticDataModule
 from lightning_parablock.methods.registry import METHODS, method
-from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy, cyclic_turn
+from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.strategies.flora import stacked_products
 from lightning_parablock.telemetry.report import compare, report
 from lightning_parablock.telemetry.timeline import TIMELINE_FILENAME, load_timeline, save_timeline
@@ -98,7 +99,7 @@ def record_aggregates(seen: list) -> Callable:
 
         def recording(round_index, aggregate, left_out=()):
             params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
-            seen.append((strategy.round_deltas(round_index), strategy.round_weights(round_index), params))
+            seen.append((strategy.federation.round_deltas(round_index), strategy.round_weights(round_index), params))
             apply(round_index, aggregate, left_out)
             seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
 

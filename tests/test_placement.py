@@ -103,7 +103,7 @@ def test_a_checkpoint_of_schema_version_1_still_resumes(tmp_path):
         max_epochs=3,
     )
     trainer.fit(ToyModule(), toy_loader(toy_dataset()), ckpt_path=str(tmp_path / "v1.ckpt"), weights_only=True)
-    assert trainer.strategy.pending_rounds() == []
+    assert trainer.strategy.federation.pending_rounds() == []
 
 
 def test_a_checkpoint_of_a_newer_schema_is_refused(tmp_path):

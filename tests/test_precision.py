@@ -102,7 +102,7 @@ def test_master_delta_is_the_fp32_sum_of_the_steps():
     class Peek(Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
-                recorded.append(trainer.strategy.clients[0].pending[0].tensors["net.layers.0.0.bias"].clone())
+                recorded.append(trainer.strategy.federation.clients[0].pending[0].tensors["net.layers.0.0.bias"].clone())
 
     trainer.callbacks.append(Peek())
     trainer.fit(module, toy_loader(toy_dataset(n=32)))

@@ -195,7 +195,7 @@ def test_validating_a_checkpoint_leaves_the_next_fit_alone(tmp_path):
     run(tmp_path, 1)
     module, trainer = run(tmp_path / "fresh", 1)
     trainer.validate(module, toy_loader(toy_dataset(n=8)), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
-    assert trainer.strategy._restored_state is None
+    assert trainer.strategy.checkpoint.restored is None
 
 
 class RequeueSignal(Callback):

@@ -37,7 +37,7 @@ class PoisonDelta(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == 2:
-            delta = trainer.strategy.clients[1].pending[1]
+            delta = trainer.strategy.federation.clients[1].pending[1]
             next(iter(delta.tensors.values())).fill_(math.nan)
 
 
@@ -102,7 +102,7 @@ def test_manual_optimization_is_refused():
 
 def test_training_stopped_inside_a_round_still_flushes():
     module, trainer = fit(max_steps=5)  # 3 clients × 2 steps per round: stops in round 0's last client
-    assert trainer.strategy.pending_rounds() == []
+    assert trainer.strategy.federation.pending_rounds() == []
     callback = trainer.callbacks[0]
     assert callback.records[-1].flush
 
@@ -226,7 +226,7 @@ def test_offloaded_deltas_live_on_the_host_and_change_nothing():
         devices = set()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.devices |= {t.device.type for c in trainer.strategy.clients for d in c.pending.values() for t in d.tensors.values()}
+            self.devices |= {t.device.type for c in trainer.strategy.federation.clients.values() for d in c.pending.values() for t in d.tensors.values()}
 
     plain, _ = fit(ToyModule(), FederatedBlockStrategy(num_clients=3, local_steps=2), max_epochs=3)
     probe = Probe()

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock._compat import progress_bar_metrics, saves_within_epoch
+from lightning_parablock._compat import progress_bar_metrics
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.argument_checks import check_int, check_positive
 from lightning_parablock.callbacks.round_line import print_round_line
@@ -33,6 +33,7 @@ from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.methods.registry import Method, identify
 from lightning_parablock.methods.registry import method as method_settings
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.strategies.trainer_checks import check_staleness, check_trainer
 from lightning_parablock.telemetry.timeline import (
     TIMELINE_FILENAME,
     RoundRecord,
@@ -115,29 +116,12 @@ class ParaBlockCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        self._strategy(trainer)
-        if trainer.fast_dev_run:
-            raise MisconfigurationException(
-                f"`fast_dev_run={trainer.fast_dev_run}` runs {int(trainer.fast_dev_run)} batch(es) and one epoch, less"
-                " than a federated round and its exchange. For a quick check run a few small rounds instead, e.g."
-                f" `max_epochs={self.staleness + 1}` with `num_clients=2` and `local_steps=1` on the strategy."
-            )
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0 and self.staleness >= max_epochs:
-            raise MisconfigurationException(
-                f"`staleness={self.staleness}` is not below the number of rounds (max_epochs={max_epochs}):"
-                f" no exchange would overlap training. Use a staleness from 0 to {max_epochs - 1}."
-            )
-        for checkpoint in trainer.checkpoint_callbacks:
-            if saves_within_epoch(checkpoint):
-                raise MisconfigurationException(
-                    f"{type(checkpoint).__name__} saves every n training steps or after a time interval, which lands"
-                    " inside a federated round that Lightning cannot resume consistently. Save at round"
-                    " boundaries with `every_n_epochs` (one epoch is one round)."
-                )
-        self._strategy(trainer).check_exchange(self.staleness, self.aggregator)
+        strategy = self._strategy(trainer)
+        check_trainer(trainer)
+        check_staleness(trainer, self.staleness)
+        strategy.check_exchange(self.staleness, self.aggregator)
         _move_after(self, LearningRateMonitor, trainer.callbacks)
-        self._worker = self._strategy(trainer).comm_worker(self.link, self.aggregator, self.comm_timeout)
+        self._worker = strategy.comm_worker(self.link, self.aggregator, self.comm_timeout)
         self._timeline_path = self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
     @override
@@ -146,9 +130,9 @@ class ParaBlockCallback(Callback):
         self._round_started_at = time.perf_counter()
         self._client_loss = {}
         self._shown_client = None
-        round_state = strategy.begin_round(trainer.current_epoch)
+        round_state = strategy.start_round(trainer.current_epoch)
         stale_round = round_state.index - self.staleness
-        if self.staleness > 0 and stale_round in strategy.pending_rounds():
+        if self.staleness > 0 and stale_round in strategy.federation.pending_rounds():
             self._submit(strategy, stale_round)
 
     @override
@@ -161,7 +145,7 @@ class ParaBlockCallback(Callback):
     ) -> None:
         # Runs every step: keep it to appends and comparisons, anything more belongs to a turn or a round.
         strategy = self._strategy(trainer)
-        client = strategy.active_client
+        client = strategy.federation.active_client
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if client is not None and loss is not None:
             # Kept on the device until the round ends, so the loss costs no synchronization per step.
@@ -172,7 +156,7 @@ class ParaBlockCallback(Callback):
         if strategy.is_last_batch_of_round(batch_idx):
             # The boundary comes before anything else of the epoch's end sees the model: validation
             # and checkpoints get the global model of this round, never a half-finished state.
-            self._close_round(trainer, pl_module)
+            self._apply_boundary(trainer, pl_module)
 
     @staticmethod
     def _show_turn(trainer: "pl.Trainer", strategy: FederatedBlockStrategy) -> None:
@@ -183,20 +167,20 @@ class ParaBlockCallback(Callback):
         Lightning (2.6) hands back its own dict here and only ever updates it, so the entries stay
         until the next turn replaces them.
         """
-        turn = {"round": strategy.current.index, "client": strategy.active_client, "block": strategy.current.block}
+        turn = {"round": strategy.current.index, "client": strategy.federation.active_client, "block": strategy.current.block}
         progress_bar_metrics(trainer).update({key: str(value) for key, value in turn.items() if value is not None})
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         strategy = self._strategy(trainer)
         if strategy.round_open:  # training stopped inside the round (max_steps)
-            self._close_round(trainer, pl_module)
-        strategy.round_ended()
+            self._apply_boundary(trainer, pl_module)
+        strategy.boundary_applied()
 
-    def _close_round(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _apply_boundary(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The round boundary: the last turn ends, the exchange due now is collected and applied."""
         strategy = self._strategy(trainer)
-        round_state = strategy.finish_round()
+        round_state = strategy.end_round_training()
         record = RoundRecord(
             round=round_state.index,
             block=round_state.block,
@@ -227,7 +211,7 @@ class ParaBlockCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
-        flushed = strategy.pending_rounds()
+        flushed = strategy.federation.pending_rounds()
         for pending_round in flushed:
             started = time.perf_counter()
             record = RoundRecord(pending_round, strategy.block_of(pending_round), [], {}, flush=True)

@@ -28,6 +28,7 @@ from lightning_parablock.cli import preflight
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
 from lightning_parablock.cli.recipe_method import apply_method
 from lightning_parablock.methods.registry import MethodName
+from lightning_parablock.strategies.trainer_checks import check_trainer
 from lightning_parablock.telemetry import report
 
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
@@ -183,8 +184,7 @@ class ParaBlockCLI(LightningCLI):
         """Checks before anything trains or is written (see :mod:`lightning_parablock.cli.preflight`)."""
         config = self.config[self.subcommand]
         trainer = self.trainer
-        preflight.refuse_fast_dev_run(trainer)
-        preflight.refuse_training_nothing(trainer)
+        check_trainer(trainer, option_prefix="--trainer.")
         plan = None
         if config.get("output_dir"):
             plan = check_output_dir(config["output_dir"], _run_dirs(trainer), self.model, config.get("overwrite_output"))

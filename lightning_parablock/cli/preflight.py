@@ -11,35 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning import LightningDataModule, LightningModule, Trainer
+from lightning import LightningDataModule, LightningModule
 
 
 class PreflightError(ValueError):
     """The run would fail or lose data; found before training."""
-
-
-def refuse_fast_dev_run(trainer: Trainer) -> None:
-    """``fast_dev_run`` runs one batch of one epoch: no federated round (one turn per client) and no exchange."""
-    if trainer.fast_dev_run:
-        raise PreflightError(
-            f"`--trainer.fast_dev_run={trainer.fast_dev_run}` runs a single batch of a single epoch, which is not a"
-            " federated round (every client's turn, then an exchange). For a quick check run two short rounds"
-            " instead: `--trainer.max_epochs 2 --trainer.strategy.init_args.local_steps 1"
-            " --trainer.limit_val_batches 1`."
-        )
-
-
-def refuse_training_nothing(trainer: Trainer) -> None:
-    """Trainer settings under which no round would run, refused instead of a run that reports 0 rounds."""
-    settings = {
-        "accumulate_grad_batches": (trainer.accumulate_grad_batches, lambda v: v < 1),
-        "max_epochs": (trainer.max_epochs, lambda v: v is not None and v == 0),
-        "max_steps": (trainer.max_steps, lambda v: v == 0),
-        "limit_train_batches": (trainer.limit_train_batches, lambda v: v == 0),
-    }
-    for name, (value, trains_nothing) in settings.items():
-        if trains_nothing(value):
-            raise PreflightError(f"`--trainer.{name}={value}` would train nothing; give it a positive value.")
 
 
 def prepare_data(datamodule: Optional[LightningDataModule]) -> None:

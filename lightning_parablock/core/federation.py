@@ -268,10 +268,14 @@ class Federation:
                 f" versions up to {STATE_SCHEMA_VERSION}. Upgrade lightning_parablock to resume it."
             )
         pending = state["pending"]
+        home = torch.device("cpu") if self.offload_deltas else next(self.model.parameters()).device
         for index, client in self.clients.items():
             saved = pending.get(index, {})
-            client.pending = {r: BlockDelta(r, d["block"], d["tensors"]) for r, d in saved.items()}
-            client.residual = dict(state.get("residuals", {}).get(index, {}))
+            client.pending = {
+                r: BlockDelta(r, d["block"], {n: t.to(home, torch.float32) for n, t in d["tensors"].items()})
+                for r, d in saved.items()
+            }
+            client.residual = {n: t.to(home) for n, t in state.get("residuals", {}).get(index, {}).items()}
         if "unaggregated" in state:
             self.unaggregated = {int(r): int(b) for r, b in state["unaggregated"].items()}
         else:  # version 1: one process held every client, so its pending deltas name every open round

@@ -13,22 +13,14 @@ server applies as it is (the exchange's aggregate of one client, also downloaded
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.core.planning import CyclicPlan
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy, RoundState
-
-if TYPE_CHECKING:
-    pass
-
-
-def cyclic_turn(round_index: int, num_clients: int, num_blocks: int) -> tuple[int, int]:
-    """(client, block) of a round: clients in order 0, 1, ..., N-1, 0, ...; client c trains block c mod B."""
-    client = round_index % num_clients
-    return client, client % num_blocks
 
 
 class FedCyBGDStrategy(FederatedBlockStrategy):
@@ -39,6 +31,8 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
     ``schedule``, ``participation`` and ``clients_per_round`` do not apply: a value other than the default
     is refused.
     """
+
+    plan_class = CyclicPlan
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         signature = inspect.signature(FederatedBlockStrategy.__init__)
@@ -61,17 +55,8 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
             )
 
     @override
-    def participants_of(self, round_index: int) -> list[int]:
-        return [round_index % self.num_clients]
-
-    @override
-    def block_of(self, round_index: int) -> int:
-        assert self.partition is not None, "the strategy is not set up"
-        return cyclic_turn(round_index, self.num_clients, len(self.partition))[1]
-
-    @override
-    def begin_round(self, round_index: int) -> RoundState:
-        state = super().begin_round(round_index)
+    def start_round(self, round_index: int) -> RoundState:
+        state = super().start_round(round_index)
         client = state.participants[0]
         changed = {self.block_of(r) for r in range(max(0, round_index - self.num_clients + 1), round_index)}
         state.sync_download_bytes = {client: sum(self.block_nbytes(b) for b in changed)}

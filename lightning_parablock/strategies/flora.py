@@ -141,7 +141,7 @@ class FLoRAStrategy(FederatedBlockStrategy):
     def _own_components(self, tensor: Tensor, rows: bool, client: Optional[int] = None) -> Tensor:
         """``tensor`` (a gradient or delta of A, by rows, or of B, by columns) with the components beyond the
         client's rank set to zero; the active client's by default, unchanged between turns."""
-        client = self.active_client if client is None else client
+        client = self.federation.active_client if client is None else client
         rank = None if client is None else self.rank_of(client)
         if rank is None or rank >= tensor.shape[0 if rows else 1]:
             return tensor
@@ -150,10 +150,11 @@ class FLoRAStrategy(FederatedBlockStrategy):
         return kept
 
     @override
-    def _leave_client(self, record: bool = True) -> None:
+    def _end_turn(self, record: bool = True) -> None:
         """End the turn; a client below the module's rank keeps no change beyond its own components."""
-        client, round_index = self.active_client, None if self.current is None else self.current.index
-        super()._leave_client(record)
+        client = None if self.federation is None else self.federation.active_client
+        round_index = None if self.current is None else self.current.index
+        super()._end_turn(record)
         if record and client is not None and self.rank_of(client) is not None:
             delta = self.federation.clients[client].pending.get(round_index)
             for name, tensor in ({} if delta is None else delta.wait().tensors).items():
@@ -173,7 +174,7 @@ class FLoRAStrategy(FederatedBlockStrategy):
         self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: Sequence[int] = ()
     ) -> None:
         """Merge Σ_i w_i B_i A_i into the base weights, restart the adapters, drop the round's deltas."""
-        assert self.active_client is None, "cannot aggregate while a client's view is loaded"
+        assert self.federation.active_client is None, "cannot aggregate while a client's view is loaded"
         model = self.lightning_module
         params = dict(model.named_parameters())
         pairs = [(p.base, p.a, p.b) for p in lora_pairs(model)]

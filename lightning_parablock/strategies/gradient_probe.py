@@ -8,14 +8,11 @@ with the round's first batch (its first participant's). It leaves no trace in th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 
 
 def block_gradient_norms(loss_fn: Callable[[], Tensor], blocks: Sequence[Sequence[nn.Parameter]]) -> list[float]:
@@ -53,37 +50,36 @@ def _logging_muted(module: nn.Module) -> Iterator[None]:
 
 
 class GradientProbe:
-    """``block_gradient_norms`` for :class:`~lightning_parablock.core.schedule.BlockSchedule`, bound to a strategy.
+    """``block_gradient_norms`` for :class:`~lightning_parablock.core.schedule.BlockSchedule`.
 
-    The loss is the LightningModule's own ``training_step`` on the round's first batch (its
-    logging muted), so any module the strategy trains can be probed.
+    The loss is the module's own ``training_step`` on the round's first batch (its logging muted), so any
+    module can be probed.
+
+    Args:
+        module: the LightningModule whose ``training_step`` gives the loss.
+        blocks: the trainable parameters of every block, in block order.
+        batch_of_round: the batch to probe a round with, on the training device (the same on every rank).
+        step_context: the precision plugin's context of a training step (autocast).
     """
 
-    def __init__(self, strategy: "FederatedBlockStrategy") -> None:
-        self.strategy = strategy
+    def __init__(
+        self,
+        module: nn.Module,
+        blocks: Sequence[Sequence[nn.Parameter]],
+        batch_of_round: Callable[[int], Any],
+        step_context: Callable[[], AbstractContextManager],
+    ) -> None:
+        self.module = module
+        self.blocks = blocks
+        self.batch_of_round = batch_of_round
+        self.step_context = step_context
 
     def __call__(self, round_index: int) -> list[float]:
-        strategy = self.strategy
-        module, partition = strategy.lightning_module, strategy.partition
-        trainable = strategy._user_trainable
-        blocks = [
-            [p for name, p in partition.parameters(module, b).items() if trainable is None or name in trainable]
-            for b in range(len(partition))
-        ]
-        batch = self._probe_batch(round_index)
+        batch = self.batch_of_round(round_index)
 
         def loss() -> Tensor:
-            with _logging_muted(module), strategy.precision_plugin.train_step_context():
-                output: Any = module.training_step(batch, 0)
+            with _logging_muted(self.module), self.step_context():
+                output: Any = self.module.training_step(batch, 0)
             return output["loss"] if isinstance(output, dict) else output
 
-        return block_gradient_norms(loss, blocks)
-
-    def _probe_batch(self, round_index: int) -> Any:
-        strategy = self.strategy
-        loader = strategy.lightning_module.trainer.train_dataloader
-        # The round's first participant on any rank: every rank probes the same batch and picks the same block.
-        first_client = strategy.participants_of(round_index)[0]
-        first_batch = strategy.batch_sampler.turn_batches(first_client, round_index)[0]
-        batch = loader.collate_fn([loader.dataset[i] for i in first_batch])
-        return strategy.batch_to_device(batch)
+        return block_gradient_norms(loss, self.blocks)

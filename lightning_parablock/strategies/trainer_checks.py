@@ -1,0 +1,91 @@
+"""The Trainer settings a federated fit refuses, in one place: the strategy, the callback and ``parablock fit``.
+
+One epoch is one federated round (every participant's turn, then an exchange), so settings that cut an epoch
+short, validate inside it or train nothing are refused before anything trains. ``option_prefix`` names the
+settings the way the user gave them: ``""`` for the Trainer's arguments, ``"--trainer."`` on the command line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+from lightning.pytorch.plugins.precision import DoublePrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_parablock._compat import saves_within_epoch
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class TrainerSettingError(MisconfigurationException, ValueError):
+    """A Trainer setting under which a federated fit cannot run as asked."""
+
+
+def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
+    """Refuse settings under which no round would run, or rounds would be cut or interrupted."""
+    option = lambda name: f"`{option_prefix}{name}={getattr(trainer, name)}`"  # noqa: E731
+    if trainer.fast_dev_run:
+        raise TrainerSettingError(
+            f"{option('fast_dev_run')} runs a single batch of a single epoch, which is not a federated round (every"
+            f" client's turn, then an exchange). For a quick check run two short rounds instead: `{option_prefix}"
+            f"max_epochs=2` with `local_steps=1` on the strategy and `{option_prefix}limit_val_batches=1`."
+        )
+    trains_nothing = {
+        "accumulate_grad_batches": trainer.accumulate_grad_batches < 1,
+        "max_epochs": trainer.max_epochs == 0,
+        "max_steps": trainer.max_steps == 0,
+        "limit_train_batches": trainer.limit_train_batches == 0,
+    }
+    for name, nothing in trains_nothing.items():
+        if nothing:
+            raise TrainerSettingError(
+                f"{option(name)} would train nothing: one epoch is one federated round; give it a positive value."
+            )
+    if not _is_whole_epoch(trainer.limit_train_batches):
+        raise TrainerSettingError(
+            f"{option('limit_train_batches')} would cut rounds short: one epoch is one federated round. Leave it"
+            " at 1.0 and set `local_steps` on the strategy instead."
+        )
+    if not _is_whole_epoch(trainer.val_check_interval):
+        raise TrainerSettingError(
+            f"{option('val_check_interval')} would validate in the middle of a client's turn. Validate at round"
+            f" ends with `{option_prefix}check_val_every_n_epoch` instead."
+        )
+    for checkpoint in trainer.checkpoint_callbacks:
+        if saves_within_epoch(checkpoint):
+            raise TrainerSettingError(
+                f"{type(checkpoint).__name__} saves every n training steps or after a time interval, which lands"
+                " inside a federated round that Lightning cannot resume consistently. Save at round"
+                " boundaries with `every_n_epochs` (one epoch is one round)."
+            )
+
+
+def check_staleness(trainer: "pl.Trainer", staleness: int) -> None:
+    """An exchange must overlap training: fewer rounds than the staleness would only flush."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0 and staleness >= max_epochs:
+        raise TrainerSettingError(
+            f"`staleness={staleness}` is not below the number of rounds (max_epochs={max_epochs}):"
+            f" no exchange would overlap training. Use a staleness from 0 to {max_epochs - 1}."
+        )
+
+
+def check_module_and_precision(trainer: "pl.Trainer", module: "pl.LightningModule") -> None:
+    """Automatic optimization hands each client's optimizer to Lightning's loop; deltas are fp32."""
+    if not module.automatic_optimization:
+        raise TrainerSettingError(
+            "FederatedBlockStrategy needs automatic optimization: it hands each client's optimizer to"
+            " Lightning's loop. Set `self.automatic_optimization = True` in your LightningModule."
+        )
+    if isinstance(trainer.precision_plugin, DoublePrecision):
+        raise TrainerSettingError(
+            f"`precision={trainer.precision!r}` is not supported: deltas, their exchange and the aggregate are"
+            " kept in fp32, which would silently drop fp64 weights' precision. Use '32-true', 'bf16-true',"
+            " 'bf16-mixed', '16-true' or '16-mixed'."
+        )
+
+
+def _is_whole_epoch(value: Union[int, float]) -> bool:
+    """``1.0`` (a float) means the whole epoch; the integer ``1`` means one batch."""
+    return isinstance(value, float) and value == 1.0
