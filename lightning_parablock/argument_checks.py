@@ -75,14 +75,6 @@ def check_positive(name: str, value: Any) -> float:
     return check_float(name, value, minimum=0.0, min_open=True)
 
 
-def check_optional_float(
-    name: str, value: Any, minimum: Optional[float] = None, maximum: Optional[float] = None,
-    min_open: bool = False, max_open: bool = False,
-) -> Optional[float]:  # fmt: skip
-    """:func:`check_float`, with ``None`` passed through."""
-    return None if value is None else check_float(name, value, minimum, maximum, min_open, max_open)
-
-
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
     """``value`` if it is one of ``choices``."""
     if value not in choices:

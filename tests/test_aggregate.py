@@ -9,7 +9,8 @@ from lightning import Callback
 from toy import ToyModule, toy_dataset, toy_loader
 
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError, clip_by_norm
+from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
+from lightning_parablock.aggregation.rules import clip_by_norm
 
 
 def honest_and_one_attacker(num_honest=6):

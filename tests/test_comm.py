@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError
+from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
 from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, exchange
 from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth, parse_duration
 from lightning_parablock.comm.worker import CommWorker

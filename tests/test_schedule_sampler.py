@@ -10,12 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_parablock.aggregation.aggregator import NonFiniteDeltaError, weighted_mean
-from lightning_parablock.core.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
+from lightning_parablock.aggregation.rules import weighted_sum
+from lightning_parablock.core.clients import BlockDelta, VirtualClient
 from lightning_parablock.core.planning import participants_per_round, sample_participants
 from lightning_parablock.core.rng import seeded_generator
 from lightning_parablock.core.sampler import ClientTurn, FederatedBatchSampler
 from lightning_parablock.core.schedule import BlockSchedule
+from lightning_parablock.core.sizes import optimizer_state_nbytes
 
 # --------------------------------------------------------------------------- block schedule
 
@@ -284,12 +287,12 @@ def test_client_state_bytes_count_pending_deltas_and_optimizer_state():
 # --------------------------------------------------------------------------- weighted mean
 
 
-def test_weighted_mean_math():
+def test_weighted_sum_math():
     deltas = {
         0: {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(4.0)},
         2: {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor(0.0)},
     }
-    out = weighted_mean(deltas, {0: 0.25, 2: 0.75})
+    out = weighted_sum(deltas, {0: 0.25, 2: 0.75})
     torch.testing.assert_close(out["w"], torch.tensor([0.25 + 2.25, 0.5 - 1.5]))
     torch.testing.assert_close(out["b"], torch.tensor(1.0))
     assert list(out) == ["w", "b"]
@@ -297,15 +300,15 @@ def test_weighted_mean_math():
     torch.testing.assert_close(deltas[0]["w"], torch.tensor([1.0, 2.0]))
 
 
-def test_weighted_mean_of_one_client_with_weight_one_is_its_delta():
+def test_weighted_sum_of_one_client_with_weight_one_is_its_delta():
     delta = {"w": torch.randn(3, 4)}
-    torch.testing.assert_close(weighted_mean({5: delta}, {5: 1.0})["w"], delta["w"])
+    torch.testing.assert_close(weighted_sum({5: delta}, {5: 1.0})["w"], delta["w"])
 
 
-def test_weighted_mean_accumulates_in_fp32():
+def test_weighted_sum_accumulates_in_fp32():
     # 1 + 2^-9 is not representable in bf16; the fp32 aggregate keeps the small component.
     deltas = {0: {"w": torch.ones(4, dtype=torch.bfloat16)}, 1: {"w": torch.full((4,), 2**-8, dtype=torch.bfloat16)}}
-    out = weighted_mean(deltas, {0: 1.0, 1: 0.5})
+    out = weighted_sum(deltas, {0: 1.0, 1: 0.5})
     assert out["w"].dtype == torch.float32
     torch.testing.assert_close(out["w"], torch.full((4,), 1.0 + 2**-9))
 
@@ -314,31 +317,31 @@ def test_weighted_mean_accumulates_in_fp32():
     values=st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=8),
     raw_weights=st.lists(st.floats(0.01, 10), min_size=8, max_size=8),
 )
-def test_weighted_mean_of_constants_is_their_weighted_average(values, raw_weights):
+def test_weighted_sum_of_constants_is_their_weighted_average(values, raw_weights):
     total = sum(raw_weights[: len(values)])
     weights = {c: raw_weights[c] / total for c in range(len(values))}
     deltas = {c: {"w": torch.full((3,), v)} for c, v in enumerate(values)}
     expected = sum(weights[c] * v for c, v in enumerate(values))
-    out = weighted_mean(deltas, weights)["w"]
+    out = weighted_sum(deltas, weights)["w"]
     torch.testing.assert_close(out, torch.full((3,), expected, dtype=torch.float32), atol=1e-4, rtol=1e-5)
     # A weighted mean lies between the smallest and largest input.
     assert min(values) - 1e-4 <= out[0].item() <= max(values) + 1e-4
 
 
-def test_weighted_mean_errors():
+def test_weighted_sum_errors():
     with pytest.raises(ValueError, match="no client deltas"):
-        weighted_mean({}, {})
+        weighted_sum({}, {})
     with pytest.raises(ValueError, match=r"clients \[0, 1\] but weights for clients \[0\]"):
-        weighted_mean({0: {"w": torch.zeros(1)}, 1: {"w": torch.zeros(1)}}, {0: 1.0})
+        weighted_sum({0: {"w": torch.zeros(1)}, 1: {"w": torch.zeros(1)}}, {0: 1.0})
     with pytest.raises(ValueError, match=r"Client 1 sent tensors \['v'\], expected \['w'\]"):
-        weighted_mean({0: {"w": torch.zeros(1)}, 1: {"v": torch.zeros(1)}}, {0: 0.5, 1: 0.5})
+        weighted_sum({0: {"w": torch.zeros(1)}, 1: {"v": torch.zeros(1)}}, {0: 0.5, 1: 0.5})
     with pytest.raises(ValueError, match=r"Client 1 sent 'w' of shape \(1,\), expected \(3,\)"):
-        weighted_mean({0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(1)}}, {0: 0.5, 1: 0.5})
+        weighted_sum({0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(1)}}, {0: 0.5, 1: 0.5})
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_weighted_mean_rejects_non_finite_deltas(bad):
+def test_the_mean_aggregator_rejects_non_finite_deltas(bad):
     deltas = {0: {"w": torch.zeros(3)}, 1: {"w": torch.tensor([0.0, bad, 0.0])}}
     with pytest.raises(NonFiniteDeltaError, match="Client 1 sent a non-finite delta for 'w'"):
-        weighted_mean(deltas, {0: 0.5, 1: 0.5})
+        Aggregator()(deltas, {0: 0.5, 1: 0.5})
     assert issubclass(NonFiniteDeltaError, FloatingPointError)

@@ -8,14 +8,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock.aggregation.aggregator import (
-    AggregateResult,
-    Aggregator,
-    Deltas,
-    NonFiniteDeltaError,
-    check_deltas,
-    non_finite_clients,
-)
+from lightning_parablock.aggregation.aggregator import AggregateResult, Aggregator
+from lightning_parablock.aggregation.nonfinite import kept_clients, non_finite_clients
+from lightning_parablock.aggregation.rules import Deltas, check_deltas
 from lightning_parablock.core.lora import LORA_A_WEIGHT, LORA_B_WEIGHT
 
 
@@ -43,12 +38,7 @@ class StackingAggregator(Aggregator):
         if not_lora:
             raise ValueError(f"FLoRA stacks LoRA adapters only; the block also holds {not_lora[:3]}.")
         bad = non_finite_clients(deltas)
-        if bad and self.nonfinite == "raise":
-            client, name = next(iter(bad.items()))
-            raise NonFiniteDeltaError(f"Client {client} sent a non-finite delta for {name!r}.")
-        kept = [client for client in sorted(deltas) if client not in bad]
-        if not kept:
-            raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {sorted(bad)}.")
+        kept = kept_clients(list(deltas), bad, self.nonfinite)
         total = sum(weights[client] for client in kept)
         aggregate: dict[str, Tensor] = {}
         for name in names:

@@ -122,7 +122,8 @@ class ParaBlockCallback(Callback):
         strategy.check_exchange(self.staleness, self.aggregator)
         _move_after(self, LearningRateMonitor, trainer.callbacks)
         self._worker = strategy.comm_worker(self.link, self.aggregator, self.comm_timeout)
-        self._timeline_path = self.timeline_path(trainer)  # on every rank: log_dir is a collective
+        self._timeline_path = None
+        self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -270,7 +271,7 @@ class ParaBlockCallback(Callback):
             "parablock/round_s": record.wall_seconds,
         }
         if record.client_loss:
-            metrics["parablock/train_loss"] = sum(record.client_loss.values()) / len(record.client_loss)
+            metrics["parablock/train_loss"] = record.mean_client_loss
         # Every rank holds the same merged record: a max over ranks changes no value, and it is the
         # epoch-level sync Lightning asks for with several processes (it warns about every metric otherwise).
         distributed = pl_module.trainer.world_size > 1
@@ -281,8 +282,14 @@ class ParaBlockCallback(Callback):
         return RunSummary.of(self.records)
 
     def timeline_path(self, trainer: "pl.Trainer") -> Path:
-        """``parablock_timeline.json`` beside the run's logs, or in a run folder of its own without a logger."""
-        return run_folder(trainer) / TIMELINE_FILENAME
+        """``parablock_timeline.json`` beside the run's logs, or in a run folder of its own without a logger.
+
+        Chosen once per fit, at setup: without a logger a new ``version_N`` folder is taken, and the timeline
+        of this fit stays in it.
+        """
+        if self._timeline_path is None:
+            self._timeline_path = run_folder(trainer) / TIMELINE_FILENAME
+        return self._timeline_path
 
     def _save_timeline(self, trainer: "pl.Trainer") -> None:
         if not trainer.is_global_zero or self._timeline_path is None:

@@ -14,8 +14,7 @@ from lightning_parablock.telemetry.timeline import RoundRecord
 def format_round_line(record: RoundRecord, rounds: Optional[int] = None) -> str:
     """``round 3/60  block 2  loss 1.2345  compute 0.52s  exposed wait 0.010s  round 0.60s``."""
     of = f"/{rounds}" if rounds else ""
-    losses = list(record.client_loss.values())
-    loss = f"  loss {sum(losses) / len(losses):.4f}" if losses else ""
+    loss = f"  loss {record.mean_client_loss:.4f}" if record.client_loss else ""
     return (
         f"[parablock] round {record.round + 1}{of}  block {record.block}{loss}"
         f"  compute {record.process_compute_seconds:.2f}s  exposed wait {record.exposed_wait_seconds:.3f}s"

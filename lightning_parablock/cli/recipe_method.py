@@ -43,8 +43,6 @@ class MethodConflictError(ValueError):
 
 def apply_method(config: Namespace, name: str) -> list[str]:
     """Set in ``config`` (one subcommand's) what method ``name`` decides; the notes to show the user."""
-    if name not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {name!r}.")
     spec = method(name)
     _apply_to_strategy(config, spec)
     _apply_to_callback(config, spec)

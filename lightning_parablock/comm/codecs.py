@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_parablock.argument_checks import check_choice, check_float, check_int
+from lightning_parablock.core.sizes import nbytes_of
 
 
 @dataclass
@@ -32,7 +33,7 @@ class EncodedTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.payload.values())
+        return nbytes_of(self.payload)
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "EncodedTensor":
         """On ``device``; payloads already there are shared, not copied (nothing writes to a sent delta)."""
@@ -71,6 +72,9 @@ class BF16Codec(Codec):
         return EncodedTensor(self, tensor.shape, {"values": tensor.detach().to(torch.bfloat16)})
 
 
+Int8Granularity = Literal["row", "block"]
+
+
 class Int8Codec(Codec):
     """Symmetric int8 with one fp32 scale per row (first dimension) or per ``block_size`` consecutive values.
 
@@ -79,8 +83,8 @@ class Int8Codec(Codec):
 
     name = "int8"
 
-    def __init__(self, granularity: Literal["row", "block"] = "row", block_size: int = 256) -> None:
-        self.granularity = check_choice("granularity", granularity, ("row", "block"))
+    def __init__(self, granularity: Int8Granularity = "row", block_size: int = 256) -> None:
+        self.granularity = check_choice("granularity", granularity, get_args(Int8Granularity))
         self.block_size = check_int("block_size", block_size, minimum=1)
 
     def _groups(self, tensor: Tensor) -> Tensor:

@@ -20,17 +20,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_parablock._compat import default_store
-from lightning_parablock.aggregation.aggregator import Aggregator, NonFiniteDeltaError, clip_by_norm
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.nonfinite import kept_clients
+from lightning_parablock.aggregation.rules import clip_by_norm
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
-from lightning_parablock.comm.exchange import RoundExchange, finish_exchange, tensor_bytes
+from lightning_parablock.comm.exchange import RoundExchange, finish_exchange
 from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.core.sizes import nbytes_of
 
 BlockLayout = list[tuple[str, torch.Size]]
 
@@ -99,25 +103,25 @@ class CollectiveTransport:
             status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=self.device)
             for client, flat in mine.items():
                 bad_values = float(not torch.isfinite(flat).all())
-                status[client] = torch.tensor([1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])])
+                # An explicit dtype: Lightning's half-precision step sets the process-wide default dtype, which
+                # this thread sees too (a byte count of 262148 would read 262144 in bf16, and overflow in fp16).
+                status[client] = torch.tensor(
+                    [1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             status = status.cpu()
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
-            bad = [c for c in senders if status[c, 2] > 0]
-            if bad and getattr(aggregator, "nonfinite", "raise") == "raise":
-                raise NonFiniteDeltaError(
-                    f"Client {bad[0]} (rank {self.placement[bad[0]]}) sent a non-finite delta"
-                    " (Aggregator(nonfinite='skip') leaves such clients out instead)."
-                )
-            kept = [c for c in senders if c not in bad]
-            if senders and not kept:
-                raise NonFiniteDeltaError(f"Every client of the round sent a non-finite delta: {bad}.")
+            bad = {c: None for c in senders if status[c, 2] > 0}
+            describe = lambda client: f"Client {client} (rank {self.placement[client]})"  # noqa: E731
+            kept = kept_clients(senders, bad, aggregator.nonfinite, describe)
             aggregate = self._combine(mine, kept, {c: float(status[c, 1]) for c in kept}, layout, aggregator, round_index)
-        nbytes = tensor_bytes(aggregate) if aggregate is not None else 0  # fp32; FLoRA's stacks are N deltas wide
+        nbytes = nbytes_of(aggregate) if aggregate is not None else 0  # fp32; FLoRA's stacks are N deltas wide
         upload_bytes = {client: int(status[client, 3]) for client in senders}
         return finish_exchange(
-            round_index, block, aggregate, bad, upload_bytes, nbytes, link, start, stop
+            round_index, block, aggregate, sorted(bad), upload_bytes, nbytes, link, start, stop
         )
 
     def _combine(
@@ -193,6 +197,33 @@ def _is_weighted_mean(aggregator: Aggregator) -> bool:
 def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
     """A process group for exchanges only, with the default group's backend; every rank must call it."""
     return dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
+
+
+def collective_worker(
+    link: SimulatedLink,
+    aggregator: Aggregator,
+    timeout_s: float,
+    placement: Sequence[int],
+    layout: Callable[[int], BlockLayout],
+    device: torch.device,
+) -> CommWorker:
+    """The communication thread of one rank, exchanging over a group of its own; every rank must call it.
+
+    gloo reduces on the host (deltas are staged there on a side stream); NCCL on the rank's ``device``.
+    """
+    device = torch.device("cpu") if dist.get_backend() == "gloo" else device
+    transport = CollectiveTransport(new_exchange_group(timeout_s), placement, layout, timeout_s, device)
+    return CommWorker(
+        link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall,
+        stage_to_host=device.type == "cpu",
+    )  # fmt: skip
+
+
+def gather_from_ranks(value: Any, world_size: int) -> list[Any]:
+    """Every rank's ``value`` (a small picklable object), on every rank, over the default group."""
+    values: list[Any] = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 

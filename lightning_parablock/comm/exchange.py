@@ -16,6 +16,7 @@ from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import EncodedTensor, as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.core.device_copies import COPY_RANGE
+from lightning_parablock.core.sizes import nbytes_of
 
 
 class CommunicationError(RuntimeError):
@@ -34,10 +35,6 @@ class RoundExchange:
     download_bytes: int  # the aggregate, received by each client
     link_seconds: float  # modelled: clients in parallel, upload then download
     work_seconds: float  # measured: copies and aggregation on the thread
-
-
-def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class Transport(Protocol):
@@ -81,7 +78,7 @@ def exchange(
             }
         upload_bytes = {client: encoded_nbytes(delta) for client, delta in uploaded.items()}
         result = (aggregator or Aggregator())({c: decode_delta(d) for c, d in uploaded.items()}, weights)
-    download_bytes = tensor_bytes(result.aggregate)
+    download_bytes = nbytes_of(result.aggregate)
     return finish_exchange(
         round_index, block, result.aggregate, result.skipped_clients, upload_bytes, download_bytes, link, start, stop
     )

@@ -83,12 +83,6 @@ class BlockPartition:
             param.requires_grad_(name in active)
             param.grad = None
 
-    def describe(self, model: nn.Module) -> str:
-        """One line per block: name, tensor count, parameter count; for logs and errors."""
-        return "\n".join(
-            f"  [{b.index}] {b.name}: {len(b.param_names)} tensors, {self.numel(model, b.index):,} parameters"
-            for b in self.blocks
-        )
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

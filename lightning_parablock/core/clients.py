@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from torch import Tensor
-from torch.optim import Optimizer
+
+from lightning_parablock.core.sizes import nbytes_of
 
 
 @dataclass
@@ -32,7 +33,7 @@ class BlockDelta:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return nbytes_of(self.tensors)
 
 
 @dataclass
@@ -50,18 +51,9 @@ class VirtualClient:
 
     def pending_nbytes(self) -> int:
         """Pending deltas and the compression residual."""
-        residual = sum(t.numel() * t.element_size() for t in self.residual.values())
+        residual = nbytes_of(self.residual)
         return residual + sum(delta.nbytes for delta in self.pending.values())
 
-
-def optimizer_state_nbytes(optimizer: Optimizer) -> int:
-    """Bytes of an optimizer's per-parameter state (AdamW: two moments and a step count)."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, Tensor)
-    )
 
 
 

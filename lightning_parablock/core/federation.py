@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_parablock.core.blocks import BlockPartition
-from lightning_parablock.core.clients import BlockDelta, VirtualClient, optimizer_state_nbytes
+from lightning_parablock.core.clients import BlockDelta, VirtualClient
 from lightning_parablock.core.device_copies import copy_to_host
 from lightning_parablock.core.master_weights import MasterBlock, needs_master
+from lightning_parablock.core.sizes import optimizer_state_nbytes
 
 OptimizerStatePolicy = Literal["reset", "per_block"]
 

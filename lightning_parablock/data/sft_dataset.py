@@ -16,7 +16,6 @@ from lightning_parablock.data.formatting import IGNORE_INDEX, chat_prompt_and_re
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, OUTPUT
 from lightning_parablock.data.prompts import TEMPLATES, PromptFormat, resolve_prompt_format
 
-FEATURES = ("input_ids", "attention_mask", "labels")
 _NUM_TOKENS, _NUM_SUPERVISED = "num_tokens", "num_supervised"
 
 

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.core.planning import CyclicPlan
+from lightning_parablock.core.sizes import nbytes_of
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy, RoundState
 
 
@@ -65,4 +66,4 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
     def block_nbytes(self, block: int) -> int:
         """Bytes of a block's parameters as the model stores them."""
         params = self.partition.parameters(self.lightning_module, block).values()
-        return sum(p.numel() * p.element_size() for p in params)
+        return nbytes_of(params)

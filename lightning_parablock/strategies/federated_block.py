@@ -19,7 +19,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.accelerators import Accelerator
@@ -41,7 +40,7 @@ from lightning_parablock._compat import (
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.argument_checks import check_bool, check_choice, check_float, check_int, check_optional_int
 from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
-from lightning_parablock.comm.distributed import CollectiveTransport, new_exchange_group
+from lightning_parablock.comm.distributed import collective_worker, gather_from_ranks
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.core.blocks import (
@@ -450,13 +449,7 @@ class FederatedBlockStrategy(DDPStrategy):
         """The communication thread with this run's transport: in memory, or collectives across ranks."""
         if not self.distributed:
             return CommWorker(link, timeout_s, aggregator)
-        device = torch.device("cpu") if dist.get_backend() == "gloo" else self.root_device
-        layout = self._block_layout
-        transport = CollectiveTransport(new_exchange_group(timeout_s), self.placement, layout, timeout_s, device)
-        return CommWorker(
-            link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall,
-            stage_to_host=device.type == "cpu",
-        )  # fmt: skip
+        return collective_worker(link, aggregator, timeout_s, self.placement, self._block_layout, self.root_device)
 
     def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
         return [(n, p.shape) for n, p in self.partition.parameters(self.lightning_module, block).items()]
@@ -464,11 +457,7 @@ class FederatedBlockStrategy(DDPStrategy):
     def merge_round_record(self, record: RoundRecord) -> RoundRecord:
         """One record of the round for every rank: each rank measured only its own clients."""
         record.rank = self.global_rank
-        if not self.distributed:
-            return record
-        records: list[Optional[RoundRecord]] = [None] * self.world_size
-        dist.all_gather_object(records, record)
-        return merge_rank_records(records)
+        return merge_rank_records(gather_from_ranks(record, self.world_size)) if self.distributed else record
 
     # ------------------------------------------------------------ client turns
 

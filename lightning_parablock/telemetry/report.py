@@ -121,7 +121,7 @@ def format_comparison(runs: Sequence[tuple[str, int, Sequence[RoundRecord]]], li
     lines = [header]
     for label, staleness, records in runs:
         summary = RunSummary.of(records)
-        losses = [loss for loss in map(_mean_loss, records) if loss is not None]
+        losses = [loss for loss in (r.mean_client_loss for r in records) if loss is not None]
         loss = f"{losses[-1]:.4f}" if losses else "-"
         row = f"{label:<{width}}  {summary.rounds:>6}  {loss:>10}  {summary.bytes_moved / 1e6:>9.2f}"
         row += f"  {summary.measured_seconds:>10.2f}"
@@ -144,15 +144,10 @@ def compare(run_dir: Path, bandwidths: Sequence[str] = DEFAULT_BANDWIDTHS, laten
     )
 
 
-def _mean_loss(record: RoundRecord) -> Optional[float]:
-    losses = list(record.client_loss.values())
-    return sum(losses) / len(losses) if losses else None
-
-
 def format_table(records: Sequence[RoundRecord], staleness: int, links: dict[str, SimulatedLink]) -> str:
     summary = RunSummary.of(records)
     parablock_staleness = max(staleness, 1)
-    losses = [loss for loss in map(_mean_loss, records) if loss is not None]
+    losses = [loss for loss in (r.mean_client_loss for r in records) if loss is not None]
     lines = [
         f"rounds                      {summary.rounds}",
         f"staleness of the run        {staleness}",
@@ -248,7 +243,7 @@ def plot_runtime_vs_bandwidth(
 def plot_loss(records: Sequence[RoundRecord], path: Path, validation: Sequence[tuple[int, float]] = ()) -> None:
     """Mean client training loss during each round (at the round's end), with the global model's validation
     loss where it was logged."""
-    points = [(r.round + 1, loss) for r in records if not r.flush and (loss := _mean_loss(r)) is not None]
+    points = [(r.round + 1, loss) for r in records if not r.flush and (loss := r.mean_client_loss) is not None]
     figure = Figure(figsize=(6, 4))
     axis = figure.subplots()
     if points:

@@ -10,7 +10,6 @@ clients in parallel, at any link, without re-running training (DESIGN §3, paper
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +51,12 @@ class RoundRecord:
         if self.ranks:
             return max(rank["compute_seconds"] for rank in self.ranks.values())
         return sum(self.compute_seconds.values())
+
+    @property
+    def mean_client_loss(self) -> Optional[float]:
+        """The round's training loss: the mean over its clients of each one's mean loss (``None``: no client)."""
+        losses = list(self.client_loss.values())
+        return sum(losses) / len(losses) if losses else None
 
     @property
     def bytes_moved(self) -> int:
@@ -160,22 +165,15 @@ def merge_rank_records(records: Sequence[RoundRecord]) -> RoundRecord:
     return merged
 
 
-_RUN_FOLDERS: "weakref.WeakKeyDictionary[Any, Path]" = weakref.WeakKeyDictionary()
-
-
 def run_folder(trainer: Any) -> Path:
-    """Where a run's timeline goes: the logger's ``log_dir``; without a logger, a new
-    ``default_root_dir/parablock_runs/version_N`` chosen once per Trainer, so neither the bare working
-    directory nor another run's timeline is written over."""
+    """Where a run's timeline goes: the logger's ``log_dir``; without a logger, the first free
+    ``default_root_dir/parablock_runs/version_N``, so neither the bare working directory nor another run's
+    timeline is written over (the caller keeps the folder for the rest of its fit)."""
     if trainer.loggers:
         return Path(trainer.log_dir)
-    folder = _RUN_FOLDERS.get(trainer)
-    if folder is None:
-        root = Path(trainer.default_root_dir) / "parablock_runs"
-        taken = {p.name for p in root.glob("version_*")} if root.is_dir() else set()
-        folder = root / f"version_{next(n for n in range(len(taken) + 1) if f'version_{n}' not in taken)}"
-        _RUN_FOLDERS[trainer] = folder
-    return folder
+    root = Path(trainer.default_root_dir) / "parablock_runs"
+    taken = {p.name for p in root.glob("version_*")} if root.is_dir() else set()
+    return root / f"version_{next(n for n in range(len(taken) + 1) if f'version_{n}' not in taken)}"
 
 
 def save_timeline(path: Path, records: Sequence[RoundRecord], meta: dict[str, Any]) -> None:
