@@ -52,20 +52,28 @@ class RoundPlan:
         clients_per_round: participants per round (all clients, or a seeded sample of this many).
         seed: seeds the participants and the placement.
         schedule: the block of each round.
+        placement: the rank hosting each client (:func:`place_clients`).
         world_size: processes the clients are placed on.
         rank: this process.
     """
 
     def __init__(
-        self, num_clients: int, clients_per_round: int, seed: int, schedule: BlockSchedule, world_size: int, rank: int
+        self,
+        num_clients: int,
+        clients_per_round: int,
+        seed: int,
+        schedule: BlockSchedule,
+        placement: list[int],
+        world_size: int,
+        rank: int,
     ) -> None:
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.schedule = schedule
+        self.placement = placement
         self.world_size = world_size
         self.rank = rank
-        self.placement = place_clients(num_clients, world_size, seed)
         self._participants: dict[int, list[int]] = {}
         self._blocks: dict[int, int] = {}
 

@@ -52,7 +52,7 @@ from lightning_parablock.core.blocks import (
     partition_decoder,
 )
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
-from lightning_parablock.core.planning import RoundPlan, participants_per_round
+from lightning_parablock.core.planning import RoundPlan, participants_per_round, place_clients
 from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
@@ -217,6 +217,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
+        self.placement: list[int] = [0] * self.num_clients  # the rank hosting each client, once processes exist
         self.plan: Optional[RoundPlan] = None
         self.federation: Optional[Federation] = None
         self.turns: Optional[Turns] = None
@@ -255,6 +256,7 @@ class FederatedBlockStrategy(DDPStrategy):
             super().setup_distributed()
         else:
             self.set_world_ranks()
+        self.placement = place_clients(self.num_clients, self.world_size, self.seed)
 
     @override
     def connect(self, model: "pl.LightningModule") -> None:
@@ -294,8 +296,9 @@ class FederatedBlockStrategy(DDPStrategy):
         self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed, self._gradient_probe())
         self.checkpoint.restore_schedule(self.schedule)
         self.plan = self.plan_class(
-            self.num_clients, self.clients_per_round, self.seed, self.schedule, self.world_size, self.global_rank
-        )
+            self.num_clients, self.clients_per_round, self.seed, self.schedule, self.placement, self.world_size,
+            self.global_rank,
+        )  # fmt: skip
         self.federation = Federation(
             model,
             self.partition,
@@ -326,12 +329,6 @@ class FederatedBlockStrategy(DDPStrategy):
         first_client = self.plan.participants_of(round_index)[0]
         first_batch = self.batch_sampler.turn_batches(first_client, round_index)[0]
         return self.batch_to_device(loader.collate_fn([loader.dataset[i] for i in first_batch]))
-
-    @property
-    def placement(self) -> list[int]:
-        """The rank hosting each client (known once the strategy is set up)."""
-        assert self.plan is not None, "the strategy is not set up"
-        return self.plan.placement
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
