@@ -65,6 +65,7 @@ from lightning_parablock.core.turn_timer import TurnTimer
 from lightning_parablock.fault_tolerance.fault_watch import FaultWatch
 from lightning_parablock.fault_tolerance.preemption import RoundEndRequeue, TurnStartSigterm
 from lightning_parablock.strategies.gradient_probe import GradientProbe
+from lightning_parablock.strategies.precision_policy import check_precision
 from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
 
 if TYPE_CHECKING:
@@ -303,6 +304,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
         self._validate_trainer(trainer)
+        check_precision(self.lightning_module, str(trainer.precision))
         model = self.lightning_module
         self.partition = (
             partition_by_patterns(model, self.block_patterns)
