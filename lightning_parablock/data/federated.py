@@ -24,6 +24,7 @@ from lightning_parablock.argument_checks import (
     check_optional_text,
     check_positive,
 )
+from lightning_parablock.data.chat import MESSAGES
 from lightning_parablock.data.formatting import SFTCollator
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, DataSource, load_examples
 from lightning_parablock.data.partition import (
@@ -52,7 +53,9 @@ class FederatedDataModule(L.LightningDataModule):
     """Instruction data from the Hub or local files, prompt-masked, split across federated clients.
 
     Args:
-        dataset: The training data, e.g. ``{path: vicgalle/alpaca-gpt4}``, ``{path: TIGER-Lab/MathInstruct,
+        dataset: The training data, e.g. ``{path: vicgalle/alpaca-gpt4}``, a chat set with a ``messages`` or
+            ShareGPT ``conversations`` column (rendered with the tokenizer's chat template, the loss on every
+            assistant turn), ``{path: TIGER-Lab/MathInstruct,
             max_examples: 50000}`` or ``{data_files: my.jsonl, columns: {instruction: question, output: answer}}``.
         tokenizer: A name or folder for ``AutoTokenizer.from_pretrained``, or a tokenizer object.
         val_split: A split of ``dataset`` to validate on (e.g. ``test``); the global model's held-out loss.
@@ -68,8 +71,8 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: Examples per validation/test batch; ``batch_size`` by default.
         partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
             ``alpha`` over ``label_column``); ``natural`` (one client per value of ``label_column``); ``cluster``
-            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, stop
-            words removed, for unlabeled text). Every split is drawn over the rows before tokenizing; rows dropped
+            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, or of a
+            conversation's user turns, stop words removed, for unlabeled text). Every split is drawn over the rows before tokenizing; rows dropped
             for length then leave their client, so a file, seed and ``num_clients`` give the same split whatever the
             tokenizer or ``max_length``.
         alpha: Dirichlet concentration; small is skewed (0.1), large approaches iid.
@@ -235,11 +238,18 @@ class FederatedDataModule(L.LightningDataModule):
         if self._labels is None:
             rows = self._untokenized_train
             if self.hparams.partition == "cluster":
-                texts = [f"{instruction} {input}" for instruction, input in zip(rows[INSTRUCTION], rows[INPUT])]
+                texts = self._cluster_texts(rows)
                 self._labels = cluster_labels(texts, self.hparams.num_clusters, self.hparams.seed)
             else:
                 self._labels = self._column_labels(rows)
         return self._labels
+
+    @staticmethod
+    def _cluster_texts(rows: Dataset) -> list[str]:
+        """What clustering reads: every user turn of a conversation, else the instruction and its input."""
+        if MESSAGES in rows.column_names:
+            return [" ".join(t["content"] for t in turns if t["role"] == "user") for turns in rows[MESSAGES]]
+        return [f"{instruction} {input}" for instruction, input in zip(rows[INSTRUCTION], rows[INPUT])]
 
     def _label_column(self) -> Optional[str]:
         preset = self.source.preset
