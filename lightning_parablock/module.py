@@ -168,8 +168,12 @@ class CausalLMModule(L.LightningModule):
         return self.model
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed."""
-        return self.model(**batch)
+        """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed.
+
+        Without a KV cache: scoring whole sequences needs none, and with one transformers ignores the restarting
+        ``position_ids`` of packed rows and lets their examples attend to each other.
+        """
+        return self.model(**{"use_cache": False, **batch})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss

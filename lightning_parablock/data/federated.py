@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_parablock.argument_checks import (
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -27,6 +28,7 @@ from lightning_parablock.argument_checks import (
 from lightning_parablock.data.chat import MESSAGES
 from lightning_parablock.data.formatting import SFTCollator
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, DataSource, load_examples
+from lightning_parablock.data.packing import PackedCollator, PackedDataset
 from lightning_parablock.data.partition import (
     cluster_labels,
     dirichlet_partition,
@@ -66,7 +68,12 @@ class FederatedDataModule(L.LightningDataModule):
             ``question_answer`` (``Question: ...\nAnswer: ...``), ``chat`` (the tokenizer's chat template) or
             ``auto`` (chat when the tokenizer has a template); see :mod:`~lightning_parablock.data.prompts`. Evaluate
             in the same format. The loss never covers prompt tokens.
-        max_length: Longest tokenized example; longer ones are cut from the right and counted.
+        max_length: Longest tokenized example; longer ones are cut from the right and counted. With ``packing``,
+            the length of a packed row too.
+        packing: Pack several short training examples into each row (position ids restart, attention never
+            crosses examples, loss masking unchanged; see :mod:`~lightning_parablock.data.packing`), each client's
+            shard on its own. Validation and test rows stay one example each. A client's sample count is then its
+            number of packed rows.
         batch_size: Examples per batch (per client step, before gradient accumulation).
         eval_batch_size: Examples per validation/test batch; ``batch_size`` by default.
         partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
@@ -98,6 +105,7 @@ class FederatedDataModule(L.LightningDataModule):
         eval_dataset: Optional[DataSource] = None,
         prompt_format: PromptFormat = "alpaca_lora",
         max_length: int = 512,
+        packing: bool = False,
         batch_size: int = 4,
         eval_batch_size: Optional[int] = None,
         partition: PartitionKind = "iid",
@@ -126,6 +134,7 @@ class FederatedDataModule(L.LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_optional_int("num_proc", num_proc, minimum=1)
         check_int("seed", seed, minimum=0)
+        check_bool("packing", packing)
         check_optional_text("label_column", label_column, "a column name of the data")
         check_optional_text("partition_plot", partition_plot, "a path for the PNG heatmap")
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
@@ -148,6 +157,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.partitioner = partitioner
 
         self.train_dataset: Optional[Dataset] = None
+        self.packed_train: Optional[PackedDataset] = None
+        """With ``packing``: the training rows the train loader reads, repacked per client by :meth:`client_partition`."""
         self.val_dataset: Optional[Dataset] = None
         self.test_dataset: Optional[Dataset] = None
         self.train_examples: Optional[Dataset] = None
@@ -215,6 +226,8 @@ class FederatedDataModule(L.LightningDataModule):
                 f"No training example of {self.source.describe()} is left after tokenizing with"
                 f" max_length={hparams.max_length}; raise `max_length`."
             )
+        if hparams.packing:
+            self.packed_train = PackedDataset(self.train_dataset, hparams.max_length)
 
     @property
     def num_samples(self) -> int:
@@ -276,7 +289,8 @@ class FederatedDataModule(L.LightningDataModule):
         return list(rows[column])
 
     def client_partition(self, num_clients: int) -> list[list[int]]:
-        """Indices into the training set for each client, covering every example once; prints the split.
+        """Indices into the training set for each client, covering every example once; prints the split. With
+        ``packing``, indices of the packed rows the train loader reads, each client's examples packed on their own.
 
         The split is drawn over the training rows before tokenizing; a row tokenizing dropped leaves its client.
         """
@@ -298,6 +312,8 @@ class FederatedDataModule(L.LightningDataModule):
         if self.hparams.partition_plot is not None and labels is not None:
             title = f"{name} split"
             plot_partition(parts, labels, self.hparams.partition_plot, title=title, label_name=self._label_name())
+        if self.packed_train is not None:
+            return self.packed_train.pack_shards(parts)
         return parts
 
     def _untokenized_parts(self, num_clients: int) -> list[list[int]]:
@@ -339,6 +355,14 @@ class FederatedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        if self.packed_train is not None:
+            return DataLoader(
+                self.packed_train,
+                batch_size=self.hparams.batch_size,
+                shuffle=False,
+                num_workers=self.hparams.num_workers,
+                collate_fn=PackedCollator(self.tokenizer.pad_token_id),
+            )
         return self._loader(self.train_dataset, self.hparams.batch_size)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
