@@ -81,9 +81,11 @@ def main() -> None:
     print(f"parameters: {result['parameters'] / 1e9:.2f}B, loaded as {', '.join(result['dtypes'])}")
     print(f"bf16 weights:                        {result['weights'] / gib:6.2f} GiB")
     print(f"interpreter baseline:                {result['baseline'] / gib:6.2f} GiB (after importing the package)")
-    print(f"peak RSS after from_pretrained:      {result['loaded'] / gib:6.2f} GiB (safetensors are mapped, not yet read)")
-    print(f"peak RSS after reading every weight: {result['peak'] / gib:6.2f} GiB")
-    print(f"peak above the baseline:             {growth / gib:6.2f} GiB = {ratio:.2f} x the bf16 weights (target <= {TARGET})")
+    loaded, peak = result["loaded"] / gib, result["peak"] / gib
+    print(f"peak RSS after from_pretrained:      {loaded:6.2f} GiB (safetensors are mapped, not yet read)")
+    print(f"peak RSS after reading every weight: {peak:6.2f} GiB")
+    print(f"peak above the baseline:             {growth / gib:6.2f} GiB = {ratio:.2f} x the bf16 weights", end="")
+    print(f" (target <= {TARGET})")
     print("command: python benchmarks/load_memory.py" + (f" --folder {args.folder}" if args.folder else ""))
 
 

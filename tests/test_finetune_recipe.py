@@ -58,8 +58,8 @@ class RecordedHub:
 def test_the_chat_recipe_fine_tunes_a_local_checkpoint_saves_it_whole_and_pushes_it(tmp_path, monkeypatch, capsys):
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny_chat", torch.float32)
     hub = RecordedHub()
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *args, **kwargs: hub.create_repo(*args, **kwargs))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, **kwargs: hub.upload_folder(**kwargs))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *args, **kw: hub.create_repo(*args, **kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, **kw: hub.upload_folder(**kw))
     output = tmp_path / "final_model"
     main(recipe_args(tmp_path, checkpoint, "--output_dir", str(output), "--push_to_hub", "me/tiny-chat"))
     out = capsys.readouterr().out

@@ -43,7 +43,8 @@ def test_a_packed_row_gives_each_example_the_loss_it_has_alone(attn_implementati
     examples = []
     for length, prompt in ((7, 3), (12, 5), (4, 1)):
         ids = torch.randint(4, 100, (length,)).tolist()
-        examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        examples.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
     with torch.no_grad():
         alone = []
         for example in examples:

@@ -20,7 +20,9 @@ def check_push_to_hub(repo_id: Optional[str], output_dir: Optional[str]) -> None
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise ValueError(f"`--push_to_hub={repo_id!r}` is not a Hub repository id such as 'me/llama32-1b-chat': {error}") from None
+        raise ValueError(
+            f"`--push_to_hub={repo_id!r}` is not a Hub repository id such as 'me/llama32-1b-chat': {error}"
+        ) from None
     if not output_dir:
         raise ValueError(f"`--push_to_hub={repo_id!r}` uploads the saved model: give `--output_dir` as well.")
 
@@ -29,7 +31,6 @@ def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
     """Create ``repo_id`` (private unless it exists already) and upload ``folder``; returns the commit's URL."""
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload model trained with ParaBlock"
-    )
+    message = "Upload a model fine-tuned with lightning_parablock"
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
     return str(getattr(commit, "commit_url", commit))

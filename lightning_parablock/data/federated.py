@@ -79,9 +79,9 @@ class FederatedDataModule(L.LightningDataModule):
         partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
             ``alpha`` over ``label_column``); ``natural`` (one client per value of ``label_column``); ``cluster``
             (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, or of a
-            conversation's user turns, stop words removed, for unlabeled text). Every split is drawn over the rows before tokenizing; rows dropped
-            for length then leave their client, so a file, seed and ``num_clients`` give the same split whatever the
-            tokenizer or ``max_length``.
+            conversation's user turns, stop words removed, for unlabeled text). Every split is drawn over the rows
+            before tokenizing; rows dropped for length then leave their client, so a file, seed and ``num_clients``
+            give the same split whatever the tokenizer or ``max_length``.
         alpha: Dirichlet concentration; small is skewed (0.1), large approaches iid.
         label_column: The data's column that ``dirichlet`` and ``natural`` split by (MathInstruct: ``source``, the
             preset's default).
@@ -158,7 +158,7 @@ class FederatedDataModule(L.LightningDataModule):
 
         self.train_dataset: Optional[Dataset] = None
         self.packed_train: Optional[PackedDataset] = None
-        """With ``packing``: the training rows the train loader reads, repacked per client by :meth:`client_partition`."""
+        """With ``packing``: the rows the train loader reads, repacked per client by :meth:`client_partition`."""
         self.val_dataset: Optional[Dataset] = None
         self.test_dataset: Optional[Dataset] = None
         self.train_examples: Optional[Dataset] = None

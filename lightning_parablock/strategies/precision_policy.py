@@ -8,23 +8,26 @@ under these precisions; anything else that reaches the strategy in half precisio
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_parablock.core.precision import lowers_precision, weight_dtype
 
+_TRUE_PRECISION = {torch.bfloat16: "bf16-true", torch.float16: "16-true"}
+
 
 def check_precision(module: nn.Module, precision: str) -> None:
     """Every trainable weight of ``module`` must hold at least the precision ``precision`` trains in."""
-    low = [(name, p.dtype) for name, p in module.named_parameters() if p.requires_grad and lowers_precision(p.dtype, precision)]
+    trainable = [(name, param.dtype) for name, param in module.named_parameters() if param.requires_grad]
+    low = [(name, dtype) for name, dtype in trainable if lowers_precision(dtype, precision)]
     if not low:
         return
     name, dtype = low[0]
     wanted = str(weight_dtype(precision)).removeprefix("torch.")
-    half = str(dtype).removeprefix("torch.")
     raise MisconfigurationException(
-        f"`precision={precision!r}` trains {wanted} weights, but {len(low)} trainable parameter(s) are {half}"
-        f" (e.g. {name}): they would train in lower precision than asked. Load the model in {wanted}"
-        f" (`CausalLMModule(dtype='auto')` or `dtype='{wanted}'`, or `model.float()`), or ask for half-precision"
-        f" weights trained through fp32 masters with `precision='{'bf16' if dtype.__repr__().endswith('bfloat16') else '16'}-true'`."
+        f"`precision={precision!r}` trains {wanted} weights, but {len(low)} trainable parameter(s) are"
+        f" {str(dtype).removeprefix('torch.')} (e.g. {name}): they would train in lower precision than asked. Load"
+        f" the model in {wanted} (`CausalLMModule(dtype='auto')` or `dtype='{wanted}'`, or `model.float()`), or"
+        f" train half-precision weights through fp32 masters with `precision='{_TRUE_PRECISION[dtype]}'`."
     )
