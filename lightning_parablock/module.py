@@ -1,24 +1,39 @@
 """A LightningModule around any Hugging Face causal LM, ready for block-wise federated fine-tuning."""
 
 import copy
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_parablock.argument_checks import check_bool, check_float, check_int, check_pretrained_folder
+from lightning_parablock.argument_checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_text,
+    check_pretrained_folder,
+)
 from lightning_parablock.core.lora import add_lora, check_lora_options
+from lightning_parablock.core.precision import weight_dtype
 from lightning_parablock.eval.perplexity import TokenPerplexity
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
 
 
 class CausalLMModule(L.LightningModule):
     """Train a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss).
 
-    The model is built in ``__init__`` so a strategy can inspect and freeze its parameters before training.
-    Its parameters are registered under ``model.``, e.g. ``model.model.layers.0.mlp.up_proj.weight`` for Llama.
+    The model is built (or loaded) in :meth:`configure_model`, which Lightning calls inside the strategy's device
+    and dtype context before the strategy's setup: with ``devices=8`` no rank first builds a whole copy on the
+    host. Outside a Trainer (a notebook), reading :attr:`model` builds it. Its parameters are registered under
+    ``model.``, e.g. ``model.model.layers.0.mlp.up_proj.weight`` for Llama.
 
     Args:
         model_name_or_path: Checkpoint for ``AutoModelForCausalLM.from_pretrained`` (hub name or local folder).
@@ -36,6 +51,13 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: Recompute each decoder layer's activations in backward instead of keeping them
             (Hugging Face's ``gradient_checkpointing_enable``), trading compute for activation memory. Non-reentrant
             checkpointing, so layers below the active block, whose inputs need no gradient, still pass one to it.
+        dtype: The dtype the weights are loaded in, straight from the checkpoint (no fp32 copy on the way):
+            ``"auto"`` takes the one the Trainer's precision trains (fp32 for ``32-true`` and ``*-mixed``, bf16 for
+            ``bf16-true``, fp16 for ``16-true``), or the checkpoint's own outside a Trainer; else ``"bfloat16"``,
+            ``"float16"`` or ``"float32"``.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (needs CUDA and ``flash-attn``);
+            ``None`` lets transformers choose.
+        revision: The checkpoint's branch, tag or commit on the Hub. Remote code is never trusted.
     """
 
     def __init__(
@@ -48,6 +70,9 @@ class CausalLMModule(L.LightningModule):
         seed: int = 0,
         lora: Optional[dict[str, Any]] = None,
         gradient_checkpointing: bool = False,
+        dtype: str = "auto",
+        attn_implementation: Optional[str] = None,
+        revision: Optional[str] = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -74,29 +99,68 @@ class CausalLMModule(L.LightningModule):
         if isinstance(model_name_or_path, str):
             check_pretrained_folder("model_name_or_path", model_name_or_path)
         check_bool("gradient_checkpointing", gradient_checkpointing)
+        check_choice("dtype", dtype, DTYPES)
+        check_attn_implementation(attn_implementation)
+        check_optional_text("revision", revision, "a branch, tag or commit of the checkpoint")
+        if revision is not None and model_name_or_path is None:
+            raise ValueError(f"`revision={revision!r}` names a version of a checkpoint; pass `model_name_or_path` too.")
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if model_name_or_path is not None:
-                self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path)
-            else:
-                self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-            if gradient_checkpointing:
-                self._enable_gradient_checkpointing()
-            if lora is not None:
-                self.model = add_lora(self.model, lora)
 
-    def _enable_gradient_checkpointing(self) -> None:
-        """Non-reentrant, so layers below the active block, whose inputs need no gradient, still pass one to it."""
-        if not self.model.supports_gradient_checkpointing:
-            raise ValueError(f"{type(self.model).__name__} does not support gradient checkpointing.")
-        enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 names it so
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+    def configure_model(self) -> None:
+        """Build or load the model once; later calls do nothing.
+
+        Lightning calls this in ``fit``/``validate``/``test`` inside the strategy's device and dtype context, so
+        the weights land on the rank's device in the dtype the precision trains.
+        """
+        if "model" in self._modules:
+            return
+        hparams = self.hparams
+        options = self._load_options()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hparams.seed)
+            if hparams.model_name_or_path is not None:
+                model = AutoModelForCausalLM.from_pretrained(
+                    hparams.model_name_or_path, revision=hparams.revision, trust_remote_code=False, **options
+                )
+            else:
+                if options.get("dtype") == "auto":  # a config has no checkpoint dtype to take
+                    options.pop("dtype")
+                model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hparams.config), **options)
+            if hparams.gradient_checkpointing:
+                _enable_gradient_checkpointing(model)
+            if hparams.lora is not None:
+                model = add_lora(model, hparams.lora)
+        self.model = model
+
+    def _load_options(self) -> dict[str, Any]:
+        """``dtype`` and ``attn_implementation`` for ``from_pretrained``/``from_config``."""
+        hparams = self.hparams
+        options: dict[str, Any] = {"dtype": load_dtype(hparams.dtype, self._trainer_precision())}
+        if hparams.attn_implementation is not None:
+            options["attn_implementation"] = hparams.attn_implementation
+        return options
+
+    def _trainer_precision(self) -> Optional[str]:
+        trainer = self._trainer
+        return None if trainer is None else str(trainer.precision)
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model, built by :meth:`configure_model` on first use outside a Trainer."""
+        if "model" not in self._modules:
+            self.configure_model()
+        return self._modules["model"]
+
+    @property
+    def model_config(self) -> PretrainedConfig:
+        """The model's Hugging Face config, read from the checkpoint without loading its weights when unbuilt."""
+        if "model" in self._modules:
+            return self._modules["model"].config
+        hparams = self.hparams
+        if hparams.model_name_or_path is not None:
+            return AutoConfig.from_pretrained(hparams.model_name_or_path, revision=hparams.revision)
+        return AutoConfig.for_model(**hparams.config)
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -104,8 +168,12 @@ class CausalLMModule(L.LightningModule):
         return self.model
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed."""
-        return self.model(**batch)
+        """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed.
+
+        Without a KV cache: scoring whole sequences needs none, and with one transformers ignores the restarting
+        ``position_ids`` of packed rows and lets their examples attend to each other.
+        """
+        return self.model(**{"use_cache": False, **batch})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss
@@ -144,3 +212,39 @@ class CausalLMModule(L.LightningModule):
         model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+def load_dtype(dtype: str, precision: Optional[str]) -> Union[str, torch.dtype]:
+    """The dtype to load weights in: the one asked for, else the one ``precision`` trains, else the checkpoint's."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return weight_dtype(precision) or "auto"
+
+
+def check_attn_implementation(attn_implementation: Optional[str]) -> None:
+    """Refuse an unknown attention implementation, and flash-attention where it cannot run, before loading."""
+    check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "`attn_implementation='flash_attention_2'` needs the flash-attn package: `pip install flash-attn"
+            " --no-build-isolation` on a CUDA machine, or use `attn_implementation='sdpa'`."
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "`attn_implementation='flash_attention_2'` runs on CUDA GPUs only and none is available; use"
+            " `attn_implementation='sdpa'` (or 'eager')."
+        )
+
+
+def _enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant, so layers below the active block, whose inputs need no gradient, still pass one to it."""
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 names it so
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation

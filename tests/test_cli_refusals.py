@@ -172,6 +172,7 @@ def test_data_problems_name_the_file_and_row_before_a_run_folder_exists(tmp_path
 def test_resuming_from_a_checkpoint_of_another_model_names_both_shapes(tmp_path, capsys):
     other = CausalLMModule(config={"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
+    other.configure_model()
     checkpoint = tmp_path / "other.ckpt"
     torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams)}, checkpoint)
     before = snapshot(tmp_path)

@@ -33,10 +33,10 @@ def test_requires_exactly_one_model_source(tiny_llama_config):
 
 def test_seed_makes_init_reproducible(tiny_llama_config):
     rng_state = torch.get_rng_state()
-    first = CausalLMModule(config=tiny_llama_config, seed=1).state_dict()
+    first = CausalLMModule(config=tiny_llama_config, seed=1).model.state_dict()
     assert torch.equal(torch.get_rng_state(), rng_state)
-    second = CausalLMModule(config=tiny_llama_config, seed=1).state_dict()
-    other = CausalLMModule(config=tiny_llama_config, seed=2).state_dict()
+    second = CausalLMModule(config=tiny_llama_config, seed=1).model.state_dict()
+    other = CausalLMModule(config=tiny_llama_config, seed=2).model.state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
@@ -72,6 +72,7 @@ def test_trainer_fit_decreases_loss_on_fixed_batch(tiny_llama_config, datamodule
 
 def test_configure_optimizers_is_fresh_and_follows_requires_grad(tiny_llama_config):
     module = CausalLMModule(config=tiny_llama_config, learning_rate=3e-3, weight_decay=0.1, betas=(0.8, 0.9))
+    module.configure_model()
     first, second = module.configure_optimizers(), module.configure_optimizers()
     assert first is not second
     assert isinstance(first, torch.optim.AdamW)
@@ -173,3 +174,40 @@ def test_a_whole_float_lora_rank_is_taken_as_an_integer(tiny_llama_config):
 def test_optimizer_settings_from_a_checkpoint_list_are_accepted(tiny_llama_config):
     module = CausalLMModule(config=tiny_llama_config, learning_rate=0, betas=[0.8, 0.9], seed=1.0)  # hparams.yaml
     assert tuple(module.hparams.betas) == (0.8, 0.9)
+
+
+def test_loading_options_reach_from_pretrained_and_the_model_loads_lazily(tmp_path):
+    from pretrained import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "bf16", torch.bfloat16)
+    module = CausalLMModule(model_name_or_path=str(folder), attn_implementation="eager")
+    assert "model" not in module._modules and module.model_config.vocab_size == 128  # config read, no weights
+    assert module.model.dtype == torch.bfloat16  # outside a Trainer "auto" keeps the checkpoint's dtype
+    assert module.model.config._attn_implementation == "eager"
+    module.configure_model()  # Lightning's call after a notebook built it: nothing happens
+    assert module.model.dtype == torch.bfloat16
+    assert CausalLMModule(model_name_or_path=str(folder), dtype="float32").model.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"dtype": "fp16"}, ValueError, r"`dtype` must be 'auto', 'bfloat16', 'float16' or 'float32', got 'fp16'"),
+        ({"attn_implementation": "flash"}, ValueError, r"`attn_implementation` must be .*'sdpa'.*, got 'flash'"),
+        ({"attn_implementation": "flash_attention_2"}, ImportError, r"pip install flash-attn.*'sdpa'"),
+        ({"revision": "main"}, ValueError, r"`revision='main'` names a version of a checkpoint"),
+    ],
+)
+def test_unknown_dtype_attention_or_revision_is_refused_before_loading(tiny_llama_config, options, error, message):
+    with pytest.raises(error, match=message):
+        CausalLMModule(config=tiny_llama_config, **options)
+
+
+def test_flash_attention_without_cuda_names_sdpa(tiny_llama_config, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"runs on CUDA GPUs only.*attn_implementation='sdpa'"):
+        CausalLMModule(config=tiny_llama_config, attn_implementation="flash_attention_2")

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.cli import preflight
+from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
 from lightning_parablock.cli.recipe_method import apply_method
 from lightning_parablock.methods.registry import MethodName
@@ -124,6 +125,13 @@ class ParaBlockCLI(LightningCLI):
             " without `save_pretrained` gets the Hugging Face model inside it saved, else its state dict.",
         )
         parser.add_argument(
+            "--push_to_hub",
+            type=Optional[str],
+            default=None,
+            help="After `fit`, upload the --output_dir folder (model, tokenizer, chat template) to this Hub repository,"
+            " e.g. `me/llama32-1b-chat` (created private if new; needs `huggingface-cli login`).",
+        )
+        parser.add_argument(
             "--overwrite_output",
             type=bool,
             default=False,
@@ -186,6 +194,7 @@ class ParaBlockCLI(LightningCLI):
         trainer = self.trainer
         check_trainer(trainer, option_prefix="--trainer.")
         plan = None
+        check_push_to_hub(config.get("push_to_hub"), config.get("output_dir"))
         if config.get("output_dir"):
             plan = check_output_dir(config["output_dir"], _run_dirs(trainer), self.model, config.get("overwrite_output"))
         preflight.prepare_data(self.datamodule)
@@ -226,6 +235,9 @@ class ParaBlockCLI(LightningCLI):
             lines.append(f"  global model written to {saved.path} ({saved.contents})")
             if saved.note:
                 lines.append(f"  note: {saved.note}")
+            repo_id = self.config[self.subcommand].get("push_to_hub")
+            if repo_id:
+                lines.append(f"  pushed to the Hub: {push_folder(saved.path, repo_id)}")
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
 

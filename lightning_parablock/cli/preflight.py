@@ -27,7 +27,11 @@ def prepare_data(datamodule: Optional[LightningDataModule]) -> None:
 
 
 def hf_config(module: LightningModule) -> Optional[Any]:
-    """The Hugging Face config of the model inside ``module``, if there is one."""
+    """The Hugging Face config of the model inside ``module``, if there is one; read without building a model that
+    is built in ``configure_model`` (``CausalLMModule.model_config``)."""
+    config = getattr(module, "model_config", None)
+    if config is not None and hasattr(config, "vocab_size"):
+        return config
     for _, child in module.named_modules():
         config = getattr(child, "config", None)
         if config is not None and hasattr(config, "vocab_size"):
@@ -63,6 +67,7 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module:
     config stands and a different model is refused, naming both shapes.
     """
     saved: dict[str, torch.Tensor] = checkpoint.get("state_dict", {})
+    module.configure_model()  # a model built in `configure_model` is compared (and then resumed) whole
     built = module.state_dict()
     missing = sorted(set(built) - set(saved))
     unexpected = sorted(set(saved) - set(built))

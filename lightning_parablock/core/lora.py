@@ -27,8 +27,14 @@ def check_lora_options(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with ``r`` a positive integer, ``lora_alpha`` a number >= 0 and ``lora_dropout`` in [0, 1).
 
     Checked by name before any model is built: peft takes ``r=2.5`` and torch then fails deep inside a layer.
-    Other keys are left to ``peft.LoraConfig``. Returns the options with ``r`` as an ``int`` (``2.0`` is 2).
+    A key that is no ``peft.LoraConfig`` argument is refused too. Returns the options with ``r`` as an ``int``
+    (``2.0`` is 2).
     """
+    unknown = set(options) - set(LoraConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha."
+        )
     if "lora_alpha" in options:
         check_float("lora['lora_alpha']", options["lora_alpha"], minimum=0.0)
     if "lora_dropout" in options:
@@ -43,11 +49,6 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
 
     The base weights are frozen; B starts at zero, so the wrapped model computes what ``model`` did.
     """
-    unknown = set(options) - set(LoraConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(
-            f"Unknown LoRA options {sorted(unknown)}; use `peft.LoraConfig` arguments such as r, lora_alpha."
-        )
     config = LoraConfig(**{**LORA_DEFAULTS, **check_lora_options(options)})
     return get_peft_model(model, config)
 

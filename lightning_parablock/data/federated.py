@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_parablock.argument_checks import (
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -24,8 +25,10 @@ from lightning_parablock.argument_checks import (
     check_optional_text,
     check_positive,
 )
+from lightning_parablock.data.chat import MESSAGES
 from lightning_parablock.data.formatting import SFTCollator
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, DataSource, load_examples
+from lightning_parablock.data.packing import PackedCollator, PackedDataset
 from lightning_parablock.data.partition import (
     cluster_labels,
     dirichlet_partition,
@@ -52,7 +55,9 @@ class FederatedDataModule(L.LightningDataModule):
     """Instruction data from the Hub or local files, prompt-masked, split across federated clients.
 
     Args:
-        dataset: The training data, e.g. ``{path: vicgalle/alpaca-gpt4}``, ``{path: TIGER-Lab/MathInstruct,
+        dataset: The training data, e.g. ``{path: vicgalle/alpaca-gpt4}``, a chat set with a ``messages`` or
+            ShareGPT ``conversations`` column (rendered with the tokenizer's chat template, the loss on every
+            assistant turn), ``{path: TIGER-Lab/MathInstruct,
             max_examples: 50000}`` or ``{data_files: my.jsonl, columns: {instruction: question, output: answer}}``.
         tokenizer: A name or folder for ``AutoTokenizer.from_pretrained``, or a tokenizer object.
         val_split: A split of ``dataset`` to validate on (e.g. ``test``); the global model's held-out loss.
@@ -63,15 +68,20 @@ class FederatedDataModule(L.LightningDataModule):
             ``question_answer`` (``Question: ...\nAnswer: ...``), ``chat`` (the tokenizer's chat template) or
             ``auto`` (chat when the tokenizer has a template); see :mod:`~lightning_parablock.data.prompts`. Evaluate
             in the same format. The loss never covers prompt tokens.
-        max_length: Longest tokenized example; longer ones are cut from the right and counted.
+        max_length: Longest tokenized example; longer ones are cut from the right and counted. With ``packing``,
+            the length of a packed row too.
+        packing: Pack several short training examples into each row (position ids restart, attention never
+            crosses examples, loss masking unchanged; see :mod:`~lightning_parablock.data.packing`), each client's
+            shard on its own. Validation and test rows stay one example each. A client's sample count is then its
+            number of packed rows.
         batch_size: Examples per batch (per client step, before gradient accumulation).
         eval_batch_size: Examples per validation/test batch; ``batch_size`` by default.
         partition: How clients split the training set: ``iid``; ``dirichlet`` (label skew with concentration
             ``alpha`` over ``label_column``); ``natural`` (one client per value of ``label_column``); ``cluster``
-            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, stop
-            words removed, for unlabeled text). Every split is drawn over the rows before tokenizing; rows dropped
-            for length then leave their client, so a file, seed and ``num_clients`` give the same split whatever the
-            tokenizer or ``max_length``.
+            (``dirichlet`` over ``num_clusters`` TF-IDF k-means clusters of the raw instructions and inputs, or of a
+            conversation's user turns, stop words removed, for unlabeled text). Every split is drawn over the rows
+            before tokenizing; rows dropped for length then leave their client, so a file, seed and ``num_clients``
+            give the same split whatever the tokenizer or ``max_length``.
         alpha: Dirichlet concentration; small is skewed (0.1), large approaches iid.
         label_column: The data's column that ``dirichlet`` and ``natural`` split by (MathInstruct: ``source``, the
             preset's default).
@@ -95,6 +105,7 @@ class FederatedDataModule(L.LightningDataModule):
         eval_dataset: Optional[DataSource] = None,
         prompt_format: PromptFormat = "alpaca_lora",
         max_length: int = 512,
+        packing: bool = False,
         batch_size: int = 4,
         eval_batch_size: Optional[int] = None,
         partition: PartitionKind = "iid",
@@ -123,6 +134,7 @@ class FederatedDataModule(L.LightningDataModule):
         check_int("num_workers", num_workers, minimum=0)
         check_optional_int("num_proc", num_proc, minimum=1)
         check_int("seed", seed, minimum=0)
+        check_bool("packing", packing)
         check_optional_text("label_column", label_column, "a column name of the data")
         check_optional_text("partition_plot", partition_plot, "a path for the PNG heatmap")
         # Checkpoints and hparams.yaml hold the sources as plain dicts; they come back as dicts.
@@ -145,6 +157,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.partitioner = partitioner
 
         self.train_dataset: Optional[Dataset] = None
+        self.packed_train: Optional[PackedDataset] = None
+        """With ``packing``: the rows the train loader reads, repacked per client by :meth:`client_partition`."""
         self.val_dataset: Optional[Dataset] = None
         self.test_dataset: Optional[Dataset] = None
         self.train_examples: Optional[Dataset] = None
@@ -212,6 +226,8 @@ class FederatedDataModule(L.LightningDataModule):
                 f"No training example of {self.source.describe()} is left after tokenizing with"
                 f" max_length={hparams.max_length}; raise `max_length`."
             )
+        if hparams.packing:
+            self.packed_train = PackedDataset(self.train_dataset, hparams.max_length)
 
     @property
     def num_samples(self) -> int:
@@ -235,11 +251,18 @@ class FederatedDataModule(L.LightningDataModule):
         if self._labels is None:
             rows = self._untokenized_train
             if self.hparams.partition == "cluster":
-                texts = [f"{instruction} {input}" for instruction, input in zip(rows[INSTRUCTION], rows[INPUT])]
+                texts = self._cluster_texts(rows)
                 self._labels = cluster_labels(texts, self.hparams.num_clusters, self.hparams.seed)
             else:
                 self._labels = self._column_labels(rows)
         return self._labels
+
+    @staticmethod
+    def _cluster_texts(rows: Dataset) -> list[str]:
+        """What clustering reads: every user turn of a conversation, else the instruction and its input."""
+        if MESSAGES in rows.column_names:
+            return [" ".join(t["content"] for t in turns if t["role"] == "user") for turns in rows[MESSAGES]]
+        return [f"{instruction} {input}" for instruction, input in zip(rows[INSTRUCTION], rows[INPUT])]
 
     def _label_column(self) -> Optional[str]:
         preset = self.source.preset
@@ -266,7 +289,8 @@ class FederatedDataModule(L.LightningDataModule):
         return list(rows[column])
 
     def client_partition(self, num_clients: int) -> list[list[int]]:
-        """Indices into the training set for each client, covering every example once; prints the split.
+        """Indices into the training set for each client, covering every example once; prints the split. With
+        ``packing``, indices of the packed rows the train loader reads, each client's examples packed on their own.
 
         The split is drawn over the training rows before tokenizing; a row tokenizing dropped leaves its client.
         """
@@ -288,6 +312,8 @@ class FederatedDataModule(L.LightningDataModule):
         if self.hparams.partition_plot is not None and labels is not None:
             title = f"{name} split"
             plot_partition(parts, labels, self.hparams.partition_plot, title=title, label_name=self._label_name())
+        if self.packed_train is not None:
+            return self.packed_train.pack_shards(parts)
         return parts
 
     def _untokenized_parts(self, num_clients: int) -> list[list[int]]:
@@ -329,6 +355,14 @@ class FederatedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        if self.packed_train is not None:
+            return DataLoader(
+                self.packed_train,
+                batch_size=self.hparams.batch_size,
+                shuffle=False,
+                num_workers=self.hparams.num_workers,
+                collate_fn=PackedCollator(self.tokenizer.pad_token_id),
+            )
         return self._loader(self.train_dataset, self.hparams.batch_size)
 
     def val_dataloader(self) -> Union[DataLoader, list]:

@@ -13,6 +13,7 @@ from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from lightning_parablock.argument_checks import check_optional_int
+from lightning_parablock.data.chat import MESSAGES, chat_column, to_chat_schema
 from lightning_parablock.data.file_checks import DataFiles, check_data_files, check_data_files_shape, listed_files
 
 INSTRUCTION, INPUT, OUTPUT = "instruction", "input", "output"
@@ -52,7 +53,9 @@ class DataSource:
         split: The split to read, e.g. ``train``, ``test`` or ``train[:1000]``.
         data_files: Local files: one path, a list, or a dict from split name to paths.
         columns: The data's column for each of ``instruction``, ``input`` (optional) and ``output``. Unnamed ones
-            default to the preset's, else to the column of the same name.
+            default to the preset's, else to the column of the same name. For chat data, ``{messages: column}``
+            names the column of conversations (found by itself when it is ``messages`` or ShareGPT's
+            ``conversations``); see :mod:`~lightning_parablock.data.chat`.
         max_examples: Keep a seeded random sample of this many examples (the paper samples 50,000 of MathInstruct).
     """
 
@@ -102,7 +105,11 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
     except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
         raise ValueError(f"Could not load the data source {source.describe()}: {error}") from error
     columns = {**(preset.columns if preset else {}), **(source.columns or {})}
-    dataset = to_instruction_schema(dataset, columns, source.describe())
+    conversations = chat_column(columns, dataset.column_names)
+    if conversations is not None:
+        dataset = to_chat_schema(dataset, conversations, source.describe())
+    else:
+        dataset = to_instruction_schema(dataset, columns, source.describe())
     if source.max_examples is not None and source.max_examples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(source.max_examples))
     return dataset
@@ -132,7 +139,7 @@ def to_instruction_schema(dataset: Dataset, columns: dict[str, str], where: str 
             here is read from the column of its own name.
         where: Names the data in error messages.
     """
-    unknown = sorted(set(columns) - set(TEXT_FIELDS))
+    unknown = sorted(set(columns) - set(TEXT_FIELDS) - {MESSAGES})
     if unknown:
         raise ValueError(
             f"`columns` maps the fields {list(TEXT_FIELDS)}; got unknown field(s) {unknown}. To split clients by a"

@@ -12,6 +12,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
+from lightning_parablock.data.chat import MESSAGES, encode_conversation
 from lightning_parablock.data.formatting import IGNORE_INDEX, chat_prompt_and_response, encode_for_sft, truncate
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, OUTPUT
 from lightning_parablock.data.prompts import TEMPLATES, PromptFormat, resolve_prompt_format
@@ -49,7 +50,9 @@ def tokenize_dataset(
     split: str = "train",
     num_proc: Optional[int] = None,
 ) -> tuple[Dataset, TokenizationReport]:
-    """Format and tokenize every example of an ``instruction``/``input``/``output`` dataset.
+    """Format and tokenize every example of an ``instruction``/``input``/``output`` dataset, or every conversation
+    of a ``messages`` one (rendered with the tokenizer's chat template whatever ``prompt_format`` says, the loss on
+    every assistant turn).
 
     Returns:
         The dataset with only ``input_ids``, ``attention_mask`` and ``labels`` (labels ``-100`` on the prompt),
@@ -86,7 +89,9 @@ def _tokenize_example(
     example: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int, prompt_format: str
 ) -> dict[str, Any]:
     instruction, input, output = (_text(example[name]) for name in (INSTRUCTION, INPUT, OUTPUT))
-    if prompt_format == "chat":
+    if example.get(MESSAGES) is not None:
+        features = encode_conversation(example[MESSAGES], tokenizer)
+    elif prompt_format == "chat":
         prompt, response = chat_prompt_and_response(tokenizer, instruction, input, output)
         features = encode_for_sft(prompt, response, tokenizer, add_special_tokens=False)
     else:

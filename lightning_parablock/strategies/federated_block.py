@@ -60,6 +60,7 @@ from lightning_parablock.strategies.client_data import check_train_loader, feder
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
 from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint
 from lightning_parablock.strategies.gradient_probe import GradientProbe
+from lightning_parablock.strategies.precision_policy import check_precision
 from lightning_parablock.strategies.trainer_checks import check_module_and_precision
 from lightning_parablock.strategies.turns import Turns
 from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
@@ -286,6 +287,7 @@ class FederatedBlockStrategy(DDPStrategy):
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
         model = self.lightning_module
         check_module_and_precision(trainer, model)
+        check_precision(model, str(trainer.precision))
         self.partition = (
             partition_by_patterns(model, self.block_patterns)
             if self.block_patterns is not None

@@ -1,0 +1,110 @@
+"""The precision matrix: checkpoint dtype × Trainer precision -> the dtype of the weights, the active block's
+masters, the optimizer state, the deltas, what crosses the link and the saved model (README's table).
+
+Tiny Llama checkpoints saved by the test in fp32 and bf16, loaded through ``CausalLMModule(dtype="auto")``.
+"""
+
+import pytest
+import torch
+from helpers import quiet_trainer
+from lightning import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from pretrained import save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock.data import SyntheticArithmeticDataModule
+from lightning_parablock.module import CausalLMModule, load_dtype
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+MATRIX = {  # precision -> (weights, masters, optimizer state, deltas, link, saved); the same for both checkpoints
+    "32-true": (F32, None, F32, F32, F32, F32),
+    "bf16-mixed": (F32, None, F32, F32, F32, F32),
+    "16-mixed": (F32, None, F32, F32, F32, F32),
+    "bf16-true": (BF16, F32, F32, F32, F32, BF16),
+    "16-true": (F16, F32, F32, F32, F32, F16),
+}
+CUDA_ONLY = {"16-mixed"}  # Lightning refuses fp16 autocast on CPU
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {dtype: save_tiny_checkpoint(root / str(dtype), dtype) for dtype in (F32, BF16)}
+
+
+class Observe(Callback):
+    """Dtypes seen during the active block's turn and what the comm thread is handed to send."""
+
+    def __init__(self):
+        self.weights, self.masters, self.state = set(), set(), set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        strategy = trainer.strategy
+        self.weights |= {p.dtype for p in pl_module.parameters()}
+        master = strategy.federation._turn.master
+        self.masters |= {m.dtype for m in master.masters.values()} if master is not None else set()
+        for state in trainer.optimizers[0].state.values():
+            self.state |= {state["exp_avg"].dtype, state["exp_avg_sq"].dtype}
+
+
+@pytest.mark.parametrize("checkpoint_dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", list(MATRIX))
+def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, precision, tmp_path):
+    if precision in CUDA_ONLY and not torch.cuda.is_available():
+        pytest.skip(f"{precision} needs CUDA")
+    weights, masters, state, deltas, link, saved = MATRIX[precision]
+    module = CausalLMModule(model_name_or_path=str(checkpoints[checkpoint_dtype]), learning_rate=1e-2)
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, schedule="sequential")
+    sent, pending = [], []
+    uploads = strategy.round_uploads
+
+    def record_uploads(round_index, codec):
+        encoded = uploads(round_index, codec)
+        sent.extend(t.dtype for delta in encoded.values() for e in delta.values() for t in e.payload.values())
+        pending.extend(t.dtype for c in strategy.federation.clients.values() for d in c.pending.values() for t in d.wait().tensors.values())
+        return encoded
+
+    strategy.round_uploads = record_uploads
+    observe = Observe()
+    trainer = quiet_trainer(
+        strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3, precision=precision,
+        accelerator="cuda" if precision in CUDA_ONLY else "cpu",
+    )  # fmt: skip
+    data = SyntheticArithmeticDataModule(num_examples=32, val_examples=0, batch_size=4, max_length=48)
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    assert observe.weights == {weights}
+    assert observe.masters == ({masters} if masters else set())
+    assert observe.state == {state}
+    assert pending and set(pending) == {deltas}
+    assert sent and set(sent) == {link}
+    module.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {saved}
+
+
+@pytest.mark.parametrize("precision", list(MATRIX))
+def test_auto_dtype_loads_what_the_precision_trains(precision):
+    assert load_dtype("auto", precision) == MATRIX[precision][0]
+    assert load_dtype("auto", None) == "auto"  # outside a Trainer: the checkpoint's own
+    assert load_dtype("bfloat16", precision) == BF16
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_bf16_weights_under_an_fp32_precision_are_refused_by_name(checkpoints, precision):
+    module = CausalLMModule(model_name_or_path=str(checkpoints[BF16]), dtype="bfloat16")
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback()], max_epochs=2, precision=precision)
+    data = SyntheticArithmeticDataModule(num_examples=8, val_examples=0, batch_size=4)
+    message = rf"`precision='{precision}'` trains float32 weights, but \d+ trainable parameter\(s\) are bfloat16"
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer.fit(module, train_dataloaders=data.train_dataloader())
+
+
+def test_model_loads_in_the_trainers_dtype_inside_configure_model(checkpoints):
+    module = CausalLMModule(model_name_or_path=str(checkpoints[BF16]))
+    assert "model" not in module._modules  # nothing loaded before the Trainer asks
+    trainer = quiet_trainer(max_epochs=1, precision="bf16-mixed", limit_train_batches=1)
+    data = SyntheticArithmeticDataModule(num_examples=8, val_examples=0, batch_size=4)
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
+    assert {p.dtype for p in module.parameters()} == {F32}
