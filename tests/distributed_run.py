@@ -92,6 +92,7 @@ def train(
     slurm: bool = False,
     fault: Fault | None = None,
     method: str | None = None,
+    accelerator: str = "cpu",
 ) -> dict:
     """Train the toy federation; rank 0 saves and returns the final global model and the timeline records."""
     torch.set_num_threads(1)
@@ -116,7 +117,7 @@ def train(
     )
     trainer = Trainer(
         strategy=strategy,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         callbacks=callbacks,
         max_epochs=rounds,
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)
     parser.add_argument("--method", default=None)
+    parser.add_argument("--accelerator", default="cpu", help="gpu: NCCL for the default group (benchmarks/gpu_check.sh)")
     args = vars(parser.parse_args())
     kind, rank, at_round, marker = (args.pop(k) for k in ("fault", "fault_rank", "fault_round", "marker"))
     train(**args, fault=Fault(kind, rank, at_round, marker) if kind else None)

@@ -35,3 +35,15 @@ def test_memory_benchmark_prints_measured_beside_the_formula():
 def test_compression_benchmark_quick_prints_a_loss_per_setting():
     out = run("compression.py", "--quick")
     assert len(re.findall(r"^\S+ +\S+-\S+ +[0-9.]+ +[0-9.]+ MB", out, re.MULTILINE)) == 7, out
+
+
+def test_the_readmes_recipe_memory_table_is_the_formulas_output():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    table = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "recipe_memory.py")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert table in (root / "README.md").read_text()

@@ -69,3 +69,101 @@ def test_gpu_run_times_turns_by_events_and_offloads_to_pinned_memory(monkeypatch
     assert synchronized == []  # no device-wide synchronize on the hot path
     rounds = [r for r in callback.records if not r.flush]
     assert all(set(r.compute_seconds) == set(r.participants) and min(r.compute_seconds.values()) > 0 for r in rounds)
+
+
+@cuda
+def test_side_stream_copies_are_exact_while_the_compute_stream_is_busy_and_freed_memory_is_reused():
+    busy = torch.randn(4096, 4096, device="cuda")
+    source = {"w": torch.randn(1 << 22, device="cuda")}
+    expected = source["w"].cpu()
+    for _ in range(20):  # queue work on the compute stream before and after the copy starts
+        busy = busy @ busy / busy.norm()
+    copies, event = copy_to_host(source)
+    address = source["w"].data_ptr()
+    del source
+    reused = torch.zeros(1 << 22, device="cuda")  # may take the freed block only once the copy is done
+    for _ in range(20):
+        busy = busy @ busy / busy.norm()
+    event.synchronize()
+    assert copies["w"].is_pinned() and torch.equal(copies["w"], expected)
+    assert reused.data_ptr() != address or event.query()
+
+
+@cuda
+def test_the_exchange_never_runs_on_the_compute_stream():
+    from lightning_parablock.core.device_copies import _side_stream
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert _side_stream(device) != torch.cuda.current_stream(device)
+
+
+@cuda
+def test_offloaded_deltas_are_pinned_and_bit_identical_to_deltas_kept_on_the_gpu():
+    on_gpu, _ = fit(accelerator="gpu", offload_deltas=False)
+    offloaded, _ = fit(accelerator="gpu", offload_deltas=True)
+    for (name, a), (_, b) in zip(on_gpu.named_parameters(), offloaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@cuda
+def test_bf16_true_on_the_gpu_trains_through_fp32_masters_on_the_device_and_no_half_gradients():
+    from lightning import Callback
+
+    seen = []
+
+    class Inspect(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            masters = [p for group in optimizer.param_groups for p in group["params"]]
+            seen.append(all(p.dtype == torch.float32 and p.is_cuda and p.grad is not None for p in masters))
+            seen.append(all(p.grad is None for p in pl_module.parameters() if p.dtype == torch.bfloat16))
+
+    module = ToyModule(optimizer="adamw")
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=2)
+    trainer = quiet_trainer(
+        strategy=strategy, callbacks=[ParaBlockCallback(), Inspect()], max_epochs=3, accelerator="gpu", devices=1,
+        precision="bf16-true",
+    )  # fmt: skip
+    trainer.fit(module, toy_loader(toy_dataset()))
+    assert seen and all(seen)
+
+
+@cuda
+def test_the_comm_thread_exchanges_on_a_gpu_run_under_a_bf16_default_dtype_without_touching_gpu_0():
+    from lightning_parablock.comm.worker import CommWorker
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    worker = CommWorker(SimulatedLink(), 60.0, device=device)
+    delta = {"w": torch.randn(65537, device=device)}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        worker.submit(0, 0, {0: delta, 1: delta}, {0: 262147.0, 1: 1.0})
+        result = worker.wait(0)
+    finally:
+        torch.set_default_dtype(previous)
+        worker.shutdown()
+    assert result.upload_bytes == {0: 4 * 65537, 1: 4 * 65537}
+    assert torch.equal(result.aggregate["w"], delta["w"].cpu())
+
+
+@cuda
+def test_a_gpu_run_resumed_from_a_round_boundary_is_bit_identical(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(rounds, ckpt_path=None, save=False):
+        module = ToyModule(optimizer="adamw")
+        strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, offload_deltas=True)
+        callbacks = [ParaBlockCallback(staleness=1, link=SimulatedLink(latency="1ms"))]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1))
+        trainer = quiet_trainer(
+            strategy=strategy, callbacks=callbacks, max_epochs=rounds, accelerator="gpu", devices=1,
+            enable_checkpointing=save,
+        )  # fmt: skip
+        trainer.fit(module, toy_loader(toy_dataset()), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(4, save=True)
+    resumed = run(4, ckpt_path=str(tmp_path / "epoch=1-step=8.ckpt"))
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name

@@ -255,3 +255,27 @@ def test_clipping_and_accumulation_act_on_the_fp32_masters():
     assert len(seen) == 3 * 2 * 2 and max(seen) > 1e-3  # before clipping; Lightning clips right after this hook
     assert len(clipped) == len(seen) and max(clipped) <= 1e-3 * (1 + 1e-5)
     assert full_loss(module) < start
+
+
+def test_bf16_true_keeps_rope_inverse_frequencies_fp32_and_exact(tiny_llama_config):
+    from lightning_parablock import CausalLMModule
+    from lightning_parablock.data import SyntheticArithmeticDataModule
+
+    module = CausalLMModule(config={**tiny_llama_config, "max_position_embeddings": 4096}, seed=0)
+    original = {n: b.clone() for n, b in module.named_buffers() if n.endswith("inv_freq")}
+    assert original and all(b.dtype == torch.float32 for b in original.values())
+    seen = {}
+
+    class AtFirstBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.update({n: b.clone() for n, b in pl_module.named_buffers() if n.endswith("inv_freq")})
+            seen["weights"] = {p.dtype for p in pl_module.parameters()}
+
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    trainer = quiet_trainer(
+        strategy=strategy, callbacks=[ParaBlockCallback(), AtFirstBatch()], max_epochs=2, precision="bf16-true"
+    )
+    trainer.fit(module, datamodule=SyntheticArithmeticDataModule(num_examples=16, val_examples=4, batch_size=4, seed=0))
+    assert seen.pop("weights") == {torch.bfloat16}
+    for name, value in original.items():
+        assert seen[name].dtype == torch.float32 and torch.equal(seen[name], value), name

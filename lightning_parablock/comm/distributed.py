@@ -9,8 +9,17 @@ every batch; a collective on it from the communication thread would deadlock):
 2. the weighted sum of the kept deltas by all-reduce, or, for the robust aggregators that need every
    delta (median, trimmed mean), an all-gather of them.
 
-Both are issued with ``async_op=True`` and waited for with the group's timeout. A rank that fails
-publishes why in the job's key-value store; :class:`FaultWatch` on every other rank reads it and
+The group is always gloo over host copies, also when training runs on GPUs under NCCL: the deltas reach the
+host on a side stream (pinned, ordered by an event, see :mod:`~lightning_parablock.core.device_copies`), so the
+exchange never issues work on a CUDA stream. A collective from this thread on a CUDA stream would order itself
+after the compute stream and, through ``work.wait()``, the compute stream after it; with the default group's
+per-turn agreement (NCCL on the main thread) queued in the other order on another rank, both would hang. A
+50-150 MB/s link does not need NCCL's bandwidth; what it needs is never to stall compute. With a CUDA model the
+weighted sum lands in pinned memory, so the round boundary uploads it without blocking the host.
+
+Both collectives are issued with ``async_op=True`` and waited for with ``comm_timeout``; the group's own timeout
+is :data:`GROUP_TIMEOUT_MARGIN_S` longer, so the library's error naming the stalled rank always comes first. A
+rank that fails publishes why in the job's key-value store; :class:`FaultWatch` on every other rank reads it and
 stops that rank at once, naming the failed rank and round, instead of leaving it in a collective.
 """
 
@@ -38,18 +47,23 @@ from lightning_parablock.core.sizes import nbytes_of
 
 BlockLayout = list[tuple[str, torch.Size]]
 
+GROUP_TIMEOUT_MARGIN_S = 60.0
+"""How much longer than ``comm_timeout`` the exchange group's own timeout is: the transport's wait, whose error
+names the ranks that never joined, must end first."""
+
+_HOST = torch.device("cpu")
 
 
-
-def _flatten(delta: Mapping[str, Tensor], layout: BlockLayout, device: torch.device) -> Tensor:
-    return torch.cat([delta[name].detach().reshape(-1).to(device, torch.float32) for name, _ in layout])
+def _flatten(delta: Mapping[str, Tensor], layout: BlockLayout) -> Tensor:
+    return torch.cat([delta[name].detach().reshape(-1).to(_HOST, torch.float32) for name, _ in layout])
 
 
 def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
+    """Views of ``flat`` (no copy: a pinned sum stays pinned)."""
     tensors, offset = {}, 0
     for name, shape in layout:
         numel = shape.numel()
-        tensors[name] = flat[offset : offset + numel].reshape(shape).cpu()
+        tensors[name] = flat[offset : offset + numel].view(shape)
         offset += numel
     return tensors
 
@@ -61,8 +75,9 @@ class CollectiveTransport:
         group: the transport's own process group, from :func:`new_exchange_group`.
         placement: the rank hosting each client.
         layout: the names and shapes of a block's parameters, for ranks without a sender this round.
-        timeout_s: longest wait for one collective.
-        device: where the collectives run: the host for gloo, the rank's GPU for NCCL.
+        timeout_s: longest wait for one collective (``comm_timeout``).
+        pin_memory: put the weighted sum in pinned host memory (the model is on a GPU: its upload then does not
+            block the host).
     """
 
     def __init__(
@@ -71,13 +86,13 @@ class CollectiveTransport:
         placement: Sequence[int],
         layout: Callable[[int], BlockLayout],
         timeout_s: float,
-        device: torch.device,
+        pin_memory: bool = False,
     ) -> None:
         self.group = group
         self.placement = list(placement)
         self.layout = layout
         self.timeout = timedelta(seconds=timeout_s)
-        self.device = device
+        self.pin_memory = pin_memory
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._store = default_store()
@@ -93,26 +108,24 @@ class CollectiveTransport:
         stop: threading.Event,
     ) -> RoundExchange:
         start = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # the current device is per thread: NCCL needs this rank's GPU
         layout = self.layout(block)
         with torch.no_grad():
             # Encoded deltas are decoded before the reduction: what is counted is what each client would send.
             encoded = {client: as_encoded(deltas[client]) for client in sorted(deltas)}
-            mine = {client: _flatten(decode_delta(delta), layout, self.device) for client, delta in encoded.items()}
-            status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=self.device)
+            mine = {client: _flatten(decode_delta(delta), layout) for client, delta in encoded.items()}
+            # Explicit dtypes and devices everywhere on this thread: Lightning's half-precision step sets the
+            # process-wide default dtype, which this thread sees too (a byte count of 262148 would read 262144 in
+            # bf16, and overflow in fp16).
+            status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=_HOST)
             for client, flat in mine.items():
                 bad_values = float(not torch.isfinite(flat).all())
-                # An explicit dtype: Lightning's half-precision step sets the process-wide default dtype, which
-                # this thread sees too (a byte count of 262148 would read 262144 in bf16, and overflow in fp16).
                 status[client] = torch.tensor(
                     [1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])],
                     dtype=torch.float64,
-                    device=self.device,
+                    device=_HOST,
                 )
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
-            status = status.cpu()
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
             bad = {c: None for c in senders if status[c, 2] > 0}
             describe = lambda client: f"Client {client} (rank {self.placement[client]})"  # noqa: E731
@@ -138,7 +151,7 @@ class CollectiveTransport:
         numel = sum(shape.numel() for _, shape in layout)
         if _is_weighted_mean(aggregator):
             total = sum(weights.values())
-            partial = torch.zeros(numel, dtype=torch.float32, device=self.device)
+            partial = torch.zeros(numel, dtype=torch.float32, device=_HOST, pin_memory=self.pin_memory)
             for client in sorted(set(mine) & set(kept)):
                 flat = mine[client]
                 if aggregator.clip_norm is not None:
@@ -146,10 +159,11 @@ class CollectiveTransport:
                 partial.add_(flat, alpha=weights[client] / total)
             self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
             return _unflatten(partial, layout)
-        # The robust rules (and any other aggregator) need every kept delta: gather them, padded to the largest share.
+        # The robust rules (and any other aggregator) need every kept delta: gather them, padded to the largest
+        # share. On the host: world × rows × block fp32 on every rank (never on a GPU).
         kept_on = [[c for c in kept if self.placement[c] == rank] for rank in range(self.world_size)]
         rows = max(len(clients) for clients in kept_on)
-        local = torch.zeros(rows, numel, dtype=torch.float32, device=self.device)
+        local = torch.zeros(rows, numel, dtype=torch.float32, device=_HOST)
         for row, client in enumerate(kept_on[self.rank]):
             local[row] = mine[client]
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -195,8 +209,12 @@ def _is_weighted_mean(aggregator: Aggregator) -> bool:
 
 
 def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
-    """A process group for exchanges only, with the default group's backend; every rank must call it."""
-    return dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
+    """A gloo group for exchanges only, whatever the default group's backend; every rank must call it.
+
+    Its timeout is ``timeout_s`` + :data:`GROUP_TIMEOUT_MARGIN_S`: the transport waits ``timeout_s`` and names the
+    stalled rank before the group's own timeout could end the collective with a bare error.
+    """
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + GROUP_TIMEOUT_MARGIN_S))
 
 
 def collective_worker(
@@ -207,16 +225,16 @@ def collective_worker(
     layout: Callable[[int], BlockLayout],
     device: torch.device,
 ) -> CommWorker:
-    """The communication thread of one rank, exchanging over a group of its own; every rank must call it.
+    """The communication thread of one rank, exchanging over a gloo group of its own; every rank must call it.
 
-    gloo reduces on the host (deltas are staged there on a side stream); NCCL on the rank's ``device``.
+    ``device`` is the rank's training device: deltas are staged from it to pinned host memory on a side stream,
+    the thread makes it its current CUDA device, and the weighted sum is pinned for the upload back to it.
     """
-    device = torch.device("cpu") if dist.get_backend() == "gloo" else device
-    transport = CollectiveTransport(new_exchange_group(timeout_s), placement, layout, timeout_s, device)
+    cuda = device.type == "cuda"
+    transport = CollectiveTransport(new_exchange_group(timeout_s), placement, layout, timeout_s, pin_memory=cuda)
     return CommWorker(
-        link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall,
-        stage_to_host=device.type == "cpu",
-    )  # fmt: skip
+        link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall, device=device
+    )
 
 
 def gather_from_ranks(value: Any, world_size: int) -> list[Any]:
@@ -224,9 +242,3 @@ def gather_from_ranks(value: Any, world_size: int) -> list[Any]:
     values: list[Any] = [None] * world_size
     dist.all_gather_object(values, value)
     return values
-
-
-
-
-
-

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Optional, Union
 
+import torch
 from torch import Tensor
 from torch.profiler import record_function
 
@@ -43,8 +44,12 @@ class CommWorker:
         aggregator: how the server combines deltas.
         transport: how deltas meet; :func:`exchange` (every client in this process) by default.
         describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
-        stage_to_host: start copying CUDA deltas to pinned host memory on a side stream when they are submitted
-            (for transports that work on the host); the thread waits for the copies' event, the trainer never.
+        device: the training device. On a GPU the thread makes it its current CUDA device when it starts (the
+            current device is per thread: otherwise its first CUDA call, an event wait or a pinned allocation,
+            would create a context on GPU 0).
+
+    CUDA deltas are copied to pinned host memory on a side stream when they are submitted (every transport
+    works on the host); the thread waits for the copies' event, the trainer never.
     """
 
     def __init__(
@@ -54,14 +59,14 @@ class CommWorker:
         aggregator: Optional[Aggregator] = None,
         transport: Transport = exchange,
         describe_stall: Optional[Callable[[int], str]] = None,
-        stage_to_host: bool = True,
+        device: Optional[torch.device] = None,
     ) -> None:
         self.link = link
         self.timeout_s = timeout_s
         self.aggregator = aggregator or Aggregator()
         self.transport = transport
         self.describe_stall = describe_stall
-        self.stage_to_host = stage_to_host
+        self.device = device
         self._queue: Optional[queue.SimpleQueue] = None
         self._thread: Optional[threading.Thread] = None
         self._in_flight: dict[int, tuple[int, Future]] = {}
@@ -74,14 +79,13 @@ class CommWorker:
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
                 self._thread = threading.Thread(
-                    target=_serve, args=(self._queue, self._stop), name="parablock-comm", daemon=True
+                    target=_serve, args=(self._queue, self._stop, self.device), name="parablock-comm", daemon=True
                 )
                 self._thread.start()
                 _LIVE_WORKERS.add(self)
             future: Future = Future()
             copies: list[Any] = []
-            if self.stage_to_host:
-                deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
+            deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
             job = functools.partial(
                 _exchange_after,
                 copies,
@@ -170,8 +174,10 @@ def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> Roun
         return transport(*args)
 
 
-def _serve(jobs: queue.SimpleQueue, stop: threading.Event) -> None:
+def _serve(jobs: queue.SimpleQueue, stop: threading.Event, device: Optional[torch.device]) -> None:
     """The communication thread: run queued exchanges in order until told to stop."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
     while True:
         item = jobs.get()
         if item is None or stop.is_set():

@@ -24,8 +24,10 @@ COPY_RANGE = "parablock.copy"
 EXCHANGE_RANGE = "parablock.exchange"
 
 
-
-
+def cuda_event(timing: bool = False) -> "torch.cuda.Event":
+    """A CUDA event whose ``synchronize`` sleeps instead of spinning a core: the host threads that wait here
+    (the communication thread, the round's end) share the CPU with the data loader and the main thread."""
+    return torch.cuda.Event(enable_timing=timing, blocking=True)
 
 
 def copy_to_host(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Optional["torch.cuda.Event"]]:
@@ -50,7 +52,7 @@ def copy_to_host(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Opti
                 host.copy_(tensor, non_blocking=True)
                 tensor.record_stream(stream)
                 copies[name] = host
-        done = torch.cuda.Event()
+        done = cuda_event()
         done.record(stream)
     return copies, done
 

@@ -214,7 +214,8 @@ class Federation:
         for delta in sorted(client.pending.values(), key=lambda d: d.round):
             for name, tensor in delta.wait().tensors.items():
                 base = views.get(name, global_values[name].float())
-                views[name] = base + self.global_lr * tensor.to(base.device)
+                # non-blocking: an offloaded delta is pinned, and its upload queues behind the compute stream
+                views[name] = base + self.global_lr * tensor.to(base.device, non_blocking=True)
         return views
 
     # -------------------------------------------------------------- aggregates
@@ -235,7 +236,8 @@ class Federation:
             params = self.partition.parameters(self.model, block)
             for name, delta in aggregate.items():
                 param = params[name]
-                param.copy_((param.float() + self.global_lr * delta.to(param.device)).to(param.dtype))
+                upload = delta.to(param.device, non_blocking=True)  # a pinned aggregate does not block the host
+                param.copy_((param.float() + self.global_lr * upload).to(param.dtype))
         for client in self.clients.values():
             if client.index in left_out:
                 client.pending.clear()

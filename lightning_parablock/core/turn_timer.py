@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch.profiler import record_function
 
+from lightning_parablock.core.device_copies import cuda_event
+
 COMPUTE_RANGE = "parablock.compute"
 
 
@@ -47,6 +49,6 @@ class TurnTimer:
 def _now(cuda: bool) -> object:
     if not cuda:
         return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
+    event = cuda_event(timing=True)
     event.record()
     return event

@@ -70,7 +70,7 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` any rank holds; every rank calls it at the same point. One process: ``value``."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    flag = torch.tensor([value], device=device)
+    flag = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 

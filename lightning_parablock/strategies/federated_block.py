@@ -52,6 +52,7 @@ from lightning_parablock.core.blocks import (
     partition_decoder,
 )
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
+from lightning_parablock.core.fp32_buffers import fp32_rotary_buffers
 from lightning_parablock.core.planning import RoundPlan, participants_per_round, place_clients
 from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
@@ -69,6 +70,15 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 Weighting = Literal["uniform", "samples"]
+
+
+def indexed_device(device: Device) -> torch.device:
+    """``device`` with an index where it is a GPU: ``"cuda"`` alone would leave streams, events and the comm
+    thread to whatever device is current (``cuda:0`` in a fresh thread) instead of the one training runs on."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", 0)
+    return resolved
 
 
 @dataclass
@@ -133,7 +143,8 @@ class FederatedBlockStrategy(DDPStrategy):
         offload_deltas: keep pending deltas in host memory instead of on the device. For large models on
             a GPU: N clients × (staleness + 1) fp32 blocks leave GPU memory, and each turn copies its
             client's deltas back (a 2-layer block of Llama 3-8B is 1.75 GB in fp32).
-        device: the device of the global model with one process; by default the Trainer's ``devices``.
+        device: the device of the global model with one process; by default the Trainer's ``devices``. ``"cuda"``
+            without an index means ``"cuda:0"``.
         process_group_backend: for several processes, ``"gloo"`` or ``"nccl"``; by default by device.
         timeout: the default process group's timeout (several processes).
         start_method: how Lightning starts the other local processes (``"popen"`` reruns the script).
@@ -172,7 +183,7 @@ class FederatedBlockStrategy(DDPStrategy):
     ) -> None:
         super().__init__(
             accelerator=accelerator,
-            parallel_devices=None if device is None else [torch.device(device)],
+            parallel_devices=None if device is None else [indexed_device(device)],
             cluster_environment=cluster_environment,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -268,7 +279,8 @@ class FederatedBlockStrategy(DDPStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
-        self.precision_plugin.convert_module(self.model)
+        with fp32_rotary_buffers(self.model):  # bf16-true would round RoPE's inverse frequencies
+            self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if self.distributed:
             sync_module_states(self.model)  # every rank starts from rank 0's global model
@@ -447,7 +459,7 @@ class FederatedBlockStrategy(DDPStrategy):
     def comm_worker(self, link: SimulatedLink, aggregator: Aggregator, timeout_s: float) -> CommWorker:
         """The communication thread with this run's transport: in memory, or collectives across ranks."""
         if not self.distributed:
-            return CommWorker(link, timeout_s, aggregator)
+            return CommWorker(link, timeout_s, aggregator, device=self.root_device)
         return collective_worker(link, aggregator, timeout_s, self.placement, self._block_layout, self.root_device)
 
     def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:

@@ -18,6 +18,7 @@ FedCyBGD reads ``max_epochs`` as cycles (32 cycles over 10 clients are 320 epoch
 alpha, dropout, target modules and learning rate are ASSUMED.
 """
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,8 @@ from lightning_parablock.methods.registry import METHODS
 from lightning_parablock.methods.registry import method as method_settings
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
+from recipe_memory import statement as memory_statement  # noqa: E402 - the formula lives with the benchmarks
 
 MODELS = {
     "llama3_8b": {"checkpoint": "meta-llama/Meta-Llama-3-8B", "title": "Llama 3-8B", "layers": 32, "rounds": 32},
@@ -235,9 +238,9 @@ def render(name: str, summary: str, config: dict[str, Any]) -> str:
         "# ASSUMED (not stated in the paper): local_steps, learning_rate, max_length, val_fraction, num_clusters.",
         "# Another method of the paper's Table 1, all else equal: change the `method` line or add `--method NAME`",
         f"# ({', '.join(METHODS)}; with fedcybgd, max_epochs counts cycles).",
-        "# One GPU, bf16-mixed: the checkpoint loads straight in fp32 (dtype: float32) and trains under bf16",
-        "# autocast. Pending deltas are offloaded to host memory (offload_deltas); the fp32 weights of an 8B",
-        "# model take 32 GB of GPU memory (precision: bf16-true halves that; README, the precision matrix).",
+        "# bf16-mixed: the checkpoint loads straight in fp32 (dtype: float32) and trains under bf16 autocast;",
+        "# precision: bf16-true trains bf16 weights through fp32 masters in less memory (README, the precision matrix).",
+        *memory_statement(config),
     ]
     config = {**config, "output_dir": f"runs/paper/{name}/final_model"}
     config["trainer"] = {**config["trainer"], "default_root_dir": f"runs/paper/{name}"}

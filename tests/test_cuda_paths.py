@@ -1,0 +1,262 @@
+"""The CUDA and NCCL paths, shown on CPU where the mechanism allows: fakes stand in for ``torch.cuda`` and NCCL.
+
+What cannot be shown without a device (copies exact on a busy GPU, a real NCCL run) is in
+``test_cuda_overlap.py`` and ``benchmarks/gpu_check.sh``, which skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_parablock import FederatedBlockStrategy, SimulatedLink
+from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.comm import distributed as distributed_module
+from lightning_parablock.comm.distributed import GROUP_TIMEOUT_MARGIN_S, collective_worker
+from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.core import device_copies, turn_timer
+from lightning_parablock.core.blocks import partition_by_patterns
+from lightning_parablock.core.clients import BlockDelta, VirtualClient
+from lightning_parablock.core.federation import Federation
+from lightning_parablock.strategies import federation_checkpoint
+from lightning_parablock.strategies.federation_checkpoint import FederationCheckpoint
+from lightning_parablock.strategies.turns import Turns
+
+GPU_1 = torch.device("cuda", 1)
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def nccl_default_group(one_rank_group, monkeypatch):
+    """The default group reports NCCL (as on GPUs); every new group is recorded, and is the gloo world."""
+    created: list[dict] = []
+
+    def new_group(*args, **kwargs):
+        created.append(kwargs)
+        return dist.group.WORLD
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "new_group", new_group)
+    return created
+
+
+def two_layer_federation(offload: bool = False, device: str = "cpu") -> Federation:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).to(device)
+    federation = Federation(
+        model, partition_by_patterns(model, [r"^0\.", r"^1\."]), global_lr=1.0, optimizer_state="reset",
+        offload_deltas=offload, new_optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )  # fmt: skip
+    federation.host([VirtualClient(0, [0]), VirtualClient(1, [1])])
+    return federation
+
+
+# ----------------------------------------------------------------- 1, 4: the exchange's group
+
+
+def test_under_nccl_the_exchange_runs_over_a_gloo_group_on_host_copies(nccl_default_group):
+    layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
+    worker = collective_worker(SimulatedLink(), Aggregator(), 30.0, [0], layout, GPU_1)
+    assert [group["backend"] for group in nccl_default_group] == ["gloo"]  # never a CUDA stream: no NCCL
+    assert worker.transport.pin_memory  # the sum comes back pinned, for a non-blocking upload to the GPU
+    assert worker.device == GPU_1
+
+
+def test_the_exchange_groups_timeout_leaves_the_librarys_own_error_first(nccl_default_group):
+    layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
+    worker = collective_worker(SimulatedLink(), Aggregator(), 30.0, [0], layout, torch.device("cpu"))
+    assert nccl_default_group[0]["timeout"] == timedelta(seconds=30.0 + GROUP_TIMEOUT_MARGIN_S)
+    assert worker.transport.timeout == timedelta(seconds=30.0)  # what the transport waits before naming the rank
+    assert GROUP_TIMEOUT_MARGIN_S > 0
+
+
+def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_rank_group, monkeypatch):
+    pinned_requests = []
+    real_zeros = torch.zeros
+
+    def zeros(*args, pin_memory=False, **kwargs):  # a CPU build cannot pin: record the request instead
+        pinned_requests.append(pin_memory)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(distributed_module.torch, "zeros", zeros)
+    layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
+    transport = distributed_module.CollectiveTransport(dist.group.WORLD, [0], layout, 30.0, pin_memory=True)
+    result = transport(0, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}, SimulatedLink(), Aggregator(), threading.Event())
+    assert torch.equal(result.aggregate["w"], torch.ones(3))
+    assert pinned_requests[-1] is True  # the sum; the status row is tiny and stays pageable
+
+
+# ----------------------------------------------------------------- 6: the comm thread's device
+
+
+def test_the_comm_thread_makes_the_training_gpu_its_current_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((threading.current_thread().name, device)))
+    worker = CommWorker(SimulatedLink(), 10.0, device=GPU_1)
+    try:
+        worker.submit(0, 0, {0: {"w": torch.ones(2)}}, {0: 1.0})
+        worker.wait(0)
+    finally:
+        worker.shutdown()
+    assert calls == [("parablock-comm", GPU_1)]
+
+
+def test_one_process_gives_its_comm_thread_the_training_device():
+    strategy = FederatedBlockStrategy(num_clients=2, device="cuda:1")
+    worker = strategy.comm_worker(SimulatedLink(), Aggregator(), 10.0)
+    assert worker.device == GPU_1
+
+
+# ----------------------------------------------------------------- 8: smaller points
+
+
+def test_cuda_without_an_index_means_the_first_gpu():
+    assert FederatedBlockStrategy(num_clients=2, device="cuda").root_device == torch.device("cuda", 0)
+    assert FederatedBlockStrategy(num_clients=2, device="cpu").root_device == torch.device("cpu")
+
+
+class FakeEvent:
+    created: list[dict] = []
+
+    def __init__(self, **kwargs) -> None:
+        FakeEvent.created.append(kwargs)
+
+    def record(self, stream=None) -> None:
+        pass
+
+
+def test_turn_timing_events_sleep_instead_of_spinning_a_core(monkeypatch):
+    FakeEvent.created = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = turn_timer.TurnTimer(torch.device("cuda", 0))
+    timer.start()
+    timer.stop(0)
+    assert FakeEvent.created == [{"enable_timing": True, "blocking": True}] * 2
+    assert device_copies.cuda_event() is not None and FakeEvent.created[-1] == {"enable_timing": False, "blocking": True}
+
+
+class ToCalls(TorchFunctionMode):
+    """Every ``Tensor.to`` call's ``non_blocking`` flag, for the tensors in ``watched``."""
+
+    def __init__(self, watched: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.watched = {id(t) for t in watched}
+        self.non_blocking: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and id(args[0]) in self.watched:
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_a_turn_uploads_its_clients_pending_deltas_without_blocking_the_host():
+    federation = two_layer_federation(offload=True)
+    pending = {n: torch.full_like(p, 1e-2) for n, p in federation.model.named_parameters() if n.startswith("1.")}
+    federation.unaggregated[0] = 1
+    federation.clients[0].pending[0] = BlockDelta(0, 1, pending)
+    with ToCalls(list(pending.values())) as calls:
+        federation.enter(0, round_index=1, block=0)
+    federation.leave()
+    assert calls.non_blocking and all(calls.non_blocking)
+
+
+def test_the_aggregate_is_uploaded_without_blocking_the_host():
+    federation = two_layer_federation()
+    federation.unaggregated[0] = 1
+    aggregate = {n: torch.full_like(p, 1e-2) for n, p in federation.model.named_parameters() if n.startswith("1.")}
+    with ToCalls(list(aggregate.values())) as calls:
+        federation.apply_aggregate(0, aggregate)
+    assert calls.non_blocking == [True, True]
+
+
+# ----------------------------------------------------------------- 3: checkpoints
+
+
+class OnGpu1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (what a CPU build can offer); ``.cpu()`` gives a plain one."""
+
+    @property
+    def device(self) -> torch.device:
+        return GPU_1
+
+    def cpu(self, *args, **kwargs) -> torch.Tensor:
+        return torch.Tensor(self.as_subclass(torch.Tensor)).clone()
+
+
+def test_checkpoint_state_reaches_the_gather_on_the_host(monkeypatch, nccl_default_group):
+    federation = two_layer_federation()
+    on_gpu = torch.ones(4, 4).as_subclass(OnGpu1)
+    federation.unaggregated[0] = 0
+    federation.clients[1].pending[0] = BlockDelta(0, 0, {"0.weight": on_gpu})
+    gathered = []
+
+    def gather_object(obj, object_gather_list=None, dst=0, group=None):
+        gathered.append((obj, group))
+        object_gather_list[0] = obj
+        object_gather_list[1] = {"pending": {}, "optimizers": {}, "residuals": {}}
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    checkpoint = FederationCheckpoint()
+    checkpoint.setup(distributed=True)
+    assert nccl_default_group[-1]["backend"] == "gloo"  # the object gather never stages on a GPU
+    schedule = type("Schedule", (), {"state_dict": lambda self: {}})()
+    entry = checkpoint.entry(federation, federation.partition, schedule, [0, 1], world_size=2)
+    sent, group = gathered[0]
+    tensor = sent["pending"][1][0]["tensors"]["0.weight"]
+    assert type(tensor) is torch.Tensor and tensor.device.type == "cpu" and group is dist.group.WORLD
+    assert torch.equal(entry["pending"][1][0]["tensors"]["0.weight"], torch.ones(4, 4))
+    assert federation_checkpoint._to_host(on_gpu).device.type == "cpu"
+
+
+@pytest.mark.parametrize("offload, home", [(False, "meta"), (True, "cpu")])
+def test_restored_deltas_land_on_the_models_device_or_the_host_when_offloaded(offload, home):
+    federation = two_layer_federation(offload=offload, device="meta")  # "meta": a device that is not the host
+    saved = {
+        "version": 3,
+        "unaggregated": {0: 1},
+        "pending": {0: {0: {"block": 1, "tensors": {"1.weight": torch.ones(4, 4, dtype=torch.float64)}}}},
+        "residuals": {0: {"1.weight": torch.zeros(4, 4)}},
+        "optimizers": {},
+    }
+    federation.load_state_dict(saved)
+    restored = federation.clients[0].pending[0].tensors["1.weight"]
+    assert restored.device.type == home and restored.dtype == torch.float32
+    assert federation.clients[0].residual["1.weight"].device.type == home
+
+
+# ----------------------------------------------------------------- 5: idle turns
+
+
+def test_an_idle_turn_lives_on_the_training_device():
+    turns = Turns(two_layer_federation(), torch.device("meta"))
+    assert all(p.device.type == "meta" for group in turns.idle_optimizer.param_groups for p in group["params"])
+
+
+def test_an_idle_step_under_a_grad_scaler_gives_a_zero_gradient_and_leaves_the_model_alone():
+    # 16-mixed steps through GradScaler, which raises "No inf checks were recorded" for an optimizer
+    # whose parameters have no gradient.
+    federation = two_layer_federation()
+    before = {n: p.detach().clone() for n, p in federation.model.named_parameters()}
+    turns = Turns(federation, torch.device("cpu"))
+    optimizer = turns.start(None, round_index=0, block=0)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(turns.idle_loss()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    turns.end()
+    (idle,) = optimizer.param_groups[0]["params"]
+    assert idle.grad is not None and torch.equal(idle.grad, torch.zeros_like(idle))
+    assert all(torch.equal(p, before[n]) for n, p in federation.model.named_parameters())
+    assert all(p.grad is None for p in federation.model.parameters())
