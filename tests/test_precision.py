@@ -261,8 +261,11 @@ def test_bf16_true_keeps_rope_inverse_frequencies_fp32_and_exact(tiny_llama_conf
     from lightning_parablock import CausalLMModule
     from lightning_parablock.data import SyntheticArithmeticDataModule
 
-    module = CausalLMModule(config={**tiny_llama_config, "max_position_embeddings": 4096}, seed=0)
-    original = {n: b.clone() for n, b in module.named_buffers() if n.endswith("inv_freq")}
+    config = {**tiny_llama_config, "max_position_embeddings": 4096}
+    reference = CausalLMModule(config=config, seed=0)
+    reference.configure_model()  # outside a Trainer: fp32
+    original = {n: b.clone() for n, b in reference.named_buffers() if n.endswith("inv_freq")}
+    module = CausalLMModule(config=config, seed=0)  # built by the Trainer, under bf16-true
     assert original and all(b.dtype == torch.float32 for b in original.values())
     seen = {}
 
