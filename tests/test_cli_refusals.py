@@ -250,3 +250,25 @@ def test_a_setup_error_inside_fit_is_one_line_and_the_half_made_run_folder_is_re
     err = refused(capsys, tiny_args(tmp_path, "--trainer.callbacks.init_args.staleness", "5"))
     assert "`staleness=5` is not below the number of rounds (max_epochs=2)" in err.splitlines()[0]
     assert_nothing_created(tmp_path, before)  # logs/version_0 with config.yaml and metrics.csv removed again
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a checkpoint" * 50], ids=["empty", "random"])
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys, content):
+    checkpoint = tmp_path / "broken.ckpt"
+    checkpoint.write_bytes(content)
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
+    assert err.splitlines()[0].startswith(f"parablock: error: The checkpoint {checkpoint} cannot be read: "), err
+    assert_nothing_created(tmp_path, before)
+
+
+@SLOW
+def test_a_checkpoint_without_federation_state_is_refused_before_training(tmp_path, capsys):
+    built = ParaBlockCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         auto_configure_optimizers=False, run=False, args=tiny_args(tmp_path)[1:])  # fmt: skip
+    checkpoint = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": built.model.state_dict(), "epoch": 0, "global_step": 4}, checkpoint)
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
+    assert err.splitlines()[0].startswith(f"parablock: error: The checkpoint {checkpoint} holds no federation state"), err
+    assert_nothing_created(tmp_path, before)
