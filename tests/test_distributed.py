@@ -230,3 +230,18 @@ def test_slurms_requeue_signal_to_one_rank_saves_every_ranks_clients_at_the_roun
     a, b = torch.load(uninterrupted, weights_only=False), torch.load(resumed, weights_only=False)
     for name in a["params"]:
         assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+@pytest.mark.parametrize("killed_rank", [1, pytest.param(0, id="the-store-host")])
+def test_a_rank_killed_without_a_word_is_named_with_the_round_in_the_last_line(tmp_path, killed_rank):
+    # No traceback of the collective that noticed it: the survivor names the lost rank and the round, and stops.
+    # (Lightning's launcher may add its own line about the killed child after it, naming the rank too.)
+    code, output, seconds = launch(tmp_path / "out.pt", "--fault", "sigkill", "--fault_rank", str(killed_rank), timeout=180)
+    assert code != 0
+    lines = output.strip().splitlines()
+    ours = [i for i, line in enumerate(lines) if f"stopping because rank {killed_rank} was lost in round 2" in line]
+    assert ours, output[-3000:]
+    after = lines[ours[-1] + 1 :]
+    assert all(f"Child process with PID" in line and "terminated with code -9" in line for line in after), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "out.pt").exists()

@@ -52,7 +52,7 @@ from lightning_parablock.core.blocks import (
     partition_decoder,
 )
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
-from lightning_parablock.core.planning import RoundPlan, participants_per_round
+from lightning_parablock.core.planning import RoundPlan, participants_per_round, place_clients
 from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
@@ -350,9 +350,9 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @property
     def placement(self) -> list[int]:
-        """The rank hosting each client (known once the strategy is set up)."""
-        assert self.plan is not None, "the strategy is not set up"
-        return self.plan.placement
+        """The rank hosting each client: a pure function of the seed, known once the processes are (the callback's
+        ``setup`` builds the exchange with it, before the strategy's ``setup``)."""
+        return place_clients(self.num_clients, self.world_size, self.seed)
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
