@@ -272,3 +272,16 @@ def test_a_checkpoint_without_federation_state_is_refused_before_training(tmp_pa
     err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
     assert err.splitlines()[0].startswith(f"parablock: error: The checkpoint {checkpoint} holds no federation state"), err
     assert_nothing_created(tmp_path, before)
+
+
+def test_only_the_first_process_of_a_machine_removes_the_refused_runs_new_folders(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_parablock.cli.command import _remove_new_folders
+
+    new = [tmp_path / "run", tmp_path / "run" / "checkpoints"]
+    new[1].mkdir(parents=True)
+    _remove_new_folders(new, SimpleNamespace(local_rank=1, loggers=[]))
+    assert new[1].is_dir()  # the other processes leave them to the first
+    _remove_new_folders([*new, tmp_path / "already_removed_by_a_peer"], SimpleNamespace(local_rank=0, loggers=[]))
+    assert not new[0].exists()

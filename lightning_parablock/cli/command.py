@@ -10,6 +10,7 @@ table and draws its figures (see :mod:`lightning_parablock.telemetry.report`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -253,13 +254,21 @@ def _run_dirs(trainer: Trainer) -> list[str]:
 
 def _remove_new_folders(folders: list[Path], trainer: Trainer) -> None:
     """Remove the run folders created since :meth:`ParaBlockCLI.before_fit`: a logger's own version folder with
-    what it wrote there; any other folder only when left empty (another run may share it)."""
+    what it wrote there; any other folder only when left empty (another run may share it).
+
+    Only the first process of each machine removes them: with several, every process reaches this with the same
+    folders, and a second removal fails on what the first removed. One removed by another machine sharing the
+    file system meanwhile is gone as wanted.
+    """
+    if trainer.local_rank != 0:
+        return
     own = {Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)}
     for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
         if folder in own:
             shutil.rmtree(folder, ignore_errors=True)
         elif folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
 
 
 def _run_name(trainer: Trainer) -> str:
