@@ -150,6 +150,7 @@ GOOD_ROWS = "".join(json.dumps({"instruction": f"What is {i} + 1?", "output": st
 DATA_PROBLEMS = [
     pytest.param(*("empty", "", [], r"Data file '.*empty.jsonl' is empty"), marks=SLOW),
     ("truncated", GOOD_ROWS + '{"instruction": "What is 2', [], r"Data file '.*truncated.jsonl', line 41: not valid JSON"),
+    ("typed", GOOD_ROWS + '{"instruction": ["What is", "2 + 1?"], "output": 3}', [], r"Data file '.*typed.jsonl', line 41: column 'instruction' holds list"),
     pytest.param(*("tokenizer", GOOD_ROWS, ["--data.init_args.tokenizer", "/nonexistent/tokenizer"], r"`tokenizer='/nonexistent/tokenizer'` does not exist"), marks=SLOW),
     pytest.param(*("vocabulary", GOOD_ROWS, ["--model.init_args.config.vocab_size", "64"], r"vocab_size=64\) is smaller than the tokenizer's 105 tokens"), marks=SLOW),
     pytest.param(*("split", GOOD_ROWS, ["--data.init_args.val_split", "validation", "--data.init_args.val_fraction", "0"], r'split.jsonl \[validation\]: Unknown split "validation"'), marks=SLOW),
