@@ -286,3 +286,33 @@ def test_only_the_first_process_of_a_machine_removes_the_refused_runs_new_folder
     assert new[1].is_dir()  # the other processes leave them to the first
     _remove_new_folders([*new, tmp_path / "already_removed_by_a_peer"], SimpleNamespace(local_rank=0, loggers=[]))
     assert not new[0].exists()
+
+
+def toy_cli_args(tmp_path: Path) -> list[str]:
+    return [
+        "fit",
+        "--model", f"{__name__}.ToyWithValLoss", "--data", f"{__name__}.ToyData",
+        "--trainer.strategy", "lightning_parablock.FederatedBlockStrategy",
+        "--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "1",
+        "--trainer.callbacks", "lightning_parablock.ParaBlockCallback",
+        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "model"),
+    ]  # fmt: skip
+
+
+def test_an_output_dir_that_cannot_be_written_at_the_end_exits_3_naming_where_the_model_is(tmp_path, capsys, monkeypatch):
+    from lightning_parablock.cli import output_folder
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "model"))
+
+    monkeypatch.setattr(output_folder, "_move_in_place", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        main(toy_cli_args(tmp_path))
+    assert exit_info.value.code == 3  # `parablock fit ... && upload` stops: the model is not where it was asked
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    kept = tmp_path / "run" / next(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("parablock_final_model"))
+    assert last.startswith(f"parablock: error: the model is not in --output_dir '{tmp_path / 'model'}': could not write"), last
+    assert f"kept the model in '{kept}'" in last and "No space left on device" in last
+    assert (kept / "model_state_dict.pt").is_file() and not (tmp_path / "model").exists()

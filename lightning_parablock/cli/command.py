@@ -35,6 +35,8 @@ from lightning_parablock.telemetry import report
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 """Bad input found before training: printed as one line, exit status 2, no traceback."""
 EXIT_USAGE = 2
+EXIT_MODEL_ELSEWHERE = 3
+"""Training finished, but the model is not in ``--output_dir`` (kept elsewhere; the line says where)."""
 
 
 def refuse(error: BaseException | str) -> NoReturn:
@@ -220,6 +222,7 @@ class ParaBlockCLI(LightningCLI):
             lines.append("  " + callback.summary().format())
         if self._loss_before is not None and loss_after is not None:
             lines.append(f"  held-out loss: {self._loss_before:.4f} before -> {loss_after:.4f} after")
+        saved = None
         if self._output_plan is not None and self.trainer.is_global_zero:
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_run_name(self.trainer)}"
             tokenizer = getattr(self.datamodule, "tokenizer", None)
@@ -229,6 +232,13 @@ class ParaBlockCLI(LightningCLI):
                 lines.append(f"  note: {saved.note}")
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
+        if saved is not None and saved.elsewhere:
+            print(
+                f"parablock: error: the model is not in --output_dir {str(self._output_plan.path)!r}: {saved.note}.",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(EXIT_MODEL_ELSEWHERE)
 
     def _held_out_loss(self) -> Optional[float]:
         """The global model's validation loss, when the module and data have a validation loop."""
