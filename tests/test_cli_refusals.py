@@ -316,3 +316,36 @@ def test_an_output_dir_that_cannot_be_written_at_the_end_exits_3_naming_where_th
     assert last.startswith(f"parablock: error: the model is not in --output_dir '{tmp_path / 'model'}': could not write"), last
     assert f"kept the model in '{kept}'" in last and "No space left on device" in last
     assert (kept / "model_state_dict.pt").is_file() and not (tmp_path / "model").exists()
+
+
+def test_a_disk_that_fills_up_mid_run_ends_in_one_line_naming_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    real_save, calls = TorchCheckpointIO.save_checkpoint, []
+
+    def fills_up(self, checkpoint, path, storage_options=None):
+        calls.append(path)
+        if len(calls) == 3:  # round 1's file: cut short as a full disk cuts it
+            Path(path).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", fills_up)
+    checkpoints = tmp_path / "ckpt"
+    args = [*toy_cli_args(tmp_path), "--trainer.max_epochs", "3", "--trainer.enable_checkpointing", "true",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", str(checkpoints),
+            "--trainer.callbacks.every_n_epochs", "1", "--trainer.callbacks.save_last", "true",
+            "--trainer.callbacks.save_top_k", "-1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"parablock: error: no space left on device writing '{calls[2]}' in round 1"), last
+    assert f"Removed the incomplete checkpoint(s) ['{calls[2]}']" in last
+    assert f"The last good checkpoint, '{checkpoints / 'last.ckpt'}', is intact" in last
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    torch.load(checkpoints / "last.ckpt", weights_only=True)["federation"]  # whole, and resumable

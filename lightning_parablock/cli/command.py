@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.cli import preflight
+from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
 from lightning_parablock.cli.recipe_method import apply_method
 from lightning_parablock.methods.registry import MethodName
@@ -37,6 +38,8 @@ USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 EXIT_USAGE = 2
 EXIT_MODEL_ELSEWHERE = 3
 """Training finished, but the model is not in ``--output_dir`` (kept elsewhere; the line says where)."""
+EXIT_DISK_FULL = 4
+"""The disk filled up during training; the line names the last checkpoint written whole."""
 
 
 def refuse(error: BaseException | str) -> NoReturn:
@@ -174,12 +177,19 @@ class ParaBlockCLI(LightningCLI):
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
-        folders this run created are removed, so a refused run leaves nothing behind."""
+        folders this run created are removed, so a refused run leaves nothing behind. A disk that fills up during
+        training ends in one line too (exit status 4), naming the checkpoint to resume from."""
+        started_at = time.time()
         try:
             self.trainer.fit(**kwargs)
         except USAGE_ERRORS as error:
             if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
-                raise  # training had begun: the traceback is the user's to read
+                full = disk_full_error(error)
+                if full is None:
+                    raise  # training had begun: the traceback is the user's to read
+                if self.trainer.is_global_zero:
+                    print(f"parablock: error: {disk_full_message(full, self.trainer, started_at)}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_DISK_FULL)
             _remove_new_folders(self._new_folders, self.trainer)
             refuse(error)
 
