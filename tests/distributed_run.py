@@ -31,7 +31,8 @@ from lightning_parablock.data import SyntheticArithmeticDataModule
 
 
 class Fault(Callback):
-    """In ``round``, make ``rank`` raise, stall its exchange or receive SIGTERM, or announce itself and sleep (to be killed)."""
+    """In ``round``, make ``rank`` raise, stall its exchange, receive SIGTERM or SIGKILL, or announce itself and sleep (to be
+    killed)."""
 
     def __init__(self, kind: str, rank: int, at_round: int, marker: Path | None) -> None:
         self.kind, self.rank, self.at_round, self.marker = kind, rank, at_round, marker
@@ -50,6 +51,8 @@ class Fault(Callback):
         if self.kind == "requeue":  # SLURM's `--signal=SIGUSR1@90`, here to one rank only
             os.kill(os.getpid(), signal.SIGUSR1)
             return
+        if self.kind == "sigkill":  # lost without a word: the kernel's OOM killer, a node gone
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "raise":
             raise RuntimeError(f"simulated failure on rank {self.rank}")
         if self.kind == "stall":
@@ -203,7 +206,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--ckpt_path", type=Path, default=None)
     parser.add_argument("--slurm", action="store_true", help="processes started as srun does, SLURM_* set")
-    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed", "sigterm", "requeue"])
+    parser.add_argument("--fault", default=None, choices=["raise", "stall", "killed", "sigkill", "sigterm", "requeue"])
     parser.add_argument("--fault_rank", type=int, default=1)
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)

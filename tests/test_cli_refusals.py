@@ -150,6 +150,7 @@ GOOD_ROWS = "".join(json.dumps({"instruction": f"What is {i} + 1?", "output": st
 DATA_PROBLEMS = [
     pytest.param(*("empty", "", [], r"Data file '.*empty.jsonl' is empty"), marks=SLOW),
     ("truncated", GOOD_ROWS + '{"instruction": "What is 2', [], r"Data file '.*truncated.jsonl', line 41: not valid JSON"),
+    ("typed", GOOD_ROWS + '{"instruction": ["What is", "2 + 1?"], "output": 3}', [], r"Data file '.*typed.jsonl', line 41: column 'instruction' holds list"),
     pytest.param(*("tokenizer", GOOD_ROWS, ["--data.init_args.tokenizer", "/nonexistent/tokenizer"], r"`tokenizer='/nonexistent/tokenizer'` does not exist"), marks=SLOW),
     pytest.param(*("vocabulary", GOOD_ROWS, ["--model.init_args.config.vocab_size", "64"], r"vocab_size=64\) is smaller than the tokenizer's 105 tokens"), marks=SLOW),
     pytest.param(*("split", GOOD_ROWS, ["--data.init_args.val_split", "validation", "--data.init_args.val_fraction", "0"], r'split.jsonl \[validation\]: Unknown split "validation"'), marks=SLOW),
@@ -251,3 +252,101 @@ def test_a_setup_error_inside_fit_is_one_line_and_the_half_made_run_folder_is_re
     err = refused(capsys, tiny_args(tmp_path, "--trainer.callbacks.init_args.staleness", "5"))
     assert "`staleness=5` is not below the number of rounds (max_epochs=2)" in err.splitlines()[0]
     assert_nothing_created(tmp_path, before)  # logs/version_0 with config.yaml and metrics.csv removed again
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a checkpoint" * 50], ids=["empty", "random"])
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys, content):
+    checkpoint = tmp_path / "broken.ckpt"
+    checkpoint.write_bytes(content)
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
+    assert err.splitlines()[0].startswith(f"parablock: error: The checkpoint {checkpoint} cannot be read: "), err
+    assert_nothing_created(tmp_path, before)
+
+
+@SLOW
+def test_a_checkpoint_without_federation_state_is_refused_before_training(tmp_path, capsys):
+    built = ParaBlockCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         auto_configure_optimizers=False, run=False, args=tiny_args(tmp_path)[1:])  # fmt: skip
+    checkpoint = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": built.model.state_dict(), "epoch": 0, "global_step": 4}, checkpoint)
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
+    assert err.splitlines()[0].startswith(f"parablock: error: The checkpoint {checkpoint} holds no federation state"), err
+    assert_nothing_created(tmp_path, before)
+
+
+def test_only_the_first_process_of_a_machine_removes_the_refused_runs_new_folders(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_parablock.cli.command import _remove_new_folders
+
+    new = [tmp_path / "run", tmp_path / "run" / "checkpoints"]
+    new[1].mkdir(parents=True)
+    _remove_new_folders(new, SimpleNamespace(local_rank=1, loggers=[]))
+    assert new[1].is_dir()  # the other processes leave them to the first
+    _remove_new_folders([*new, tmp_path / "already_removed_by_a_peer"], SimpleNamespace(local_rank=0, loggers=[]))
+    assert not new[0].exists()
+
+
+def toy_cli_args(tmp_path: Path) -> list[str]:
+    return [
+        "fit",
+        "--model", f"{__name__}.ToyWithValLoss", "--data", f"{__name__}.ToyData",
+        "--trainer.strategy", "lightning_parablock.FederatedBlockStrategy",
+        "--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "1",
+        "--trainer.callbacks", "lightning_parablock.ParaBlockCallback",
+        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "model"),
+    ]  # fmt: skip
+
+
+def test_an_output_dir_that_cannot_be_written_at_the_end_exits_3_naming_where_the_model_is(tmp_path, capsys, monkeypatch):
+    from lightning_parablock.cli import output_folder
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "model"))
+
+    monkeypatch.setattr(output_folder, "_move_in_place", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        main(toy_cli_args(tmp_path))
+    assert exit_info.value.code == 3  # `parablock fit ... && upload` stops: the model is not where it was asked
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    kept = tmp_path / "run" / next(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("parablock_final_model"))
+    assert last.startswith(f"parablock: error: the model is not in --output_dir '{tmp_path / 'model'}': could not write"), last
+    assert f"kept the model in '{kept}'" in last and "No space left on device" in last
+    assert (kept / "model_state_dict.pt").is_file() and not (tmp_path / "model").exists()
+
+
+def test_a_disk_that_fills_up_mid_run_ends_in_one_line_naming_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    real_save, calls = TorchCheckpointIO.save_checkpoint, []
+
+    def fills_up(self, checkpoint, path, storage_options=None):
+        calls.append(path)
+        if len(calls) == 3:  # round 1's file: cut short as a full disk cuts it
+            Path(path).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", fills_up)
+    checkpoints = tmp_path / "ckpt"
+    args = [*toy_cli_args(tmp_path), "--trainer.max_epochs", "3", "--trainer.enable_checkpointing", "true",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", str(checkpoints),
+            "--trainer.callbacks.every_n_epochs", "1", "--trainer.callbacks.save_last", "true",
+            "--trainer.callbacks.save_top_k", "-1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"parablock: error: no space left on device writing '{calls[2]}' in round 1"), last
+    assert f"Removed the incomplete checkpoint(s) ['{calls[2]}']" in last
+    assert f"The last good checkpoint, '{checkpoints / 'last.ckpt'}', is intact" in last
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    torch.load(checkpoints / "last.ckpt", weights_only=True)["federation"]  # whole, and resumable

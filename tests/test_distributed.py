@@ -230,3 +230,42 @@ def test_slurms_requeue_signal_to_one_rank_saves_every_ranks_clients_at_the_roun
     a, b = torch.load(uninterrupted, weights_only=False), torch.load(resumed, weights_only=False)
     for name in a["params"]:
         assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+@pytest.mark.parametrize("killed_rank", [1, pytest.param(0, id="the-store-host")])
+def test_a_rank_killed_without_a_word_is_named_with_the_round_in_the_last_line(tmp_path, killed_rank):
+    # No traceback of the collective that noticed it: the survivor names the lost rank and the round, and stops.
+    # (Lightning's launcher may add its own line about the killed child after it, naming the rank too.)
+    code, output, seconds = launch(tmp_path / "out.pt", "--fault", "sigkill", "--fault_rank", str(killed_rank), timeout=180)
+    assert code != 0
+    lines = output.strip().splitlines()
+    ours = [i for i, line in enumerate(lines) if f"stopping because rank {killed_rank} was lost in round 2" in line]
+    assert ours, output[-3000:]
+    after = lines[ours[-1] + 1 :]
+    assert all(f"Child process with PID" in line and "terminated with code -9" in line for line in after), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_refusal_at_setup_on_two_processes_is_one_line_and_the_run_folders_go_once(tmp_path):
+    # Both ranks reach the refusal with the same new run folders; only the first process of the machine removes them.
+    from helpers import tiny_recipe_args
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    args = tiny_recipe_args(tmp_path, "--trainer.devices", "2", "--trainer.callbacks.init_args.staleness", "5")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lightning_parablock.cli.command", "fit", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output = process.communicate(timeout=240)[0].decode()
+    except subprocess.TimeoutExpired:
+        pytest.fail("the refused 2-process run hung past 240s")
+    finally:
+        _kill_group(process.pid)
+    assert process.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "FileNotFoundError" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("parablock: error:")]
+    assert errors and all("`staleness=5` is not below the number of rounds (max_epochs=2)" in e for e in errors), output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder left behind

@@ -37,3 +37,32 @@ def test_good_files_globs_and_remote_paths_pass(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(ROWS))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
     check_data_files([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl"), str(tmp_path / "*.jsonl"), "hf://x/y.json"])
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "caf\xe9", "output": "a"}\n')
+    with pytest.raises(ValueError, match=r"'.*latin1.jsonl', line 2, byte 21 of the line: not UTF-8 .*Save the file as UTF-8"):
+        check_data_files(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "message"),
+    [
+        ("list.jsonl", [ROWS[0], {"instruction": ["q", "r"], "output": "a"}], r"'.*list.jsonl', line 2: column 'instruction' holds list \[\"q\", \"r\"\], not text"),
+        ("int.json", [ROWS[0], ROWS[1], {"instruction": "q", "output": 5}], r"'.*int.json', row 2: column 'output' holds int 5, not text"),
+        ("mapped.jsonl", [{"question": {"a": 1}, "answer": "x"}], r"line 1: column 'question' holds dict"),
+    ],
+)
+def test_a_row_whose_text_column_holds_another_type_is_named_with_row_and_column(tmp_path, name, rows, message):
+    path = tmp_path / name
+    path.write_text(json.dumps(rows) if name.endswith(".json") else "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=message):
+        check_data_files(str(path), text_columns=["question", "input", "answer"] if "mapped" in name else ["instruction", "input", "output"])
+
+
+def test_load_examples_checks_the_mapped_text_columns(tmp_path):
+    path = tmp_path / "mapped.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": 7}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: column 'answer' holds int 7"):
+        load_examples(DataSource(data_files=str(path), columns={"instruction": "question", "output": "answer"}), seed=0)

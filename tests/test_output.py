@@ -67,7 +67,8 @@ def test_two_runs_into_the_same_folder_keep_both_models(tmp_path):
     a = save_model(module, None, plan_a, "a")
     b = save_model(module, None, plan_b, "b")
     assert read_marker(a.path)["run"] == "a" and read_marker(b.path)["run"] == "b" and a.path != b.path
-    assert b.path.name == "out-b" and "written by run a during this run" in b.note
+    assert b.path.name == "out-b" and "written by run a during this run" in b.note and str(b.path) in b.note
+    assert b.elsewhere and not a.elsewhere
 
 
 def test_when_writing_fails_at_the_end_the_model_is_kept_and_the_note_says_where(tmp_path):
@@ -76,6 +77,7 @@ def test_when_writing_fails_at_the_end_the_model_is_kept_and_the_note_says_where
     (tmp_path / "gone").write_text("the folder was replaced by a file during training")
     saved = save_model(module, None, plan, "r1", fallback_root=tmp_path / "run")
     assert saved.path == tmp_path / "run" / "parablock_final_model-r1" and str(saved.path) in saved.note
+    assert saved.elsewhere
     assert (saved.path / STATE_DICT_FILENAME).is_file()
     assert (tmp_path / "gone").read_text().startswith("the folder")  # untouched
 

@@ -94,3 +94,39 @@ def test_the_round_line_is_skipped_under_a_progress_bar_on_a_terminal():
     print_round_line(Trainer(), record, terminal)
     assert stream.getvalue() == format_round_line(record, 3) + "\n" and terminal.getvalue() == ""
     assert format_round_line(record, 3).startswith("[parablock] round 1/3  block 0  loss 3.0500  compute 2.50s")
+
+
+def corrupted(root, edit):
+    """One run's timeline with ``edit`` applied to its JSON."""
+    import json
+
+    path = root / "version_0" / "parablock_timeline.json"
+    save_timeline(path, records(), {"staleness": 1, "num_clients": 2, "link": {"bandwidth": "10MB/s", "latency": "5ms"}})
+    payload = json.loads(path.read_text())
+    edit(payload)
+    path.write_text(json.dumps(payload))
+    return path
+
+
+IMPOSSIBLE = [
+    (lambda p: p["records"][2].update(wall_seconds=-3.0), "record 2 (round 2): `wall_seconds` is -3.0, not a finite number of seconds >= 0"),
+    (lambda p: p["records"][1]["compute_seconds"].update({"0": "fast"}), "record 1 (round 1): `compute_seconds` of client 0 is 'fast'"),
+    (lambda p: p["records"][0].update(participants=[]), "record 0 (round 0): `participants` is empty"),
+    (lambda p: p.update(num_clients=0), "`num_clients` is 0; a run has a whole number >= 1 there"),
+    (lambda p: p["records"][3].update(upload_bytes={"0": 1.5}), "record 3 (round 3): `upload_bytes` of client 0 is 1.5"),
+    (lambda p: p["records"][4].update(round="four"), "record 4 (round four): `round` is 'four', not a whole number"),
+    (lambda p: p["records"][5].update(speed=1), "record 5 has unknown field(s) ['speed']"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "message"), IMPOSSIBLE, ids=[m.split(": ")[-1][:30] for _, m in IMPOSSIBLE])
+def test_a_timeline_with_impossible_values_is_refused_naming_record_and_field(tmp_path, capsys, edit, message):
+    path = corrupted(tmp_path, edit)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path), "--output_dir", str(tmp_path / "fig")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{path}: " in err and message in err, err
+    assert err.strip().splitlines()[-1].startswith("parablock report: error:")
+    assert path.read_bytes() == before and not (tmp_path / "fig").exists()

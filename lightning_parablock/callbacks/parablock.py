@@ -120,6 +120,12 @@ class ParaBlockCallback(Callback):
         check_trainer(trainer)
         check_staleness(trainer, self.staleness)
         strategy.check_exchange(self.staleness, self.aggregator)
+        strategy.exchange_settings = {  # saved in checkpoints, compared when Lightning loads one (after this hook)
+            "method": identify(strategy, self.staleness, self.aggregator),
+            "staleness": self.staleness,
+            "compression": repr(self.codec),
+            "aggregator": repr(self.aggregator),
+        }
         _move_after(self, LearningRateMonitor, trainer.callbacks)
         self._worker = strategy.comm_worker(self.link, self.aggregator, self.comm_timeout)
         self._timeline_path = None

@@ -10,6 +10,7 @@ table and draws its figures (see :mod:`lightning_parablock.telemetry.report`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.cli import preflight
+from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
 from lightning_parablock.cli.recipe_method import apply_method
@@ -35,6 +37,10 @@ from lightning_parablock.telemetry import report
 USAGE_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 """Bad input found before training: printed as one line, exit status 2, no traceback."""
 EXIT_USAGE = 2
+EXIT_MODEL_ELSEWHERE = 3
+"""Training finished, but the model is not in ``--output_dir`` (kept elsewhere; the line says where)."""
+EXIT_DISK_FULL = 4
+"""The disk filled up during training; the line names the last checkpoint written whole."""
 
 
 def refuse(error: BaseException | str) -> NoReturn:
@@ -179,12 +185,19 @@ class ParaBlockCLI(LightningCLI):
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
-        folders this run created are removed, so a refused run leaves nothing behind."""
+        folders this run created are removed, so a refused run leaves nothing behind. A disk that fills up during
+        training ends in one line too (exit status 4), naming the checkpoint to resume from."""
+        started_at = time.time()
         try:
             self.trainer.fit(**kwargs)
         except USAGE_ERRORS as error:
             if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
-                raise  # training had begun: the traceback is the user's to read
+                full = disk_full_error(error)
+                if full is None:
+                    raise  # training had begun: the traceback is the user's to read
+                if self.trainer.is_global_zero:
+                    print(f"parablock: error: {disk_full_message(full, self.trainer, started_at)}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_DISK_FULL)
             _remove_new_folders(self._new_folders, self.trainer)
             refuse(error)
 
@@ -228,6 +241,7 @@ class ParaBlockCLI(LightningCLI):
             lines.append("  " + callback.summary().format())
         if self._loss_before is not None and loss_after is not None:
             lines.append(f"  held-out loss: {self._loss_before:.4f} before -> {loss_after:.4f} after")
+        saved = None
         if self._output_plan is not None and self.trainer.is_global_zero:
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{_run_name(self.trainer)}"
             tokenizer = getattr(self.datamodule, "tokenizer", None)
@@ -240,6 +254,13 @@ class ParaBlockCLI(LightningCLI):
                 lines.append(f"  pushed to the Hub: {push_folder(saved.path, repo_id)}")
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
+        if saved is not None and saved.elsewhere:
+            print(
+                f"parablock: error: the model is not in --output_dir {str(self._output_plan.path)!r}: {saved.note}.",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(EXIT_MODEL_ELSEWHERE)
 
     def _held_out_loss(self) -> Optional[float]:
         """The global model's validation loss, when the module and data have a validation loop."""
@@ -265,13 +286,21 @@ def _run_dirs(trainer: Trainer) -> list[str]:
 
 def _remove_new_folders(folders: list[Path], trainer: Trainer) -> None:
     """Remove the run folders created since :meth:`ParaBlockCLI.before_fit`: a logger's own version folder with
-    what it wrote there; any other folder only when left empty (another run may share it)."""
+    what it wrote there; any other folder only when left empty (another run may share it).
+
+    Only the first process of each machine removes them: with several, every process reaches this with the same
+    folders, and a second removal fails on what the first removed. One removed by another machine sharing the
+    file system meanwhile is gone as wanted.
+    """
+    if trainer.local_rank != 0:
+        return
     own = {Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)}
     for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
         if folder in own:
             shutil.rmtree(folder, ignore_errors=True)
         elif folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
 
 
 def _run_name(trainer: Trainer) -> str:

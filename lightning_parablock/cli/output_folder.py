@@ -47,6 +47,7 @@ class SavedModel:
     path: Path
     contents: str
     note: str = ""  # replaced a previous output, went beside it, or fell back after a failure
+    elsewhere: bool = False  # not in the folder asked for (beside it, or a fallback): `fit && upload` must not go on
 
 
 def read_marker(folder: Path) -> Optional[dict[str, Any]]:
@@ -169,7 +170,8 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
         kept, contents = _fallback(module, tokenizer, run_id, fallback_root)
         reason = f"{type(error).__name__}: {error}"
-        return SavedModel(kept, contents, f"could not write {str(target)!r} ({reason}); kept the model in {str(kept)!r}")
+        note = f"could not write {str(target)!r} ({reason}); kept the model in {str(kept)!r}"
+        return SavedModel(kept, contents, note, elsewhere=True)
 
 
 def _move_in_place(staging: Path, plan: OutputPlan, contents: str, run_id: str) -> SavedModel:
@@ -181,7 +183,8 @@ def _move_in_place(staging: Path, plan: OutputPlan, contents: str, run_id: str) 
         beside = target.with_name(f"{target.name}-{run_id}")
         os.replace(staging, beside)
         who = f"run {now['run']}" if now else "something else"
-        return SavedModel(beside, contents, f"{str(target)!r} was written by {who} during this run; left it and wrote beside it")
+        note = f"{str(target)!r} was written by {who} during this run; left it and wrote beside it, in {str(beside)!r}"
+        return SavedModel(beside, contents, note, elsewhere=True)
     if not occupied:
         if target.is_dir():
             target.rmdir()

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 from lightning import LightningDataModule, LightningModule
 
+from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
+
 
 class PreflightError(ValueError):
     """The run would fail or lose data; found before training."""
@@ -57,7 +59,7 @@ def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]
     """The checkpoint ``--ckpt_path`` names, when it is a file (``last``/``best`` are resolved by Lightning)."""
     if not ckpt_path or not Path(ckpt_path).is_file():
         return None
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return read_checkpoint_file(ckpt_path, lambda: torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module: LightningModule) -> None:

@@ -7,8 +7,9 @@ file or the line. These checks run first and say which file, which line, and wha
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 _JSON_SUFFIXES = (".json", ".jsonl")
@@ -40,8 +41,10 @@ def check_data_files_shape(data_files: object) -> None:
         )
 
 
-def check_data_files(data_files: DataFiles) -> None:
-    """Each local file exists and holds at least one example; each JSON row parses to an object.
+def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = ()) -> None:
+    """Each local file exists, is UTF-8 and holds at least one example; each JSON row parses to an object whose
+    ``text_columns`` (those it has) hold text: a list or a number there would be trained on as its ``str()``,
+    or stop ``datasets`` with an error that names neither the file nor the row.
 
     Remote paths (``hf://``, ``s3://`` ...) and glob patterns are left to ``datasets``.
     """
@@ -56,20 +59,46 @@ def check_data_files(data_files: DataFiles) -> None:
         if path.stat().st_size == 0:
             raise ValueError(f"Data file {file!r} is empty: it holds no example.")
         if path.suffix.lower() in _JSON_SUFFIXES:
-            _check_json(path)
+            _check_json(path, text_columns)
 
 
-def _check_json(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
+def _check_json(path: Path, text_columns: Sequence[str]) -> None:
+    text = _read_utf8(path)
     if not text.strip():
         raise ValueError(f"Data file {str(path)!r} holds only whitespace: no example.")
     if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
-        _check_json_document(path, text)
+        _check_json_document(path, text, text_columns)
     else:
-        _check_json_lines(path, text)
+        _check_json_lines(path, text, text_columns)
 
 
-def _check_json_document(path: Path, text: str) -> None:
+def _read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are refused naming the line and column where they are."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"Data file {str(path)!r}, line {line}, byte {error.start - line_start + 1} of the line: not UTF-8"
+            f" ({error.reason}, byte {data[error.start:error.start + 1]!r}). Save the file as UTF-8 (e.g."
+            f" `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
+def _check_text_columns(where: str, row: dict[str, Any], text_columns: Sequence[str]) -> None:
+    """Every column of ``text_columns`` the row has holds a string (or null, refused later with the field's name)."""
+    for column in text_columns:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"{where}: column {column!r} holds {type(value).__name__} {json.dumps(value)[:60]}, not text; every"
+                f" example's {column!r} must be a JSON string. Fix the row, or convert the column to strings first."
+            )
+
+
+def _check_json_document(path: Path, text: str, text_columns: Sequence[str]) -> None:
     """A JSON array of objects (Alpaca's layout)."""
     try:
         rows = json.loads(text)
@@ -86,9 +115,10 @@ def _check_json_document(path: Path, text: str) -> None:
                 f"Data file {str(path)!r}, row {index}: expected a JSON object with the example's fields, got"
                 f" {type(row).__name__} {str(row)[:60]!r}."
             )
+        _check_text_columns(f"Data file {str(path)!r}, row {index}", row, text_columns)
 
 
-def _check_json_lines(path: Path, text: str) -> None:
+def _check_json_lines(path: Path, text: str, text_columns: Sequence[str]) -> None:
     """One JSON object per line (``.jsonl``, or a ``.json`` file in that layout); blank lines are skipped."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -105,3 +135,4 @@ def _check_json_lines(path: Path, text: str) -> None:
                 f"Data file {str(path)!r}, line {number}: expected a JSON object with the example's fields, got"
                 f" {type(row).__name__} {line[:60]!r}."
             )
+        _check_text_columns(f"Data file {str(path)!r}, line {number}", row, text_columns)

@@ -98,13 +98,13 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
     preset = source.preset
     name = source.name if source.name is not None else (preset.name if preset else None)
     builder = _builder(source)
+    columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     if source.data_files is not None:
-        check_data_files(source.data_files)
+        check_data_files(source.data_files, text_columns=[columns.get(field, field) for field in TEXT_FIELDS])
     try:
         dataset = load_dataset(builder, name, split=source.split, data_files=source.data_files, cache_dir=cache_dir)
     except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
         raise ValueError(f"Could not load the data source {source.describe()}: {error}") from error
-    columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     conversations = chat_column(columns, dataset.column_names)
     if conversations is not None:
         dataset = to_chat_schema(dataset, conversations, source.describe())

@@ -45,7 +45,7 @@ class FaultHandling:
         """
         if self._watch is None or isinstance(error, SIGTERMException):
             return
-        if not self._watch.report_peer_fault(error):
+        if not self._watch.report_peer_fault(error, round_index):
             self._watch.publish(round_index, error)
 
     def at_round_end(self) -> None:

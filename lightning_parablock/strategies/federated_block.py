@@ -58,10 +58,12 @@ from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
 from lightning_parablock.strategies.client_data import check_train_loader, federated_loader, make_clients
+from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
 from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint
 from lightning_parablock.strategies.gradient_probe import GradientProbe
 from lightning_parablock.strategies.precision_policy import check_precision
+from lightning_parablock.strategies.run_settings import RunSettings
 from lightning_parablock.strategies.trainer_checks import check_module_and_precision
 from lightning_parablock.strategies.turns import Turns
 from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
@@ -225,6 +227,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.master_weights = master_weights
         self.client_optimizers = ClientOptimizers(client_optimizer)
         self.checkpoint = FederationCheckpoint()
+        self.exchange_settings: RunSettings = {}  # the method, staleness, compression and aggregator: the callback's
         self.faults = FaultHandling()
 
         self.partition: Optional[BlockPartition] = None
@@ -295,6 +298,24 @@ class FederatedBlockStrategy(DDPStrategy):
 
     def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
         """Refuse an exchange this strategy cannot run (asked by ``ParaBlockCallback`` at setup); any goes here."""
+
+    def run_settings(self) -> RunSettings:
+        """What defines this run, saved in its checkpoints and compared on resume (see
+        :mod:`~lightning_parablock.strategies.run_settings`): the strategy's settings and the exchange's, which
+        ``ParaBlockCallback`` hands over at setup, before Lightning loads a checkpoint."""
+        return {
+            "strategy": type(self).__name__,
+            "seed": self.seed,
+            "schedule": self.schedule_kind,
+            "clients_per_round": self.clients_per_round,
+            "local_steps": self.local_steps,
+            "weighting": self.weighting,
+            "optimizer_state": self.optimizer_state_policy,
+            "global_lr": self.global_lr,
+            "shuffle": self.shuffle,
+            "master_weights": self.master_weights,
+            **self.exchange_settings,
+        }
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
         model = self.lightning_module
@@ -560,18 +581,21 @@ class FederatedBlockStrategy(DDPStrategy):
                 return
             raise MisconfigurationException(message)
         if self.federation is not None:
-            entry = self.checkpoint.entry(self.federation, self.partition, self.schedule, self.placement, self.world_size)
+            entry = self.checkpoint.entry(
+                self.federation, self.partition, self.schedule, self.placement, self.world_size, self.run_settings()
+            )
             if entry is not None:
                 checkpoint[CHECKPOINT_KEY] = entry
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: PathLike, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+        load = super().load_checkpoint
+        checkpoint = read_checkpoint_file(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only))
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # validate/test from a checkpoint need the global weights only
-            self.checkpoint.read(entry, checkpoint_path, self.num_clients, self.world_size, self.seed)
+            entry = checkpoint.get(CHECKPOINT_KEY)
+            self.checkpoint.read(entry, checkpoint_path, self.num_clients, self.world_size, self.seed, self.run_settings())
         return checkpoint
 
     @property

@@ -21,6 +21,7 @@ from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.planning import place_clients
 from lightning_parablock.core.schedule import BlockSchedule
+from lightning_parablock.strategies.run_settings import RunSettings, check_same_settings
 
 CHECKPOINT_KEY = "federation"
 """Where the federation's state sits in a Lightning checkpoint."""
@@ -49,6 +50,7 @@ class FederationCheckpoint:
         schedule: BlockSchedule,
         placement: list[int],
         world_size: int,
+        settings: RunSettings,
     ) -> Optional[dict[str, Any]]:
         """The checkpoint's federation entry: every rank's clients, on rank 0 (``None`` on the other ranks)."""
         state = _to_host(federation.state_dict())
@@ -70,15 +72,37 @@ class FederationCheckpoint:
             "world_size": world_size,
             "placement": list(placement),
             "schedule": schedule.state_dict(),
+            "settings": dict(settings),
         }
 
-    def read(self, entry: dict[str, Any], checkpoint_path: Any, num_clients: int, world_size: int, seed: int) -> None:
-        """Check that ``entry`` belongs to this federation and keep it for :meth:`restore_into` and friends."""
+    def read(
+        self,
+        entry: Optional[dict[str, Any]],
+        checkpoint_path: Any,
+        num_clients: int,
+        world_size: int,
+        seed: int,
+        settings: RunSettings,
+    ) -> None:
+        """Check that ``entry`` belongs to this run and keep it for :meth:`restore_into` and friends.
+
+        Without an entry (a checkpoint of plain Lightning or another tool) the clients' pending deltas would be
+        lost silently: refused. An entry written before a setting was recorded is compared on what it holds.
+        """
+        if entry is None:
+            raise MisconfigurationException(
+                f"The checkpoint {checkpoint_path} holds no federation state (no {CHECKPOINT_KEY!r} entry: written by"
+                " plain Lightning or another tool?); resuming from it would lose every client's pending deltas."
+                " Resume from a checkpoint a FederatedBlockStrategy saved at a round boundary, or start a new run from"
+                " its weights: load them into the module (`load_state_dict(torch.load(path)['state_dict'])`) and fit"
+                " without `ckpt_path`."
+            )
         if entry["num_clients"] != num_clients:
             raise MisconfigurationException(
                 f"The checkpoint {checkpoint_path} was written with num_clients={entry['num_clients']},"
                 f" this run has num_clients={num_clients}."
             )
+        check_same_settings(entry.get("settings", {}), settings, checkpoint_path)
         saved_world = entry.get("world_size", 1)
         placement = place_clients(num_clients, world_size, seed)
         saved_placement = entry.get("placement", placement if saved_world == 1 else None)

@@ -42,6 +42,7 @@ from lightning_parablock.core.lora import (
 )
 from lightning_parablock.core.rng import Stream, stream_generator
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.strategies.run_settings import RunSettings
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -106,6 +107,10 @@ class FLoRAStrategy(FederatedBlockStrategy):
                 " `ParaBlockCallback(staleness=0, aggregator=StackingAggregator())`, got"
                 f" staleness={staleness} and aggregator={aggregator!r}."
             )
+
+    @override
+    def run_settings(self) -> RunSettings:
+        return {**super().run_settings(), "client_ranks": self.client_ranks}
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:

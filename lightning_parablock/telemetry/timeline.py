@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.files import write_text_atomic
+from lightning_parablock.telemetry.timeline_checks import check_timeline
 
 TIMELINE_FILENAME = "parablock_timeline.json"
 
@@ -193,5 +194,6 @@ def load_timeline(path: Path) -> tuple[dict[str, Any], list[RoundRecord]]:
     """The run's metadata and records from a timeline file."""
     with open(path) as stream:
         payload = json.load(stream)
+    check_timeline(Path(path), payload, {f.name for f in fields(RoundRecord)})
     records = [record_from_json(r) for r in payload.pop("records")]
     return payload, records

@@ -1,0 +1,33 @@
+"""What defines a federated run: saved in its checkpoints and compared when it resumes.
+
+A resume continues the run it was saved from, or it is refused before training: another method, staleness,
+seed, schedule, participation, weighting, compression, aggregator, optimizer-state policy, global step or
+number of local steps would train a different run from the checkpoint's pending deltas (a top-k checkpoint
+resumed without top-k would drop every client's error-feedback residual). Settings that are safe to change by
+construction are not recorded: how many rounds (``max_epochs``, ``max_steps``), where deltas live
+(``offload_deltas``), the modelled link, ``comm_timeout``, checkpoint cadence, logging and the device.
+A checkpoint written before a setting was recorded is compared only on what it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+RunSettings = dict[str, Any]
+"""Setting name to a plain value (a number, a string, a list or ``None``), so a weights-only load reads it."""
+
+
+def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint_path: Any) -> None:
+    """Refuse a resume whose settings differ from those ``saved`` in the checkpoint, naming every one of them."""
+    changed = [(name, saved[name], value) for name, value in current.items() if name in saved and saved[name] != value]
+    if not changed:
+        return
+    differences = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
+    raise MisconfigurationException(
+        f"The checkpoint {checkpoint_path} belongs to another run ({differences}). A resume continues the run it"
+        " was saved from: resume with the checkpoint's settings, or start a new run from its weights (load them"
+        " into the module, e.g. `load_state_dict(torch.load(path)['state_dict'])`, and fit without `ckpt_path`)."
+    )
