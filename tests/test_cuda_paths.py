@@ -212,7 +212,7 @@ def test_checkpoint_state_reaches_the_gather_on_the_host(monkeypatch, nccl_defau
     checkpoint.setup(distributed=True)
     assert nccl_default_group[-1]["backend"] == "gloo"  # the object gather never stages on a GPU
     schedule = type("Schedule", (), {"state_dict": lambda self: {}})()
-    entry = checkpoint.entry(federation, federation.partition, schedule, [0, 1], world_size=2)
+    entry = checkpoint.entry(federation, federation.partition, schedule, [0, 1], world_size=2, settings={})
     sent, group = gathered[0]
     tensor = sent["pending"][1][0]["tensors"]["0.weight"]
     assert type(tensor) is torch.Tensor and tensor.device.type == "cpu" and group is dist.group.WORLD
