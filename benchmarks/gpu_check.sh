@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The first thing to run on a machine with a GPU: one PASS/FAIL/SKIP line per check, exit 1 on any FAIL.
 #
-#     bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter
+#     bash benchmarks/gpu_check.sh            # after `make .venv/.ready`; PYTHON=... to pick another interpreter
 #
 # NOT YET RUN ON A GPU: written and run on a CPU-only machine (where the CUDA checks print SKIP). Its first run
 # on a GPU is the first time this code meets CUDA and NCCL; expect to fix what it finds. Budget: under
 # 8 minutes on one GPU (the 8B throughput check takes most of it).
 set -u
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LOGS=$(mktemp -d)
 failed=0
