@@ -1,5 +1,6 @@
 """The ``spaced`` block schedule: random, yet never a block trained in the last ``spacing`` rounds."""
 
+import itertools
 import multiprocessing
 
 import pytest
@@ -24,7 +25,7 @@ def test_never_a_block_of_the_last_spacing_rounds_while_there_are_more_blocks(nu
 def test_still_random_where_it_has_a_choice():
     blocks = _blocks(4, 0, 1, 400)
     assert len({tuple(blocks[t : t + 4]) for t in range(0, 400, 4)}) > 20  # not a fixed cycle
-    assert len({(a, b) for a, b in zip(blocks, blocks[1:])}) == 12  # every ordered pair of distinct blocks
+    assert len(set(itertools.pairwise(blocks))) == 12  # every ordered pair of distinct blocks
     assert blocks != _blocks(4, 1, 1, 400)
 
 

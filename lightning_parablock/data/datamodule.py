@@ -1,5 +1,6 @@
 """The synthetic arithmetic task as a LightningDataModule that also knows how to split itself across clients."""
 
+import hashlib
 from collections.abc import Sequence
 from typing import Literal, Optional
 
@@ -69,10 +70,9 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
             return
         hparams = self.hparams
         raw = make_arithmetic_dataset(hparams.num_examples + hparams.val_examples, hparams.seed, hparams.kinds)
+        kinds = hashlib.sha256(",".join(hparams.kinds).encode()).hexdigest()[:12]  # datasets allows 64 characters
         sizes = f"{hparams.num_examples}-{hparams.val_examples}-{hparams.seed}-{hparams.max_length}"
-        tokenized = raw.map(
-            self._tokenize, remove_columns=raw.column_names, new_fingerprint=f"sft-{sizes}-{'-'.join(hparams.kinds)}"
-        )
+        tokenized = raw.map(self._tokenize, remove_columns=raw.column_names, new_fingerprint=f"sft-{sizes}-{kinds}")
         self._check_not_truncated(raw, tokenized)
         indices = list(range(len(tokenized)))
         self.train_dataset = tokenized.select(indices[: hparams.num_examples])
