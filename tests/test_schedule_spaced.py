@@ -61,3 +61,18 @@ def test_refuses_bad_spacing_naming_the_value():
         BlockSchedule("spaced", 4, spacing=0)
     with pytest.raises(ValueError, match="'spaced' schedule only.*spacing=2.*'random'"):
         BlockSchedule("random", 4, spacing=2)
+
+
+def test_a_run_with_the_spaced_schedule_never_trains_last_rounds_block_again(tmp_path):
+    from helpers import quiet_trainer
+    from toy import ToyModule, toy_dataset, toy_loader
+
+    from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1, schedule="spaced", seed=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1)], max_epochs=12,
+                            default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    trained = [strategy.block_of(t) for t in range(12)]
+    assert trained == _blocks(len(strategy.partition), 1, 1, 12)
+    assert all(a != b for a, b in itertools.pairwise(trained))
