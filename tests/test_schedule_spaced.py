@@ -46,6 +46,12 @@ def test_a_pure_function_of_seed_spacing_and_round_in_any_order_of_asking():
     assert [fresh.block_for_round(t) for t in range(120)] == reference
 
 
+def test_a_checkpoint_of_another_spacing_is_refused_naming_both():
+    with pytest.raises(ValueError, match="spacing=2, this run spacing=3"):
+        BlockSchedule("spaced", 6, spacing=3).load_state_dict(BlockSchedule("spaced", 6, spacing=2).state_dict())
+    BlockSchedule("random", 6).load_state_dict({"kind": "random", "choices": {}})  # a checkpoint from before
+
+
 def _rank_blocks(rank: int) -> list[int]:
     return _blocks(8, 11, 2, 200)
 

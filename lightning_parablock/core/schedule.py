@@ -114,10 +114,15 @@ class BlockSchedule:
         return self.choices[round_index]
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run cannot re-derive: the gradient schedule's past choices."""
-        return {"kind": self.kind, "choices": dict(self.choices)}
+        """What a resumed run cannot re-derive (the gradient schedule's past choices) and what it must repeat."""
+        return {"kind": self.kind, "spacing": self.spacing, "choices": dict(self.choices)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["kind"] != self.kind:
             raise ValueError(f"The checkpoint used the {state['kind']!r} block schedule, this run {self.kind!r}.")
+        if state.get("spacing", 1) != self.spacing:  # checkpoints before "spaced" carry none: spacing 1
+            raise ValueError(
+                f"The checkpoint's block schedule used spacing={state['spacing']}, this run spacing={self.spacing};"
+                " resume with the same spacing, or its blocks differ from the checkpoint's rounds on."
+            )
         self.choices = {int(r): int(b) for r, b in state["choices"].items()}
