@@ -8,7 +8,9 @@ round is as many epochs as there are clients. Prints one table: final validation
 greedy answers on the validation problems, bytes per client, this process's measured time, and the modelled
 federated wall-clock (clients in parallel; lightning_parablock.telemetry.timeline.modelled_wallclock) at 50/100/150 MB/s with
 effective batch 4 and at 100 MB/s with effective batch 2/4/8 (the paper's Figure 2 grid; one run per batch size).
-Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON.
+Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON. Each method's
+outcome is kept under ``--out``/outcomes and reused when present: a stopped run resumes, and processes given
+different ``--methods`` and the same ``--out`` share one table (use a fresh ``--out`` for fresh numbers).
 
 With ``--from-pretrained`` the paper's regime instead: the 4-layer, hidden-256 Llama of benchmarks/pretrain_tiny.py
 (pretrained here on four problem kinds, cached) is fine-tuned on four kinds it has not seen, split by kind; its
@@ -282,8 +284,15 @@ def main() -> None:
     options.out.mkdir(parents=True, exist_ok=True)
 
     outcomes = []
+    finished = options.out / "outcomes"  # one JSON per method: a stopped run resumes, processes can share methods
+    finished.mkdir(exist_ok=True)
     for name in names:
+        path = finished / f"{name}.json"
+        if path.exists():
+            outcomes.append(Outcome(**json.loads(path.read_text())))
+            continue
         outcomes.append(benchmark(name, options))
+        path.write_text(json.dumps(asdict(outcomes[-1])))
         print(f"{name}: done ({outcomes[-1].measured_seconds:.1f} s measured)", flush=True)
     table = format_table(outcomes)
     print("\n" + table)
