@@ -4,7 +4,8 @@ Fine-tunes the model of benchmarks/pretrain_tiny.py on the task of ``benchmarks/
 (same model, data, learning rate and link; effective batch 4) for every Dirichlet concentration α in ``--alphas``
 ("iid" for the iid split), every seed in ``--seeds`` (data, split, schedule and data order) and every variant in
 ``--variants``, each ``method:schedule``. ``parablock:spaced`` never trains a block trained in the last round, so
-no client starts a round from its own still-unaggregated delta of the same block. Each run's final validation loss
+no client starts a round from its own still-unaggregated delta of the same block; ``fedbcd:spaced`` tells the
+schedule's own effect apart from that (a ParaBlock variant is also compared with FedBCD on its own schedule). Each run's final validation loss
 (the global model after the last flush) is written as one JSON file under ``--out``/runs and reused when present,
 so several processes can share a sweep and a stopped sweep resumes. Prints, per α, each variant's mean ± standard
 deviation over the seeds and the gap to FedBCD (paired by seed), and plots the gap against α.
@@ -82,6 +83,17 @@ def summarize(results: dict[tuple[str, int, str], float], options: argparse.Name
                 gap_text = f"{statistics.mean(paired):+.2%} ± {_sd(paired):.2%}"
             lines.append(f"{alpha:>6} {variant:18} {statistics.mean(losses):>18.4f} ± {_sd(losses):.4f}"
                          f" {gap_text:>27} {','.join(map(str, seeds))}")  # fmt: skip
+        for variant in options.variants:  # ParaBlock against FedBCD on the same schedule: staleness alone
+            method, _, schedule = variant.partition(":")
+            same = f"fedbcd:{schedule}"
+            if method != "parablock" or same == BASELINE or same not in options.variants:
+                continue
+            paired = [results[alpha, s, variant] / results[alpha, s, same] - 1 for s in options.seeds
+                      if (alpha, s, variant) in results and (alpha, s, same) in results]  # fmt: skip
+            if paired:
+                label = f"{variant} vs {same}"
+                gaps.setdefault(label, {})[alpha] = paired
+                lines.append(f"{alpha:>6} {label:36} {statistics.mean(paired):+.2%} ± {_sd(paired):.2%} (paired)")
     return "\n".join(lines), gaps
 
 
@@ -94,13 +106,14 @@ def plot(gaps: dict[str, dict[str, list[float]]], alphas: list[str], path: Path)
     axis = figure.subplots()
     positions = {alpha: i for i, alpha in enumerate(alphas)}
     for i, (variant, by_alpha) in enumerate(sorted(gaps.items())):
-        xs = [positions[a] + (i - 0.5) * 0.08 for a in alphas if a in by_alpha]
+        xs = [positions[a] + (i - 1) * 0.08 for a in alphas if a in by_alpha]
         means = [100 * statistics.mean(by_alpha[a]) for a in alphas if a in by_alpha]
         spreads = [100 * _sd(by_alpha[a]) for a in alphas if a in by_alpha]
-        axis.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=f"{variant} vs fedbcd:random")
+        label = variant if " vs " in variant else f"{variant} vs {BASELINE}"
+        axis.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=label)
         for a in alphas:
             if a in by_alpha:
-                x = positions[a] + (i - 0.5) * 0.08
+                x = positions[a] + (i - 1) * 0.08
                 axis.scatter([x] * len(by_alpha[a]), [100 * g for g in by_alpha[a]], s=8, alpha=0.4, color=f"C{i}")
     axis.axhline(0, color="black", linewidth=0.8)
     axis.axhspan(-2, 2, color="green", alpha=0.08, label="within 2%")
