@@ -4,7 +4,7 @@ Pretraining sees four kinds of the synthetic arithmetic task (addition, subtract
 fine-tuning (benchmarks/table1.py --from-pretrained) teaches four kinds it has not seen (multiplication,
 minimum, doubling, remainder), split non-iid across clients by kind. The model is a 4-layer Llama with hidden
 size 256 (intermediate 688, 4 heads, the character tokenizer's 128-entry vocabulary, tied embeddings): 3.2 M
-parameters, one decoder layer, a ParaBlock block, is 0.79 M parameters or 3.1 MB in fp32.
+parameters, one decoder layer, a ParaBlock block, is 0.79 M parameters or 3.2 MB in fp32.
 
 The checkpoint is a pure function of the settings below: it is written with ``save_pretrained`` under
 benchmarks/.cache/pretrained-<hash of the settings>/ and rebuilt from the seed when missing, never fetched.

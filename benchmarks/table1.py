@@ -14,7 +14,7 @@ different ``--methods`` and the same ``--out`` share one table (use a fresh ``--
 
 With ``--from-pretrained`` the paper's regime instead: the 4-layer, hidden-256 Llama of benchmarks/pretrain_tiny.py
 (pretrained here on four problem kinds, cached) is fine-tuned on four kinds it has not seen, split by kind; its
-embeddings stay frozen, so a block is one decoder layer (3.1 MB in fp32), and the learning rates are a fine-tuning
+embeddings stay frozen, so a block is one decoder layer (3.2 MB in fp32), and the learning rates are a fine-tuning
 run's (blocks and Full FT 1e-3, LoRA 5e-3).
 
     python benchmarks/table1.py [--rounds 20] [--clients 10] [--local-steps 8] [--methods parablock,fedbcd,...]
