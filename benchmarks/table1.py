@@ -8,10 +8,18 @@ round is as many epochs as there are clients. Prints one table: final validation
 greedy answers on the validation problems, bytes per client, this process's measured time, and the modelled
 federated wall-clock (clients in parallel; lightning_parablock.telemetry.timeline.modelled_wallclock) at 50/100/150 MB/s with
 effective batch 4 and at 100 MB/s with effective batch 2/4/8 (the paper's Figure 2 grid; one run per batch size).
-Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON.
+Writes the Figure-2-style bar chart and the validation-loss curves as PNGs and the numbers as JSON. Each method's
+outcome is kept under ``--out``/outcomes and reused when present: a stopped run resumes, and processes given
+different ``--methods`` and the same ``--out`` share one table (use a fresh ``--out`` for fresh numbers).
+
+With ``--from-pretrained`` the paper's regime instead: the 4-layer, hidden-256 Llama of benchmarks/pretrain_tiny.py
+(pretrained here on four problem kinds, cached) is fine-tuned on four kinds it has not seen, split by kind; its
+embeddings stay frozen, so a block is one decoder layer (3.2 MB in fp32), and the learning rates are a fine-tuning
+run's (blocks and Full FT 1e-3, LoRA 5e-3).
 
     python benchmarks/table1.py [--rounds 20] [--clients 10] [--local-steps 8] [--methods parablock,fedbcd,...]
-                                [--partition dirichlet|iid] [--no-grid] [--out runs/table1] [--quick]
+                                [--partition dirichlet|iid] [--alpha 0.5] [--seed 0] [--schedule random]
+                                [--from-pretrained] [--no-grid] [--out runs/table1] [--quick]
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ from typing import Any
 
 import torch
 from common import TINY_CONFIG
+from pretrain_tiny import FINETUNE_KINDS, QUICK, PretrainSettings, pretrained_checkpoint
 from lightning import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
 
 from lightning_parablock import CausalLMModule, ParaBlockCallback, SimulatedLink
 from lightning_parablock.data import SyntheticArithmeticDataModule, format_prompt
-from lightning_parablock.data.synthetic import make_arithmetic_dataset
+from lightning_parablock.core.schedule import SCHEDULE_KINDS
+from lightning_parablock.data.synthetic import PROBLEM_KINDS, make_arithmetic_dataset
 from lightning_parablock.eval.generation import generate_answers
 from lightning_parablock.methods.registry import METHODS, method
 from lightning_parablock.telemetry.timeline import RunSummary, modelled_wallclock
@@ -43,6 +53,9 @@ LATENCY = "20ms"  # as recipes/tiny.yaml
 LEARNING_RATE = 3e-3  # as recipes/tiny.yaml
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 LORA_LEARNING_RATE = 1e-2
+FINETUNE_LEARNING_RATE = 1e-3  # --from-pretrained: blocks and Full FT
+FINETUNE_LORA_LEARNING_RATE = 5e-3
+BLOCK_METHODS = ("parablock", "fedbcd")  # the methods --schedule applies to
 
 
 @dataclass
@@ -73,23 +86,29 @@ class ValidationCurve(Callback):
 def train(name: str, options: argparse.Namespace, batch_size: int, validate: bool) -> tuple[Any, ...]:
     spec = method(name)
     lora = spec.module_args(LORA)
-    module = CausalLMModule(
-        config=TINY_CONFIG, learning_rate=LORA_LEARNING_RATE if lora else LEARNING_RATE, seed=0, **lora
-    )
+    if options.from_pretrained:
+        rate = FINETUNE_LORA_LEARNING_RATE if lora else FINETUNE_LEARNING_RATE
+        module = CausalLMModule(model_name_or_path=str(options.checkpoint), learning_rate=rate, seed=options.seed, **lora)
+    else:
+        rate = LORA_LEARNING_RATE if lora else LEARNING_RATE
+        module = CausalLMModule(config=TINY_CONFIG, learning_rate=rate, seed=options.seed, **lora)
     data = SyntheticArithmeticDataModule(
         num_examples=options.examples,
         val_examples=options.val_examples,
         batch_size=batch_size,
         partition=options.partition,
-        alpha=0.5,
-        seed=0,
+        alpha=options.alpha,
+        seed=options.seed,
+        kinds=task_kinds(options),
     )
+    schedule = {"schedule": options.schedule} if name in BLOCK_METHODS else {}
     strategy = spec.strategy(
         num_clients=options.clients,
         local_steps=options.local_steps,
-        include_embeddings=True,  # trained from scratch: the embeddings (tied to the head) learn too
+        include_embeddings=not options.from_pretrained,  # from scratch the embeddings (tied to the head) learn too
         weighting="samples",
-        seed=0,
+        seed=options.seed,
+        **schedule,
     )
     epochs_per_round = spec.rounds(1, options.clients)
     callback = ParaBlockCallback.for_method(spec, link=SimulatedLink(MAIN_BANDWIDTH, LATENCY))
@@ -114,9 +133,14 @@ def train(name: str, options: argparse.Namespace, batch_size: int, validate: boo
     return module, data, trainer, callback, curve, seconds
 
 
+def task_kinds(options: argparse.Namespace) -> tuple[str, ...]:
+    """The problem kinds of the task: those pretraining left out when fine-tuning, else the original five."""
+    return FINETUNE_KINDS if options.from_pretrained else tuple(PROBLEM_KINDS)
+
+
 def exact_match(module: CausalLMModule, data: SyntheticArithmeticDataModule, options: argparse.Namespace) -> float:
     """Share of validation problems whose greedy answer, up to its first whitespace, is the reference."""
-    rows = make_arithmetic_dataset(options.examples + options.val_examples, seed=0)
+    rows = make_arithmetic_dataset(options.examples + options.val_examples, options.seed, task_kinds(options))
     rows = rows.select(range(options.examples, options.examples + options.val_examples))
     answers = generate_answers(
         module.hf_model, data.tokenizer, rows["instruction"], prompt_fn=format_prompt, batch_size=50, max_new_tokens=6
@@ -213,20 +237,24 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
                          color=colors[outcome.method])  # fmt: skip
     axes[2].set_xlabel("round (every client trained once)")
     axes[2].set_ylabel("validation loss (global model)")
-    axes[2].set_title("Convergence on the tiny non-iid task", fontsize=10)
+    axes[2].set_title("Convergence on the non-iid task", fontsize=10)
     axes[2].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="rounds in which every client trains once")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--val-examples", type=int, default=200)
-    parser.add_argument("--partition", choices=("dirichlet", "iid"), default="dirichlet", help="Dirichlet(0.5) or iid")
+    parser.add_argument("--partition", choices=("dirichlet", "iid"), default="dirichlet", help="Dirichlet or iid")
+    parser.add_argument("--alpha", type=float, default=0.5, help="the Dirichlet concentration over problem kinds")
+    parser.add_argument("--seed", type=int, default=0, help="data, split, schedule, data order and LoRA init")
+    parser.add_argument("--schedule", choices=SCHEDULE_KINDS, default="random", help="ParaBlock's and FedBCD's")
+    parser.add_argument("--from-pretrained", action="store_true", help="fine-tune benchmarks/pretrain_tiny.py's model")
     parser.add_argument("--val-every", type=int, default=5, help="rounds between validations for the curves")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("runs/table1"))
@@ -234,26 +262,47 @@ def main() -> None:
         "--no-grid", dest="grid", action="store_false", help=f"skip the runs at batch {BATCHES[0]} and {BATCHES[-1]}"
     )
     parser.add_argument("--quick", action="store_true", help="2 rounds, 3 clients, 2 local steps: a smoke run")
-    options = parser.parse_args()
+    return parser
+
+
+def prepare(options: argparse.Namespace) -> argparse.Namespace:
+    """Apply --quick and build (or find) the pretrained checkpoint, so that every run of a process shares it."""
     if options.quick:
         options.rounds, options.clients, options.local_steps, options.val_every = 2, 3, 2, 1
         options.examples, options.val_examples = 120, 20
+    options.checkpoint = None
+    if options.from_pretrained:
+        options.checkpoint = pretrained_checkpoint(QUICK if options.quick else PretrainSettings())
+    return options
+
+
+def main() -> None:
+    options = prepare(build_parser().parse_args())
     names = [n.strip() for n in options.methods.split(",") if n.strip()]
     for name in names:
         method(name)  # a clear error before anything trains
     options.out.mkdir(parents=True, exist_ok=True)
 
     outcomes = []
+    finished = options.out / "outcomes"  # one JSON per method: a stopped run resumes, processes can share methods
+    finished.mkdir(exist_ok=True)
     for name in names:
+        path = finished / f"{name}.json"
+        if path.exists():
+            outcomes.append(Outcome(**json.loads(path.read_text())))
+            continue
         outcomes.append(benchmark(name, options))
+        path.write_text(json.dumps(asdict(outcomes[-1])))
         print(f"{name}: done ({outcomes[-1].measured_seconds:.1f} s measured)", flush=True)
     table = format_table(outcomes)
     print("\n" + table)
     figure = options.out / "table1_figure2.png"
     plot(outcomes, figure)
     (options.out / "table1.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
-    print(f"\nfigure: {figure}\ntorch {torch.__version__}, {options.rounds} rounds, {options.clients} clients,"
-          f" {options.local_steps} local steps")  # fmt: skip
+    task = f"fine-tuning {options.checkpoint.name}" if options.from_pretrained else "from scratch"
+    split = f"Dirichlet({options.alpha})" if options.partition == "dirichlet" else "iid"
+    print(f"\nfigure: {figure}\ntorch {torch.__version__}, {task}, {split}, seed {options.seed}, schedule"
+          f" {options.schedule}, {options.rounds} rounds, {options.clients} clients, {options.local_steps} local steps")
 
 
 if __name__ == "__main__":

@@ -336,3 +336,20 @@ def test_a_tokenizer_without_bos_gets_none_prepended_like_qwen():
     features = encode_for_sft("Q?", "42", tokenizer)
     assert features["input_ids"][0] == tokenizer.convert_tokens_to_ids("Q")
     assert features["labels"] == [-100, -100, *tokenizer.encode("42", add_special_tokens=False), tokenizer.eos_token_id]
+
+
+def test_a_task_of_chosen_kinds_draws_only_those_and_leaves_the_default_task_as_it_was():
+    assert make_arithmetic_dataset(300, seed=1).to_dict() == make_arithmetic_dataset(300, 1, tuple(PROBLEM_KINDS)).to_dict()
+    unseen = ("multiplication", "minimum", "doubling", "remainder")
+    data = SyntheticArithmeticDataModule(num_examples=200, val_examples=20, seed=0, kinds=unseen)
+    data.setup()
+    assert set(data._train_sources) == set(unseen)
+    rows = make_arithmetic_dataset(200, 0, ("minimum", "doubling", "remainder"))
+    for row in rows:
+        numbers = [int(n) for n in row["instruction"].rstrip("?").replace(",", "").split() if n.isdigit()]
+        expected = {"minimum": lambda: min(numbers), "doubling": lambda: 2 * numbers[0],
+                    "remainder": lambda: numbers[0] % numbers[1]}[row["source"]]()  # fmt: skip
+        assert row["output"] == str(expected), row
+    for bad in ([], ["addition", "addition"], ["division"], "addition"):
+        with pytest.raises(ValueError, match=r"`kinds` must be distinct names from \['addition'"):
+            SyntheticArithmeticDataModule(kinds=bad)

@@ -1,11 +1,12 @@
 """Properties of the block schedules over random inputs (the partitioners' are in test_data.py)."""
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_parablock.core.schedule import PURE_SCHEDULE_KINDS, BlockSchedule
 
 
+@settings(deadline=None)  # "spaced" rebuilds its history up to the round asked for: 10 000 rounds take ~0.2 s
 @given(
     kind=st.sampled_from(PURE_SCHEDULE_KINDS),
     num_blocks=st.integers(1, 40),

@@ -66,7 +66,7 @@ def test_sequential_and_reverse_schedules():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match=r"one of \('random', 'sequential', 'reverse', 'permutation', 'gradient'\), got 'cyclic'"):
+    with pytest.raises(ValueError, match=r"one of \('random', 'sequential', 'reverse', 'permutation', 'spaced', 'gradient'\), got 'cyclic'"):
         BlockSchedule("cyclic", 4)
     with pytest.raises(ValueError, match="at least one block, got 0"):
         BlockSchedule("random", 0)

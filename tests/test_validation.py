@@ -19,7 +19,7 @@ CONSTRUCTION_ERRORS = [
     (lambda: FederatedBlockStrategy(num_clients=4, clients_per_round=5), r"between 1 and num_clients=4, got 5"),
     (lambda: FederatedBlockStrategy(optimizer_state="shared"), r"'reset' or 'per_block', got 'shared'"),
     (lambda: FederatedBlockStrategy(weighting="tokens"), r"'uniform' or 'samples', got 'tokens'"),
-    (lambda: FederatedBlockStrategy(schedule="shuffled"), r"`schedule` must be 'random', 'sequential', 'reverse', 'permutation' or 'gradient', got 'shuffled'"),
+    (lambda: FederatedBlockStrategy(schedule="shuffled"), r"`schedule` must be 'random', 'sequential', 'reverse', 'permutation', 'spaced' or 'gradient', got 'shuffled'"),
     (lambda: ParaBlockCallback(staleness=-1), r"`staleness .*` must be an integer >= 0, got -1"),
     (lambda: ParaBlockCallback(staleness=1.5), r"`staleness .*` must be an integer, got 1.5"),
     (lambda: FederatedBlockStrategy(num_clients=2.5), r"`num_clients` must be an integer, got 2.5"),

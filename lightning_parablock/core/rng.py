@@ -20,6 +20,8 @@ class Stream(IntEnum):
     PARTICIPANTS = 0xC11E  # the clients of a round (partial participation)
     RANDOM_BLOCK = 0x5C4ED  # the block of a round, ``schedule="random"``
     BLOCK_PERMUTATION = 0xC7C1E  # the block order of a cycle, ``schedule="permutation"``
+    SPACED_BLOCK = 0x5FACE  # the pick among the allowed blocks of a round, ``schedule="spaced"``
+    PRETRAIN_ORDER = 0x97E7  # the example order of benchmarks/pretrain_tiny.py, per pass
     DATA_ORDER = 0xDA7A  # a client's shuffled order of its examples, per pass
     LORA_RESTART = 0xF10A  # FLoRA's fresh adapters after a merge
 

@@ -1,5 +1,7 @@
 """The synthetic arithmetic task as a LightningDataModule that also knows how to split itself across clients."""
 
+import hashlib
+from collections.abc import Sequence
 from typing import Literal, Optional
 
 import lightning as L
@@ -10,7 +12,7 @@ from lightning_parablock.argument_checks import check_choice, check_int, check_p
 from lightning_parablock.data.formatting import SFTCollator, tokenize_for_sft
 from lightning_parablock.data.partition import dirichlet_partition, iid_partition
 from lightning_parablock.data.prompts import format_prompt
-from lightning_parablock.data.synthetic import make_arithmetic_dataset
+from lightning_parablock.data.synthetic import PROBLEM_KINDS, check_kinds, make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import build_char_tokenizer
 
 _PARTITIONS = ("iid", "dirichlet")
@@ -31,6 +33,8 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
             (label skew over the problem kind, the ``source`` column).
         alpha: Dirichlet concentration; smaller means more skewed clients. Only used with ``"dirichlet"``.
         seed: Seeds both the data and the partition.
+        kinds: Which problem kinds to draw from (``source`` values; see
+            :mod:`~lightning_parablock.data.synthetic`); by default the five of the original task.
     """
 
     def __init__(
@@ -42,8 +46,11 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
         partition: Literal["iid", "dirichlet"] = "dirichlet",
         alpha: float = 0.5,
         seed: int = 0,
+        kinds: Sequence[str] = tuple(PROBLEM_KINDS),
     ) -> None:
         super().__init__()
+        check_kinds(kinds)
+        kinds = tuple(kinds)
         check_int("num_examples", num_examples, minimum=1)
         check_int("val_examples", val_examples, minimum=0)
         check_int("batch_size", batch_size, minimum=1)
@@ -62,12 +69,10 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hparams = self.hparams
-        raw = make_arithmetic_dataset(hparams.num_examples + hparams.val_examples, hparams.seed)
-        tokenized = raw.map(
-            self._tokenize,
-            remove_columns=raw.column_names,
-            new_fingerprint=f"sft-{hparams.num_examples}-{hparams.val_examples}-{hparams.seed}-{hparams.max_length}",
-        )
+        raw = make_arithmetic_dataset(hparams.num_examples + hparams.val_examples, hparams.seed, hparams.kinds)
+        kinds = hashlib.sha256(",".join(hparams.kinds).encode()).hexdigest()[:12]  # datasets allows 64 characters
+        sizes = f"{hparams.num_examples}-{hparams.val_examples}-{hparams.seed}-{hparams.max_length}"
+        tokenized = raw.map(self._tokenize, remove_columns=raw.column_names, new_fingerprint=f"sft-{sizes}-{kinds}")
         self._check_not_truncated(raw, tokenized)
         indices = list(range(len(tokenized)))
         self.train_dataset = tokenized.select(indices[: hparams.num_examples])

@@ -7,6 +7,7 @@ model learns it measurably in a few hundred CPU steps and a non-IID split has so
 """
 
 import random
+from collections.abc import Sequence
 from typing import Callable
 
 from datasets import Dataset
@@ -40,6 +41,21 @@ def _parity(rng: random.Random) -> _Problem:
     return f"Is {a} even or odd?", "odd" if a % 2 else "even"
 
 
+def _minimum(rng: random.Random) -> _Problem:
+    a, b = rng.sample(range(100), 2)
+    return f"Which is smaller, {a} or {b}?", str(min(a, b))
+
+
+def _doubling(rng: random.Random) -> _Problem:
+    a = rng.randint(0, 49)
+    return f"What is twice {a}?", str(2 * a)
+
+
+def _remainder(rng: random.Random) -> _Problem:
+    a, b = rng.randint(0, 99), rng.randint(2, 9)
+    return f"What is {a} mod {b}?", str(a % b)
+
+
 PROBLEM_KINDS: dict[str, Callable[[random.Random], _Problem]] = {
     "addition": _addition,
     "subtraction": _subtraction,
@@ -47,24 +63,41 @@ PROBLEM_KINDS: dict[str, Callable[[random.Random], _Problem]] = {
     "comparison": _comparison,
     "parity": _parity,
 }
-"""Generator per ``source`` value; every answer is at most four characters."""
+"""Generator per ``source`` value of the default task; every answer is at most four characters."""
+
+EXTRA_PROBLEM_KINDS: dict[str, Callable[[random.Random], _Problem]] = {
+    "minimum": _minimum,
+    "doubling": _doubling,
+    "remainder": _remainder,
+}
+"""Kinds outside the default task, for a fine-tuning task a model pretrained on the default kinds has not seen."""
+
+_ALL_KINDS = {**PROBLEM_KINDS, **EXTRA_PROBLEM_KINDS}
 
 
-def make_arithmetic_dataset(num_examples: int, seed: int) -> Dataset:
-    """Draw ``num_examples`` problems, each of a uniformly chosen kind; the same seed gives the same rows.
+def make_arithmetic_dataset(num_examples: int, seed: int, kinds: Sequence[str] = tuple(PROBLEM_KINDS)) -> Dataset:
+    """Draw ``num_examples`` problems, each of a kind chosen uniformly from ``kinds``; the same seed and kinds give
+    the same rows.
 
     Returns:
         A ``datasets.Dataset`` with string columns ``source``, ``instruction`` and ``output``.
     """
     if num_examples < 0:
         raise ValueError(f"`num_examples` must be a non-negative integer, got {num_examples}.")
+    check_kinds(kinds)
     rng = random.Random(seed)
-    sources = list(PROBLEM_KINDS)
+    sources = list(kinds)
     rows: dict[str, list[str]] = {"source": [], "instruction": [], "output": []}
     for _ in range(num_examples):
         source = rng.choice(sources)
-        instruction, output = PROBLEM_KINDS[source](rng)
+        instruction, output = _ALL_KINDS[source](rng)
         rows["source"].append(source)
         rows["instruction"].append(instruction)
         rows["output"].append(output)
     return Dataset.from_dict(rows)
+
+
+def check_kinds(kinds: Sequence[str]) -> None:
+    """Refuse an empty, repeated or unknown list of problem kinds, naming what is accepted."""
+    if isinstance(kinds, str) or not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(_ALL_KINDS):
+        raise ValueError(f"`kinds` must be distinct names from {sorted(_ALL_KINDS)}, got {kinds!r}.")

@@ -122,8 +122,11 @@ class FederatedBlockStrategy(DDPStrategy):
         block_patterns: regular expressions over parameter names, one entry per block, for
             models without a decoder stack; replaces the decoder detection.
         schedule: which block a round trains: ``"random"`` (the paper), ``"sequential"``, ``"reverse"``,
-            ``"permutation"`` (every block once per cycle) or ``"gradient"`` (the largest gradient norm on
-            the round's first batch, one extra backward per round).
+            ``"permutation"`` (every block once per cycle), ``"gradient"`` (the largest gradient norm on
+            the round's first batch, one extra backward per round) or ``"spaced"`` (random, but never a block
+            trained in the last ``schedule_spacing`` rounds while there are more blocks than that).
+        schedule_spacing: with ``schedule="spaced"``, how many past rounds' blocks a round avoids; by default
+            the callback's staleness (at least 1), so no client trains a block whose own delta is still pending.
         client_optimizer: builds a client's optimizer from the block's parameters. Defaults to the
             LightningModule's ``configure_optimizers``, called whenever a client needs a new optimizer
             (every turn with ``optimizer_state="reset"``, once per client and block with ``"per_block"``).
@@ -166,6 +169,7 @@ class FederatedBlockStrategy(DDPStrategy):
         include_head: bool = False,
         block_patterns: Optional[list[Union[str, list[str]]]] = None,
         schedule: ScheduleKind = "random",
+        schedule_spacing: Optional[int] = None,
         client_optimizer: Optional[OptimizerCallable] = None,
         optimizer_state: OptimizerStatePolicy = "reset",
         global_lr: float = 1.0,
@@ -197,6 +201,12 @@ class FederatedBlockStrategy(DDPStrategy):
         check_choice("layer_split", layer_split, get_args(LayerSplit))
         check_choice("remainder", remainder, get_args(RemainderPolicy))
         check_choice("schedule", schedule, SCHEDULE_KINDS)
+        schedule_spacing = check_optional_int("schedule_spacing", schedule_spacing, minimum=1)
+        if schedule_spacing is not None and schedule != "spaced":
+            raise ValueError(
+                f"`schedule_spacing` applies to schedule='spaced' only; got schedule_spacing={schedule_spacing}"
+                f" with schedule={schedule!r}."
+            )
         check_choice("optimizer_state", optimizer_state, get_args(OptimizerStatePolicy))
         check_choice("weighting", weighting, get_args(Weighting))
         participation = check_float("participation", participation, minimum=0.0, maximum=1.0, min_open=True)
@@ -217,6 +227,7 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.block_patterns = block_patterns
         self.schedule_kind = schedule
+        self.schedule_spacing = schedule_spacing
         self.optimizer_state_policy = optimizer_state
         self.global_lr = float(check_float("global_lr (η)", global_lr, minimum=0.0, min_open=True))
         self.clients_per_round = participants_per_round(self.num_clients, participation, clients_per_round)
@@ -328,7 +339,9 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.checkpoint.check_blocks(self.partition)
         self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.schedule = BlockSchedule(self.schedule_kind, len(self.partition), self.seed, self._gradient_probe())
+        self.schedule = BlockSchedule(
+            self.schedule_kind, len(self.partition), self.seed, self._gradient_probe(), spacing=self._spacing()
+        )
         self.checkpoint.restore_schedule(self.schedule)
         self.plan = self.plan_class(
             self.num_clients, self.clients_per_round, self.seed, self.schedule, self.placement, self.world_size,
@@ -346,6 +359,12 @@ class FederatedBlockStrategy(DDPStrategy):
         self.turns = Turns(self.federation, self.root_device)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
+
+    def _spacing(self) -> int:
+        """The spaced schedule's window: as asked, else the exchange's staleness (handed over by the callback)."""
+        if self.schedule_kind != "spaced":
+            return 1
+        return self.schedule_spacing or max(1, self.exchange_settings.get("staleness", 1))
 
     def _gradient_probe(self) -> Optional[GradientProbe]:
         """The gradient schedule's probe: the round's first batch through the global model's blocks."""
