@@ -269,6 +269,7 @@ def test_a_checkpoint_without_federation_state_is_refused_before_training(tmp_pa
     built = ParaBlockCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          auto_configure_optimizers=False, run=False, args=tiny_args(tmp_path)[1:])  # fmt: skip
     checkpoint = tmp_path / "plain.ckpt"
+    built.model.configure_model()  # the module builds its model lazily
     torch.save({"state_dict": built.model.state_dict(), "epoch": 0, "global_step": 4}, checkpoint)
     before = snapshot(tmp_path)
     err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(checkpoint)))
