@@ -343,7 +343,13 @@ def measure(bench: Benchmark, options: argparse.Namespace, counts: list[int]) ->
         for threads in counts if repeat % 2 == 0 else reversed(counts):
             torch.set_num_threads(threads)
             for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
-                timings[threads][name].append(runs[name]())
+                timing = runs[name]()
+                timings[threads][name].append(timing)
+                print(  # as it comes: a run cut short by a time limit keeps what it measured
+                    f"repeat {repeat + 1}, {threads} threads, {name}: {timing.wall:.2f} s,"
+                    f" median step {timing.median_step * 1e3:.1f} ms, load average {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     return timings
 
 
