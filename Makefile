@@ -3,8 +3,10 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
-# One torch thread per process: on a small machine that also runs other work, torch's default (a thread per
-# core) makes threads wait on each other and a round many times slower. Set it higher on a dedicated machine.
+# One torch thread per process, for CI and shared machines only: when other work holds the cores, torch's
+# default (a thread per core) leaves libgomp's threads spinning for cores they do not get, and any torch loop,
+# the bare one as much as the strategy, runs many times slower. The library does not need it (its comm thread
+# runs torch single-threaded): on a dedicated machine `make run OMP_NUM_THREADS=$(nproc)` is torch's default.
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= $(OMP_NUM_THREADS)
 # The slow tests' bound: SIGTERM at the limit (Lightning turns it into an exception inside one test and pytest

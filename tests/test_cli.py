@@ -92,7 +92,8 @@ def test_overhead_benchmark_runs_and_prints_its_figures():
     script = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
     result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    for clock in ("wall", "cpu"):
+    assert "=== 1 torch thread" in result.stdout, result.stdout  # then torch's default, where that is more
+    for clock in ("wall, whole run", "wall, median step", "cpu, whole run"):
         assert re.search(
             rf"{clock}, median of each repeat's ratio:\n"
             r"  strategy N=1 / bare loop per step: [0-9.]+  \(per repeat: [0-9.]+\)\n"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -291,3 +294,67 @@ def test_shutdown_releases_a_thread_sleeping_out_a_long_link():
     worker.shutdown()
     thread.join(timeout=5)
     assert not thread.is_alive()  # the interpreter would otherwise wait for it at exit
+
+
+# --------------------------------------------------------------------------- the comm thread's torch threads
+
+openmp_only = pytest.mark.skipif(
+    "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's native thread pool is process-wide: the worker leaves its size alone",
+)
+
+
+@openmp_only
+def test_the_comm_thread_runs_torch_with_one_thread_and_leaves_other_threads_theirs(worker_factory, monkeypatch):
+    import lightning_parablock.comm.worker as comm
+
+    seen = []
+    original = comm.Aggregator.__call__
+
+    def spy(self, deltas, weights):
+        seen.append(torch.get_num_threads())
+        return original(self, deltas, weights)
+
+    monkeypatch.setattr(comm.Aggregator, "__call__", spy)
+    main_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs with 1, which the worker would have nothing to change about
+    try:
+        worker = worker_factory()
+        worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
+        worker.wait(0)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # the training thread's count
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]  # a thread that starts torch afterwards gets what it would have got
+    finally:
+        torch.set_num_threads(main_threads)
+
+
+@openmp_only
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_an_exchange_starts_no_openmp_team_beside_the_training_threads(tmp_path):
+    # A second team makes libgomp throttle the training thread's team (sleep, not spin, between parallel
+    # regions) for the rest of the fit. In a fresh process at 2 threads, the exchange adds the comm thread alone.
+    script = tmp_path / "count_threads.py"
+    script.write_text(
+        "import os, torch\n"
+        "from lightning_parablock.comm.link import SimulatedLink\n"
+        "from lightning_parablock.comm.worker import CommWorker\n"
+        "def threads(): return len(os.listdir('/proc/self/task'))\n"
+        "assert torch.get_num_threads() == 2\n"
+        "(torch.ones(1 << 20) * 2).sum()  # the training thread's team\n"
+        "before = threads()\n"
+        "worker = CommWorker(SimulatedLink(), timeout_s=60)\n"
+        "big = {0: {'w': torch.ones(1 << 20)}, 1: {'w': torch.ones(1 << 20)}}  # far above torch's parallel grain\n"
+        "worker.submit(0, 0, big, {0: 0.5, 1: 0.5})\n"
+        "worker.wait(0)\n"
+        "print(threads() - before)\n"
+        "worker.shutdown()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1", "the comm thread started threads of its own"

@@ -4,7 +4,9 @@ A :class:`SimulatedLink` models bandwidth and latency. The :class:`CommWorker`
 does the real work of one exchange on a background thread (device-to-host
 copies of every client's delta, the aggregation) and then waits only for what is
 left of the modelled link time, so compute on the main thread overlaps it just
-as it would overlap a real network.
+as it would overlap a real network. The thread runs torch with one thread
+(:mod:`~lightning_parablock.comm.torch_threads`): a second OpenMP team beside
+the training thread's slows every training step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import EncodedTensor
 from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, Transport, exchange
 from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.torch_threads import use_one_torch_thread
 from lightning_parablock.core.device_copies import EXCHANGE_RANGE, copy_to_host
 
 
@@ -176,6 +179,7 @@ def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> Roun
 
 def _serve(jobs: queue.SimpleQueue, stop: threading.Event, device: Optional[torch.device]) -> None:
     """The communication thread: run queued exchanges in order until told to stop."""
+    use_one_torch_thread()
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     while True:
