@@ -9,7 +9,7 @@ cannot be re-derived, so it keeps them and a checkpoint carries them.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, get_args
 
 import torch
 
@@ -18,7 +18,7 @@ from lightning_parablock.core.rng import Stream, stream_generator
 
 ScheduleKind = Literal["random", "sequential", "reverse", "permutation", "spaced", "gradient"]
 PURE_SCHEDULE_KINDS: tuple[str, ...] = ("random", "sequential", "reverse", "permutation", "spaced")
-SCHEDULE_KINDS: tuple[str, ...] = (*PURE_SCHEDULE_KINDS, "gradient")
+SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 BlockGradientNorms = Callable[[int], list[float]]
 """The gradient norm of every block of the model at the start of a round (given the round index)."""

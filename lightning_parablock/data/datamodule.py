@@ -2,7 +2,7 @@
 
 import hashlib
 from collections.abc import Sequence
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import lightning as L
 from datasets import Dataset
@@ -15,7 +15,7 @@ from lightning_parablock.data.prompts import format_prompt
 from lightning_parablock.data.synthetic import PROBLEM_KINDS, check_kinds, make_arithmetic_dataset
 from lightning_parablock.data.tokenizer import build_char_tokenizer
 
-_PARTITIONS = ("iid", "dirichlet")
+SyntheticPartition = Literal["iid", "dirichlet"]
 
 
 class SyntheticArithmeticDataModule(L.LightningDataModule):
@@ -43,7 +43,7 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
         val_examples: int = 200,
         batch_size: int = 8,
         max_length: int = 48,
-        partition: Literal["iid", "dirichlet"] = "dirichlet",
+        partition: SyntheticPartition = "dirichlet",
         alpha: float = 0.5,
         seed: int = 0,
         kinds: Sequence[str] = tuple(PROBLEM_KINDS),
@@ -55,7 +55,7 @@ class SyntheticArithmeticDataModule(L.LightningDataModule):
         check_int("val_examples", val_examples, minimum=0)
         check_int("batch_size", batch_size, minimum=1)
         check_int("max_length", max_length, minimum=1)
-        check_choice("partition", partition, _PARTITIONS)
+        check_choice("partition", partition, get_args(SyntheticPartition))
         check_positive("alpha", alpha)
         check_int("seed", seed, minimum=0)
         self.save_hyperparameters()

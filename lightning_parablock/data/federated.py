@@ -8,7 +8,7 @@ states it in YAML.
 
 import math
 from dataclasses import asdict, replace
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import lightning as L
 from datasets import Dataset
@@ -48,7 +48,7 @@ except ImportError:
     Partitioner = Any
 
 PartitionKind = Literal["iid", "dirichlet", "natural", "cluster"]
-PARTITION_KINDS = ("iid", "dirichlet", "natural", "cluster")
+PARTITION_KINDS: tuple[str, ...] = get_args(PartitionKind)
 
 
 class FederatedDataModule(L.LightningDataModule):

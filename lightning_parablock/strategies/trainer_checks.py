@@ -26,10 +26,14 @@ def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
     """Refuse settings under which no round would run, or rounds would be cut or interrupted."""
     option = lambda name: f"`{option_prefix}{name}={getattr(trainer, name)}`"  # noqa: E731
     if trainer.fast_dev_run:
+        two_short_rounds = (
+            "`--trainer.max_epochs 2 --trainer.strategy.init_args.local_steps 1 --trainer.limit_val_batches 1`"
+            if option_prefix == "--trainer."
+            else "`max_epochs=2` and `limit_val_batches=1`, with `local_steps=1` on the strategy"
+        )
         raise TrainerSettingError(
             f"{option('fast_dev_run')} runs a single batch of a single epoch, which is not a federated round (every"
-            f" client's turn, then an exchange). For a quick check run two short rounds instead: `{option_prefix}"
-            f"max_epochs=2` with `local_steps=1` on the strategy and `{option_prefix}limit_val_batches=1`."
+            f" client's turn, then an exchange). For a quick check run two short rounds instead: {two_short_rounds}."
         )
     trains_nothing = {
         "accumulate_grad_batches": trainer.accumulate_grad_batches < 1,
@@ -39,9 +43,7 @@ def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
     }
     for name, nothing in trains_nothing.items():
         if nothing:
-            raise TrainerSettingError(
-                f"{option(name)} would train nothing: one epoch is one federated round; give it a positive value."
-            )
+            raise TrainerSettingError(f"{option(name)} would train nothing; give it a positive value.")
     if not _is_whole_epoch(trainer.limit_train_batches):
         raise TrainerSettingError(
             f"{option('limit_train_batches')} would cut rounds short: one epoch is one federated round. Leave it"
