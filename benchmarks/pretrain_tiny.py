@@ -91,6 +91,7 @@ def pretrain(settings: PretrainSettings) -> tuple[CausalLMModule, list[float]]:
         num_examples=settings.examples, val_examples=0, seed=settings.seed, kinds=settings.kinds
     )
     data.setup()
+    module.configure_model()  # the module builds its model lazily
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate_factor(step, settings))
     collate = SFTCollator(data.tokenizer.pad_token_id)

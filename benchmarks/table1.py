@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 from common import TINY_CONFIG
-from pretrain_tiny import FINETUNE_KINDS, QUICK, PretrainSettings, pretrained_checkpoint
 from lightning import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
+from pretrain_tiny import FINETUNE_KINDS, QUICK, PretrainSettings, pretrained_checkpoint
 
 from lightning_parablock import CausalLMModule, ParaBlockCallback, SimulatedLink
-from lightning_parablock.data import SyntheticArithmeticDataModule, format_prompt
 from lightning_parablock.core.schedule import SCHEDULE_KINDS
+from lightning_parablock.data import SyntheticArithmeticDataModule, format_prompt
 from lightning_parablock.data.synthetic import PROBLEM_KINDS, make_arithmetic_dataset
 from lightning_parablock.eval.generation import generate_answers
 from lightning_parablock.methods.registry import METHODS, method

@@ -7,7 +7,7 @@ test instead of silently doing nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry as StrategyRegistryType
@@ -42,6 +42,11 @@ OVERRIDDEN: dict[type, tuple[str, ...]] = {
     LightningCLI: ("_parse_ckpt_path",),  # the config stands; a checkpoint of another model is refused by name
 }
 """Private methods this package overrides: each must still exist on the class, or the override does nothing."""
+
+
+def attached_trainer(module: pl.LightningModule) -> Optional[pl.Trainer]:
+    """The Trainer ``module`` is attached to, or ``None`` (``module.trainer`` raises when there is none)."""
+    return module._trainer
 
 
 def signal_connector(trainer: pl.Trainer) -> Any:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_parablock._compat import attached_trainer
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -142,7 +143,7 @@ class CausalLMModule(L.LightningModule):
         return options
 
     def _trainer_precision(self) -> Optional[str]:
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         return None if trainer is None else str(trainer.precision)
 
     @property

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from lightning import Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
@@ -34,6 +34,10 @@ def test_the_signal_handlers_and_the_loop_check_preemption_replaces_still_exist(
 def test_the_trainer_attributes_read_through_compat_still_exist():
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     assert _compat.signal_connector(trainer) is not None
+    module = LightningModule()
+    assert _compat.attached_trainer(module) is None
+    module.trainer = trainer
+    assert _compat.attached_trainer(module) is trainer
     assert _compat.cluster_environment(trainer) is not None
     assert isinstance(_compat.progress_bar_metrics(trainer), dict)
     assert _compat.saves_within_epoch(ModelCheckpoint(every_n_train_steps=3))
@@ -59,7 +63,8 @@ def test_no_module_but_compat_reaches_a_private_lightning_or_torch_symbol():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lightning", "torch"):
                 offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-            if isinstance(node, ast.Attribute) and node.attr in ("_signal_connector", "_accelerator_connector"):
+            private = ("_signal_connector", "_accelerator_connector", "_trainer")
+            if isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{path.name}: .{node.attr}")
             if isinstance(node, ast.Attribute) and node.attr == "_get_default_store":
                 offenders.append(f"{path.name}: .{node.attr}")

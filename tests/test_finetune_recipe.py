@@ -93,3 +93,37 @@ def test_a_bad_push_to_hub_is_refused_before_training(tmp_path, capsys, extra, m
         main(recipe_args(tmp_path, checkpoint, "--output_dir", "null", *extra))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_failed_push_ends_in_one_line_naming_where_the_model_is(tmp_path, monkeypatch, capsys):
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny_chat", torch.float32)
+
+    def offline(api, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    output = tmp_path / "final_model"
+    with pytest.raises(SystemExit) as exit_info:
+        main(recipe_args(tmp_path, checkpoint, "--output_dir", str(output), "--push_to_hub", "me/tiny-chat"))
+    assert exit_info.value.code == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("parablock: error: the upload to the Hub repository 'me/tiny-chat' failed")
+    assert f"the model is saved in {output}" in err[-1]
+    assert AutoModelForCausalLM.from_pretrained(output) is not None  # kept where it was written
+
+
+def test_a_module_attached_to_a_trainer_builds_in_the_dtype_its_precision_trains(tmp_path):
+    """What ``parablock fit --ckpt_path`` relies on: its checks build the model before ``fit`` does."""
+    from lightning import Trainer
+
+    from lightning_parablock import CausalLMModule
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny_bf16", torch.bfloat16)
+    alone = CausalLMModule(model_name_or_path=str(checkpoint))
+    alone.configure_model()
+    assert {p.dtype for p in alone.parameters()} == {torch.bfloat16}  # outside a Trainer: the checkpoint's own
+    attached = CausalLMModule(model_name_or_path=str(checkpoint))
+    attached.trainer = Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    attached.configure_model()
+    assert {p.dtype for p in attached.parameters()} == {torch.float32}

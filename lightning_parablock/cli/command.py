@@ -40,14 +40,17 @@ EXIT_USAGE = 2
 EXIT_MODEL_ELSEWHERE = 3
 """Training finished, but the model is not in ``--output_dir`` (kept elsewhere; the line says where)."""
 EXIT_DISK_FULL = 4
+EXIT_PUSH_FAILED = 5
+"""The model is saved, but its upload to the Hub failed."""
 """The disk filled up during training; the line names the last checkpoint written whole."""
 
 
-def refuse(error: BaseException | str) -> NoReturn:
-    """Print the library's own sentence as the first (and only) thing the user reads, and exit with status 2."""
+def refuse(error: BaseException | str, status: int = EXIT_USAGE) -> NoReturn:
+    """Print the library's own sentence as the first (and only) thing the user reads, and exit with ``status``
+    (2: bad input, before training)."""
     message = error if isinstance(error, str) else str(error)
     print(f"parablock: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(status)
 
 
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
@@ -177,6 +180,8 @@ class ParaBlockCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
+        # A model built by the checks below (to compare a checkpoint) loads in the dtype this Trainer trains.
+        self.model.trainer = self.trainer
         try:
             self._output_plan = self._preflight()
         except USAGE_ERRORS as error:
@@ -251,7 +256,16 @@ class ParaBlockCLI(LightningCLI):
                 lines.append(f"  note: {saved.note}")
             repo_id = self.config[self.subcommand].get("push_to_hub")
             if repo_id:
-                lines.append(f"  pushed to the Hub: {push_folder(saved.path, repo_id)}")
+                try:
+                    lines.append(f"  pushed to the Hub: {push_folder(saved.path, repo_id)}")
+                except Exception as error:  # noqa: BLE001 - a network or login failure after a finished run
+                    print("\n".join(lines), flush=True)
+                    refuse(
+                        f"the upload to the Hub repository {repo_id!r} failed ({type(error).__name__}: {error});"
+                        f" the model is saved in {saved.path}: upload it with `huggingface-cli upload {repo_id}"
+                        f" {saved.path}`.",
+                        status=EXIT_PUSH_FAILED,
+                    )
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
         if saved is not None and saved.elsewhere:

@@ -57,8 +57,8 @@ from lightning_parablock.core.planning import RoundPlan, participants_per_round,
 from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
-from lightning_parablock.strategies.client_data import check_train_loader, federated_loader, make_clients
 from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
+from lightning_parablock.strategies.client_data import check_train_loader, federated_loader, make_clients
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
 from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint
 from lightning_parablock.strategies.gradient_probe import GradientProbe
@@ -318,6 +318,7 @@ class FederatedBlockStrategy(DDPStrategy):
             "strategy": type(self).__name__,
             "seed": self.seed,
             "schedule": self.schedule_kind,
+            "schedule_spacing": self._spacing(),
             "clients_per_round": self.clients_per_round,
             "local_steps": self.local_steps,
             "weighting": self.weighting,

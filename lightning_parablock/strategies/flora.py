@@ -48,11 +48,6 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-
-
-
-
-
 def stacked_products(
     stacked: Mapping[str, Tensor],
     adapters: Mapping[str, Tensor],
@@ -90,6 +85,8 @@ class FLoRAStrategy(FederatedBlockStrategy):
     def __init__(self, *args: Any, client_ranks: Optional[list[int]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if client_ranks is not None:
+            if not isinstance(client_ranks, (list, tuple)):
+                raise TypeError(f"`client_ranks` must be a list with one LoRA rank per client, got {client_ranks!r}.")
             if len(client_ranks) != self.num_clients:
                 raise ValueError(
                     f"`client_ranks` needs one rank per client (num_clients={self.num_clients}),"

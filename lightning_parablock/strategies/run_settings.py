@@ -1,7 +1,7 @@
 """What defines a federated run: saved in its checkpoints and compared when it resumes.
 
 A resume continues the run it was saved from, or it is refused before training: another method, staleness,
-seed, schedule, participation, weighting, compression, aggregator, optimizer-state policy, global step or
+seed, schedule, participation, weighting, compression, aggregator, optimizer-state policy, global learning rate or
 number of local steps would train a different run from the checkpoint's pending deltas (a top-k checkpoint
 resumed without top-k would drop every client's error-feedback residual). Settings that are safe to change by
 construction are not recorded: how many rounds (``max_epochs``, ``max_steps``), where deltas live
