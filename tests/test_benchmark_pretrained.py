@@ -2,21 +2,12 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_benchmarks import run
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 pytestmark = pytest.mark.slow
-
-
-def run(script: str, *args: str) -> str:
-    command = [sys.executable, str(BENCHMARKS / script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def test_the_pretrained_checkpoint_is_rebuilt_bit_for_bit_and_named_by_its_settings(tmp_path):

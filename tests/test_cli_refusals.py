@@ -230,16 +230,7 @@ class ToyData(LightningDataModule):
 
 
 def test_a_users_own_module_gets_its_state_dict_saved_and_its_val_loss_reported(tmp_path, capsys):
-    main([
-        "fit",
-        "--model", f"{__name__}.ToyWithValLoss", "--data", f"{__name__}.ToyData",
-        "--trainer.strategy", "lightning_parablock.FederatedBlockStrategy",
-        "--trainer.strategy.init_args.num_clients", "2", "--trainer.strategy.init_args.local_steps", "1",
-        "--trainer.callbacks", "lightning_parablock.ParaBlockCallback",
-        "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path / "model"),
-    ])  # fmt: skip
+    main(toy_cli_args(tmp_path))
     out = capsys.readouterr().out
     assert re.search(r"held-out loss: [0-9.]+ before -> [0-9.]+ after", out)  # found under `val_loss`
     assert "state dict of ToyWithValLoss" in out
