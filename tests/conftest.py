@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # One thread per test process (and its subprocesses, which inherit the variable): with torch's default of a
 # thread per core, a busy 2-core machine runs the suite many times slower. `OMP_NUM_THREADS=4 pytest` overrides.
@@ -31,3 +32,11 @@ def tiny_llama_config() -> dict:
 def _run_in_tmp_path(tmp_path, monkeypatch):
     """Trainers without a logger write beside the working directory; keep that out of the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank, for code that asks torch.distributed what it is part of."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -11,7 +11,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import make_codec
@@ -30,13 +29,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def deltas() -> dict[int, dict[str, torch.Tensor]]:

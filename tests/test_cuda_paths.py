@@ -32,13 +32,6 @@ GPU_1 = torch.device("cuda", 1)
 
 
 @pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture
 def nccl_default_group(one_rank_group, monkeypatch):
     """The default group reports NCCL (as on GPUs); every new group is recorded, and is the gloo world."""
     created: list[dict] = []

@@ -242,7 +242,7 @@ def test_a_rank_killed_without_a_word_is_named_with_the_round_in_the_last_line(t
     ours = [i for i, line in enumerate(lines) if f"stopping because rank {killed_rank} was lost in round 2" in line]
     assert ours, output[-3000:]
     after = lines[ours[-1] + 1 :]
-    assert all(f"Child process with PID" in line and "terminated with code -9" in line for line in after), output[-3000:]
+    assert all("Child process with PID" in line and "terminated with code -9" in line for line in after), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert not (tmp_path / "out.pt").exists()
 

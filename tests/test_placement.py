@@ -137,17 +137,13 @@ def _chained() -> RuntimeError:
     ],
     ids=["gloo", "nccl", "timeout", "chained", "own-runtime-error", "own-value-error"],
 )
-def test_only_a_lost_peer_error_waits_for_the_peers_own_cause(monkeypatch, error, lost_peer):
+def test_only_a_lost_peer_error_waits_for_the_peers_own_cause(one_rank_group, monkeypatch, error, lost_peer):
     # A rank whose own code raised publishes its cause at once; one that lost a peer first waits a moment
     # for the peer's cause, which is what the user needs to read.
     assert is_lost_peer_error(error) is lost_peer
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        watch = FaultWatch(poll_s=0.05)
-        slept: list[float] = []
-        monkeypatch.setattr(time, "sleep", slept.append)
-        assert not watch.report_peer_fault(error, wait_s=0.3)
-        watch.stop()
-    finally:
-        dist.destroy_process_group()
+    watch = FaultWatch(poll_s=0.05)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert not watch.report_peer_fault(error, wait_s=0.3)
+    watch.stop()
     assert bool(slept) is lost_peer

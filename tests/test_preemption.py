@@ -21,13 +21,6 @@ from lightning_parablock.fault_tolerance.preemption import RoundEndRequeue, Turn
 
 
 @pytest.fixture
-def rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture
 def collectives(monkeypatch):
     """Every collective called, by name; ``peer_flag`` is what the other ranks add to the all-reduce."""
     calls: list[str] = []
@@ -66,7 +59,7 @@ def check(trainer: Trainer) -> None:
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
 
 
-def test_the_handler_notes_the_signal_without_a_collective_and_forwards_it_once(rank_group, collectives):
+def test_the_handler_notes_the_signal_without_a_collective_and_forwards_it_once(one_rank_group, collectives):
     # Lightning's own handler broadcasts from inside the handler, where it can meet another rank's
     # round-end all-gather; this one only notes the signal and tells the processes it launched.
     calls, _ = collectives
@@ -82,7 +75,7 @@ def test_the_handler_notes_the_signal_without_a_collective_and_forwards_it_once(
     assert not trainer.received_sigterm  # Lightning's loops stop on it alone: it waits for the ranks to agree
 
 
-def test_the_ranks_agree_at_turn_starts_only_and_then_stop_together(rank_group, collectives):
+def test_the_ranks_agree_at_turn_starts_only_and_then_stop_together(one_rank_group, collectives):
     calls, _ = collectives
     trainer, sigterm = installed(batches_per_turn=3)
     for _ in range(4):  # a turn of three batches and the next one's first, no signal: a check per turn start
@@ -98,7 +91,7 @@ def test_the_ranks_agree_at_turn_starts_only_and_then_stop_together(rank_group, 
     assert trainer.received_sigterm
 
 
-def test_a_sigterm_on_another_rank_stops_this_one_at_the_same_turn_start(rank_group, collectives):
+def test_a_sigterm_on_another_rank_stops_this_one_at_the_same_turn_start(one_rank_group, collectives):
     _, peer = collectives
     trainer, _ = installed(batches_per_turn=2)
     check(trainer)
@@ -108,7 +101,7 @@ def test_a_sigterm_on_another_rank_stops_this_one_at_the_same_turn_start(rank_gr
         check(trainer)
 
 
-def test_uninstall_gives_lightning_its_own_handling_back(rank_group):
+def test_uninstall_gives_lightning_its_own_handling_back(one_rank_group):
     trainer, sigterm = installed()
     connector, loop = trainer._signal_connector, trainer.fit_loop.epoch_loop
     assert "_sigterm_notifier_fn" in vars(connector) and "_broadcast_sigterm_tensor" in vars(loop)
@@ -118,7 +111,7 @@ def test_uninstall_gives_lightning_its_own_handling_back(rank_group):
 
 
 def test_a_requeue_signal_on_any_rank_runs_lightnings_save_and_requeue_on_every_rank_at_the_round_end(
-    rank_group, collectives, monkeypatch
+    one_rank_group, collectives, monkeypatch
 ):
     calls, peer = collectives
     handled: list[int] = []
@@ -143,7 +136,7 @@ def test_a_requeue_signal_on_any_rank_runs_lightnings_save_and_requeue_on_every_
 
 
 def test_without_slurms_auto_requeue_nothing_is_taken_over_and_a_round_end_costs_no_collective(
-    rank_group, collectives, monkeypatch
+    one_rank_group, collectives, monkeypatch
 ):
     calls, _ = collectives
     trainer = Trainer(accelerator="cpu", devices=1, logger=False)
