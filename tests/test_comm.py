@@ -201,17 +201,22 @@ def test_worker_handles_several_rounds_in_flight_in_order(worker_factory):
     assert [float(x.aggregate["w"][0]) for x in results] == [0.0, 1.0, 2.0]
 
 
-def test_exchange_runs_on_a_background_thread(worker_factory, monkeypatch):
+def on_aggregate(monkeypatch, note) -> None:
+    """Call ``note()`` on the thread that aggregates, each time it does."""
     import lightning_parablock.comm.worker as comm
 
-    threads = []
     original = comm.Aggregator.__call__
 
     def spy(self, deltas, weights):
-        threads.append(threading.current_thread())
+        note()
         return original(self, deltas, weights)
 
     monkeypatch.setattr(comm.Aggregator, "__call__", spy)
+
+
+def test_exchange_runs_on_a_background_thread(worker_factory, monkeypatch):
+    threads = []
+    on_aggregate(monkeypatch, lambda: threads.append(threading.current_thread()))
     worker = worker_factory()
     worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
     worker.wait(0)
@@ -306,16 +311,8 @@ openmp_only = pytest.mark.skipif(
 
 @openmp_only
 def test_the_comm_thread_runs_torch_with_one_thread_and_leaves_other_threads_theirs(worker_factory, monkeypatch):
-    import lightning_parablock.comm.worker as comm
-
     seen = []
-    original = comm.Aggregator.__call__
-
-    def spy(self, deltas, weights):
-        seen.append(torch.get_num_threads())
-        return original(self, deltas, weights)
-
-    monkeypatch.setattr(comm.Aggregator, "__call__", spy)
+    on_aggregate(monkeypatch, lambda: seen.append(torch.get_num_threads()))
     main_threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the suite runs with 1, which the worker would have nothing to change about
     try:
