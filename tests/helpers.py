@@ -92,7 +92,7 @@ def lightning_and_reference(
 
     specs = []
     for t in range(rounds):
-        block = list(strategy.partition[strategy.block_of(t)].param_names)
+        block = list(strategy.partition[strategy.plan.block_of(t)].param_names)
         batches = {
             turn.client: [default_collate([dataset[i] for i in batch]) for batch in turn.batches]
             for turn in strategy.batch_sampler.plan(t)

@@ -18,8 +18,8 @@ def test_matches_reference_with_partial_participation_and_sample_weights(stalene
     module, reference, strategy, _ = lightning_and_reference(
         staleness, num_clients=5, optimizer="adamw", rounds=5, clients_per_round=2, weighting="samples"
     )
-    assert {len(strategy.participants_of(t)) for t in range(5)} == {2}
-    assert len({tuple(strategy.participants_of(t)) for t in range(5)}) > 1
+    assert {len(strategy.plan.participants_of(t)) for t in range(5)} == {2}
+    assert len({tuple(strategy.plan.participants_of(t)) for t in range(5)}) > 1
     assert max_abs_diff(module, reference.global_model) <= 1e-6
 
 

@@ -24,7 +24,10 @@ from lightning_parablock.core import device_copies, turn_timer
 from lightning_parablock.core.blocks import partition_by_patterns
 from lightning_parablock.core.clients import BlockDelta, VirtualClient
 from lightning_parablock.core.federation import Federation
+from lightning_parablock.core.planning import RoundPlan
+from lightning_parablock.core.schedule import BlockSchedule
 from lightning_parablock.strategies import federation_checkpoint
+from lightning_parablock.strategies.client_exchange import ClientExchange
 from lightning_parablock.strategies.federation_checkpoint import FederationCheckpoint
 from lightning_parablock.strategies.turns import Turns
 
@@ -107,7 +110,10 @@ def test_the_comm_thread_makes_the_training_gpu_its_current_device(monkeypatch):
 
 def test_one_process_gives_its_comm_thread_the_training_device():
     strategy = FederatedBlockStrategy(num_clients=2, device="cuda:1")
-    worker = strategy.comm_worker(SimulatedLink(), Aggregator(), 10.0)
+    assert strategy.root_device == GPU_1
+    plan = RoundPlan(2, 2, 0, BlockSchedule("sequential", 2, 0), [0, 0], world_size=1, rank=0)
+    exchange = ClientExchange(None, plan, None, None, strategy.options, strategy.root_device)
+    worker = exchange.comm_worker(SimulatedLink(), Aggregator(), 10.0)
     assert worker.device == GPU_1
 
 
@@ -233,7 +239,7 @@ def test_restored_deltas_land_on_the_models_device_or_the_host_when_offloaded(of
 
 
 def test_an_idle_turn_lives_on_the_training_device():
-    turns = Turns(two_layer_federation(), torch.device("meta"))
+    turns = Turns(two_layer_federation(), torch.device("meta"), plan=None, partition=None, trainable=set())  # no rounds
     assert all(p.device.type == "meta" for group in turns.idle_optimizer.param_groups for p in group["params"])
 
 
@@ -242,7 +248,7 @@ def test_an_idle_step_under_a_grad_scaler_gives_a_zero_gradient_and_leaves_the_m
     # whose parameters have no gradient.
     federation = two_layer_federation()
     before = {n: p.detach().clone() for n, p in federation.model.named_parameters()}
-    turns = Turns(federation, torch.device("cpu"))
+    turns = Turns(federation, torch.device("cpu"), plan=None, partition=None, trainable=set())  # no rounds
     optimizer = turns.start(None, round_index=0, block=0)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(turns.idle_loss()).backward()

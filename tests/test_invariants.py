@@ -19,7 +19,7 @@ class ViewRecorder(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         strategy = trainer.strategy
-        self.views.append([strategy.federation.client_view(j) for j in range(strategy.num_clients)])
+        self.views.append([strategy.federation.client_view(j) for j in range(strategy.options.num_clients)])
         self.globals.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
@@ -42,7 +42,7 @@ def test_single_client_parablock_is_centralized_block_coordinate_descent():
     dataset = toy_dataset()
     central = ToyModule(optimizer="adamw")
     for t in range(5):
-        strategy.partition.freeze_all_but(central, strategy.block_of(t))
+        strategy.partition.freeze_all_but(central, strategy.plan.block_of(t))
         optimizer = central.configure_optimizers()  # fresh at every block switch
         (turn,) = strategy.batch_sampler.plan(t)
         for batch in turn.batches:
@@ -88,8 +88,8 @@ def test_previous_block_of_every_client_equals_global_after_boundary():
         1, num_clients=3, optimizer="sgd", rounds=4, schedule="sequential", extra_callbacks=[recorder]
     )
     for t in range(1, 4):
-        previous_block = strategy.partition[strategy.block_of(t - 1)]
-        current_block = strategy.partition[strategy.block_of(t)]
+        previous_block = strategy.partition[strategy.plan.block_of(t - 1)]
+        current_block = strategy.partition[strategy.plan.block_of(t)]
         for view in recorder.views[t]:
             for name in previous_block.param_names:
                 assert torch.equal(view[name], recorder.globals[t][name].float())

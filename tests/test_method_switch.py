@@ -45,12 +45,13 @@ def test_the_method_argument_builds_the_methods_objects_and_keeps_the_rest(name,
     spec, strategy = method(name), cli.trainer.strategy
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ParaBlockCallback))
     assert type(strategy) is spec.strategy_class and callback.staleness == spec.staleness
-    assert strategy.block_patterns == spec.strategy_args.get("block_patterns")
+    assert strategy.options.block_patterns == spec.strategy_args.get("block_patterns")
     assert isinstance(callback.aggregator, StackingAggregator) == (spec.aggregator_class is StackingAggregator)
     assert (cli.model.hparams.lora is not None) == spec.lora
     assert identify(strategy, callback.staleness, callback.aggregator) == name
     # what the method does not decide stays the config's
-    assert (strategy.num_clients, strategy.local_steps, strategy.seed, strategy.weighting) == (2, 2, 0, "samples")
+    options = strategy.options
+    assert (options.num_clients, options.local_steps, options.seed, options.weighting) == (2, 2, 0, "samples")
     assert callback.link.latency == "20ms" and cli.model.hparams.learning_rate == 0.003
     assert cli.trainer.max_epochs == (2 * 2 if name == "fedcybgd" else 2)  # FedCyBGD: 2 cycles over 2 clients
     assert cli.trainer.check_val_every_n_epoch == (10 * 2 if name == "fedcybgd" else 10)
@@ -115,7 +116,7 @@ def test_parablock_keeps_a_longer_staleness_and_settings_that_agree_are_accepted
 def test_without_a_method_line_the_config_is_used_as_written(tmp_path):
     cli = build(tmp_path, "--method", "null", "--trainer.callbacks.staleness", "0")
     strategy = cli.trainer.strategy
-    assert type(strategy) is FederatedBlockStrategy and strategy.block_patterns is None
+    assert type(strategy) is FederatedBlockStrategy and strategy.options.block_patterns is None
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def test_every_method_lowers_the_loss_and_counts_the_bytes_it_sends(name, tiny_l
     assert sorted(r.exchanged_round for r in exchanges) == sorted(trained)  # every round's deltas crossed once
     for record in exchanges:
         origin = trained[record.exchanged_round]
-        names = [n for n in strategy.partition[origin.block].param_names if n in strategy._user_trainable]
+        names = [n for n in strategy.partition[origin.block].param_names if n in strategy.turns.trainable]
         sent = 4 * sum(model_params[n].numel() for n in names)  # fp32 deltas of the trained parameters
         assert record.upload_bytes == {c: sent for c in origin.participants}
         assert record.download_bytes == (sent * len(origin.participants) if name == "flora" else sent)  # FLoRA: stacks
@@ -95,15 +95,22 @@ def record_aggregates(seen: list) -> Callable:
     """A spy for ``_fit``: per aggregate, the round's deltas and weights and the parameters before and after."""
 
     def spy(strategy) -> None:
-        apply = strategy.apply_aggregate
+        build = strategy.new_exchange
 
-        def recording(round_index, aggregate, left_out=()):
-            params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
-            seen.append((strategy.federation.round_deltas(round_index), strategy.round_weights(round_index), params))
-            apply(round_index, aggregate, left_out)
-            seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
+        def new_exchange(*args, **kwargs):
+            exchange = build(*args, **kwargs)
+            apply = exchange.apply_aggregate
 
-        strategy.apply_aggregate = recording
+            def recording(round_index, aggregate, left_out=()):
+                params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
+                seen.append((strategy.federation.round_deltas(round_index), exchange.weights(round_index), params))
+                apply(round_index, aggregate, left_out)
+                seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
+
+            exchange.apply_aggregate = recording
+            return exchange
+
+        strategy.new_exchange = new_exchange
 
     return spy
 

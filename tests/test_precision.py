@@ -118,7 +118,7 @@ class InspectTurn(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         strategy = trainer.strategy
-        active = set(strategy.partition[strategy.current.block].param_names)
+        active = set(strategy.partition[strategy.turns.current.block].param_names)
         for name, param in pl_module.named_parameters():
             assert param.grad is None, name  # frozen: never; active bf16 weights: moved to their master
         optimizer = trainer.optimizers[0]

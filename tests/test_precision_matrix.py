@@ -57,15 +57,22 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
     module = CausalLMModule(model_name_or_path=str(checkpoints[checkpoint_dtype]), learning_rate=1e-2)
     strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, schedule="sequential")
     sent, pending = [], []
-    uploads = strategy.round_uploads
+    build = strategy.new_exchange
 
-    def record_uploads(round_index, codec):
-        encoded = uploads(round_index, codec)
-        sent.extend(t.dtype for delta in encoded.values() for e in delta.values() for t in e.payload.values())
-        pending.extend(t.dtype for c in strategy.federation.clients.values() for d in c.pending.values() for t in d.wait().tensors.values())
-        return encoded
+    def new_exchange(*args, **kwargs):
+        exchange = build(*args, **kwargs)
+        uploads = exchange.uploads
 
-    strategy.round_uploads = record_uploads
+        def record_uploads(round_index, codec):
+            encoded = uploads(round_index, codec)
+            sent.extend(t.dtype for delta in encoded.values() for e in delta.values() for t in e.payload.values())
+            pending.extend(t.dtype for c in strategy.federation.clients.values() for d in c.pending.values() for t in d.wait().tensors.values())
+            return encoded
+
+        exchange.uploads = record_uploads
+        return exchange
+
+    strategy.new_exchange = new_exchange
     observe = Observe()
     trainer = quiet_trainer(
         strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3, precision=precision,

@@ -188,10 +188,10 @@ def test_the_method_line_builds_the_methods_strategy_callback_and_module(name, s
     spec, strategy = method(name), cli.trainer.strategy
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ParaBlockCallback))
     assert type(strategy) is spec.strategy_class and callback.staleness == spec.staleness
-    assert strategy.block_patterns == spec.strategy_args.get("block_patterns")
+    assert strategy.options.block_patterns == spec.strategy_args.get("block_patterns")
     assert isinstance(callback.aggregator, StackingAggregator) == (name == "flora")
     assert (cli.model.hparams.get("lora") is not None) == spec.lora
-    assert cli.trainer.max_epochs == (2 * strategy.num_clients if name == "fedcybgd" else 2)
+    assert cli.trainer.max_epochs == (2 * strategy.options.num_clients if name == "fedcybgd" else 2)
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -207,7 +207,7 @@ def test_every_recipe_parses_and_builds(name, stand_ins):
     recipe = _recipe(name)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, FederatedBlockStrategy) and isinstance(cli.datamodule, FederatedDataModule)
-    assert strategy.num_clients == recipe["trainer"]["strategy"]["init_args"]["num_clients"]
+    assert strategy.options.num_clients == recipe["trainer"]["strategy"]["init_args"]["num_clients"]
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ParaBlockCallback))
     assert callback.staleness == _staleness(recipe)
     assert cli.datamodule.hparams.partition == recipe["data"]["init_args"]["partition"]

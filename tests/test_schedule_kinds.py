@@ -97,7 +97,7 @@ def test_gradient_schedule_in_a_run_probes_the_global_model_and_charges_the_time
     probe_batch = default_collate([dataset[i] for i in strategy.batch_sampler.plan(0)[0].batches[0]])
     blocks = [list(strategy.partition.parameters(initial, b).values()) for b in range(len(strategy.partition))]
     expected = block_gradient_norms(lambda: toy_loss(initial, probe_batch), blocks)
-    assert strategy.block_of(0) == max(range(len(expected)), key=expected.__getitem__) == 2
+    assert strategy.plan.block_of(0) == max(range(len(expected)), key=expected.__getitem__) == 2
     records = [r for r in trainer.callbacks[0].records if not r.flush]
     assert all(r.probe_seconds > 0 for r in records)
     assert all(p.requires_grad for p in module.parameters())  # the user's flags are back after training

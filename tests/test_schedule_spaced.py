@@ -79,7 +79,7 @@ def test_a_run_with_the_spaced_schedule_never_trains_last_rounds_block_again(tmp
     trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1)], max_epochs=12,
                             default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(ToyModule(), toy_loader(toy_dataset()))
-    trained = [strategy.block_of(t) for t in range(12)]
+    trained = [strategy.plan.block_of(t) for t in range(12)]
     assert trained == _blocks(len(strategy.partition), 1, 1, 12)
     assert all(a != b for a, b in itertools.pairwise(trained))
 
@@ -98,7 +98,7 @@ def test_the_strategys_spacing_is_the_callbacks_staleness_unless_given(tmp_path,
                             default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(ToyModule(), toy_loader(toy_dataset()))
     assert strategy.schedule.spacing == expected
-    assert [strategy.block_of(t) for t in range(4)] == _blocks(len(strategy.partition), 1, expected, 4)
+    assert [strategy.plan.block_of(t) for t in range(4)] == _blocks(len(strategy.partition), 1, expected, 4)
 
 
 def test_a_spacing_without_the_spaced_schedule_is_refused_naming_both():

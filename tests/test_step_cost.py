@@ -24,7 +24,7 @@ def test_progress_bar_names_round_client_and_block_as_integers_without_logging_t
     trainer.fit(ToyModule(), toy_loader(toy_dataset()))
 
     expected = [
-        {"round": str(t), "client": str(turn.client), "block": str(strategy.block_of(t))}
+        {"round": str(t), "client": str(turn.client), "block": str(strategy.plan.block_of(t))}
         for t in range(3)
         for turn in strategy.batch_sampler.plan(t)
         for _ in turn.batches

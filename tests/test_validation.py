@@ -1,5 +1,8 @@
 """Bad input is refused before training, each with a message naming the value and what is accepted."""
 
+from dataclasses import FrozenInstanceError
+from datetime import timedelta
+
 import pytest
 import torch
 from helpers import quiet_trainer
@@ -35,6 +38,11 @@ CONSTRUCTION_ERRORS = [
     (lambda: FederatedBlockStrategy(shuffle="no"), r"`shuffle` must be True or False, got 'no' \(str\)"),
     (lambda: FederatedBlockStrategy(include_head=1), r"`include_head` must be True or False, got 1 \(int\)"),
     (lambda: FederatedBlockStrategy(client_optimizer="adam"), r"`client_optimizer` must be a callable.*got 'adam'"),
+    (lambda: FederatedBlockStrategy(device="gpu0"), r"`device` must be a torch device such as 'cpu', 'cuda' or 'cuda:1'.*got 'gpu0'"),
+    (lambda: FederatedBlockStrategy(process_group_backend="nccl2"), r"`process_group_backend` must be one of 'gloo', 'nccl'.*got 'nccl2'"),
+    (lambda: FederatedBlockStrategy(timeout=30), r"`timeout` must be a positive `datetime.timedelta` or None, got 30"),
+    (lambda: FederatedBlockStrategy(start_method="thread"), r"`start_method` must be 'popen', 'spawn', 'fork' or 'forkserver', got 'thread'"),
+    (lambda: FederatedBlockStrategy(schedule_spacing=2), r"`schedule_spacing` applies to schedule='spaced' only"),
     (lambda: ParaBlockCallback(link="100MB/s"), r"`link` must be a SimulatedLink.*got '100MB/s'"),
     (lambda: ParaBlockCallback(aggregator="median"), r"`aggregator` must be an Aggregator.*got 'median'"),
     (lambda: ParaBlockCallback(comm_timeout=float("nan")), r"`comm_timeout` must be a finite number, got nan"),
@@ -52,6 +60,16 @@ CONSTRUCTION_ERRORS = [
     (lambda: dirichlet_partition(["a", "b"] * 10, 2, alpha=0.0, seed=0), r"alpha"),
     (lambda: iid_partition(3, 5, seed=0), r"5"),
 ]
+
+
+def test_process_arguments_ddp_accepts_pass_and_the_options_are_frozen():
+    strategy = FederatedBlockStrategy(
+        num_clients=4.0, participation=0.5, process_group_backend="cpu:gloo,cuda:nccl", timeout=timedelta(minutes=5)
+    )
+    assert strategy.options.num_clients == 4 and type(strategy.options.num_clients) is int
+    assert strategy.options.participants_per_round == 2
+    with pytest.raises(FrozenInstanceError):
+        strategy.options.num_clients = 8  # a run's settings are compared on resume: they do not change under it
 
 
 @pytest.mark.parametrize(("make", "message"), CONSTRUCTION_ERRORS, ids=[m for _, m in CONSTRUCTION_ERRORS])

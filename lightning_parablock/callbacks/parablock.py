@@ -127,9 +127,13 @@ class ParaBlockCallback(Callback):
             "aggregator": repr(self.aggregator),
         }
         _move_after(self, LearningRateMonitor, trainer.callbacks)
-        self._worker = strategy.comm_worker(self.link, self.aggregator, self.comm_timeout)
         self._timeline_path = None
         self.timeline_path(trainer)  # on every rank: log_dir is a collective
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # After the strategy's setup: the exchange it answers for exists now.
+        self._worker = self._strategy(trainer).exchange.comm_worker(self.link, self.aggregator, self.comm_timeout)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -174,7 +178,8 @@ class ParaBlockCallback(Callback):
         Lightning (2.6) hands back its own dict here and only ever updates it, so the entries stay
         until the next turn replaces them.
         """
-        turn = {"round": strategy.current.index, "client": strategy.federation.active_client, "block": strategy.current.block}
+        current = strategy.turns.current
+        turn = {"round": current.index, "client": strategy.federation.active_client, "block": current.block}
         progress_bar_metrics(trainer).update({key: str(value) for key, value in turn.items() if value is not None})
 
     @override
@@ -208,7 +213,7 @@ class ParaBlockCallback(Callback):
             self._collect(strategy, exchanged, record)
         round_state.closed = True
         record.wall_seconds = time.perf_counter() - self._round_started_at
-        record = strategy.merge_round_record(record)
+        record = strategy.exchange.merge_round_record(record)
         self.records.append(record)
         self._log(pl_module, record)
         print_round_line(trainer, record)
@@ -221,7 +226,7 @@ class ParaBlockCallback(Callback):
         flushed = strategy.federation.pending_rounds()
         for pending_round in flushed:
             started = time.perf_counter()
-            record = RoundRecord(pending_round, strategy.block_of(pending_round), [], {}, flush=True)
+            record = RoundRecord(pending_round, strategy.plan.block_of(pending_round), [], {}, flush=True)
             self._submit(strategy, pending_round)
             self._collect(strategy, pending_round, record)
             record.wall_seconds = time.perf_counter() - started
@@ -245,9 +250,9 @@ class ParaBlockCallback(Callback):
         assert self._worker is not None, "ParaBlockCallback is not set up"
         self._worker.submit(
             round_index,
-            strategy.block_of(round_index),
-            strategy.round_uploads(round_index, self.codec),
-            strategy.round_weights(round_index),
+            strategy.plan.block_of(round_index),
+            strategy.exchange.uploads(round_index, self.codec),
+            strategy.exchange.weights(round_index),
         )
 
     def _collect(self, strategy: FederatedBlockStrategy, round_index: int, record: RoundRecord) -> None:
@@ -255,7 +260,7 @@ class ParaBlockCallback(Callback):
         waited_from = time.perf_counter()
         result: RoundExchange = self._worker.wait(round_index)
         record.exposed_wait_seconds = time.perf_counter() - waited_from
-        strategy.apply_aggregate(result.round, result.aggregate, left_out=result.skipped_clients)
+        strategy.exchange.apply_aggregate(result.round, result.aggregate, left_out=result.skipped_clients)
         record.exchanged_round = result.round
         record.skipped_clients = result.skipped_clients
         if result.skipped_clients:
@@ -306,7 +311,7 @@ class ParaBlockCallback(Callback):
             "staleness": self.staleness,
             "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
             "compression": repr(self.codec),
-            "num_clients": strategy.num_clients,
+            "num_clients": strategy.options.num_clients,
             "num_blocks": len(strategy.partition) if strategy.partition is not None else None,
             "world_size": trainer.world_size,
         }

@@ -109,7 +109,7 @@ def identify(strategy: FederatedBlockStrategy, staleness: int, aggregator: Aggre
     Read from the objects rather than from a label, so a run built by hand, by :func:`method` or by a
     recipe's ``method:`` line is named the same way in its timeline.
     """
-    patterns = normalized_patterns(strategy.block_patterns)
+    patterns = normalized_patterns(strategy.options.block_patterns)
     presets = {name: normalized_patterns(s.strategy_args.get("block_patterns")) for name, s in _METHODS.items()}
     for spec in _METHODS.values():
         preset = presets[spec.name]

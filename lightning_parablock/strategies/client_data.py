@@ -7,13 +7,16 @@ its sampler is replaced by the :class:`~lightning_parablock.core.sampler.Federat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_parablock.core.clients import VirtualClient
+from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.core.sampler import FederatedBatchSampler
 
 
@@ -51,6 +54,32 @@ def make_clients(datamodule: Any, num_examples: int, num_clients: int, seed: int
         if len(shard) == 0:
             raise MisconfigurationException(f"Client {index} has no training examples; every client needs some.")
     return [VirtualClient(index=i, sample_indices=list(shard)) for i, shard in enumerate(shards)]
+
+
+def client_batch_sampler(
+    clients: list[VirtualClient],
+    batch_size: int,
+    plan: RoundPlan,
+    batches_per_turn: int,
+    current_round: Callable[[], int],
+    seed: int,
+    shuffle: bool,
+) -> FederatedBatchSampler:
+    """The batches of every hosted participant's turn, round by round; warns about clients smaller than a batch."""
+    small = [c.index for c in clients if c.num_samples < batch_size]
+    if small:
+        rank_zero_warn(f"Clients {small} hold fewer examples than batch_size={batch_size}; their batches repeat examples.")
+    return FederatedBatchSampler(
+        client_indices=[c.sample_indices for c in clients],
+        batch_size=batch_size,
+        batches_per_turn=batches_per_turn,
+        participants=plan.hosted_participants,
+        current_round=current_round,
+        seed=seed,
+        shuffle=shuffle,
+        turns_per_round=plan.turns_per_round,
+        max_turns_per_round=plan.max_turns_per_round(),
+    )
 
 
 def federated_loader(dataloader: DataLoader, batch_sampler: FederatedBatchSampler) -> DataLoader:

@@ -21,7 +21,8 @@ from typing_extensions import override
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.core.planning import CyclicPlan
 from lightning_parablock.core.sizes import nbytes_of
-from lightning_parablock.strategies.federated_block import FederatedBlockStrategy, RoundState
+from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.strategies.turns import RoundState
 
 
 class FedCyBGDStrategy(FederatedBlockStrategy):
@@ -59,7 +60,8 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
     def start_round(self, round_index: int) -> RoundState:
         state = super().start_round(round_index)
         client = state.participants[0]
-        changed = {self.block_of(r) for r in range(max(0, round_index - self.num_clients + 1), round_index)}
+        first = max(0, round_index - self.options.num_clients + 1)
+        changed = {self.plan.block_of(r) for r in range(first, round_index)}
         state.sync_download_bytes = {client: sum(self.block_nbytes(b) for b in changed)}
         return state
 

@@ -14,9 +14,8 @@ gradients are all-reduced: clients train independently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union, get_args
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
@@ -27,7 +26,6 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_parablock._compat import (
@@ -38,63 +36,35 @@ from lightning_parablock._compat import (
     sync_module_states,
 )
 from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.argument_checks import check_bool, check_choice, check_float, check_int, check_optional_int
-from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
-from lightning_parablock.comm.distributed import collective_worker, gather_from_ranks
-from lightning_parablock.comm.link import SimulatedLink
-from lightning_parablock.comm.worker import CommWorker
-from lightning_parablock.core.blocks import (
-    BlockPartition,
-    LayerSplit,
-    RemainderPolicy,
-    compile_block_patterns,
-    partition_by_patterns,
-    partition_decoder,
-)
+from lightning_parablock.argument_checks import check_choice
+from lightning_parablock.core.blocks import BlockPartition, LayerSplit, RemainderPolicy
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.core.fp32_buffers import fp32_rotary_buffers
-from lightning_parablock.core.planning import RoundPlan, participants_per_round, place_clients
+from lightning_parablock.core.planning import RoundPlan, place_clients
 from lightning_parablock.core.sampler import FederatedBatchSampler
-from lightning_parablock.core.schedule import SCHEDULE_KINDS, BlockSchedule, ScheduleKind
+from lightning_parablock.core.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
 from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
-from lightning_parablock.strategies.client_data import check_train_loader, federated_loader, make_clients
+from lightning_parablock.strategies.client_data import (
+    check_train_loader,
+    client_batch_sampler,
+    federated_loader,
+    make_clients,
+)
+from lightning_parablock.strategies.client_exchange import ClientExchange
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
 from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint
+from lightning_parablock.strategies.federation_options import FederationOptions, Weighting, check_process_options
 from lightning_parablock.strategies.gradient_probe import GradientProbe
 from lightning_parablock.strategies.precision_policy import check_precision
 from lightning_parablock.strategies.run_settings import RunSettings
 from lightning_parablock.strategies.trainer_checks import check_module_and_precision
-from lightning_parablock.strategies.turns import Turns
-from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
+from lightning_parablock.strategies.turns import RoundState, Turns
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-Weighting = Literal["uniform", "samples"]
-
-
-def indexed_device(device: Device) -> torch.device:
-    """``device`` with an index where it is a GPU: ``"cuda"`` alone would leave streams, events and the comm
-    thread to whatever device is current (``cuda:0`` in a fresh thread) instead of the one training runs on."""
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        return torch.device("cuda", 0)
-    return resolved
-
-
-@dataclass
-class RoundState:
-    """What the strategy knows about the round in progress."""
-
-    index: int
-    block: int
-    participants: list[int]
-    turns: list[Optional[int]]  # the client of each of this rank's turns; None: idle while other ranks train
-    compute_seconds: dict[int, float] = field(default_factory=dict)
-    probe_seconds: float = 0.0  # the gradient schedule's probe before the round, measured
-    sync_download_bytes: dict[int, int] = field(default_factory=dict)  # per client, before its turn (FedCyBGD)
-    closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 
 
 class FederatedBlockStrategy(DDPStrategy):
@@ -157,6 +127,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     strategy_name = "federated_block"
     plan_class: type[RoundPlan] = RoundPlan  # FedCyBGD plans its cycle instead
+    new_exchange: Callable[..., ClientExchange] = ClientExchange  # FLoRA merges stacked adapters instead
 
     def __init__(
         self,
@@ -184,76 +155,37 @@ class FederatedBlockStrategy(DDPStrategy):
         accelerator: Optional[Accelerator] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        start_method: StartMethod = "popen",
         cluster_environment: Optional[ClusterEnvironment] = None,
     ) -> None:
+        self.options = FederationOptions(
+            num_clients, local_steps, layers_per_block, layer_split, remainder, include_embeddings, include_head,
+            block_patterns, schedule, schedule_spacing, optimizer_state, global_lr, participation,
+            clients_per_round, weighting, seed, shuffle, offload_deltas, master_weights,
+        )  # fmt: skip
+        device = check_process_options(device, process_group_backend, timeout)
+        check_choice("start_method", start_method, get_args(StartMethod))
         super().__init__(
             accelerator=accelerator,
-            parallel_devices=None if device is None else [indexed_device(device)],
+            parallel_devices=None if device is None else [device],
             cluster_environment=cluster_environment,
             process_group_backend=process_group_backend,
             timeout=timeout,
             start_method=start_method,
         )
-        self.num_clients = check_int("num_clients", num_clients, minimum=1)
-        self.local_steps = check_int("local_steps", local_steps, minimum=1)
-        check_int("layers_per_block", layers_per_block, minimum=1)
-        check_choice("layer_split", layer_split, get_args(LayerSplit))
-        check_choice("remainder", remainder, get_args(RemainderPolicy))
-        check_choice("schedule", schedule, SCHEDULE_KINDS)
-        schedule_spacing = check_optional_int("schedule_spacing", schedule_spacing, minimum=1)
-        if schedule_spacing is not None and schedule != "spaced":
-            raise ValueError(
-                f"`schedule_spacing` applies to schedule='spaced' only; got schedule_spacing={schedule_spacing}"
-                f" with schedule={schedule!r}."
-            )
-        check_choice("optimizer_state", optimizer_state, get_args(OptimizerStatePolicy))
-        check_choice("weighting", weighting, get_args(Weighting))
-        participation = check_float("participation", participation, minimum=0.0, maximum=1.0, min_open=True)
-        clients_per_round = check_optional_int("clients_per_round", clients_per_round, minimum=1)
-        for name, flag in (
-            ("include_embeddings", include_embeddings), ("include_head", include_head), ("shuffle", shuffle),
-            ("offload_deltas", offload_deltas), ("master_weights", master_weights),
-        ):  # fmt: skip
-            check_bool(name, flag)
-        if block_patterns is not None:
-            compile_block_patterns(block_patterns)  # refuse a bad pattern now, not when training starts
-        self.block_options = dict(
-            layers_per_block=layers_per_block,
-            layer_split=layer_split,
-            remainder=remainder,
-            include_embeddings=include_embeddings,
-            include_head=include_head,
-        )
-        self.block_patterns = block_patterns
-        self.schedule_kind = schedule
-        self.schedule_spacing = schedule_spacing
-        self.optimizer_state_policy = optimizer_state
-        self.global_lr = float(check_float("global_lr (η)", global_lr, minimum=0.0, min_open=True))
-        self.clients_per_round = participants_per_round(self.num_clients, participation, clients_per_round)
-        self.weighting = weighting
-        self.seed = check_int("seed", seed, minimum=0)
-        self.shuffle = shuffle
-        self.offload_deltas = offload_deltas
-        self.master_weights = master_weights
         self.client_optimizers = ClientOptimizers(client_optimizer)
         self.checkpoint = FederationCheckpoint()
         self.exchange_settings: RunSettings = {}  # the method, staleness, compression and aggregator: the callback's
         self.faults = FaultHandling()
 
+        self.placement: list[int] = [0] * self.options.num_clients  # the rank hosting each client, once processes exist
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
-        self.placement: list[int] = [0] * self.num_clients  # the rank hosting each client, once processes exist
         self.plan: Optional[RoundPlan] = None
         self.federation: Optional[Federation] = None
+        self.exchange: Optional[ClientExchange] = None
         self.turns: Optional[Turns] = None
         self.batch_sampler: Optional[FederatedBatchSampler] = None
-        self.current: Optional[RoundState] = None
-        self._user_trainable: Optional[set[str]] = None
-
-    @property
-    def client_optimizer(self) -> Optional[OptimizerCallable]:
-        return self.client_optimizers.client_optimizer
 
     # ----------------------------------------------------------- processes
 
@@ -282,7 +214,7 @@ class FederatedBlockStrategy(DDPStrategy):
             super().setup_distributed()
         else:
             self.set_world_ranks()
-        self.placement = place_clients(self.num_clients, self.world_size, self.seed)
+        self.placement = place_clients(self.options.num_clients, self.world_size, self.options.seed)
 
     @override
     def connect(self, model: "pl.LightningModule") -> None:
@@ -314,76 +246,52 @@ class FederatedBlockStrategy(DDPStrategy):
         """What defines this run, saved in its checkpoints and compared on resume (see
         :mod:`~lightning_parablock.strategies.run_settings`): the strategy's settings and the exchange's, which
         ``ParaBlockCallback`` hands over at setup, before Lightning loads a checkpoint."""
-        return {
-            "strategy": type(self).__name__,
-            "seed": self.seed,
-            "schedule": self.schedule_kind,
-            "schedule_spacing": self._spacing(),
-            "clients_per_round": self.clients_per_round,
-            "local_steps": self.local_steps,
-            "weighting": self.weighting,
-            "optimizer_state": self.optimizer_state_policy,
-            "global_lr": self.global_lr,
-            "shuffle": self.shuffle,
-            "master_weights": self.master_weights,
-            **self.exchange_settings,
-        }
+        staleness = self.exchange_settings.get("staleness")
+        return {"strategy": type(self).__name__, **self.options.run_settings(staleness), **self.exchange_settings}
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
-        model = self.lightning_module
+        model, options = self.lightning_module, self.options
         check_module_and_precision(trainer, model)
         check_precision(model, str(trainer.precision))
-        self.partition = (
-            partition_by_patterns(model, self.block_patterns)
-            if self.block_patterns is not None
-            else partition_decoder(model, **self.block_options)
-        )
+        self.partition = options.partition(model)
         self.checkpoint.check_blocks(self.partition)
-        self._user_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.schedule = BlockSchedule(
-            self.schedule_kind, len(self.partition), self.seed, self._gradient_probe(), spacing=self._spacing()
-        )
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        spacing = options.spacing(self.exchange_settings.get("staleness"))
+        probe = self._gradient_probe(trainable)
+        self.schedule = BlockSchedule(options.schedule, len(self.partition), options.seed, probe, spacing)
         self.checkpoint.restore_schedule(self.schedule)
         self.plan = self.plan_class(
-            self.num_clients, self.clients_per_round, self.seed, self.schedule, self.placement, self.world_size,
-            self.global_rank,
+            options.num_clients, options.participants_per_round, options.seed, self.schedule, self.placement,
+            self.world_size, self.global_rank,
         )  # fmt: skip
         self.federation = Federation(
             model,
             self.partition,
-            global_lr=self.global_lr,
-            optimizer_state=self.optimizer_state_policy,
-            offload_deltas=self.offload_deltas,
+            global_lr=options.global_lr,
+            optimizer_state=options.optimizer_state,
+            offload_deltas=options.offload_deltas,
             new_optimizer=self.client_optimizers.new,
-            master_weights=self.master_weights,
+            master_weights=options.master_weights,
         )
-        self.turns = Turns(self.federation, self.root_device)
+        self.exchange = self.new_exchange(self.federation, self.plan, self.partition, model, options, self.root_device)
+        self.turns = Turns(self.federation, self.root_device, self.plan, self.partition, trainable)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
 
-    def _spacing(self) -> int:
-        """The spaced schedule's window: as asked, else the exchange's staleness (handed over by the callback)."""
-        if self.schedule_kind != "spaced":
-            return 1
-        return self.schedule_spacing or max(1, self.exchange_settings.get("staleness", 1))
-
-    def _gradient_probe(self) -> Optional[GradientProbe]:
-        """The gradient schedule's probe: the round's first batch through the global model's blocks."""
-        if self.schedule_kind != "gradient":
+    def _gradient_probe(self, trainable: set[str]) -> Optional[GradientProbe]:
+        """The gradient schedule's probe: the first batch of the round's first participant (the same on every
+        rank, so every rank picks the same block) through the global model's blocks."""
+        if self.options.schedule != "gradient":
             return None
-        module, trainable = self.lightning_module, self._user_trainable
-        blocks = [
-            [p for name, p in self.partition.parameters(module, b).items() if name in trainable]
-            for b in range(len(self.partition))
-        ]
-        return GradientProbe(module, blocks, self._probe_batch, self.precision_plugin.train_step_context)
 
-    def _probe_batch(self, round_index: int) -> Any:
-        """The first batch of the round's first participant (on any rank: every rank picks the same block)."""
-        loader = self.lightning_module.trainer.train_dataloader
-        first_client = self.plan.participants_of(round_index)[0]
-        first_batch = self.batch_sampler.turn_batches(first_client, round_index)[0]
-        return self.batch_to_device(loader.collate_fn([loader.dataset[i] for i in first_batch]))
+        def first_batch(round_index: int) -> Any:
+            loader = self.lightning_module.trainer.train_dataloader
+            indices = self.batch_sampler.turn_batches(self.plan.participants_of(round_index)[0], round_index)[0]
+            return self.batch_to_device(loader.collate_fn([loader.dataset[i] for i in indices]))
+
+        module, partition = self.lightning_module, self.partition
+        blocks = [[p for n, p in partition.parameters(module, b).items() if n in trainable] for b in range(len(partition))]
+        return GradientProbe(module, blocks, first_batch, self.precision_plugin.train_step_context)
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
@@ -398,65 +306,36 @@ class FederatedBlockStrategy(DDPStrategy):
         if trainer.state.stage != RunningStage.TRAINING:
             return dataloader
         dataloader = check_train_loader(dataloader)
-        clients = make_clients(trainer.datamodule, len(dataloader.dataset), self.num_clients, self.seed)
+        clients = make_clients(trainer.datamodule, len(dataloader.dataset), self.options.num_clients, self.options.seed)
         self.federation.host([c for c in clients if self.plan.hosts(c.index)])
         self.checkpoint.restore_into(self.federation)
-        small = [c.index for c in clients if c.num_samples < dataloader.batch_size]
-        if small:
-            rank_zero_warn(
-                f"Clients {small} hold fewer examples than batch_size={dataloader.batch_size}; their batches repeat"
-                " examples."
-            )
-        self.batch_sampler = FederatedBatchSampler(
-            client_indices=[c.sample_indices for c in clients],
-            batch_size=dataloader.batch_size,
-            batches_per_turn=self.batches_per_turn,
-            participants=self.plan.hosted_participants,
-            current_round=lambda: trainer.current_epoch,
-            seed=self.seed,
-            shuffle=self.shuffle,
-            turns_per_round=self.plan.turns_per_round,
-            max_turns_per_round=self.plan.max_turns_per_round(),
-        )
+        self.batch_sampler = client_batch_sampler(
+            clients, dataloader.batch_size, self.plan, self.batches_per_turn, lambda: trainer.current_epoch,
+            seed=self.options.seed, shuffle=self.options.shuffle,
+        )  # fmt: skip
         return federated_loader(dataloader, self.batch_sampler)
 
     @property
     def batches_per_turn(self) -> int:
         """Micro-batches a participant consumes per round: K optimizer steps × accumulation."""
-        return self.local_steps * self.lightning_module.trainer.accumulate_grad_batches
+        return self.options.local_steps * self.lightning_module.trainer.accumulate_grad_batches
 
     def is_last_batch_of_round(self, batch_idx: int) -> bool:
-        assert self.current is not None and self.batch_sampler is not None, "no round in progress"
-        return batch_idx + 1 == len(self.current.turns) * self.batch_sampler.batches_per_turn
+        assert self.turns.current is not None and self.batch_sampler is not None, "no round in progress"
+        return batch_idx + 1 == len(self.turns.current.turns) * self.batch_sampler.batches_per_turn
 
     # ----------------------------------------------------------------- rounds
 
-    def participants_of(self, round_index: int) -> list[int]:
-        """Every participant of ``round_index``, on any rank (the same list on every rank)."""
-        return self.plan.participants_of(round_index)
-
-    def block_of(self, round_index: int) -> int:
-        """The block ``round_index`` trains."""
-        assert self.plan is not None, "the strategy is not set up"
-        return self.plan.block_of(round_index)
-
     def start_round(self, round_index: int) -> RoundState:
         """Unfreeze the round's block and start this rank's first turn."""
-        assert self.partition is not None and self.batch_sampler is not None, "the strategy is not set up"
-        block = self.block_of(round_index)
-        self.current = RoundState(round_index, block, self.participants_of(round_index), self.plan.turns_of(round_index))
-        self.current.probe_seconds = self.schedule.probe_seconds.get(round_index, 0.0)
-        self.partition.freeze_all_but(self.lightning_module, block, self._user_trainable)
-        self._start_turn(0)
-        return self.current
+        assert self.turns is not None and self.batch_sampler is not None, "the strategy is not set up"
+        self.optimizers = [self.turns.start_round(round_index)]
+        return self.turns.current
 
     def end_round_training(self) -> RoundState:
         """End this rank's last turn of the round: the model holds the global values again, deltas are pending."""
-        assert self.current is not None and self.federation is not None, "no round in progress"
         self._end_turn()
-        self.current.compute_seconds.update(self.turns.compute_seconds())
-        self.federation.round_trained(self.current.index, self.current.block)
-        return self.current
+        return self.turns.end_round()
 
     def boundary_applied(self) -> None:
         """Every rank has applied the round's boundary: the one point where a requeue checkpoint can be saved."""
@@ -465,57 +344,18 @@ class FederatedBlockStrategy(DDPStrategy):
     @property
     def round_open(self) -> bool:
         """A round has begun and its boundary is not applied yet: no consistent state to save."""
-        return self.current is not None and not self.current.closed
+        return self.turns is not None and self.turns.round_open
 
     def abandon_turn(self) -> None:
         """Put the global values back without recording the client's delta (an exception interrupted it)."""
         self._end_turn(record=False)
 
-    # ------------------------------------------------------------- exchanges
-
-    def round_uploads(self, round_index: int, codec: Codec) -> dict[int, EncodedDelta]:
-        """Each hosted client's delta of ``round_index`` encoded for the wire (error-feedback residuals updated)."""
-        return {
-            client: encode_delta(codec, self.upload_of(client, delta), self.federation.clients[client].residual)
-            for client, delta in self.federation.round_deltas(round_index).items()
-        }
-
-    def upload_of(self, client: int, delta: dict[str, Tensor]) -> dict[str, Tensor]:
-        """What of a client's delta goes up the link: all of it here (FLoRA sends a rank-r_i slice)."""
-        return delta
-
-    def round_weights(self, round_index: int) -> dict[int, float]:
-        """Unnormalized aggregation weights of the hosted senders of ``round_index`` (1, or the sample count)."""
-        senders = self.federation.round_deltas(round_index)
-        if self.weighting == "uniform":
-            return {client: 1.0 for client in senders}
-        return {client: float(n) for client, n in self.federation.sample_counts(list(senders)).items()}
-
-    def apply_aggregate(
-        self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: list[int] | tuple[int, ...] = ()
-    ) -> None:
-        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i."""
-        self.federation.apply_aggregate(round_index, aggregate, left_out)
-
-    def comm_worker(self, link: SimulatedLink, aggregator: Aggregator, timeout_s: float) -> CommWorker:
-        """The communication thread with this run's transport: in memory, or collectives across ranks."""
-        if not self.distributed:
-            return CommWorker(link, timeout_s, aggregator, device=self.root_device)
-        return collective_worker(link, aggregator, timeout_s, self.placement, self._block_layout, self.root_device)
-
-    def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
-        return [(n, p.shape) for n, p in self.partition.parameters(self.lightning_module, block).items()]
-
-    def merge_round_record(self, record: RoundRecord) -> RoundRecord:
-        """One record of the round for every rank: each rank measured only its own clients."""
-        record.rank = self.global_rank
-        return merge_rank_records(gather_from_ranks(record, self.world_size)) if self.distributed else record
-
     # ------------------------------------------------------------ client turns
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.current is None:
+        current = self.turns.current
+        if current is None:
             raise MisconfigurationException(
                 "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
                 " callbacks; it begins and ends every round."
@@ -524,7 +364,7 @@ class FederatedBlockStrategy(DDPStrategy):
             # after every epoch-start hook, so a GradientAccumulationScheduler has had its say
             raise MisconfigurationException(
                 f"`accumulate_grad_batches` changed to {self.lightning_module.trainer.accumulate_grad_batches}"
-                f" during training (round {self.current.index}); each client's turn was planned for"
+                f" during training (round {current.index}); each client's turn was planned for"
                 f" {self.batch_sampler.batches_per_turn} batches. Keep the accumulation fixed for the whole run."
             )
 
@@ -542,7 +382,7 @@ class FederatedBlockStrategy(DDPStrategy):
     def _start_turn(self, turn: int) -> None:
         """End the turn in progress and start this rank's ``turn``-th turn of the round (a client's, or idle)."""
         self._end_turn()
-        self.optimizers = [self.turns.start(self.current.turns[turn], self.current.index, self.current.block)]
+        self.optimizers = [self.turns.start_turn(turn)]
 
     def _end_turn(self, record: bool = True) -> None:
         """End the turn in progress; checkpoints and validation then see no client's optimizer or view."""
@@ -563,21 +403,17 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self.faults.report(exception, None if self.current is None else self.current.index)
+        current = None if self.turns is None else self.turns.current
+        self.faults.report(exception, None if current is None else current.index)
         self.abandon_turn()
-        self._restore_user_trainable()
+        if self.turns is not None:
+            self.turns.restore_trainable()
         super().on_exception(exception)
 
     @override
     def on_train_end(self) -> None:
-        self._restore_user_trainable()
-
-    def _restore_user_trainable(self) -> None:
-        """Give back the ``requires_grad`` flags the module had before training."""
-        if self._user_trainable is None:
-            return
-        for name, param in self.lightning_module.named_parameters():
-            param.requires_grad_(name in self._user_trainable)
+        if self.turns is not None:
+            self.turns.restore_trainable()
 
     @override
     def teardown(self) -> None:
@@ -593,7 +429,7 @@ class FederatedBlockStrategy(DDPStrategy):
         """Add every client's pending deltas and kept optimizer states (gathered from every rank)."""
         if self.round_open:
             message = (
-                f"A checkpoint was requested in the middle of round {self.current.index}, before its boundary;"
+                f"A checkpoint was requested in the middle of round {self.turns.current.index}, before its boundary;"
                 " it could not be resumed. Save at round boundaries: `ModelCheckpoint(every_n_epochs=...)`."
             )
             if self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED:
@@ -615,7 +451,9 @@ class FederatedBlockStrategy(DDPStrategy):
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # validate/test from a checkpoint need the global weights only
             entry = checkpoint.get(CHECKPOINT_KEY)
-            self.checkpoint.read(entry, checkpoint_path, self.num_clients, self.world_size, self.seed, self.run_settings())
+            self.checkpoint.read(
+                entry, checkpoint_path, self.options.num_clients, self.world_size, self.options.seed, self.run_settings()
+            )
         return checkpoint
 
     @property

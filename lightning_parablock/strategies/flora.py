@@ -21,6 +21,7 @@ differently per client; choose ``lora_alpha`` for r_max).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -41,6 +42,7 @@ from lightning_parablock.core.lora import (
     restart_adapters,
 )
 from lightning_parablock.core.rng import Stream, stream_generator
+from lightning_parablock.strategies.client_exchange import ClientExchange
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.strategies.run_settings import RunSettings
 
@@ -70,6 +72,47 @@ def stacked_products(
     return products
 
 
+class StackedLoRAExchange(ClientExchange):
+    """FLoRA's side of the exchange: rank-r_i adapters go up, the stacked product is merged into the base weights.
+
+    Args:
+        client_ranks: each client's LoRA rank r_i, or ``None`` when every client has the module's.
+        *args: :class:`~lightning_parablock.strategies.client_exchange.ClientExchange`'s arguments.
+    """
+
+    def __init__(self, *args: Any, client_ranks: Optional[list[int]] = None) -> None:
+        super().__init__(*args)
+        self.client_ranks = client_ranks
+
+    @override
+    def upload_of(self, client: int, delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """ΔA_i (r_i × in) and ΔB_i (out × r_i): a rank-r_i client sends a rank-r_i adapter."""
+        if self.client_ranks is None:
+            return delta
+        rank = self.client_ranks[client]
+        return {n: t[:rank] if n.endswith(LORA_A_WEIGHT) else t[:, :rank] for n, t in delta.items()}
+
+    @override
+    @torch.no_grad()
+    def apply_aggregate(
+        self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: Sequence[int] = ()
+    ) -> None:
+        """Merge Σ_i w_i B_i A_i into the base weights, restart the adapters, drop the round's deltas."""
+        assert self.federation.active_client is None, "cannot aggregate while a client's view is loaded"
+        params = dict(self.module.named_parameters())
+        pairs = [(p.base, p.a, p.b) for p in lora_pairs(self.module)]
+        if aggregate is not None:
+            for _, _, b in pairs:
+                if b in aggregate and params[b].count_nonzero():
+                    raise RuntimeError(f"FLoRA expects every round to start with B = 0, but {b!r} is not zero.")
+            senders = sorted(set(self.plan.participants_of(round_index)) - set(left_out))
+            ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
+            products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
+            merge_products(self.module, {base: self.options.global_lr * product for base, product in products.items()})
+        restart_adapters(self.module, stream_generator(self.options.seed, Stream.LORA_RESTART, round_index))
+        self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update
+
+
 class FLoRAStrategy(FederatedBlockStrategy):
     """:class:`FederatedBlockStrategy` whose round boundary merges FLoRA's stacked product and restarts LoRA.
 
@@ -84,17 +127,19 @@ class FLoRAStrategy(FederatedBlockStrategy):
 
     def __init__(self, *args: Any, client_ranks: Optional[list[int]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        num_clients = self.options.num_clients
         if client_ranks is not None:
             if not isinstance(client_ranks, (list, tuple)):
                 raise TypeError(f"`client_ranks` must be a list with one LoRA rank per client, got {client_ranks!r}.")
-            if len(client_ranks) != self.num_clients:
+            if len(client_ranks) != num_clients:
                 raise ValueError(
-                    f"`client_ranks` needs one rank per client (num_clients={self.num_clients}),"
+                    f"`client_ranks` needs one rank per client (num_clients={num_clients}),"
                     f" got {len(client_ranks)}: {client_ranks}."
                 )
             for i, rank in enumerate(client_ranks):
                 check_int(f"client_ranks[{i}]", rank, minimum=1)
         self.client_ranks = None if client_ranks is None else list(client_ranks)
+        self.new_exchange = functools.partial(StackedLoRAExchange, client_ranks=self.client_ranks)
 
     @override
     def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
@@ -155,38 +200,9 @@ class FLoRAStrategy(FederatedBlockStrategy):
     def _end_turn(self, record: bool = True) -> None:
         """End the turn; a client below the module's rank keeps no change beyond its own components."""
         client = None if self.federation is None else self.federation.active_client
-        round_index = None if self.current is None else self.current.index
+        round_index = None if self.turns is None or self.turns.current is None else self.turns.current.index
         super()._end_turn(record)
         if record and client is not None and self.rank_of(client) is not None:
             delta = self.federation.clients[client].pending.get(round_index)
             for name, tensor in ({} if delta is None else delta.wait().tensors).items():
                 tensor.copy_(self._own_components(tensor, rows=name.endswith(LORA_A_WEIGHT), client=client))
-
-    @override
-    def upload_of(self, client: int, delta: dict[str, Tensor]) -> dict[str, Tensor]:
-        """ΔA_i (r_i × in) and ΔB_i (out × r_i): a rank-r_i client sends a rank-r_i adapter."""
-        if self.client_ranks is None:
-            return delta
-        rank = self.client_ranks[client]
-        return {n: t[:rank] if n.endswith(LORA_A_WEIGHT) else t[:, :rank] for n, t in delta.items()}
-
-    @override
-    @torch.no_grad()
-    def apply_aggregate(
-        self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: Sequence[int] = ()
-    ) -> None:
-        """Merge Σ_i w_i B_i A_i into the base weights, restart the adapters, drop the round's deltas."""
-        assert self.federation.active_client is None, "cannot aggregate while a client's view is loaded"
-        model = self.lightning_module
-        params = dict(model.named_parameters())
-        pairs = [(p.base, p.a, p.b) for p in lora_pairs(model)]
-        if aggregate is not None:
-            for _, _, b in pairs:
-                if b in aggregate and params[b].count_nonzero():
-                    raise RuntimeError(f"FLoRA expects every round to start with B = 0, but {b!r} is not zero.")
-            senders = sorted(set(self.participants_of(round_index)) - set(left_out))
-            ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
-            products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
-            merge_products(model, {base: self.global_lr * product for base, product in products.items()})
-        restart_adapters(model, stream_generator(self.seed, Stream.LORA_RESTART, round_index))
-        self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update

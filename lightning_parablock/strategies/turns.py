@@ -1,34 +1,67 @@
-"""This rank's turns: whose view of the model is loaded, whose optimizer Lightning steps, and for how long.
+"""This rank's rounds and turns: which block is unfrozen, whose view of the model is loaded, and for how long.
 
-A round is a sequence of turns, one per hosted participant, padded with idle turns so that every rank runs the
-same number of batches. In an idle turn the rank steps an optimizer of its own over one parameter that lives on
-the training device and gets a zero gradient every step, so that what Lightning does around a step (mixed
-precision's scaler included) finds what it expects without touching the model.
+A round unfreezes its block and is a sequence of turns, one per hosted participant, padded with idle turns so
+that every rank runs the same number of batches. In an idle turn the rank steps an optimizer of its own over one
+parameter that lives on the training device and gets a zero gradient every step, so that what Lightning does
+around a step (mixed precision's scaler included) finds what it expects without touching the model. When
+training ends, the module gets back the ``requires_grad`` flags it came with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.federation import Federation
+from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.core.turn_timer import TurnTimer
 
 
+@dataclass
+class RoundState:
+    """What this rank knows about the round in progress."""
+
+    index: int
+    block: int
+    participants: list[int]
+    turns: list[Optional[int]]  # the client of each of this rank's turns; None: idle while other ranks train
+    compute_seconds: dict[int, float] = field(default_factory=dict)
+    probe_seconds: float = 0.0  # the gradient schedule's probe before the round, measured
+    sync_download_bytes: dict[int, int] = field(default_factory=dict)  # per client, before its turn (FedCyBGD)
+    closed: bool = False  # the boundary has been applied: a consistent state to checkpoint
+
+
 class Turns:
-    """Starts and ends this rank's turns over ``federation`` and times them.
+    """Starts and ends this rank's rounds and turns over ``federation`` and times the turns.
 
     Args:
         federation: the clients' state on top of the global model.
         device: the training device (for the idle parameter and the turn timer's events).
+        plan: who trains which block in which of this rank's turns.
+        partition: the model's blocks.
+        trainable: names of the parameters the module left trainable; the others stay frozen in every block.
     """
 
-    def __init__(self, federation: Federation, device: torch.device) -> None:
+    def __init__(
+        self,
+        federation: Federation,
+        device: torch.device,
+        plan: RoundPlan,
+        partition: BlockPartition,
+        trainable: Set[str],
+    ) -> None:
         self.federation = federation
+        self.plan = plan
+        self.partition = partition
+        self.trainable = set(trainable)
         self.timer = TurnTimer(device)
+        self.current: Optional[RoundState] = None
         self.idle = False  # this rank waits through a turn while other ranks train
         self._idle_parameter = nn.Parameter(torch.zeros(1, device=device))
         self.idle_optimizer = torch.optim.SGD([self._idle_parameter], lr=0.0)
@@ -37,6 +70,25 @@ class Turns:
     def client(self) -> Optional[int]:
         """The client whose view is loaded, or ``None`` (between turns, or idle)."""
         return self.federation.active_client
+
+    @property
+    def round_open(self) -> bool:
+        """A round has begun and its boundary is not applied yet: no consistent state to save."""
+        return self.current is not None and not self.current.closed
+
+    def start_round(self, round_index: int) -> Optimizer:
+        """Unfreeze the round's block and start this rank's first turn of it; the optimizer to step."""
+        plan = self.plan
+        block = plan.block_of(round_index)
+        self.current = RoundState(round_index, block, plan.participants_of(round_index), plan.turns_of(round_index))
+        self.current.probe_seconds = plan.schedule.probe_seconds.get(round_index, 0.0)
+        self.partition.freeze_all_but(self.federation.model, block, self.trainable)
+        return self.start_turn(0)
+
+    def start_turn(self, turn: int) -> Optimizer:
+        """Start this rank's ``turn``-th turn of the round in progress (a client's, or idle)."""
+        assert self.current is not None, "no round in progress"
+        return self.start(self.current.turns[turn], self.current.index, self.current.block)
 
     def start(self, client: Optional[int], round_index: int, block: int) -> Optimizer:
         """End the turn in progress and start ``client``'s (``None``: an idle turn); the optimizer to step."""
@@ -60,10 +112,19 @@ class Turns:
             self.timer.stop(client)  # read at the round's end: no device-wide synchronize per turn
         return client
 
+    def end_round(self) -> RoundState:
+        """End the round's last turn: the model holds the global values again and the round's deltas are pending."""
+        assert self.current is not None, "no round in progress"
+        self.end()
+        self.current.compute_seconds.update(self.timer.resolve())
+        self.federation.round_trained(self.current.index, self.current.block)
+        return self.current
+
     def idle_loss(self) -> Tensor:
         """The loss of an idle step: zero, with a zero gradient for the idle parameter alone."""
         return self._idle_parameter.sum() * 0.0
 
-    def compute_seconds(self) -> dict[int, float]:
-        """Seconds of every client turn ended since the last call."""
-        return self.timer.resolve()
+    def restore_trainable(self) -> None:
+        """Give back the ``requires_grad`` flags the module had before training."""
+        for name, param in self.federation.model.named_parameters():
+            param.requires_grad_(name in self.trainable)
