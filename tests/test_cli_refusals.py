@@ -88,6 +88,20 @@ def test_help_lists_report_and_report_spells_options_as_fit_does(capsys):
     assert "--output_dir" in out and "--rounds" in out and "--run " in out
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [([], "the following arguments are required: run_dir"), (["RUN", "--bogus"], "unrecognized arguments: --bogus"),
+     (["RUN", "--rounds", "late"], "--rounds 'late'")],
+)  # fmt: skip
+def test_report_refuses_a_bad_argument_in_one_line_as_fit_does(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *arguments])
+    assert exit_info.value.code == 2
+    error, hint = capsys.readouterr().err.splitlines()  # no usage text before the error
+    assert error.startswith("parablock: error: ") and message in error, error
+    assert hint == "(`parablock report --help` lists the options.)"
+
+
 def test_parse_errors_keep_the_option_and_drop_the_other_subtypes():
     noise = (
         'Parser key "data":\n  Does not validate against any of the Union subtypes\n  Subtypes: [...]\n  Errors:\n'
