@@ -181,6 +181,24 @@ def test_data_problems_name_the_file_and_row_before_a_run_folder_exists(tmp_path
     assert_nothing_created(tmp_path, before)
 
 
+LATIN1 = {
+    ".jsonl": GOOD_ROWS.encode() + '{"instruction": "Caf\u00e9 + 1?", "output": "2"}\n'.encode("latin-1"),
+    ".csv": "instruction,output\n".encode() + "".join(f"Caf\u00e9 {i} + 1?,{i + 1}\n" for i in range(40)).encode("latin-1"),
+}
+"""The same rows saved as latin-1, as a spreadsheet or an old script may write them: 'é' is the byte 0xe9."""
+
+
+@pytest.mark.parametrize("suffix", list(LATIN1))
+def test_a_data_file_that_is_not_utf8_is_refused_naming_it_before_a_run_folder_exists(tmp_path, capsys, tokenizer_dir, suffix):
+    data_file = tmp_path / f"latin1{suffix}"
+    data_file.write_bytes(LATIN1[suffix])
+    before = snapshot(tmp_path)
+    err = refused(capsys, local_args(tmp_path, tokenizer_dir, data_file, "--data.init_args.dataset.path", suffix[1:]))
+    assert re.match(rf"parablock: error: Data file '{re.escape(str(data_file))}', line \d+, .*: not UTF-8", err), err
+    assert "Save the file as UTF-8" in err.splitlines()[0]
+    assert_nothing_created(tmp_path, before)
+
+
 # --- resume: the config stands; a checkpoint of another model is refused ------------------------------------------
 
 
