@@ -1,8 +1,8 @@
-"""Every private Lightning and torch symbol this package relies on, reached from here only.
+"""Every private Lightning, torch and library symbol this package relies on, reached from here only.
 
-Lightning and torch may rename or drop a private name in any release. With each one imported or named here,
-and ``tests/test_compat.py`` checking that it still exists in the pinned versions, an upgrade fails one clear
-test instead of silently doing nothing.
+Lightning, torch and ``datasets`` may rename or drop a private name in any release. With each one imported or
+named here, and ``tests/test_compat.py`` checking that it still exists in the pinned versions, an upgrade fails
+one clear test instead of silently doing nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from datasets import Dataset
     from lightning.fabric.plugins import ClusterEnvironment
     from lightning.pytorch.callbacks import Checkpoint
 
@@ -72,3 +73,8 @@ def progress_bar_metrics(trainer: pl.Trainer) -> dict[str, Any]:
 def default_store() -> dist.Store:
     """The key-value store of the default process group (the job's rendezvous store)."""
     return dist.distributed_c10d._get_default_store()
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """The fingerprint ``datasets`` caches ``dataset`` under; tokenizing keys its own cache entry on it."""
+    return dataset._fingerprint

@@ -88,6 +88,20 @@ def test_help_lists_report_and_report_spells_options_as_fit_does(capsys):
     assert "--output_dir" in out and "--rounds" in out and "--run " in out
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [([], "the following arguments are required: run_dir"), (["RUN", "--bogus"], "unrecognized arguments: --bogus"),
+     (["RUN", "--rounds", "late"], "--rounds 'late'")],
+)  # fmt: skip
+def test_report_refuses_a_bad_argument_in_one_line_as_fit_does(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *arguments])
+    assert exit_info.value.code == 2
+    error, hint = capsys.readouterr().err.splitlines()  # no usage text before the error
+    assert error.startswith("parablock: error: ") and message in error, error
+    assert hint == "(`parablock report --help` lists the options.)"
+
+
 def test_parse_errors_keep_the_option_and_drop_the_other_subtypes():
     noise = (
         'Parser key "data":\n  Does not validate against any of the Union subtypes\n  Subtypes: [...]\n  Errors:\n'
@@ -164,6 +178,24 @@ def test_data_problems_name_the_file_and_row_before_a_run_folder_exists(tmp_path
     before = snapshot(tmp_path)
     err = refused(capsys, local_args(tmp_path, tokenizer_dir, data_file, *extra))
     assert re.search(message, err), err
+    assert_nothing_created(tmp_path, before)
+
+
+LATIN1 = {
+    ".jsonl": GOOD_ROWS.encode() + '{"instruction": "Caf\u00e9 + 1?", "output": "2"}\n'.encode("latin-1"),
+    ".csv": "instruction,output\n".encode() + "".join(f"Caf\u00e9 {i} + 1?,{i + 1}\n" for i in range(40)).encode("latin-1"),
+}
+"""The same rows saved as latin-1, as a spreadsheet or an old script may write them: 'é' is the byte 0xe9."""
+
+
+@pytest.mark.parametrize("suffix", list(LATIN1))
+def test_a_data_file_that_is_not_utf8_is_refused_naming_it_before_a_run_folder_exists(tmp_path, capsys, tokenizer_dir, suffix):
+    data_file = tmp_path / f"latin1{suffix}"
+    data_file.write_bytes(LATIN1[suffix])
+    before = snapshot(tmp_path)
+    err = refused(capsys, local_args(tmp_path, tokenizer_dir, data_file, "--data.init_args.dataset.path", suffix[1:]))
+    assert re.match(rf"parablock: error: Data file '{re.escape(str(data_file))}', line \d+, .*: not UTF-8", err), err
+    assert "Save the file as UTF-8" in err.splitlines()[0]
     assert_nothing_created(tmp_path, before)
 
 

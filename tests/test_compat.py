@@ -1,4 +1,4 @@
-"""Every private Lightning and torch symbol the package uses still exists in the pinned versions.
+"""Every private Lightning, torch and library symbol the package uses still exists in the pinned versions.
 
 An upgrade that renames one fails here, naming it, instead of silently doing nothing in a signal handler or a hook.
 """
@@ -9,6 +9,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -50,20 +51,26 @@ def test_the_default_store_accessor_exists():
     assert callable(dist.distributed_c10d._get_default_store)
 
 
+def test_the_dataset_fingerprint_exists_and_follows_the_rows():
+    rows = Dataset.from_dict({"output": ["a", "b"]})
+    assert isinstance(_compat.dataset_fingerprint(rows), str)
+    assert _compat.dataset_fingerprint(rows.select([0])) != _compat.dataset_fingerprint(rows)
+
+
 def test_the_imported_private_symbols_resolve():
     for name in _compat.__all__:
         assert getattr(_compat, name) is not None, name
 
 
-def test_no_module_but_compat_reaches_a_private_lightning_or_torch_symbol():
+def test_no_module_but_compat_reaches_a_private_lightning_torch_or_datasets_symbol():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "_compat.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lightning", "torch"):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lightning", "torch", "datasets"):
                 offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-            private = ("_signal_connector", "_accelerator_connector", "_trainer")
+            private = ("_signal_connector", "_accelerator_connector", "_trainer", "_fingerprint")
             if isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{path.name}: .{node.attr}")
             if isinstance(node, ast.Attribute) and node.attr == "_get_default_store":

@@ -39,10 +39,15 @@ def test_good_files_globs_and_remote_paths_pass(tmp_path):
     check_data_files([str(tmp_path / "a.json"), str(tmp_path / "b.jsonl"), str(tmp_path / "*.jsonl"), "hf://x/y.json"])
 
 
-def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
-    path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "caf\xe9", "output": "a"}\n')
-    with pytest.raises(ValueError, match=r"'.*latin1.jsonl', line 2, byte 21 of the line: not UTF-8 .*Save the file as UTF-8"):
+@pytest.mark.parametrize(
+    ("name", "content", "byte"),
+    [("latin1.jsonl", b'{"instruction": "q", "output": "a"}\n{"instruction": "caf\xe9", "output": "a"}\n', 21),
+     ("latin1.csv", b"instruction,output\ncaf\xe9,a\n", 4)],
+)  # fmt: skip
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, name, content, byte):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"'.*{name}', line 2, byte {byte} of the line: not UTF-8 .*Save the file as UTF-8"):
         check_data_files(str(path))
 
 

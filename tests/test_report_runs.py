@@ -128,5 +128,5 @@ def test_a_timeline_with_impossible_values_is_refused_naming_record_and_field(tm
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{path}: " in err and message in err, err
-    assert err.strip().splitlines()[-1].startswith("parablock report: error:")
+    assert err.startswith("parablock: error:")  # the error first, no usage text
     assert path.read_bytes() == before and not (tmp_path / "fig").exists()

@@ -10,6 +10,7 @@ table and draws its figures (see :mod:`lightning_parablock.telemetry.report`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -80,6 +81,13 @@ class ConciseArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
         refuse(f"{concise_parse_error(message)}\n(`{prog} --help` lists the options and their types.)")
+
+
+class ConciseReportParser(argparse.ArgumentParser):
+    """``parablock report``'s errors as one line, as ``fit``'s are, instead of argparse's usage text first."""
+
+    def error(self, message: str) -> NoReturn:
+        refuse(f"{message}\n(`{self.prog} --help` lists the options.)")
 
 
 class _ConstructionErrors:
@@ -342,7 +350,7 @@ def main(args: Optional[list[str]] = None) -> None:
     """``parablock report ...`` draws a finished run; anything else goes to LightningCLI (fit, validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
-        report.main(argv[1:])
+        report.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
     if flag is not None:

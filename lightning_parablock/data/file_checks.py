@@ -42,9 +42,9 @@ def check_data_files_shape(data_files: object) -> None:
 
 
 def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = ()) -> None:
-    """Each local file exists, is UTF-8 and holds at least one example; each JSON row parses to an object whose
-    ``text_columns`` (those it has) hold text: a list or a number there would be trained on as its ``str()``,
-    or stop ``datasets`` with an error that names neither the file nor the row.
+    """Each local file exists and holds at least one example; a JSON or CSV file is UTF-8; each JSON row parses
+    to an object whose ``text_columns`` (those it has) hold text: a list or a number there would be trained on
+    as its ``str()``, or stop ``datasets`` with an error that names neither the file nor the row.
 
     Remote paths (``hf://``, ``s3://`` ...) and glob patterns are left to ``datasets``.
     """
@@ -60,6 +60,8 @@ def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = ()) ->
             raise ValueError(f"Data file {file!r} is empty: it holds no example.")
         if path.suffix.lower() in _JSON_SUFFIXES:
             _check_json(path, text_columns)
+        elif path.suffix.lower() == ".csv":
+            _read_utf8(path)  # ``datasets`` reports other bytes without the file, the line or the encoding it wants
 
 
 def _check_json(path: Path, text_columns: Sequence[str]) -> None:

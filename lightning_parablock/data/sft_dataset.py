@@ -12,6 +12,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
+from lightning_parablock._compat import dataset_fingerprint
 from lightning_parablock.data.chat import MESSAGES, encode_conversation
 from lightning_parablock.data.formatting import IGNORE_INDEX, chat_prompt_and_response, encode_for_sft, truncate
 from lightning_parablock.data.loading import INPUT, INSTRUCTION, OUTPUT
@@ -67,7 +68,7 @@ def tokenize_dataset(
         fn_kwargs=options,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
-        new_fingerprint=Hasher.hash([dataset._fingerprint, tokenizer_fingerprint(tokenizer), max_length, fmt]),
+        new_fingerprint=Hasher.hash([dataset_fingerprint(dataset), tokenizer_fingerprint(tokenizer), max_length, fmt]),
         desc=f"Tokenizing {split}",
     )
     num_tokens, num_supervised = tokenized[_NUM_TOKENS], tokenized[_NUM_SUPERVISED]

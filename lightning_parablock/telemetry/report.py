@@ -297,8 +297,12 @@ def report(
     return "\n".join(lines) + "\n\n" + format_table(records, staleness, links), paths
 
 
-def main(args: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="parablock report", description=__doc__.split("\n\n")[0])
+def main(
+    args: Optional[Sequence[str]] = None, *, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+) -> None:
+    """Parse ``parablock report``'s arguments and print and draw the run; errors go to ``parser_class.error``
+    (the ``parablock`` command passes one that prints them as its other commands do)."""
+    parser = parser_class(prog="parablock report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run's directory (or a folder of runs), or its parablock_timeline.json")
     parser.add_argument("--run", default=None, help="which run under run_dir, by a part of its path, e.g. version_1 (default: the newest)")
     parser.add_argument(
