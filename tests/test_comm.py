@@ -355,3 +355,28 @@ def test_an_exchange_starts_no_openmp_team_beside_the_training_threads(tmp_path)
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "1", "the comm thread started threads of its own"
+
+
+def test_a_worker_nobody_shut_down_stops_its_thread_before_the_interpreter_exits(tmp_path):
+    # A daemon thread still inside torch at interpreter exit aborts the process; the worker stops it at exit.
+    script = tmp_path / "forgotten_worker.py"
+    script.write_text(
+        "import torch\n"
+        "from lightning_parablock.comm.link import SimulatedLink\n"
+        "from lightning_parablock.comm.worker import CommWorker\n"
+        "shutdown = CommWorker.shutdown\n"
+        "def reporting(self, join_s=5.0):\n"
+        "    print('shut down', join_s, flush=True)\n"
+        "    shutdown(self, join_s)\n"
+        "CommWorker.shutdown = reporting\n"
+        "worker = CommWorker(SimulatedLink(), timeout_s=60)\n"
+        "worker.submit(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0})\n"
+        "worker.wait(0)\n"
+        "finished = CommWorker(SimulatedLink(), timeout_s=60)\n"
+        "finished.submit(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0})\n"
+        "finished.wait(0)\n"
+        "finished.shutdown(join_s=2.0)  # shut down by its owner: not again at exit\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["shut down 2.0", "shut down 1.0"], done.stdout

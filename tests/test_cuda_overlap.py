@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 from toy import ToyModule, toy_dataset, toy_loader
 
 from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
-from lightning_parablock.core.device_copies import COPY_RANGE, EXCHANGE_RANGE, copy_to_host
+from lightning_parablock.core.device_copies import COPY_RANGE, EXCHANGE_RANGE, HostCopier
 from lightning_parablock.core.turn_timer import COMPUTE_RANGE, TurnTimer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,14 +49,14 @@ def test_turn_timer_on_cpu_measures_each_turn_once():
 
 def test_copy_to_host_leaves_host_tensors_alone():
     tensors = {"w": torch.ones(3)}
-    copies, event = copy_to_host(tensors)
+    copies, event = HostCopier().copy(tensors)
     assert event is None and copies["w"] is tensors["w"]
 
 
 @cuda
 def test_copy_to_host_lands_in_pinned_memory_after_its_event():
     source = {"w": torch.arange(1 << 20, device="cuda", dtype=torch.float32)}
-    copies, event = copy_to_host(source)
+    copies, event = HostCopier().copy(source)
     event.synchronize()
     assert copies["w"].is_pinned() and torch.equal(copies["w"], source["w"].cpu())
 
@@ -78,7 +78,7 @@ def test_side_stream_copies_are_exact_while_the_compute_stream_is_busy_and_freed
     expected = source["w"].cpu()
     for _ in range(20):  # queue work on the compute stream before and after the copy starts
         busy = busy @ busy / busy.norm()
-    copies, event = copy_to_host(source)
+    copies, event = HostCopier().copy(source)
     address = source["w"].data_ptr()
     del source
     reused = torch.zeros(1 << 22, device="cuda")  # may take the freed block only once the copy is done
@@ -91,10 +91,8 @@ def test_side_stream_copies_are_exact_while_the_compute_stream_is_busy_and_freed
 
 @cuda
 def test_the_exchange_never_runs_on_the_compute_stream():
-    from lightning_parablock.core.device_copies import _side_stream
-
     device = torch.device("cuda", torch.cuda.current_device())
-    assert _side_stream(device) != torch.cuda.current_stream(device)
+    assert HostCopier().side_stream(device) != torch.cuda.current_stream(device)
 
 
 @cuda

@@ -15,7 +15,6 @@ import atexit
 import functools
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,7 +29,7 @@ from lightning_parablock.comm.codecs import EncodedTensor
 from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, Transport, exchange
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.torch_threads import use_one_torch_thread
-from lightning_parablock.core.device_copies import EXCHANGE_RANGE, copy_to_host
+from lightning_parablock.core.device_copies import EXCHANGE_RANGE, HostCopier
 
 
 class CommWorker:
@@ -75,6 +74,7 @@ class CommWorker:
         self._in_flight: dict[int, tuple[int, Future]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._host_copies = HostCopier()
 
     def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
         """Start the exchange of ``round_index`` behind any exchange already queued."""
@@ -85,10 +85,10 @@ class CommWorker:
                     target=_serve, args=(self._queue, self._stop, self.device), name="parablock-comm", daemon=True
                 )
                 self._thread.start()
-                _LIVE_WORKERS.add(self)
+                atexit.register(self._shutdown_at_exit)
             future: Future = Future()
             copies: list[Any] = []
-            deltas = {client: _stage(delta, copies) for client, delta in deltas.items()}
+            deltas = {client: _stage(delta, copies, self._host_copies) for client, delta in deltas.items()}
             job = functools.partial(
                 _exchange_after,
                 copies,
@@ -144,25 +144,20 @@ class CommWorker:
             thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=join_s)
-        _LIVE_WORKERS.discard(self)
+        atexit.unregister(self._shutdown_at_exit)
+
+    def _shutdown_at_exit(self) -> None:
+        """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the
+        interpreter does; registered while its thread runs."""
+        self.shutdown(join_s=1.0)
 
 
-_LIVE_WORKERS: "weakref.WeakSet[CommWorker]" = weakref.WeakSet()
-
-
-@atexit.register
-def _shut_down_live_workers() -> None:
-    """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the interpreter does."""
-    for worker in list(_LIVE_WORKERS):
-        worker.shutdown(join_s=1.0)
-
-
-def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any]) -> dict[str, Any]:
+def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any], copier: HostCopier) -> dict[str, Any]:
     """Host copies of a delta's CUDA tensors, started on a side stream; their events go to ``copies``."""
     staged: dict[str, Any] = {}
     for name, value in delta.items():
         encoded = isinstance(value, EncodedTensor)
-        host, done = copy_to_host(value.payload if encoded else {"tensor": value})
+        host, done = copier.copy(value.payload if encoded else {"tensor": value})
         if done is not None:
             copies.append(done)
         staged[name] = EncodedTensor(value.codec, value.shape, host) if encoded else host["tensor"]

@@ -30,37 +30,43 @@ def cuda_event(timing: bool = False) -> "torch.cuda.Event":
     return torch.cuda.Event(enable_timing=timing, blocking=True)
 
 
-def copy_to_host(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Optional["torch.cuda.Event"]]:
-    """Start copying ``tensors`` to pinned host memory on a side stream; return the copies and their event.
-
-    CPU tensors come back as they are (and no event). The copies may be read once the event has completed;
-    the sources are marked as used by the side stream, so the allocator does not reuse their memory early.
+class HostCopier:
+    """Starts copies of CUDA tensors to pinned host memory on a side stream of its own (one per device, made on
+    first use). Each owner, the communication worker and a federation that offloads deltas, has its own, so
+    no stream outlives the object that copies on it.
     """
-    if not any(t.is_cuda for t in tensors.values()):
-        return dict(tensors), None
-    with record_function(COPY_RANGE):
-        device = next(t.device for t in tensors.values() if t.is_cuda)
-        stream = _side_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))  # after the kernels that produced them
-        copies = {}
-        with torch.cuda.stream(stream):
-            for name, tensor in tensors.items():
-                if not tensor.is_cuda:
-                    copies[name] = tensor
-                    continue
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host.copy_(tensor, non_blocking=True)
-                tensor.record_stream(stream)
-                copies[name] = host
-        done = cuda_event()
-        done.record(stream)
-    return copies, done
 
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, "torch.cuda.Stream"] = {}
 
-_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+    def side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        """The stream this copier's copies from ``device`` run on, never the compute stream."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
+    def copy(self, tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Optional["torch.cuda.Event"]]:
+        """Start copying ``tensors`` to pinned host memory on the side stream; return the copies and their event.
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+        CPU tensors come back as they are (and no event). The copies may be read once the event has completed;
+        the sources are marked as used by the side stream, so the allocator does not reuse their memory early.
+        """
+        if not any(t.is_cuda for t in tensors.values()):
+            return dict(tensors), None
+        with record_function(COPY_RANGE):
+            device = next(t.device for t in tensors.values() if t.is_cuda)
+            stream = self.side_stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # after the kernels that produced them
+            copies = {}
+            with torch.cuda.stream(stream):
+                for name, tensor in tensors.items():
+                    if not tensor.is_cuda:
+                        copies[name] = tensor
+                        continue
+                    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                    host.copy_(tensor, non_blocking=True)
+                    tensor.record_stream(stream)
+                    copies[name] = host
+            done = cuda_event()
+            done.record(stream)
+        return copies, done

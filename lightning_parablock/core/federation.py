@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.clients import BlockDelta, VirtualClient
-from lightning_parablock.core.device_copies import copy_to_host
+from lightning_parablock.core.device_copies import HostCopier
 from lightning_parablock.core.master_weights import MasterBlock, needs_master
 from lightning_parablock.core.sizes import optimizer_state_nbytes
 
@@ -77,6 +77,7 @@ class Federation:
         self.global_lr = global_lr
         self.optimizer_state = optimizer_state
         self.offload_deltas = offload_deltas
+        self._host_copies = HostCopier()
         self.new_optimizer = new_optimizer
         self.master_weights = master_weights
         self.clients: dict[int, VirtualClient] = {}  # hosted here, by client id
@@ -182,7 +183,7 @@ class Federation:
             delta = {name: current[name].detach().float() - start for name, start in turn.start_values.items()}
             ready = None
             if self.offload_deltas:  # pinned, non-blocking: the next client's turn does not wait for the copy
-                delta, ready = copy_to_host(delta)
+                delta, ready = self._host_copies.copy(delta)
             turn.client.pending[turn.round] = BlockDelta(turn.round, turn.block, delta, ready)
         all_params = dict(self.model.named_parameters())
         for name, value in turn.global_values.items():
