@@ -142,7 +142,7 @@ class CausalLMModule(L.LightningModule):
                 _enable_gradient_checkpointing(model)
             if hparams.lora is not None:
                 model = add_lora(model, hparams.lora)
-        self.model = model
+        self.model = model.train(self.training)  # built on first use after `module.eval()`, it must not drop out
 
     def _load_options(self) -> dict[str, Any]:
         """``dtype`` and ``attn_implementation`` for ``from_pretrained``/``from_config``."""
