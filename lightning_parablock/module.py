@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -22,6 +23,12 @@ from lightning_parablock.argument_checks import (
 )
 from lightning_parablock.core.lora import add_lora, check_lora_options
 from lightning_parablock.core.precision import weight_dtype
+from lightning_parablock.data.packing import (
+    PackedAttention,
+    choose_packed_attention,
+    is_packed_batch,
+    with_packed_attention,
+)
 from lightning_parablock.eval.perplexity import TokenPerplexity
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -107,6 +114,9 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"`revision={revision!r}` names a version of a checkpoint; pass `model_name_or_path` too.")
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
+        self.packed_attention: Optional[PackedAttention] = None
+        """How this model keeps packed examples apart, measured on the first packed batch (or at fit start when
+        the datamodule packs): see :func:`~lightning_parablock.data.packing.choose_packed_attention`."""
 
     def configure_model(self) -> None:
         """Build or load the model once; later calls do nothing.
@@ -132,7 +142,7 @@ class CausalLMModule(L.LightningModule):
                 _enable_gradient_checkpointing(model)
             if hparams.lora is not None:
                 model = add_lora(model, hparams.lora)
-        self.model = model
+        self.model = model.train(self.training)  # built on first use after `module.eval()`, it must not drop out
 
     def _load_options(self) -> dict[str, Any]:
         """``dtype`` and ``attn_implementation`` for ``from_pretrained``/``from_config``."""
@@ -171,10 +181,35 @@ class CausalLMModule(L.LightningModule):
     def forward(self, **batch: torch.Tensor) -> Any:
         """The Hugging Face model's output; ``.loss`` is set when ``labels`` are passed.
 
-        Without a KV cache: scoring whole sequences needs none, and with one transformers ignores the restarting
-        ``position_ids`` of packed rows and lets their examples attend to each other.
+        A packed batch (``position_ids``, no ``attention_mask``) gets what this model needs to keep its examples
+        apart; the first one decides what that is, or refuses packing (:meth:`check_packing`), so the module
+        packs correctly in a notebook too. Without a KV cache: scoring whole sequences needs none, and with one
+        transformers ignores the restarting ``position_ids`` of packed rows.
         """
+        if is_packed_batch(batch):
+            if self.packed_attention is None:
+                self.check_packing()
+            batch = with_packed_attention(batch, self.packed_attention, self._mask_dtype())
         return self.model(**{"use_cache": False, **batch})
+
+    def check_packing(self) -> PackedAttention:
+        """Measure how this model keeps packed examples apart and remember it; ``ValueError`` naming the model and
+        ``packing=False`` where nothing does. Runs inside the Trainer's precision context when attached, so the
+        check sees the dtypes training computes in."""
+        trainer = attached_trainer(self)
+        context = nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        with context:
+            self.packed_attention = choose_packed_attention(self.model, self._mask_dtype())
+        return self.packed_attention
+
+    def on_fit_start(self) -> None:
+        """Refuse packing on a model that cannot keep examples apart before the first step, not at it."""
+        if getattr(self.trainer.datamodule, "packing", False):
+            self.check_packing()
+
+    def _mask_dtype(self) -> torch.dtype:
+        """The 4D mask's dtype: the input embeddings', which the attention scores start from."""
+        return self.model.get_input_embeddings().weight.dtype
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss

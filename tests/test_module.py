@@ -211,3 +211,9 @@ def test_flash_attention_without_cuda_names_sdpa(tiny_llama_config, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"runs on CUDA GPUs only.*attn_implementation='sdpa'"):
         CausalLMModule(config=tiny_llama_config, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_model_built_on_first_use_follows_the_modules_train_flag(tiny_llama_config, training):
+    module = CausalLMModule(config={**tiny_llama_config, "attention_dropout": 0.5}).train(training)
+    assert {m.training for m in module.model.modules()} == {training}  # no dropout after `module.eval()`

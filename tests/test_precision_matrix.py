@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from lightning import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from pretrained import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
@@ -24,7 +25,15 @@ MATRIX = {  # precision -> (weights, masters, optimizer state, deltas, link, sav
     "bf16-true": (BF16, F32, F32, F32, F32, BF16),
     "16-true": (F16, F32, F32, F32, F32, F16),
 }
-CUDA_ONLY = {"16-mixed"}  # Lightning refuses fp16 autocast on CPU
+
+
+def precision_args(precision: str) -> dict:
+    """Trainer arguments for ``precision`` on CPU. ``precision="16-mixed"`` on CPU is turned into bf16 autocast by
+    Lightning, so the fp16 cell passes its plugin itself: CPU fp16 autocast and a CPU ``GradScaler``, the same
+    ``MixedPrecision`` plugin (scaled loss, unscale, skipped steps on inf) that CUDA runs."""
+    if precision != "16-mixed":
+        return {"precision": precision}
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,10 @@ class Observe(Callback):
     """Dtypes seen during the active block's turn and what the comm thread is handed to send."""
 
     def __init__(self):
-        self.weights, self.masters, self.state = set(), set(), set()
+        self.weights, self.masters, self.state, self.logits = set(), set(), set(), set()
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.model.register_forward_hook(lambda model, args, output: self.logits.add(output.logits.dtype))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         strategy = trainer.strategy
@@ -51,8 +63,6 @@ class Observe(Callback):
 @pytest.mark.parametrize("checkpoint_dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("precision", list(MATRIX))
 def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, precision, tmp_path):
-    if precision in CUDA_ONLY and not torch.cuda.is_available():
-        pytest.skip(f"{precision} needs CUDA")
     weights, masters, state, deltas, link, saved = MATRIX[precision]
     module = CausalLMModule(model_name_or_path=str(checkpoints[checkpoint_dtype]), learning_rate=1e-2)
     strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, schedule="sequential")
@@ -66,7 +76,12 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
         def record_uploads(round_index, codec):
             encoded = uploads(round_index, codec)
             sent.extend(t.dtype for delta in encoded.values() for e in delta.values() for t in e.payload.values())
-            pending.extend(t.dtype for c in strategy.federation.clients.values() for d in c.pending.values() for t in d.wait().tensors.values())
+            pending.extend(
+                t.dtype
+                for c in strategy.federation.clients.values()
+                for d in c.pending.values()
+                for t in d.wait().tensors.values()
+            )
             return encoded
 
         exchange.uploads = record_uploads
@@ -75,9 +90,13 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
     strategy.new_exchange = new_exchange
     observe = Observe()
     trainer = quiet_trainer(
-        strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3, precision=precision,
-        accelerator="cuda" if precision in CUDA_ONLY else "cpu",
+        strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3,
+        **precision_args(precision),
     )  # fmt: skip
+    scaler, scaled = getattr(trainer.precision_plugin, "scaler", None), []
+    if scaler is not None:
+        scale = scaler.scale
+        scaler.scale = lambda loss: scaled.append(loss) or scale(loss)
     data = SyntheticArithmeticDataModule(num_examples=32, val_examples=0, batch_size=4, max_length=48)
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     assert observe.weights == {weights}
@@ -85,6 +104,8 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
     assert observe.state == {state}
     assert pending and set(pending) == {deltas}
     assert sent and set(sent) == {link}
+    if precision == "16-mixed":  # the fp16 path ran: fp16 autocast forward, the loss scaled by the GradScaler
+        assert str(trainer.precision) == precision and observe.logits == {F16} and scaled
     module.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype="auto")
     assert {p.dtype for p in reloaded.parameters()} == {saved}

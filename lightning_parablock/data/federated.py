@@ -230,6 +230,12 @@ class FederatedDataModule(L.LightningDataModule):
             self.packed_train = PackedDataset(self.train_dataset, hparams.max_length)
 
     @property
+    def packing(self) -> bool:
+        """Whether training rows are packed: ``CausalLMModule`` then checks at fit start that its model keeps
+        packed examples apart."""
+        return self.hparams.packing
+
+    @property
     def num_samples(self) -> int:
         """Number of training examples, the set that :meth:`client_partition` splits."""
         self.setup()

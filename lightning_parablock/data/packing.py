@@ -1,23 +1,32 @@
 """Packing: several short tokenized examples per row, each still trained as if alone.
 
 Alpaca-length examples padded to the longest of a batch waste most of every row on padding. A packed row holds
-several examples back to back; ``position_ids`` restart at 0 for each, and no ``attention_mask`` is passed, so
-transformers treats the row as packed sequences: SDPA and eager attention get a block-diagonal causal mask, and
-flash-attention its variable-length kernel, from the position ids (every model built on transformers'
-``create_causal_mask``: Llama, Qwen2, Mistral, Gemma ...). Attention never crosses examples, and the first token
-of each example gets label ``-100``, so no example learns to predict the next one's start: the per-example losses
-are those of the examples run alone. Rows are filled best-fit-decreasing, each client's shard on its own.
+several examples back to back; ``position_ids`` restart at 0 for each, and the first token of each example gets
+label ``-100``, so no example learns to predict the next one's start. Attention must not cross examples either,
+and how to keep it apart depends on the model, so :func:`choose_packed_attention` measures it on the model itself:
+
+- ``"position_ids"``: no ``attention_mask`` is passed and transformers detects the packed sequences from the
+  restarting position ids (SDPA and eager get a block-diagonal causal mask, flash-attention its variable-length
+  kernel): models built on transformers' ``create_causal_mask`` that pass it ``position_ids`` (Llama, Qwen2,
+  Mistral, Gemma, GPT-2, GPT-NeoX ...).
+- ``"mask"``: the model ignores packed position ids but takes a 4D attention mask, so it gets
+  :func:`packed_attention_mask`, causal and block-diagonal (OPT, MPT ...).
+- neither (Bloom ...): packing is refused.
+
+Either way the per-example losses are those of the examples run alone. Rows are filled best-fit-decreasing, each
+client's shard on its own.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset as HFDataset
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightning_parablock.data.formatting import IGNORE_INDEX
@@ -89,7 +98,8 @@ class PackedDataset(Dataset):
 
 @dataclass(frozen=True)
 class PackedCollator:
-    """Right-pad packed rows into ``input_ids``, ``labels`` and ``position_ids``, without an attention mask.
+    """Right-pad packed rows into ``input_ids``, ``labels`` and ``position_ids``, without an attention mask (the
+    model adds one, if it needs one, from the position ids: :func:`with_packed_attention`).
 
     The padding is a sequence of its own (its position ids restart at 0) with label ``-100``: it attends only to
     itself and no example attends to it.
@@ -108,3 +118,118 @@ class PackedCollator:
             batch["labels"].append(list(feature["labels"]) + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(list(feature["position_ids"]) + list(range(pad)))
         return {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+
+PackedAttention = Literal["position_ids", "mask"]
+"""How a model keeps the examples of a packed row apart: see the module's docstring."""
+
+
+def is_packed_batch(batch: Mapping[str, Any]) -> bool:
+    """Whether ``batch`` is one of :class:`PackedCollator`'s: ``position_ids`` and no ``attention_mask``."""
+    return "position_ids" in batch and "attention_mask" not in batch
+
+
+def packed_attention_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """The ``(batch, 1, length, length)`` causal, block-diagonal mask of packed rows: a new sequence starts at
+    each position id 0 (the padding too).
+
+    Additive (0 where a token may attend, the dtype's lowest value elsewhere) rather than boolean, because eager
+    attention adds the mask to its scores; SDPA takes either. Every token sees itself, so no row is all masked.
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"`position_ids` must be (batch, length), got shape {tuple(position_ids.shape)}.")
+    sequence = (position_ids == 0).cumsum(-1)
+    length = position_ids.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (sequence[:, :, None] == sequence[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def with_packed_attention(batch: Mapping[str, Tensor], path: PackedAttention, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A packed ``batch`` as the model needs it on ``path``: unchanged for ``"position_ids"``, with
+    :func:`packed_attention_mask` in ``dtype`` for ``"mask"``."""
+    if path == "position_ids":
+        return dict(batch)
+    return {**batch, "attention_mask": packed_attention_mask(batch["position_ids"], dtype)}
+
+
+PROBE_LENGTHS = (8, 5)
+"""The two examples the probe packs into one row: a few tokens, the longer first so the second has more to leak
+from."""
+
+
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the probe's logits: four rounding steps of ``dtype``, of TF32 or bf16 where fp32
+    matmuls run in those (``torch.set_float32_matmul_precision``), and never below 1e-4."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        eps = 2.0**-10 if torch.get_float32_matmul_precision() == "high" else 2.0**-7
+    return max(1e-4, 4 * eps)
+
+
+def choose_packed_attention(model: nn.Module, dtype: torch.dtype) -> PackedAttention:
+    """The first path (position ids alone, then the 4D mask in ``dtype``) on which two short examples packed in
+    one row give ``model`` the logits each has alone; ``ValueError`` naming the model if neither does.
+
+    A real check on the model as it will train (its attention implementation, dtype and device), so no list of
+    architectures goes stale. A path passes when its logits are within the dtype's tolerance of the examples'
+    alone and within half of how far they move when nothing separates the examples (the row as one sequence):
+    in bf16 a small random model's leak can hide inside the rounding tolerance, never inside the leak itself.
+    Cheap: five forwards of at most 13 tokens, without gradients, in eval mode (each submodule's train flag
+    restored after). It draws no random numbers (fixed tokens; eval mode turns dropout off), so the RNG
+    streams training uses are untouched.
+    """
+    config = getattr(model, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"Packing probes the model with token ids; {type(model).__name__} has no config.vocab_size.")
+    device = next(model.parameters()).device
+    examples = [
+        (torch.arange(n, device=device) * (5 + 2 * i) + 3 + i) % vocab_size for i, n in enumerate(PROBE_LENGTHS)
+    ]
+    input_ids = torch.cat(examples)[None]
+    row = {
+        "input_ids": input_ids,
+        "position_ids": torch.cat([torch.arange(len(e), device=device) for e in examples])[None],
+    }
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = torch.cat([model(input_ids=e[None], use_cache=False).logits for e in examples], 1)
+            tolerance = probe_tolerance(alone.dtype) * alone.abs().max().item()
+            alone = alone.float()
+            leak = _packed_difference(model, {"input_ids": input_ids}, alone)
+            bound = min(tolerance, leak / 2) if isinstance(leak, float) else tolerance
+            outcomes = {}
+            for path in ("position_ids", "mask"):
+                outcome = _packed_difference(model, with_packed_attention(row, path, dtype), alone)
+                if isinstance(outcome, float) and outcome <= bound:
+                    return path
+                outcomes[path] = outcome
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    found = {path: f"differ by {o:.3g}" if isinstance(o, float) else f"fail ({o})" for path, o in outcomes.items()}
+    raise ValueError(
+        f"Packing cannot keep examples apart in {_model_name(model)}: two examples packed in one row, with"
+        f" restarting position_ids and no attention mask, give logits that {found['position_ids']} from those of"
+        f" each alone, and with a 4D block-diagonal attention mask they {found['mask']} (allowed: {bound:.3g})."
+        " Train this model with `packing=False`."
+    )
+
+
+def _packed_difference(model: nn.Module, batch: Mapping[str, Tensor], alone: Tensor) -> float | str:
+    """The largest logit difference of the row from the examples alone, or why the model refused it."""
+    try:
+        logits = model(**batch, use_cache=False).logits.float()
+    except Exception as error:  # noqa: BLE001 - whatever the model raises for an input it cannot take is an answer
+        return f"{type(error).__name__}: {error}"
+    return (logits - alone).abs().max().item()
+
+
+def _model_name(model: nn.Module) -> str:
+    """The Hugging Face model's class, through a peft wrapper."""
+    base = getattr(model, "get_base_model", None)
+    return type(base() if callable(base) else model).__name__
