@@ -9,7 +9,7 @@ from lightning import Callback
 from toy import ToyModule, toy_dataset, toy_loader
 
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
-from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
+from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError, all_finite
 from lightning_parablock.aggregation.rules import clip_by_norm
 
 
@@ -20,6 +20,20 @@ def honest_and_one_attacker(num_honest=6):
     deltas[num_honest] = {"w": torch.full((50,), 1e6)}
     weights = {c: 1 / len(deltas) for c in deltas}
     return deltas, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("at", [0, 4097, -1])
+def test_all_finite_finds_one_bad_value_anywhere(dtype, bad, at):
+    values = torch.linspace(-3e4, 3e4, 10_000, dtype=dtype)  # within fp16's range
+    assert all_finite(values)
+    values[at] = bad
+    assert not all_finite(values)
+
+
+def test_all_finite_on_empty_and_integer_tensors():
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5)) and all_finite(torch.zeros(2, 0, 3))
 
 
 @pytest.mark.parametrize(

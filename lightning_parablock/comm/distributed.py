@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lightning_parablock._compat import default_store
 from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.aggregation.nonfinite import kept_clients
+from lightning_parablock.aggregation.nonfinite import all_finite, kept_clients
 from lightning_parablock.aggregation.rules import clip_by_norm
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.comm.exchange import RoundExchange, finish_exchange
@@ -118,7 +118,7 @@ class CollectiveTransport:
             # bf16, and overflow in fp16).
             status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=_HOST)
             for client, flat in mine.items():
-                bad_values = float(not torch.isfinite(flat).all())
+                bad_values = float(not all_finite(flat))
                 status[client] = torch.tensor(
                     [1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])],
                     dtype=torch.float64,
