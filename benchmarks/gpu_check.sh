@@ -56,6 +56,14 @@ for entry in "${cuda_tests[@]}"; do
         skip "${entry#*:}" "no CUDA device"
     fi
 done
+if [ "$gpus" -ge 1 ]; then
+    check "packing in bf16 on the GPU: SDPA and flash-attention (if installed) keep each example's loss" 300 \
+        "${PYTEST[@]}" tests/test_packing.py -k on_a_gpu -rs
+    check "precision matrix on the GPU, 16-mixed with CUDA's GradScaler" 300 \
+        "${PYTEST[@]}" tests/test_precision_matrix.py -k cuda
+else
+    skip "packing in bf16 on the GPU (SDPA, flash-attention)" "no CUDA device"
+fi
 
 if [ "$gpus" -ge 1 ]; then
     # ParaBlock's peak against DESIGN §4's formula for the benchmark's setting (2 clients, s=1, 2-layer blocks of

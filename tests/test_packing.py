@@ -2,6 +2,7 @@
 packed on its own; how each model keeps packed examples apart is measured on it, and packing is refused where
 nothing does."""
 
+import importlib.util
 import json
 
 import pytest
@@ -160,3 +161,29 @@ def test_each_clients_shard_is_packed_on_its_own(tmp_path):
     assert len(packed) < len(data.train_dataset)
     batch = next(iter(data.train_dataloader()))
     assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape[1] <= 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "flash_attention_2"])
+def test_on_a_gpu_in_bf16_packed_rows_keep_each_examples_loss(attn_implementation):
+    # flash-attention's variable-length kernel is the position-id path on a GPU; SDPA gets a block-diagonal mask.
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    module = CausalLMModule(config=TINY_LLAMA, attn_implementation=attn_implementation, dtype="bfloat16")
+    module.configure_model()
+    module = module.to("cuda").eval()
+    lengths = (7, 12, 4)
+    examples = [torch.randint(4, 100, (n,), device="cuda") for n in lengths]
+    with torch.no_grad():
+        alone = [module(input_ids=e[None], labels=e[None]).loss for e in examples]
+        position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+        row = torch.cat(examples)[None]
+        logits = module(input_ids=row, position_ids=position_ids).logits.float()
+    assert module.packed_attention == "position_ids"
+    start = 0
+    for example, expected in zip(examples, alone):
+        span = logits[0, start : start + len(example) - 1]
+        loss = torch.nn.functional.cross_entropy(span, example[1:])
+        torch.testing.assert_close(loss, expected.float(), rtol=2e-2, atol=2e-2)
+        start += len(example)

@@ -27,13 +27,13 @@ MATRIX = {  # precision -> (weights, masters, optimizer state, deltas, link, sav
 }
 
 
-def precision_args(precision: str) -> dict:
-    """Trainer arguments for ``precision`` on CPU. ``precision="16-mixed"`` on CPU is turned into bf16 autocast by
-    Lightning, so the fp16 cell passes its plugin itself: CPU fp16 autocast and a CPU ``GradScaler``, the same
-    ``MixedPrecision`` plugin (scaled loss, unscale, skipped steps on inf) that CUDA runs."""
-    if precision != "16-mixed":
-        return {"precision": precision}
-    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+def precision_args(precision: str, accelerator: str) -> dict:
+    """Trainer arguments for ``precision``. ``precision="16-mixed"`` on CPU is turned into bf16 autocast by
+    Lightning, so there the fp16 cell passes its plugin itself: CPU fp16 autocast and a CPU ``GradScaler``, the
+    same ``MixedPrecision`` plugin (scaled loss, unscale, skipped steps on inf) that CUDA runs."""
+    if precision != "16-mixed" or accelerator == "cuda":
+        return {"precision": precision, "accelerator": accelerator}
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))], "accelerator": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,16 @@ class Observe(Callback):
             self.state |= {state["exp_avg"].dtype, state["exp_avg_sq"].dtype}
 
 
+ACCELERATORS = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("checkpoint_dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("precision", list(MATRIX))
-def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, precision, tmp_path):
+def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, precision, accelerator, tmp_path):
     weights, masters, state, deltas, link, saved = MATRIX[precision]
     module = CausalLMModule(model_name_or_path=str(checkpoints[checkpoint_dtype]), learning_rate=1e-2)
     strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, schedule="sequential")
@@ -91,7 +98,7 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
     observe = Observe()
     trainer = quiet_trainer(
         strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3,
-        **precision_args(precision),
+        **precision_args(precision, accelerator),
     )  # fmt: skip
     scaler, scaled = getattr(trainer.precision_plugin, "scaler", None), []
     if scaler is not None:
