@@ -235,6 +235,8 @@ class ParaBlockCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         checkpoint = preflight.load_resume_checkpoint(ckpt_path)
         if checkpoint is not None:
+            with preflight.model_init_context(self.trainer):  # compared (and then resumed) whole
+                self.model.configure_model()
             preflight.check_checkpoint_matches(checkpoint, ckpt_path, self.model)
         return checkpoint
 

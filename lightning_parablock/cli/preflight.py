@@ -7,11 +7,13 @@ folder exists.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning import LightningDataModule, LightningModule
+from lightning import LightningDataModule, LightningModule, Trainer
 
 from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
 
@@ -62,6 +64,19 @@ def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]
     return read_checkpoint_file(ckpt_path, lambda: torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
 
 
+@contextmanager
+def model_init_context(trainer: Trainer) -> Iterator[None]:
+    """Where and how ``trainer.fit`` builds a model in ``configure_model``: on the rank's device, in the dtype its
+    precision trains. A model the checks build here is the one fit then uses (``configure_model`` builds once), so
+    with several processes no rank holds a host copy of the whole model first."""
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        yield
+
+
 def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module: LightningModule) -> None:
     """The checkpoint must hold the model this config builds: same parameter names and shapes.
 
@@ -69,7 +84,6 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], ckpt_path: str, module:
     config stands and a different model is refused, naming both shapes.
     """
     saved: dict[str, torch.Tensor] = checkpoint.get("state_dict", {})
-    module.configure_model()  # a model built in `configure_model` is compared (and then resumed) whole
     built = module.state_dict()
     missing = sorted(set(built) - set(saved))
     unexpected = sorted(set(saved) - set(built))
