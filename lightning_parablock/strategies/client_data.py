@@ -68,7 +68,9 @@ def client_batch_sampler(
     """The batches of every hosted participant's turn, round by round; warns about clients smaller than a batch."""
     small = [c.index for c in clients if c.num_samples < batch_size]
     if small:
-        rank_zero_warn(f"Clients {small} hold fewer examples than batch_size={batch_size}; their batches repeat examples.")
+        rank_zero_warn(
+            f"Clients {small} hold fewer examples than batch_size={batch_size}; their batches repeat examples."
+        )
     return FederatedBatchSampler(
         client_indices=[c.sample_indices for c in clients],
         batch_size=batch_size,

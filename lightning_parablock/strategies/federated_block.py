@@ -24,8 +24,6 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_parablock._compat import (
@@ -53,12 +51,12 @@ from lightning_parablock.strategies.client_data import (
 )
 from lightning_parablock.strategies.client_exchange import ClientExchange
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
-from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint
+from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint, may_save
 from lightning_parablock.strategies.federation_options import FederationOptions, Weighting, check_process_options
 from lightning_parablock.strategies.gradient_probe import GradientProbe
 from lightning_parablock.strategies.precision_policy import check_precision
 from lightning_parablock.strategies.run_settings import RunSettings
-from lightning_parablock.strategies.trainer_checks import check_module_and_precision
+from lightning_parablock.strategies.trainer_checks import check_module_and_precision, check_turn_plan
 from lightning_parablock.strategies.turns import RoundState, Turns
 
 if TYPE_CHECKING:
@@ -290,7 +288,9 @@ class FederatedBlockStrategy(DDPStrategy):
             return self.batch_to_device(loader.collate_fn([loader.dataset[i] for i in indices]))
 
         module, partition = self.lightning_module, self.partition
-        blocks = [[p for n, p in partition.parameters(module, b).items() if n in trainable] for b in range(len(partition))]
+        blocks = [
+            [p for n, p in partition.parameters(module, b).items() if n in trainable] for b in range(len(partition))
+        ]
         return GradientProbe(module, blocks, first_batch, self.precision_plugin.train_step_context)
 
     @override
@@ -354,19 +354,10 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        current = self.turns.current
-        if current is None:
-            raise MisconfigurationException(
-                "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
-                " callbacks; it begins and ends every round."
-            )
-        if batch_idx == 0 and self.batches_per_turn != self.batch_sampler.batches_per_turn:
-            # after every epoch-start hook, so a GradientAccumulationScheduler has had its say
-            raise MisconfigurationException(
-                f"`accumulate_grad_batches` changed to {self.lightning_module.trainer.accumulate_grad_batches}"
-                f" during training (round {current.index}); each client's turn was planned for"
-                f" {self.batch_sampler.batches_per_turn} batches. Keep the accumulation fixed for the whole run."
-            )
+        if batch_idx == 0:
+            current = self.turns.current
+            round_index = None if current is None else current.index
+            check_turn_plan(self.lightning_module.trainer, round_index, self.batch_sampler.batches_per_turn)
 
     def start_turn_at(self, batch_idx: int) -> None:
         """Before a batch: the next client's turn starts when the previous one is done.
@@ -425,17 +416,13 @@ class FederatedBlockStrategy(DDPStrategy):
     # ------------------------------------------------------------- checkpoints
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: PathLike, storage_options: Optional[Any] = None
+    ) -> None:
         """Add every client's pending deltas and kept optimizer states (gathered from every rank)."""
-        if self.round_open:
-            message = (
-                f"A checkpoint was requested in the middle of round {self.turns.current.index}, before its boundary;"
-                " it could not be resumed. Save at round boundaries: `ModelCheckpoint(every_n_epochs=...)`."
-            )
-            if self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED:
-                rank_zero_warn(message + " Skipped while handling an exception.")
-                return
-            raise MisconfigurationException(message)
+        open_round = self.turns.current.index if self.round_open else None
+        if not may_save(open_round, self.lightning_module.trainer.state.status == TrainerStatus.INTERRUPTED):
+            return
         if self.federation is not None:
             entry = self.checkpoint.entry(
                 self.federation, self.partition, self.schedule, self.placement, self.world_size, self.run_settings()
@@ -452,7 +439,12 @@ class FederatedBlockStrategy(DDPStrategy):
             # validate/test from a checkpoint need the global weights only
             entry = checkpoint.get(CHECKPOINT_KEY)
             self.checkpoint.read(
-                entry, checkpoint_path, self.options.num_clients, self.world_size, self.options.seed, self.run_settings()
+                entry,
+                checkpoint_path,
+                self.options.num_clients,
+                self.world_size,
+                self.options.seed,
+                self.run_settings(),
             )
         return checkpoint
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock.core.blocks import BlockPartition
@@ -25,6 +26,24 @@ from lightning_parablock.strategies.run_settings import RunSettings, check_same_
 
 CHECKPOINT_KEY = "federation"
 """Where the federation's state sits in a Lightning checkpoint."""
+
+
+def may_save(open_round: Optional[int], interrupted: bool) -> bool:
+    """Whether a checkpoint may be saved now: between rounds only, since a round's middle could not be resumed.
+
+    In a round (``open_round``) the save is refused, or skipped with a warning while an exception is handled
+    (``ModelCheckpoint(save_on_exception=True)``): the last checkpoint at a boundary stands.
+    """
+    if open_round is None:
+        return True
+    message = (
+        f"A checkpoint was requested in the middle of round {open_round}, before its boundary; it could not be"
+        " resumed. Save at round boundaries: `ModelCheckpoint(every_n_epochs=...)`."
+    )
+    if interrupted:
+        rank_zero_warn(message + " Skipped while handling an exception.")
+        return False
+    raise MisconfigurationException(message)
 
 
 class FederationCheckpoint:

@@ -7,7 +7,7 @@ settings the way the user gave them: ``""`` for the Trainer's arguments, ``"--tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -85,6 +85,23 @@ def check_module_and_precision(trainer: "pl.Trainer", module: "pl.LightningModul
             f"`precision={trainer.precision!r}` is not supported: deltas, their exchange and the aggregate are"
             " kept in fp32, which would silently drop fp64 weights' precision. Use '32-true', 'bf16-true',"
             " 'bf16-mixed', '16-true' or '16-mixed'."
+        )
+
+
+def check_turn_plan(trainer: "pl.Trainer", round_index: Optional[int], planned_batches_per_turn: int) -> None:
+    """At a round's first batch: a round is in progress (the callback began it) and each turn is still as long as
+    it was planned (a ``GradientAccumulationScheduler`` has had its say by now)."""
+    if round_index is None:
+        raise TrainerSettingError(
+            "FederatedBlockStrategy has no round in progress: add `ParaBlockCallback(...)` to the Trainer's"
+            " callbacks; it begins and ends every round."
+        )
+    strategy = trainer.strategy
+    if strategy.batches_per_turn != planned_batches_per_turn:
+        raise TrainerSettingError(
+            f"`accumulate_grad_batches` changed to {trainer.accumulate_grad_batches} during training (round"
+            f" {round_index}); each client's turn was planned for {planned_batches_per_turn} batches. Keep the"
+            " accumulation fixed for the whole run."
         )
 
 
