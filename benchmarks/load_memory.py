@@ -43,6 +43,7 @@ config.save_pretrained(sys.argv[1])
 
 MEASURE = """
 import json, resource, sys
+from lightning_parablock.core.sizes import nbytes_of
 from lightning_parablock.module import CausalLMModule
 
 def rss():
@@ -55,7 +56,7 @@ loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 for param in module.parameters():  # read every weight once, as a move to the GPU or a forward does
     param.detach().sum()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weights = sum(p.numel() * p.element_size() for p in module.parameters())
+weights = nbytes_of(module.parameters())
 dtypes = sorted({str(p.dtype) for p in module.parameters()})
 print(json.dumps(dict(baseline=baseline, loaded=loaded, peak=peak, weights=weights, dtypes=dtypes,
                       parameters=sum(p.numel() for p in module.parameters()))))

@@ -20,6 +20,7 @@ from common import TIMING_ONLY, TINY_CONFIG
 from lightning import Callback, Trainer
 
 from lightning_parablock import CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock.core.sizes import nbytes_of
 from lightning_parablock.data import SyntheticArithmeticDataModule
 
 
@@ -73,7 +74,7 @@ def main() -> None:
         _, _, module = run(1, clients, 2, "0s", options.device, probe)
         strategy = module.trainer.strategy
         block_bytes = max(strategy.partition.numel(module, b) for b in range(len(strategy.partition))) * 4
-        model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        model_bytes = nbytes_of(module.parameters())
         print(
             f"  {clients:3d} clients: {probe.bytes / 1e6:6.2f} MB in all, {probe.bytes / clients / block_bytes:4.2f}"
             f" fp32 blocks per client (model: {model_bytes / 1e6:.2f} MB, largest block {block_bytes / 1e6:.2f} MB)"

@@ -41,9 +41,9 @@ EXIT_USAGE = 2
 EXIT_MODEL_ELSEWHERE = 3
 """Training finished, but the model is not in ``--output_dir`` (kept elsewhere; the line says where)."""
 EXIT_DISK_FULL = 4
+"""The disk filled up during training; the line names the last checkpoint written whole."""
 EXIT_PUSH_FAILED = 5
 """The model is saved, but its upload to the Hub failed."""
-"""The disk filled up during training; the line names the last checkpoint written whole."""
 
 
 def refuse(error: BaseException | str, status: int = EXIT_USAGE) -> NoReturn:
@@ -341,11 +341,10 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 DESCRIPTION = (
-    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's (e.g. `parablock fit --config"
-    " recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table and draws its figures"
-    " (`parablock report --help`)."
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's"
+    " (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table"
+    " and draws its figures (`parablock report --help`)."
 )
-
 
 
 def main(args: Optional[list[str]] = None) -> None:
