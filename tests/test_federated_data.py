@@ -100,6 +100,14 @@ def test_csv_with_a_column_mapping(cache_dir):
     rows = load_examples(DataSource(data_files=CSV, columns=CSV_COLUMNS), seed=0, cache_dir=cache_dir)
     assert rows[0]["instruction"].endswith("?") and rows[0]["input"].startswith("city: ")
     assert "topic" in rows.column_names
+    explicit = load_examples(DataSource(path="csv", data_files=CSV, columns=CSV_COLUMNS), seed=0, cache_dir=cache_dir)
+    assert explicit["instruction"] == rows["instruction"]
+
+
+@pytest.mark.parametrize(("path", "files", "named"), [("json", CSV, "csv"), ("csv", [ALPACA], "json")])
+def test_a_builder_the_files_extension_contradicts_is_refused_naming_both(path, files, named, cache_dir):
+    with pytest.raises(ValueError, match=rf"`path='{path}'` reads {path} files, but .* is a {named} file .* `path: {named}`"):
+        load_examples(DataSource(path=path, data_files=files), seed=0, cache_dir=cache_dir)
 
 
 @pytest.mark.parametrize(

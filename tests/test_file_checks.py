@@ -52,6 +52,19 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, name, content,
 
 
 @pytest.mark.parametrize(
+    ("name", "builder", "content", "byte"),
+    [("latin1.tsv", "csv", b"instruction\toutput\ncaf\xe9\ta\n", 4),
+     ("rows.txt", "json", b'{"instruction": "q", "output": "a"}\n{"instruction": "caf\xe9", "output": "a"}\n', 21)],
+)  # fmt: skip
+def test_a_file_is_checked_as_the_builder_that_reads_it_whatever_its_extension(tmp_path, name, builder, content, byte):
+    path = tmp_path / name
+    path.write_bytes(content)
+    check_data_files(str(path))  # by its extension alone, an unknown type: left to `datasets`
+    with pytest.raises(ValueError, match=rf"'.*{name}', line 2, byte {byte} of the line: not UTF-8"):
+        check_data_files(str(path), builder=builder)
+
+
+@pytest.mark.parametrize(
     ("name", "rows", "message"),
     [
         ("list.jsonl", [ROWS[0], {"instruction": ["q", "r"], "output": "a"}], r"'.*list.jsonl', line 2: column 'instruction' holds list \[\"q\", \"r\"\], not text"),

@@ -41,12 +41,13 @@ def check_data_files_shape(data_files: object) -> None:
         )
 
 
-def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = ()) -> None:
+def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = (), builder: str | None = None) -> None:
     """Each local file exists and holds at least one example; a JSON or CSV file is UTF-8; each JSON row parses
     to an object whose ``text_columns`` (those it has) hold text: a list or a number there would be trained on
     as its ``str()``, or stop ``datasets`` with an error that names neither the file nor the row.
 
-    Remote paths (``hf://``, ``s3://`` ...) and glob patterns are left to ``datasets``.
+    A file is JSON or CSV by its extension, or by the ``datasets`` ``builder`` that reads it (``path: csv`` over
+    a ``.tsv`` file). Remote paths (``hf://``, ``s3://`` ...) and glob patterns are left to ``datasets``.
     """
     for file in listed_files(data_files):
         if "://" in file or _GLOB_CHARACTERS & set(file):
@@ -58,9 +59,9 @@ def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = ()) ->
             continue
         if path.stat().st_size == 0:
             raise ValueError(f"Data file {file!r} is empty: it holds no example.")
-        if path.suffix.lower() in _JSON_SUFFIXES:
+        if path.suffix.lower() in _JSON_SUFFIXES or builder == "json":
             _check_json(path, text_columns)
-        elif path.suffix.lower() == ".csv":
+        elif path.suffix.lower() == ".csv" or builder in ("csv", "text"):
             _read_utf8(path)  # ``datasets`` reports other bytes without the file, the line or the encoding it wants
 
 

@@ -100,7 +100,8 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
     builder = _builder(source)
     columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     if source.data_files is not None:
-        check_data_files(source.data_files, text_columns=[columns.get(field, field) for field in TEXT_FIELDS])
+        text_columns = [columns.get(field, field) for field in TEXT_FIELDS]
+        check_data_files(source.data_files, text_columns=text_columns, builder=builder)
     try:
         dataset = load_dataset(builder, name, split=source.split, data_files=source.data_files, cache_dir=cache_dir)
     except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
@@ -116,13 +117,23 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
 
 
 def _builder(source: DataSource) -> str:
-    if source.path:
-        return source.path
-    if source.data_files is None:
+    """The ``datasets`` builder: ``path``, else the one the files' extension names. A builder for local files that
+    another file type's extension contradicts (``path: json`` over ``.csv`` files) is refused: ``datasets`` would
+    report a parse error in row 0 instead."""
+    if source.path is None and source.data_files is None:
         raise ValueError("A DataSource needs a `path` (a Hub dataset or a builder such as 'json') or `data_files`.")
-    files = listed_files(source.data_files)
+    files = listed_files(source.data_files) if source.data_files is not None else []
     suffixes = {Path(file).suffix.lower() for file in files}
     builders = {FILE_BUILDERS.get(suffix) for suffix in suffixes}
+    if source.path:
+        contradicting = sorted(f for f in files if FILE_BUILDERS.get(Path(f).suffix.lower(), source.path) != source.path)
+        if source.path in FILE_BUILDERS.values() and contradicting:
+            named = FILE_BUILDERS[Path(contradicting[0]).suffix.lower()]
+            raise ValueError(
+                f"`path={source.path!r}` reads {source.path} files, but {contradicting[0]} is a {named} file by its"
+                f" extension: set `path: {named}`, or leave `path` out to take the type from the extension."
+            )
+        return source.path
     if len(builders) != 1 or None in builders:
         raise ValueError(
             f"Cannot tell the file type of `data_files={source.data_files!r}` (extensions {sorted(suffixes)}); use"
