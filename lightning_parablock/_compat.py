@@ -19,6 +19,7 @@ from lightning.pytorch.cli import _InstantiatorFn as InstantiatorFn
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers as init_optimizers_and_lr_schedulers
 from lightning.pytorch.overrides.distributed import _sync_module_states as sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher as MultiProcessingLauncher
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Checkpoint
 
 __all__ = [
-    "Device", "InstantiatorFn", "PathLike", "StrategyRegistryType", "init_optimizers_and_lr_schedulers",
-    "optimizers_to_device", "sync_module_states",
+    "Device", "InstantiatorFn", "MultiProcessingLauncher", "PathLike", "StrategyRegistryType",
+    "init_optimizers_and_lr_schedulers", "optimizers_to_device", "sync_module_states",
 ]  # fmt: skip
 
 SIGTERM_NOTIFIER = "_sigterm_notifier_fn"
@@ -73,6 +74,12 @@ def progress_bar_metrics(trainer: pl.Trainer) -> dict[str, Any]:
 def default_store() -> dist.Store:
     """The key-value store of the default process group (the job's rendezvous store)."""
     return dist.distributed_c10d._get_default_store()
+
+
+def is_a_rank(trainer: pl.Trainer) -> bool:
+    """Whether this process trains as one of the ranks: one process, ``popen`` (the launching process is rank 0),
+    or torchrun/SLURM; not the parent that ``start_method="spawn"/"fork"/"forkserver"`` starts the ranks from."""
+    return not isinstance(trainer.strategy.launcher, MultiProcessingLauncher)
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

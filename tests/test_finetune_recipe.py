@@ -129,9 +129,11 @@ def test_a_module_attached_to_a_trainer_builds_in_the_dtype_its_precision_trains
     assert {p.dtype for p in attached.parameters()} == {torch.float32}
 
 
-def test_the_checks_build_the_model_where_and_as_fit_builds_it(monkeypatch):
+@pytest.mark.parametrize(("start_method", "on_the_ranks_device"), [("popen", True), ("spawn", False)])
+def test_the_checks_build_the_model_where_and_as_fit_builds_it(monkeypatch, start_method, on_the_ranks_device):
     """``parablock fit --ckpt_path`` builds the model for its checks under the strategy's and the precision's init
-    contexts, as ``trainer.fit`` would: on the rank's device (no host copy per rank) and in the trained dtype."""
+    contexts, as ``trainer.fit`` would: on the rank's device (no host copy per rank) and in the trained dtype. A
+    parent that spawns the ranks is no rank: it builds on the host, in the trained dtype still."""
     from lightning import LightningModule, Trainer
 
     from lightning_parablock import FederatedBlockStrategy
@@ -141,13 +143,15 @@ def test_the_checks_build_the_model_where_and_as_fit_builds_it(monkeypatch):
         def configure_model(self) -> None:
             self.layer = torch.nn.Linear(4, 4)
 
-    strategy = FederatedBlockStrategy(num_clients=2)
+    strategy = FederatedBlockStrategy(num_clients=2, start_method=start_method)
     entered = []
     init_context = strategy.tensor_init_context
     monkeypatch.setattr(strategy, "tensor_init_context", lambda *a, **k: entered.append(True) or init_context(*a, **k))
-    trainer = Trainer(accelerator="cpu", precision="bf16-true", strategy=strategy, logger=False, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, precision="bf16-true", strategy=strategy, logger=False, enable_progress_bar=False
+    )
     module = Built()
     with model_init_context(trainer):
         module.configure_model()
-    assert entered == [True]
+    assert entered == ([True] if on_the_ranks_device else [])
     assert {(p.dtype, p.device) for p in module.parameters()} == {(torch.bfloat16, strategy.root_device)}

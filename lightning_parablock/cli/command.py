@@ -188,8 +188,6 @@ class ParaBlockCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
-        # A model built by the checks below (to compare a checkpoint) loads in the dtype this Trainer trains.
-        self.model.trainer = self.trainer
         try:
             self._output_plan = self._preflight()
         except USAGE_ERRORS as error:
@@ -235,6 +233,7 @@ class ParaBlockCLI(LightningCLI):
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         checkpoint = preflight.load_resume_checkpoint(ckpt_path)
         if checkpoint is not None:
+            self.model.trainer = self.trainer  # the model loads in the dtype this Trainer runs (validate, test too)
             with preflight.model_init_context(self.trainer):  # compared (and then resumed) whole
                 self.model.configure_model()
             preflight.check_checkpoint_matches(checkpoint, ckpt_path, self.model)

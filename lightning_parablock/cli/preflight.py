@@ -8,13 +8,14 @@ folder exists.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning import LightningDataModule, LightningModule, Trainer
 
+from lightning_parablock._compat import is_a_rank
 from lightning_parablock.strategies.checkpoint_file import read_checkpoint_file
 
 
@@ -68,12 +69,14 @@ def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]
 def model_init_context(trainer: Trainer) -> Iterator[None]:
     """Where and how ``trainer.fit`` builds a model in ``configure_model``: on the rank's device, in the dtype its
     precision trains. A model the checks build here is the one fit then uses (``configure_model`` builds once), so
-    with several processes no rank holds a host copy of the whole model first."""
-    with (
-        trainer.strategy.tensor_init_context(),
-        trainer.strategy.model_sharded_context(),
-        trainer.precision_plugin.module_init_context(),
-    ):
+    with several processes no rank holds a host copy of the whole model first. A parent that spawns or forks the
+    ranks is no rank: it builds on the host (a CUDA context there would break forked ranks)."""
+    strategy = trainer.strategy
+    with ExitStack() as contexts:
+        if is_a_rank(trainer):
+            contexts.enter_context(strategy.tensor_init_context())
+            contexts.enter_context(strategy.model_sharded_context())
+        contexts.enter_context(trainer.precision_plugin.module_init_context())
         yield
 
 
