@@ -36,6 +36,17 @@ def test_all_finite_on_empty_and_integer_tensors():
     assert all_finite(torch.empty(0)) and all_finite(torch.arange(5)) and all_finite(torch.zeros(2, 0, 3))
 
 
+def test_all_finite_on_complex_and_float8_tensors():
+    values = torch.zeros(6, dtype=torch.complex64)
+    assert all_finite(values)
+    values[3] = complex(0.0, math.nan)
+    assert not all_finite(values)
+    eight = torch.zeros(4).to(torch.float8_e5m2)
+    assert all_finite(eight)
+    eight[1] = math.inf
+    assert not all_finite(eight)
+
+
 @pytest.mark.parametrize(
     "aggregator",
     [Aggregator("median"), Aggregator("trimmed_mean", trim_fraction=0.2), Aggregator("mean", clip_norm=10.0)],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -380,3 +382,13 @@ def test_a_worker_nobody_shut_down_stops_its_thread_before_the_interpreter_exits
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["shut down 2.0", "shut down 1.0"], done.stdout
+
+
+def test_a_running_worker_is_not_kept_alive_by_its_exit_hook():
+    worker = CommWorker(SimulatedLink(), timeout_s=10)
+    worker.submit(0, 0, {0: {"w": torch.ones(4)}}, {0: 1.0})
+    worker.wait(0)
+    alive = weakref.ref(worker)
+    del worker
+    gc.collect()
+    assert alive() is None

@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 import torch
 from helpers import quiet_trainer
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 from toy import ToyModule, toy_dataset, toy_loader
@@ -124,3 +125,20 @@ def test_a_fit_without_the_callback_is_refused_at_its_first_batch_before_anythin
     with pytest.raises(MisconfigurationException, match=r"no round in progress: add `ParaBlockCallback\(...\)`"):
         trainer.fit(module, toy_loader(toy_dataset()))
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("tuner", "message"),
+    [(LearningRateFinder(), "LearningRateFinder runs training loops of its own"),
+     (BatchSizeFinder(), "Batch size finder is not supported with distributed strategies")],  # Lightning's own
+    ids=["lr_finder", "batch_size_finder"],
+)  # fmt: skip
+def test_tuners_that_train_before_the_first_round_are_refused(tuner, message):
+    module = ToyModule()
+    trainer = quiet_trainer(
+        strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+        callbacks=[ParaBlockCallback(staleness=0), tuner],
+        max_epochs=2,
+    )
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer.fit(module, toy_loader(toy_dataset()))

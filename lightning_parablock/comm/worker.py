@@ -15,6 +15,7 @@ import atexit
 import functools
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -75,6 +76,7 @@ class CommWorker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._host_copies = HostCopier()
+        self._exit_hook = functools.partial(_shut_down_at_exit, weakref.WeakMethod(self.shutdown))
 
     def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
         """Start the exchange of ``round_index`` behind any exchange already queued."""
@@ -85,7 +87,7 @@ class CommWorker:
                     target=_serve, args=(self._queue, self._stop, self.device), name="parablock-comm", daemon=True
                 )
                 self._thread.start()
-                atexit.register(self._shutdown_at_exit)
+                atexit.register(self._exit_hook)
             future: Future = Future()
             copies: list[Any] = []
             deltas = {client: _stage(delta, copies, self._host_copies) for client, delta in deltas.items()}
@@ -144,12 +146,16 @@ class CommWorker:
             thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=join_s)
-        atexit.unregister(self._shutdown_at_exit)
+        atexit.unregister(self._exit_hook)
 
-    def _shutdown_at_exit(self) -> None:
-        """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the
-        interpreter does; registered while its thread runs."""
-        self.shutdown(join_s=1.0)
+
+def _shut_down_at_exit(shutdown: "weakref.WeakMethod[Callable[..., None]]") -> None:
+    """A worker nobody shut down (a script that ends without the Trainer's teardown) stops before the interpreter
+    does. Registered while its thread runs, through a weak reference: exit handling keeps no worker (nor the
+    model its transport reaches) alive."""
+    method = shutdown()
+    if method is not None:
+        method(join_s=1.0)
 
 
 def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any], copier: HostCopier) -> dict[str, Any]:

@@ -32,8 +32,9 @@ def cuda_event(timing: bool = False) -> "torch.cuda.Event":
 
 class HostCopier:
     """Starts copies of CUDA tensors to pinned host memory on a side stream of its own (one per device, made on
-    first use). Each owner, the communication worker and a federation that offloads deltas, has its own, so
-    no stream outlives the object that copies on it.
+    first use). Each owner, the communication worker and a federation that offloads deltas, has its own: no
+    module-level registry of streams. (torch hands streams out of a per-device pool, so two copiers may share
+    one; their copies then queue one after the other, still off the compute stream.)
     """
 
     def __init__(self) -> None:

@@ -62,7 +62,7 @@ def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = (), bu
         if path.suffix.lower() in _JSON_SUFFIXES or builder == "json":
             _check_json(path, text_columns)
         elif path.suffix.lower() == ".csv" or builder in ("csv", "text"):
-            _read_utf8(path)  # ``datasets`` reports other bytes without the file, the line or the encoding it wants
+            _check_utf8_lines(path)  # ``datasets`` reports other bytes without the file, the line or the encoding
 
 
 def _check_json(path: Path, text_columns: Sequence[str]) -> None:
@@ -83,11 +83,25 @@ def _read_utf8(path: Path) -> str:
     except UnicodeDecodeError as error:
         line_start = data.rfind(b"\n", 0, error.start) + 1
         line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(
-            f"Data file {str(path)!r}, line {line}, byte {error.start - line_start + 1} of the line: not UTF-8"
-            f" ({error.reason}, byte {data[error.start:error.start + 1]!r}). Save the file as UTF-8 (e.g."
-            f" `iconv -f latin1 -t utf-8`)."
-        ) from None
+        raise _not_utf8(path, line, data[line_start:], error.start - line_start, error.reason) from None
+
+
+def _check_utf8_lines(path: Path) -> None:
+    """:func:`_read_utf8`'s check, a line at a time: a multi-GB CSV is never held whole (a newline byte never
+    occurs inside a UTF-8 character, so each line decodes on its own)."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, number, line, error.start, error.reason) from None
+
+
+def _not_utf8(path: Path, line: int, text: bytes, column: int, reason: str) -> ValueError:
+    return ValueError(
+        f"Data file {str(path)!r}, line {line}, byte {column + 1} of the line: not UTF-8 ({reason}, byte"
+        f" {text[column:column + 1]!r}). Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+    )
 
 
 def _check_text_columns(where: str, row: dict[str, Any], text_columns: Sequence[str]) -> None:

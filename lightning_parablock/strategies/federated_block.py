@@ -1,13 +1,17 @@
 """``FederatedBlockStrategy``: the Lightning hooks of a federated fit, over parts that own its state.
 
 The LightningModule's parameters *are* the global model. Each process hosts a fixed, seeded share of the
-clients (all of them with one device). The parts: a :class:`~lightning_parablock.core.planning.RoundPlan` (who
-trains which block in which turn), the :class:`~lightning_parablock.core.federation.Federation` (every hosted
-client's pending deltas over the one global model), :class:`~.client_optimizers.ClientOptimizers`,
-:class:`~.turns.Turns` (whose view is loaded, timed), :class:`~.federation_checkpoint.FederationCheckpoint` and
-:class:`~lightning_parablock.fault_tolerance.fault_handling.FaultHandling`. Rounds are epochs; the exchange of
-deltas and the round boundary belong to :class:`~lightning_parablock.ParaBlockCallback`, which gets its
-transport from here: in memory with one process, torch.distributed collectives on a group of their own with
+clients (all of them with one device). The parts: the checked, frozen
+:class:`~.federation_options.FederationOptions` (``strategy.options``), a
+:class:`~lightning_parablock.core.planning.RoundPlan` (who trains which block in which turn), the
+:class:`~lightning_parablock.core.federation.Federation` (every hosted client's pending deltas over the one
+global model), :class:`~.client_exchange.ClientExchange` (``strategy.exchange``: what the hosted clients send,
+the boundary that applies the aggregate, the transport), :class:`~.turns.Turns` (``strategy.turns``: the round
+in progress, whose view is loaded, timed), :class:`~.client_optimizers.ClientOptimizers`,
+:class:`~.federation_checkpoint.FederationCheckpoint` and
+:class:`~lightning_parablock.fault_tolerance.fault_handling.FaultHandling`. Rounds are epochs; when deltas are
+exchanged belongs to :class:`~lightning_parablock.ParaBlockCallback`, which gets its transport from
+``strategy.exchange``: in memory with one process, torch.distributed collectives on a group of their own with
 several (``devices``, ``num_nodes``, ``torchrun`` or SLURM, launched the way Lightning launches DDP). No
 gradients are all-reduced: clients train independently.
 """

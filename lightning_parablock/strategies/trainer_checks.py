@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Union
 
+from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -53,6 +54,12 @@ def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
         raise TrainerSettingError(
             f"{option('val_check_interval')} would validate in the middle of a client's turn. Validate at round"
             f" ends with `{option_prefix}check_val_every_n_epoch` instead."
+        )
+    for tuner in (c for c in trainer.callbacks if isinstance(c, LearningRateFinder)):  # Lightning refuses
+        raise TrainerSettingError(  # BatchSizeFinder under any DDP strategy itself
+            f"{type(tuner).__name__} runs training loops of its own when fit starts, before the federation's first"
+            " round: its steps would train clients outside any round and its checkpoint would be saved mid-round."
+            " Tune on a plain Trainer first, then fit federated with the value it found."
         )
     for checkpoint in trainer.checkpoint_callbacks:
         if saves_within_epoch(checkpoint):
