@@ -1,6 +1,7 @@
 """Bad input is refused before training, each with a message naming the value and what is accepted."""
 
-from dataclasses import FrozenInstanceError
+import inspect
+from dataclasses import FrozenInstanceError, fields
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from toy import ToyModule, toy_dataset, toy_loader
 
 from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
 from lightning_parablock.data import dirichlet_partition, iid_partition
+from lightning_parablock.strategies.federation_options import FederationOptions
 
 CONSTRUCTION_ERRORS = [
     (lambda: FederatedBlockStrategy(num_clients=0), r"`num_clients` must be a positive integer, got 0"),
@@ -142,3 +144,13 @@ def test_tuners_that_train_before_the_first_round_are_refused(tuner, message):
     )
     with pytest.raises(MisconfigurationException, match=message):
         trainer.fit(module, toy_loader(toy_dataset()))
+
+
+def test_the_strategy_passes_every_federation_option_with_the_same_default():
+    strategy_defaults = {
+        name: p.default for name, p in inspect.signature(FederatedBlockStrategy.__init__).parameters.items()
+    }
+    options = [f for f in fields(FederationOptions) if f.init]
+    assert {f.name: f.default for f in options} == {f.name: strategy_defaults[f.name] for f in options}
+    given = {f.name: strategy_defaults[f.name] for f in options} | {"num_clients": 3, "seed": 7, "weighting": "samples"}
+    assert {f.name: getattr(FederatedBlockStrategy(**given).options, f.name) for f in options} == given

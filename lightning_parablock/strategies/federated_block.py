@@ -161,9 +161,12 @@ class FederatedBlockStrategy(DDPStrategy):
         cluster_environment: Optional[ClusterEnvironment] = None,
     ) -> None:
         self.options = FederationOptions(
-            num_clients, local_steps, layers_per_block, layer_split, remainder, include_embeddings, include_head,
-            block_patterns, schedule, schedule_spacing, optimizer_state, global_lr, participation,
-            clients_per_round, weighting, seed, shuffle, offload_deltas, master_weights,
+            num_clients=num_clients, local_steps=local_steps, layers_per_block=layers_per_block,
+            layer_split=layer_split, remainder=remainder, include_embeddings=include_embeddings,
+            include_head=include_head, block_patterns=block_patterns, schedule=schedule,
+            schedule_spacing=schedule_spacing, optimizer_state=optimizer_state, global_lr=global_lr,
+            participation=participation, clients_per_round=clients_per_round, weighting=weighting, seed=seed,
+            shuffle=shuffle, offload_deltas=offload_deltas, master_weights=master_weights,
         )  # fmt: skip
         device = check_process_options(device, process_group_backend, timeout)
         check_choice("start_method", start_method, get_args(StartMethod))
