@@ -112,7 +112,7 @@ def test_one_process_gives_its_comm_thread_the_training_device():
     strategy = FederatedBlockStrategy(num_clients=2, device="cuda:1")
     assert strategy.root_device == GPU_1
     plan = RoundPlan(2, 2, 0, BlockSchedule("sequential", 2, 0), [0, 0], world_size=1, rank=0)
-    exchange = ClientExchange(None, plan, None, None, strategy.options, strategy.root_device)
+    exchange = ClientExchange(None, plan, strategy.options, strategy.root_device)
     worker = exchange.comm_worker(SimulatedLink(), Aggregator(), 10.0)
     assert worker.device == GPU_1
 
@@ -239,7 +239,7 @@ def test_restored_deltas_land_on_the_models_device_or_the_host_when_offloaded(of
 
 
 def test_an_idle_turn_lives_on_the_training_device():
-    turns = Turns(two_layer_federation(), torch.device("meta"), plan=None, partition=None, trainable=set())  # no rounds
+    turns = Turns(two_layer_federation(), torch.device("meta"), plan=None, trainable=set())  # no rounds
     assert all(p.device.type == "meta" for group in turns.idle_optimizer.param_groups for p in group["params"])
 
 
@@ -248,7 +248,7 @@ def test_an_idle_step_under_a_grad_scaler_gives_a_zero_gradient_and_leaves_the_m
     # whose parameters have no gradient.
     federation = two_layer_federation()
     before = {n: p.detach().clone() for n, p in federation.model.named_parameters()}
-    turns = Turns(federation, torch.device("cpu"), plan=None, partition=None, trainable=set())  # no rounds
+    turns = Turns(federation, torch.device("cpu"), plan=None, trainable=set())  # no rounds
     optimizer = turns.start(None, round_index=0, block=0)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(turns.idle_loss()).backward()

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import Codec, EncodedDelta, encode_delta
 from lightning_parablock.comm.distributed import collective_worker, gather_from_ranks
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.worker import CommWorker
-from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.strategies.federation_options import FederationOptions
@@ -31,10 +30,8 @@ class ClientExchange:
     """Uploads, weights and the round boundary of the clients this process hosts.
 
     Args:
-        federation: the hosted clients' pending deltas over the global model.
+        federation: the hosted clients' pending deltas over the global model (and its blocks).
         plan: who trains which block in which round (on every rank alike).
-        partition: the model's blocks.
-        module: the global model.
         options: the strategy's federation settings (weighting, η).
         device: the training device.
     """
@@ -43,15 +40,11 @@ class ClientExchange:
         self,
         federation: Federation,
         plan: RoundPlan,
-        partition: BlockPartition,
-        module: nn.Module,
         options: FederationOptions,
         device: torch.device,
     ) -> None:
         self.federation = federation
         self.plan = plan
-        self.partition = partition
-        self.module = module
         self.options = options
         self.device = device
 
@@ -86,7 +79,8 @@ class ClientExchange:
         return collective_worker(link, aggregator, timeout_s, self.plan.placement, self._block_layout, self.device)
 
     def _block_layout(self, block: int) -> list[tuple[str, torch.Size]]:
-        return [(name, p.shape) for name, p in self.partition.parameters(self.module, block).items()]
+        federation = self.federation
+        return [(name, p.shape) for name, p in federation.partition.parameters(federation.model, block).items()]
 
     def merge_round_record(self, record: RoundRecord) -> RoundRecord:
         """One record of the round for every rank: each rank measured only its own clients."""

@@ -278,8 +278,8 @@ class FederatedBlockStrategy(DDPStrategy):
             new_optimizer=self.client_optimizers.new,
             master_weights=options.master_weights,
         )
-        self.exchange = self.new_exchange(self.federation, self.plan, self.partition, model, options, self.root_device)
-        self.turns = Turns(self.federation, self.root_device, self.plan, self.partition, trainable)
+        self.exchange = self.new_exchange(self.federation, self.plan, options, self.root_device)
+        self.turns = Turns(self.federation, self.root_device, self.plan, trainable)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
 

@@ -99,8 +99,9 @@ class StackedLoRAExchange(ClientExchange):
     ) -> None:
         """Merge Σ_i w_i B_i A_i into the base weights, restart the adapters, drop the round's deltas."""
         assert self.federation.active_client is None, "cannot aggregate while a client's view is loaded"
-        params = dict(self.module.named_parameters())
-        pairs = [(p.base, p.a, p.b) for p in lora_pairs(self.module)]
+        model = self.federation.model
+        params = dict(model.named_parameters())
+        pairs = [(p.base, p.a, p.b) for p in lora_pairs(model)]
         if aggregate is not None:
             for _, _, b in pairs:
                 if b in aggregate and params[b].count_nonzero():
@@ -108,8 +109,8 @@ class StackedLoRAExchange(ClientExchange):
             senders = sorted(set(self.plan.participants_of(round_index)) - set(left_out))
             ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
             products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
-            merge_products(self.module, {base: self.options.global_lr * product for base, product in products.items()})
-        restart_adapters(self.module, stream_generator(self.options.seed, Stream.LORA_RESTART, round_index))
+            merge_products(model, {base: self.options.global_lr * product for base, product in products.items()})
+        restart_adapters(model, stream_generator(self.options.seed, Stream.LORA_RESTART, round_index))
         self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update
 
 

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.core.turn_timer import TurnTimer
@@ -44,7 +43,6 @@ class Turns:
         federation: the clients' state on top of the global model.
         device: the training device (for the idle parameter and the turn timer's events).
         plan: who trains which block in which of this rank's turns.
-        partition: the model's blocks.
         trainable: names of the parameters the module left trainable; the others stay frozen in every block.
     """
 
@@ -53,23 +51,16 @@ class Turns:
         federation: Federation,
         device: torch.device,
         plan: RoundPlan,
-        partition: BlockPartition,
         trainable: Set[str],
     ) -> None:
         self.federation = federation
         self.plan = plan
-        self.partition = partition
         self.trainable = set(trainable)
         self.timer = TurnTimer(device)
         self.current: Optional[RoundState] = None
         self.idle = False  # this rank waits through a turn while other ranks train
         self._idle_parameter = nn.Parameter(torch.zeros(1, device=device))
         self.idle_optimizer = torch.optim.SGD([self._idle_parameter], lr=0.0)
-
-    @property
-    def client(self) -> Optional[int]:
-        """The client whose view is loaded, or ``None`` (between turns, or idle)."""
-        return self.federation.active_client
 
     @property
     def round_open(self) -> bool:
@@ -82,7 +73,7 @@ class Turns:
         block = plan.block_of(round_index)
         self.current = RoundState(round_index, block, plan.participants_of(round_index), plan.turns_of(round_index))
         self.current.probe_seconds = plan.schedule.probe_seconds.get(round_index, 0.0)
-        self.partition.freeze_all_but(self.federation.model, block, self.trainable)
+        self.federation.partition.freeze_all_but(self.federation.model, block, self.trainable)
         return self.start_turn(0)
 
     def start_turn(self, turn: int) -> Optimizer:
