@@ -1,0 +1,388 @@
+"""The communication thread's host cost at the paper's block sizes, beside what this machine's memory allows.
+
+A ParaBlock block of Llama 3-8B is 2 decoder layers: 436 M parameters, 0.87 GB in bf16 and 1.75 GB as the fp32
+delta every client sends. Each exchange runs on one host thread: the deltas' host copies (on a GPU; a CPU delta is
+already on the host), the non-finite check, the weighted sum and the transport. This benchmark runs that path
+for real on such a block, with 1, 2 and 4 clients per process, each delta on the wire either as the fp32 it is
+(``compression="none"``, the default) or through the bf16 codec (``compression="bf16"``, 0.87 GB):
+
+- in memory: every client in this process, the default transport, through a real ``CommWorker`` (its thread,
+  submit, wait);
+- torch.distributed: two processes on this machine (gloo over loopback), each hosting that many clients,
+  through ``collective_worker`` (the exchange group, the status all-reduce, the weighted partial sums and their
+  all-reduce).
+
+Per path it prints the seconds of a whole round (submit to the aggregate in hand, the main thread idle: median
+of the repeats) and, per stage, the stage's own function on the same data, timed alone on one thread: the
+codec's decode, the transport's flatten into one fp32 buffer, ``all_finite``, the weighted sum (the partial sum's
+``add_`` with several processes, ``weighted_sum`` in memory) and gloo's all-reduce of the partial sum. GB/s are
+gigabytes of fp32 delta per second (1e9 bytes); every figure is set beside this machine's single-thread memcpy
+(``dst.copy_(src)``) and sum (``a.add_(b)``) over buffers of the block's size, measured in the same run.
+
+Memory: the path as it stands holds, per process, every hosted delta, a flat fp32 copy of each and the partial
+sum, (2n + 1) fp32 blocks for n clients. A configuration is run only when the memory the kernel reports available
+(``MemAvailable``) covers its need plus a margin; otherwise it is listed as skipped, with the need.
+
+    python benchmarks/exchange_throughput.py [--quick] [--clients 1,2,4] [--repeats 3] [--wire fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+HERE = Path(__file__).resolve()
+GB = 1e9
+MARGIN_GB = 1.5  # beyond a configuration's tensors: the processes themselves, and other jobs' growth
+PROCESS_GB = 0.4  # one Python process with torch and the library imported
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A ParaBlock block of ``layers`` Llama decoder layers."""
+
+    hidden: int
+    intermediate: int
+    kv: int  # key/value projection width (grouped-query attention)
+    layers: int = 2
+
+    def layout(self) -> list[tuple[str, torch.Size]]:
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        one = [
+            ("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (kv, h)),
+            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, h)),
+            ("mlp.gate_proj.weight", (i, h)), ("mlp.up_proj.weight", (i, h)), ("mlp.down_proj.weight", (h, i)),
+            ("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,)),
+        ]  # fmt: skip
+        return [(f"layers.{layer}.{name}", torch.Size(shape)) for layer in range(self.layers) for name, shape in one]
+
+    @property
+    def numel(self) -> int:
+        return sum(shape.numel() for _, shape in self.layout())
+
+
+LLAMA3_8B = BlockShape(hidden=4096, intermediate=14336, kv=1024)  # 436 M parameters: 1.745 GB fp32, 0.872 GB bf16
+QUICK = BlockShape(hidden=1024, intermediate=3584, kv=256)  # 27 M parameters: 0.109 GB fp32
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds of some calls: wall clock, and CPU time of this process (every thread: gloo's too).
+
+    On a loaded machine the wall clock also counts time spent waiting for a core; the CPU seconds do not.
+    """
+
+    wall: float
+    cpu: float
+
+
+def timed(function: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> Timing:
+    """``function()`` ``repeats`` times (its result dropped before the next call, ``before()`` untimed ahead of each)."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before()
+        started, cpu = time.perf_counter(), time.process_time()
+        result = function()
+        walls.append(time.perf_counter() - started)
+        cpus.append(time.process_time() - cpu)
+        del result
+    return Timing(statistics.median(walls), statistics.median(cpus))
+
+
+def machine_bandwidth(numel: int, repeats: int) -> dict[str, float]:
+    """Single-thread memcpy, sum and read over fp32 buffers of ``numel`` values (already touched): GB of one buffer
+    per CPU second."""
+    torch.set_num_threads(1)
+    a, b = torch.rand(numel), torch.rand(numel)
+    operations = {"memcpy": lambda: a.copy_(b), "sum": lambda: a.add_(b, alpha=0.5), "read (aminmax)": lambda: torch.aminmax(b)}
+    return {name: numel * 4 / timed(operation, repeats).cpu / GB for name, operation in operations.items()}
+
+
+def make_delta(layout: list[tuple[str, torch.Size]], wire: str, seed: int) -> dict[str, Any]:
+    """One client's upload as the comm thread receives it: fp32 tensors, or the bf16 codec's encoded tensors."""
+    from lightning_parablock.comm.codecs import BF16Codec, EncodedTensor
+
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if wire == "bf16" else torch.float32
+    delta = {}
+    for name, shape in layout:
+        values = torch.empty(shape, dtype=dtype).uniform_(-1e-3, 1e-3, generator=generator)
+        delta[name] = EncodedTensor(BF16Codec(), shape, {"values": values}) if wire == "bf16" else values
+    return delta
+
+
+# ---------------------------------------------------------------------------------------------------- the paths
+
+
+@dataclass
+class PathResult:
+    path: str  # "in memory" or "2 processes"
+    wire: str
+    clients: int  # per process
+    round: Optional[Timing] = None  # submit to the aggregate in hand, the main thread idle
+    stages: dict[str, Timing] = field(default_factory=dict)  # per client, except the all-reduce (per round)
+    skipped: Optional[str] = None
+
+
+def stage_times(delta: dict[str, Any], layout: list[tuple[str, torch.Size]], repeats: int) -> dict[str, Timing]:
+    """The per-client stages of the path, each the library's own function, alone on one thread."""
+    from lightning_parablock.aggregation.nonfinite import all_finite
+    from lightning_parablock.comm.codecs import as_encoded, decode_delta
+    from lightning_parablock.comm.distributed import _flatten  # the transport's flatten (private: this path's stage)
+
+    torch.set_num_threads(1)
+    stages = {}
+    if any(not isinstance(t, torch.Tensor) for t in delta.values()):  # an fp32 delta decodes to itself
+        stages["decode"] = timed(lambda: decode_delta(as_encoded(delta)), repeats)
+    decoded = decode_delta(as_encoded(delta))
+    stages["flatten"] = timed(lambda: _flatten(decoded, layout), repeats)
+    flat = _flatten(decoded, layout)
+    del decoded
+    stages["check"] = timed(lambda: all_finite(flat), repeats)
+    partial = torch.zeros_like(flat)
+    stages["sum"] = timed(lambda: partial.add_(flat, alpha=0.5), repeats)
+    return stages
+
+
+def in_memory(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathResult:
+    """Every client in this process: the default transport on a real CommWorker."""
+    from lightning_parablock import Aggregator, SimulatedLink
+    from lightning_parablock.aggregation.nonfinite import non_finite_clients
+    from lightning_parablock.aggregation.rules import weighted_sum
+    from lightning_parablock.comm.codecs import decode_delta
+    from lightning_parablock.comm.worker import CommWorker
+
+    layout = shape.layout()
+    deltas = {client: make_delta(layout, wire, client) for client in range(clients)}
+    weights = {client: 1.0 for client in deltas}
+    result = PathResult("in memory", wire, clients)
+    decoded = {c: decode_delta(d) if wire == "bf16" else d for c, d in deltas.items()}
+    if wire == "bf16":
+        result.stages["decode"] = timed(lambda: decode_delta(deltas[0]), repeats)
+    result.stages["check"] = timed(lambda: non_finite_clients({0: decoded[0]}), repeats)
+    summed = timed(lambda: weighted_sum(decoded, {c: 1 / clients for c in decoded}), repeats)
+    result.stages["sum"] = Timing(summed.wall / clients, summed.cpu / clients)
+    del decoded
+    worker = CommWorker(SimulatedLink(), timeout_s=3600.0, aggregator=Aggregator())
+    try:
+        result.round = timed(round_of(worker, deltas, weights), repeats)
+    finally:
+        worker.shutdown()
+    return result
+
+
+def round_of(worker: Any, deltas: dict[int, Any], weights: dict[int, float]) -> Callable[[], Any]:
+    """One whole exchange through ``worker`` per call: submit, then wait for the aggregate."""
+    rounds = iter(range(1_000_000))
+
+    def one_round() -> Any:
+        round_index = next(rounds)
+        worker.submit(round_index, 0, deltas, weights)
+        return worker.wait(round_index)
+
+    return one_round
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    """One of the two processes: its clients' stages, gloo's all-reduce, then whole rounds through the real worker."""
+    import torch.distributed as dist
+
+    from lightning_parablock import Aggregator, SimulatedLink
+    from lightning_parablock.comm.distributed import collective_worker
+
+    torch.set_num_threads(1)
+    shape = BlockShape(**json.loads(args.shape))
+    layout = shape.layout()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
+    n = args.clients
+    placement = [client // n for client in range(2 * n)]
+    deltas = {c: make_delta(layout, args.wire, c) for c in range(2 * n) if placement[c] == args.rank}
+    result = PathResult("2 processes", args.wire, n)
+    result.stages = stage_times(next(iter(deltas.values())), layout, args.repeats)
+    partial = torch.zeros(shape.numel, dtype=torch.float32)
+    group = dist.new_group(backend="gloo")
+    result.stages["all-reduce"] = timed(lambda: dist.all_reduce(partial, group=group), args.repeats, dist.barrier)
+    del partial
+    worker = collective_worker(SimulatedLink(), Aggregator(), 3600.0, placement, lambda block: layout, torch.device("cpu"))
+    try:
+        result.round = timed(round_of(worker, deltas, {client: 1.0 for client in deltas}), args.repeats, dist.barrier)
+    finally:
+        worker.shutdown()
+    dist.barrier()
+    if args.rank == 0:
+        Path(args.out).write_text(json.dumps(asdict(result)))
+    dist.destroy_process_group()
+
+
+def two_processes(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathResult:
+    """Both ranks as two processes of this script; each in a session of its own, killed if still there after."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rank0.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        processes = [
+            subprocess.Popen(
+                [sys.executable, str(HERE), "--rank", str(rank), "--port", str(port), "--out", str(out),
+                 "--shape", json.dumps(asdict(shape)), "--wire", wire, "--clients", str(clients),
+                 "--repeats", str(repeats)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            for rank in (0, 1)
+        ]  # fmt: skip
+        try:
+            outputs = [process.communicate(timeout=1800)[0].decode(errors="replace") for process in processes]
+        finally:
+            for process in processes:
+                try:
+                    os.killpg(process.pid, 9)
+                except ProcessLookupError:
+                    pass
+        for rank, (process, output) in enumerate(zip(processes, outputs)):
+            if process.returncode != 0:
+                raise RuntimeError(f"rank {rank} exited with {process.returncode}:\n{output[-3000:]}")
+        return path_result(json.loads(out.read_text()))
+
+
+def path_result(data: dict[str, Any]) -> PathResult:
+    """A :class:`PathResult` from its JSON."""
+    data["round"] = Timing(**data["round"]) if data.get("round") else None
+    data["stages"] = {stage: Timing(**timing) for stage, timing in data.get("stages", {}).items()}
+    return PathResult(**data)
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine()
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GB
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def need_gb(path: str, wire: str, clients: int, block_gb: float) -> float:
+    """Peak memory of a configuration as the path stands: deltas, decoded and flat copies, the sum, processes."""
+    upload = block_gb / 2 if wire == "bf16" else block_gb
+    if path == "in memory":  # the transport decodes every client before it sums; the sum; a decoded one (stages)
+        decoded = clients * block_gb if wire == "bf16" else 0.0
+        return clients * upload + decoded + 2 * block_gb + PROCESS_GB
+    # per rank: deltas, a flat fp32 copy of each, the partial sum, one decoded delta while it is flattened
+    per_rank = clients * upload + clients * block_gb + block_gb + (block_gb if wire == "bf16" else 0.0)
+    return 2 * (per_rank + PROCESS_GB)
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+def format_report(results: list[PathResult], block_gb: float, reference: dict[str, float]) -> str:
+    """Per configuration: each stage's GB of fp32 delta per CPU second; the round's wall and CPU seconds and the
+    clients' GB per CPU second of the whole round, against single-thread memcpy."""
+    memcpy = reference["memcpy"]
+    lines = [
+        f"{'path':>11} {'wire':>4} {'clients':>7} | {'decode':>6} {'flatten':>7} {'check':>6} {'sum':>6}"
+        f" {'allreduce':>9} | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9}",
+        f"{'':>11} {'':>4} {'/proc':>7} | {'GB/s per CPU second, each stage alone':^39} |",
+        "-" * 101,
+    ]
+    for r in results:
+        head = f"{r.path:>11} {r.wire:>4} {r.clients:>7}"
+        if r.skipped:
+            lines.append(f"{head} | skipped: {r.skipped}")
+            continue
+        cells = []
+        for stage, width in (("decode", 6), ("flatten", 7), ("check", 6), ("sum", 6), ("all-reduce", 9)):
+            timing = r.stages.get(stage)
+            cells.append(f"{block_gb / timing.cpu:{width}.2f}" if timing else f"{'-':>{width}}")
+        rate = r.clients * block_gb / r.round.cpu
+        lines.append(
+            f"{head} | {' '.join(cells)} | {r.round.wall:7.2f} {r.round.cpu:6.2f} {rate:8.2f} {rate / memcpy:9.0%}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 0.11 GB block (27 M parameters) instead of 1.75 GB")
+    parser.add_argument("--clients", default="1,2,4", help="clients per process, comma-separated")
+    parser.add_argument("--wire", default="fp32,bf16", help="fp32 (no compression) and/or bf16 (the bf16 codec)")
+    parser.add_argument("--paths", default="memory,processes", help="memory and/or processes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    for hidden in ("--rank", "--port", "--out", "--shape"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank is not None:
+        args.rank, args.clients, args.repeats = int(args.rank), int(args.clients), int(args.repeats)
+        rank_main(args)
+        return
+    clients = [int(c) for c in args.clients.split(",")]
+    wires = [w.strip() for w in args.wire.split(",")]
+    paths = [p.strip() for p in args.paths.split(",")]
+    for value, allowed, name in ((wires, {"fp32", "bf16"}, "--wire"), (paths, {"memory", "processes"}, "--paths")):
+        if not value or not set(value) <= allowed:
+            parser.error(f"{name} takes a comma-separated list from {sorted(allowed)}, got {','.join(value)!r}")
+    if not clients or min(clients) < 1:
+        parser.error(f"--clients takes positive integers, got {args.clients!r}")
+    shape = QUICK if args.quick else LLAMA3_8B
+    block_gb = shape.numel * 4 / GB
+
+    command = "python benchmarks/exchange_throughput.py " + " ".join(sys.argv[1:])
+    print(f"command: {command}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__};"
+          f" load average {os.getloadavg()[0]:.1f}; {available_gb():.1f} GB available")  # fmt: skip
+    print(f"block: {shape.layers} layers (hidden {shape.hidden}, intermediate {shape.intermediate}, kv {shape.kv}),"
+          f" {shape.numel / 1e6:.0f} M parameters: {block_gb:.3f} GB fp32, {block_gb / 2:.3f} GB bf16", flush=True)  # fmt: skip
+    reference = machine_bandwidth(shape.numel, args.repeats)
+    print("this machine, one thread, fp32 buffers of the block's size, GB per CPU second: "
+          + ", ".join(f"{name} {rate:.2f} GB/s" for name, rate in reference.items()), flush=True)  # fmt: skip
+
+    results = []
+    for wire in wires:
+        for path in paths:
+            for n in clients:
+                name = "in memory" if path == "memory" else "2 processes"
+                need, have = need_gb(name, wire, n, block_gb), available_gb()
+                if need + MARGIN_GB > have:
+                    results.append(PathResult(name, wire, n, skipped=f"needs {need:.1f} GB + {MARGIN_GB} GB margin,"
+                                                                    f" {have:.1f} GB available"))  # fmt: skip
+                elif path == "memory":
+                    results.append(in_memory(shape, wire, n, args.repeats))
+                else:
+                    results.append(two_processes(shape, wire, n, args.repeats))
+                print(format_report(results[-1:], block_gb, reference).splitlines()[-1], flush=True)
+    print()
+    print(format_report(results, block_gb, reference))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "block_gb": block_gb, "reference": reference,
+                                         "results": [asdict(r) for r in results]}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
