@@ -30,7 +30,7 @@ from lightning_parablock.cli import preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
-from lightning_parablock.cli.recipe_method import apply_method
+from lightning_parablock.cli.recipe_method import apply_method, written_for_by_file
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
 from lightning_parablock.telemetry import report
@@ -130,9 +130,10 @@ class ParaBlockCLI(LightningCLI):
             type=Optional[MethodName],
             default=None,
             help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
-            " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
-            " otherwise (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
-            " the config as written.",
+            " callback's staleness and aggregator and the module's LoRA. What a config file with another `method:`"
+            " line sets for its own method gives way (a note says so); your own conflicting settings are refused"
+            " (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default: the"
+            " config as written.",
         )
         parser.add_argument(
             "--output_dir",
@@ -165,7 +166,7 @@ class ParaBlockCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("method"):
             try:
-                notes = apply_method(config, config.method)
+                notes = apply_method(config, config.method, written_for_by_file(config))
             except USAGE_ERRORS as error:
                 refuse(error)
             for note in notes:

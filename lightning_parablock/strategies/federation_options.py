@@ -9,6 +9,7 @@ arguments that ``DDPStrategy`` takes (device, backend, timeout) are checked by :
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union, get_args
@@ -37,6 +38,10 @@ from lightning_parablock.core.schedule import SCHEDULE_KINDS, ScheduleKind
 from lightning_parablock.strategies.run_settings import RunSettings
 
 Weighting = Literal["uniform", "samples"]
+DECODER_BLOCK_OPTIONS = ("layers_per_block", "layer_split", "remainder", "include_embeddings", "include_head")
+"""How the decoder's layers are cut into blocks; ``block_patterns`` replaces them."""
+SCHEDULE_OPTIONS = ("schedule", "schedule_spacing")
+"""Which block a round trains; nothing to choose with one block."""
 _FLAGS = ("include_embeddings", "include_head", "shuffle", "offload_deltas", "master_weights")
 _PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
@@ -92,10 +97,38 @@ class FederationOptions:
             check_bool(name, getattr(self, name))
         if self.block_patterns is not None:
             compile_block_patterns(self.block_patterns)  # refuse a bad pattern now, not when training starts
+            self._check_unused_with_patterns()
         normalize(
             "participants_per_round",
             participants_per_round(self.num_clients, self.participation, self.clients_per_round),
         )
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of option ``name``."""
+        return cls.__dataclass_fields__[name].default
+
+    def changed(self, names: Sequence[str]) -> dict[str, Any]:
+        """Those of the options ``names`` given a value other than their default."""
+        return {name: getattr(self, name) for name in names if getattr(self, name) != self.default(name)}
+
+    def _check_unused_with_patterns(self) -> None:
+        """Refuse a decoder-block option next to ``block_patterns`` (which replaces the decoder's blocks), and a
+        schedule with a single block (which every round trains): a setting that silently does nothing."""
+        decoder = self.changed(DECODER_BLOCK_OPTIONS)
+        if decoder:
+            name, value = next(iter(decoder.items()))
+            raise ValueError(
+                f"`block_patterns` replaces the decoder's blocks, so `{name}={value!r}` does not apply: leave it at"
+                f" its default {self.default(name)!r}, or drop `block_patterns` to cut the decoder's layers into blocks."
+            )
+        schedule = self.changed(SCHEDULE_OPTIONS) if len(self.block_patterns) == 1 else {}
+        if schedule:
+            name, value = next(iter(schedule.items()))
+            raise ValueError(
+                f"`block_patterns` gives one block, which every round trains, so `{name}={value!r}` does not apply:"
+                f" leave it at its default {self.default(name)!r}, or give several blocks."
+            )
 
     def partition(self, model: nn.Module) -> BlockPartition:
         """The model's blocks: by ``block_patterns`` where given, else by the decoder's layers."""
