@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,7 +23,7 @@ from lightning_parablock.argument_checks import (
     check_pretrained_folder,
 )
 from lightning_parablock.core.lora import add_lora, check_lora_options
-from lightning_parablock.core.precision import weight_dtype
+from lightning_parablock.core.precision import lowers_precision, weight_dtype
 from lightning_parablock.data.packing import (
     PackedAttention,
     choose_packed_attention,
@@ -117,6 +118,9 @@ class CausalLMModule(L.LightningModule):
         self.packed_attention: Optional[PackedAttention] = None
         """How this model keeps packed examples apart, measured on the first packed batch (or at fit start when
         the datamodule packs): see :func:`~lightning_parablock.data.packing.choose_packed_attention`."""
+        self.built_for_precision: Optional[str] = None
+        """The Trainer precision the model was built for (its dtype with ``dtype="auto"``); ``None`` until it is
+        built, or when it was built outside a Trainer (in the checkpoint's own dtype)."""
 
     def configure_model(self) -> None:
         """Build or load the model once; later calls do nothing.
@@ -128,6 +132,7 @@ class CausalLMModule(L.LightningModule):
             return
         hparams = self.hparams
         options = self._load_options()
+        self.built_for_precision = self._trainer_precision()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hparams.seed)
             if hparams.model_name_or_path is not None:
@@ -143,6 +148,34 @@ class CausalLMModule(L.LightningModule):
             if hparams.lora is not None:
                 model = add_lora(model, hparams.lora)
         self.model = model.train(self.training)  # built on first use after `module.eval()`, it must not drop out
+
+    def setup(self, stage: str) -> None:
+        """Before fit: refuse a model built earlier in a dtype that this Trainer's precision would train in lower
+        precision, naming where it was built (before the strategy's own, generic precision check)."""
+        if stage == "fit":
+            self._check_built_dtype()
+
+    def _check_built_dtype(self) -> None:
+        if "model" not in self._modules or self.hparams.dtype != "auto":
+            return  # built by this fit in the dtype it trains, or in the dtype asked for (the strategy checks that)
+        precision = self._trainer_precision()
+        low = next((p.dtype for p in self.parameters() if p.requires_grad and lowers_precision(p.dtype, precision)), None)
+        if low is None:
+            return
+        had, wanted = (str(dtype).removeprefix("torch.") for dtype in (low, weight_dtype(precision)))
+        built = self.built_for_precision
+        where = (
+            f"outside a Trainer (`module.model` read or `configure_model()` called before `trainer.fit`), in the"
+            f" checkpoint's own dtype {had}"
+            if built is None
+            else f"for another Trainer's `precision={built!r}`, in {had}"
+        )
+        raise MisconfigurationException(
+            f"The model of this CausalLMModule was built {where}; `precision={precision!r}` trains {wanted} weights,"
+            f" so they would train in lower precision than asked. Build it after `Trainer(...)`: create a fresh"
+            f" CausalLMModule and let `trainer.fit` build it in {wanted}, without reading `module.model` first; or"
+            f" load it in {wanted} wherever it is built with `CausalLMModule(..., dtype={wanted!r})`."
+        )
 
     def _load_options(self) -> dict[str, Any]:
         """``dtype`` and ``attn_implementation`` for ``from_pretrained``/``from_config``."""
