@@ -22,7 +22,8 @@ from lightning_parablock.argument_checks import (
     check_optional_text,
     check_pretrained_folder,
 )
-from lightning_parablock.core.lora import add_lora, check_lora_options
+from lightning_parablock.core.checkpoint_files import CheckpointTensors
+from lightning_parablock.core.lora import add_lora, changed_base_weight, check_lora_options
 from lightning_parablock.core.precision import lowers_precision, weight_dtype
 from lightning_parablock.data.packing import (
     PackedAttention,
@@ -281,6 +282,42 @@ class CausalLMModule(L.LightningModule):
         model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+    def save_adapter(self, path: Union[str, Path]) -> None:
+        """Write the LoRA adapter alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``):
+        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), path)`` is this model.
+
+        Refused (``ValueError``, nothing written) where it would not be, see :meth:`adapter_mismatch`: after FLoRA,
+        which merges the aggregated adapters into the base weights every round, save the merged model
+        (:meth:`save_pretrained`) instead.
+        """
+        reason = self.adapter_mismatch()
+        if reason is not None:
+            raise ValueError(
+                f"Cannot save the LoRA adapter alone: {reason}. Save the merged model with `save_pretrained`."
+            )
+        self.model.save_pretrained(path)
+
+    def adapter_mismatch(self) -> Optional[str]:
+        """Why the LoRA adapter alone, applied to the checkpoint the model was loaded from, would not be this model;
+        ``None`` when it would be: every base weight is still the checkpoint's (compared tensor by tensor from its
+        safetensors files, in the model's dtype)."""
+        hparams = self.hparams
+        if hparams.lora is None:
+            return "the model has no LoRA adapters (`lora=None`)"
+        if hparams.model_name_or_path is None:
+            return "the model was built from `config`, so there is no checkpoint for the adapter to apply to"
+        try:
+            reference = CheckpointTensors(hparams.model_name_or_path, hparams.revision)
+        except (OSError, ValueError) as error:
+            return f"its checkpoint {hparams.model_name_or_path!r} cannot be read to check against ({error})"
+        changed = changed_base_weight(self.model, reference.get)
+        if changed is not None:
+            return (
+                f"the base weights are no longer the checkpoint's ({changed} differs; FLoRA merges the aggregated"
+                " adapters into them every round)"
+            )
+        return None
 
 
 def load_dtype(dtype: str, precision: Optional[str]) -> Union[str, torch.dtype]:

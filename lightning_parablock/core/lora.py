@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -100,3 +100,27 @@ def restart_adapters(model: nn.Module, generator: torch.Generator) -> None:
         bound = 1.0 / a.shape[1] ** 0.5  # kaiming_uniform_ with a=sqrt(5): sqrt(6 / ((1 + 5) fan_in))
         a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1).mul_(bound).to(a.device, a.dtype))
         b.zero_()
+
+
+ADAPTER_NAME_PART = ".lora_"
+"""In every adapter parameter's name (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)."""
+
+
+@torch.no_grad()
+def changed_base_weight(model: PeftModel, reference: Callable[[str], Optional[Tensor]]) -> Optional[str]:
+    """The first base weight of ``model`` that is not the ``reference`` checkpoint's (its checkpoint name, with
+    ``(not in the checkpoint)`` when there is none to compare), or ``None`` when every one is, in the model's dtype.
+
+    ``reference`` gives a checkpoint tensor by its name, which is the base parameter's name without peft's
+    ``.base_layer``. Only then is the adapter alone, applied to that checkpoint, this model.
+    """
+    for name, param in model.get_base_model().named_parameters():
+        if ADAPTER_NAME_PART in name:
+            continue
+        key = name.replace(".base_layer.", ".")
+        saved = reference(key)
+        if saved is None:
+            return f"{key} (not in the checkpoint)"
+        if saved.shape != param.shape or not torch.equal(saved.to(param.device, param.dtype), param):
+            return key
+    return None
