@@ -35,10 +35,13 @@ def chat_tokenizer(template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_tiny_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, template: str = CHAT_TEMPLATE) -> Path:
-    """A random tiny Llama saved in ``dtype`` with its chat tokenizer, loadable by name like a Hub checkpoint."""
+def save_tiny_checkpoint(
+    folder: Path, dtype: torch.dtype = torch.float32, template: str = CHAT_TEMPLATE, **config: object
+) -> Path:
+    """A random tiny Llama saved in ``dtype`` with its chat tokenizer, loadable by name like a Hub checkpoint;
+    ``config`` overrides :data:`TINY_LLAMA` (``initializer_range=0.5`` makes its answers depend on the prompt)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**TINY_LLAMA, **config}), dtype=dtype)
     model.save_pretrained(folder)
     chat_tokenizer(template).save_pretrained(folder)
     return folder

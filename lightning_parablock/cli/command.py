@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.cli import preflight
+from lightning_parablock.cli import evaluate, preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
@@ -84,7 +84,8 @@ class ConciseArgumentParser(LightningArgumentParser):
 
 
 class ConciseReportParser(argparse.ArgumentParser):
-    """``parablock report``'s errors as one line, as ``fit``'s are, instead of argparse's usage text first."""
+    """``parablock report``'s and ``evaluate``'s errors as one line, as ``fit``'s are, instead of argparse's usage
+    text first."""
 
     def error(self, message: str) -> NoReturn:
         refuse(f"{message}\n(`{self.prog} --help` lists the options.)")
@@ -341,17 +342,22 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 DESCRIPTION = (
-    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's"
-    " (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table"
-    " and draws its figures (`parablock report --help`)."
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict, report and evaluate. The first four are"
+    " LightningCLI's (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished"
+    " run's table and draws its figures (`parablock report --help`); `parablock evaluate MODEL --data FILE` scores a"
+    " saved model's answers to your own chat data (`parablock evaluate --help`)."
 )
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``parablock report ...`` draws a finished run; anything else goes to LightningCLI (fit, validate ...)."""
+    """``parablock report ...`` draws a finished run, ``parablock evaluate ...`` scores a saved model; anything else
+    goes to LightningCLI (fit, validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         report.main(argv[1:], parser_class=ConciseReportParser)
+        return
+    if argv[:1] == ["evaluate"]:
+        evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
     if flag is not None:
