@@ -160,7 +160,8 @@ class CausalLMModule(L.LightningModule):
         if "model" not in self._modules or self.hparams.dtype != "auto":
             return  # built by this fit in the dtype it trains, or in the dtype asked for (the strategy checks that)
         precision = self._trainer_precision()
-        low = next((p.dtype for p in self.parameters() if p.requires_grad and lowers_precision(p.dtype, precision)), None)
+        trained = (p.dtype for p in self.parameters() if p.requires_grad)
+        low = next((dtype for dtype in trained if lowers_precision(dtype, precision)), None)
         if low is None:
             return
         had, wanted = (str(dtype).removeprefix("torch.") for dtype in (low, weight_dtype(precision)))

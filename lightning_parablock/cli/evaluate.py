@@ -1,6 +1,6 @@
 """``parablock evaluate``: a saved model's accuracy on your own chat data.
 
-    parablock evaluate runs/llama32_1b_chat/final_model --data eval.jsonl [--pattern '#### (\\S+)'] [--output answers.jsonl]
+    parablock evaluate runs/llama32_1b_chat/final_model --data eval.jsonl [--pattern '#### (\\S+)'] [--output a.jsonl]
 
 ``MODEL`` is a folder ``save_pretrained`` or ``parablock fit --output_dir`` wrote (``config.json``, the weights and
 the tokenizer with its chat template), or a run's folder holding one (the newest under it). Each conversation of
@@ -29,20 +29,34 @@ from lightning_parablock.eval.mtbench import write_jsonl_atomic
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def main(args: Optional[Sequence[str]] = None, *, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> None:
+def main(
+    args: Optional[Sequence[str]] = None, *, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+) -> None:
     """Parse ``parablock evaluate``'s arguments, check them all, then answer, score and print (and write)."""
     parser = parser_class(prog="parablock evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="a saved model folder (config.json, weights, tokenizer), or a run folder holding one")
-    parser.add_argument("--data", type=Path, required=True, help="a JSON lines file with a `messages` column; the last assistant turn is the reference")
-    parser.add_argument("--pattern", default=None, help="score by what this regular expression finds in answer and reference (group `answer`, else group 1, else the match); default: exact match")
-    parser.add_argument("--output", type=Path, default=None, help="write every answer, its reference and its score here (JSON lines)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    parser.add_argument("--tokenizer", default=None, help="the tokenizer with the chat template (default: the model folder's)")
-    parser.add_argument("--limit", type=int, default=None, help="the first N conversations only")
-    parser.add_argument("--batch_size", type=int, default=8, help="conversations per generate call (default: %(default)s)")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest answer in tokens (default: %(default)s)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of the weights (default: the saved one, float32 for half precision on a CPU without instructions for it)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    argument = parser.add_argument
+    argument("model", type=Path, help="a saved model folder (config.json, weights, tokenizer), or a run folder")
+    argument("--data", type=Path, required=True, help="JSON lines with `messages`; the last answer is the reference")
+    argument(
+        "--pattern",
+        default=None,
+        help="score by what this regular expression finds in answer and reference (its group `answer`, else group 1,"
+        " else the match); default: exact match",
+    )
+    argument("--output", type=Path, default=None, help="write every answer, its reference and score here (JSON lines)")
+    argument("--overwrite", action="store_true", help="replace an existing --output file")
+    argument("--tokenizer", default=None, help="the tokenizer with the chat template (default: the model folder's)")
+    argument("--limit", type=int, default=None, help="the first N conversations only")
+    argument("--batch_size", type=int, default=8, help="conversations per generate call (default: %(default)s)")
+    argument("--max_new_tokens", type=int, default=256, help="longest answer in tokens (default: %(default)s)")
+    argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the weights (default: the saved one; float32 for half precision on a CPU without instructions"
+        " for it)",
+    )
+    argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     options = parser.parse_args(args)
     try:
         folder = find_model_folder(options.model)
@@ -53,7 +67,9 @@ def main(args: Optional[Sequence[str]] = None, *, parser_class: type[argparse.Ar
             if getattr(options, name) < 1:
                 raise ValueError(f"`--{name}` must be a positive integer, got {getattr(options, name)}.")
         if options.output is not None and options.output.exists() and not options.overwrite:
-            raise ValueError(f"`--output {options.output}` exists; choose another file or pass --overwrite to replace it.")
+            raise ValueError(
+                f"`--output {options.output}` exists; choose another file or pass --overwrite to replace it."
+            )
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = load_tokenizer(options.tokenizer or str(folder))
         check_chat_tokenizer(tokenizer)
@@ -70,14 +86,15 @@ def main(args: Optional[Sequence[str]] = None, *, parser_class: type[argparse.Ar
 
 
 def find_model_folder(path: Path) -> Path:
-    """``path`` when it holds a model (``config.json``), else the newest model folder ``parablock fit`` wrote under it."""
+    """``path`` when it holds a model (``config.json``), else the newest model folder ``parablock fit`` wrote in it."""
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist; give a saved model folder or a run folder holding one.")
     if (path / "config.json").is_file():
         return path
     if (path / "adapter_config.json").is_file():
         raise ValueError(
-            f"{str(path)!r} holds a LoRA adapter alone; evaluate the merged model folder it sits in ({str(path.parent)!r})."
+            f"{str(path)!r} holds a LoRA adapter alone; evaluate the merged model folder it sits in"
+            f" ({str(path.parent)!r})."
         )
     written = [marker.parent for marker in path.rglob(MARKER) if (marker.parent / "config.json").is_file()]
     if not written:
@@ -99,7 +116,8 @@ def load_model(folder: Path, dtype: str, device: torch.device) -> tuple[PreTrain
         missing = missing_half_instructions(saved) if isinstance(saved, torch.dtype) else None
         if missing is not None:
             chosen = torch.float32
-            note = f"saved in {str(saved).removeprefix('torch.')}, loaded in float32: this CPU has no {' or '.join(missing)}"
+            saved_name = str(saved).removeprefix("torch.")
+            note = f"saved in {saved_name}, loaded in float32: this CPU has no {' or '.join(missing)}"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=chosen, trust_remote_code=False)
     return model.to(device).eval(), note
 

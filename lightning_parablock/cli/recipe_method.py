@@ -104,10 +104,15 @@ class _Switch:
                 f"method {self.spec.name}: `{option}: {_shown(given)}` is {owner}'s setting; it runs with {runs_with!r}"
             )
             return True
-        suggestion = f"; on the command line, `{way_out}` lets the method decide (a config file can change a value but not delete it)"
+        suggestion = (
+            f"; on the command line, `{way_out}` lets the method decide (a config file can change a value but not"
+            " delete it)"
+            if way_out
+            else ""
+        )
         raise MethodConflictError(
             f"`method: {self.spec.name}` sets `{option}` to {decided!r}, but the config sets {_shown(given)!r}. Remove"
-            f" the option (the method decides it) or the `method` line{suggestion if way_out else ''}."
+            f" the option (the method decides it) or the `method` line{suggestion}."
         )
 
     def strategy(self, config: Namespace) -> None:
@@ -138,8 +143,8 @@ class _Switch:
         if given is None or normalized_patterns(given) == normalized_patterns(decided):
             init_args.block_patterns = given if decided is None else decided
             return
-        way_out = "--trainer.strategy.init_args.block_patterns null"
-        if self.settle("trainer.strategy.init_args.block_patterns", given, lambda m: _patterns_fit(given, m), decided, way_out):
+        option = "trainer.strategy.init_args.block_patterns"
+        if self.settle(option, given, lambda m: _patterns_fit(given, m), decided, f"--{option} null"):
             init_args.block_patterns = decided
 
     def _drop_arguments_of_another_class(self, strategy: Namespace, cls: type) -> None:
@@ -148,7 +153,10 @@ class _Switch:
         for key in [key for key in vars(strategy.init_args) if key not in accepted]:
             value = strategy.init_args.pop(key)
             if value is not None:
-                self.notes.append(f"method {self.spec.name}: `trainer.strategy.init_args.{key}: {value!r}` does not apply to {cls.__name__}; dropped")
+                self.notes.append(
+                    f"method {self.spec.name}: `trainer.strategy.init_args.{key}: {value!r}` does not apply to"
+                    f" {cls.__name__}; dropped"
+                )
 
     def callback(self, config: Namespace) -> None:
         spec, callbacks = self.spec, config.trainer.callbacks or []
@@ -196,7 +204,8 @@ class _Switch:
         if spec.lora and init_args.lora is None:
             init_args.lora = {}  # LORA_DEFAULTS
         elif not spec.lora and init_args.lora is not None:
-            if self.settle("model.init_args.lora", init_args.lora, lambda m: m.lora, None, "--model.init_args.lora null"):
+            way_out = "--model.init_args.lora null"
+            if self.settle("model.init_args.lora", init_args.lora, lambda m: m.lora, None, way_out):
                 init_args.lora = None
 
 

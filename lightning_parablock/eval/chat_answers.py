@@ -58,7 +58,7 @@ class AnswerMatch:
         return "exact match" if self.pattern is None else f"pattern {self.pattern!r}"
 
     def extract(self, text: str) -> Optional[str]:
-        """The part of ``text`` that is compared: all of it (stripped), or what the pattern finds (``None``: nothing)."""
+        """The part of ``text`` compared: all of it (stripped), or what the pattern finds (``None``: nothing)."""
         if self.regex is None:
             return text.strip()
         found = self.regex.search(text)
@@ -90,7 +90,9 @@ def load_chat_examples(path: Union[str, Path], limit: Optional[int] = None) -> l
     a malformed turn."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"The chat file {str(path)!r} does not exist (a JSON lines file with a `messages` column).")
+        raise FileNotFoundError(
+            f"The chat file {str(path)!r} does not exist (a JSON lines file with a `messages` column)."
+        )
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"`limit` must be a positive number of conversations or None, got {limit!r}.")
     examples = []
@@ -99,7 +101,9 @@ def load_chat_examples(path: Union[str, Path], limit: Optional[int] = None) -> l
             break
         column = next((c for c in CHAT_COLUMNS if isinstance(record, dict) and c in record), None)
         if column is None:
-            raise ValueError(f"{path}, row {row}: no `messages` (or `conversations`) list of turns, got {str(record)[:200]}.")
+            raise ValueError(
+                f"{path}, row {row}: no `messages` (or `conversations`) list of turns, got {str(record)[:200]}."
+            )
         turns = check_conversation(record[column], str(path), row)
         last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
         if not any(turn["role"] == "user" for turn in turns[:last]):

@@ -43,7 +43,9 @@ class GSM8KAccuracy(MatchAccuracy):
     :meth:`merge_state`) the accuracy is that of all questions together, not a mean of per-process means.
     """
 
-    def update(self, predictions: Sequence[str], references: Sequence[Union[str, Number]]) -> None:  # type: ignore[override]
+    def update(  # type: ignore[override]
+        self, predictions: Sequence[str], references: Sequence[Union[str, Number]]
+    ) -> None:
         """Score model outputs (free text) against references (see :func:`extract_reference_answer`)."""
         if isinstance(predictions, str) or isinstance(references, str):
             raise TypeError("`predictions` and `references` must be sequences of answers, not a single str.")

@@ -120,7 +120,8 @@ class FederationOptions:
             name, value = next(iter(decoder.items()))
             raise ValueError(
                 f"`block_patterns` replaces the decoder's blocks, so `{name}={value!r}` does not apply: leave it at"
-                f" its default {self.default(name)!r}, or drop `block_patterns` to cut the decoder's layers into blocks."
+                f" its default {self.default(name)!r}, or drop `block_patterns` to cut the decoder's layers into"
+                " blocks."
             )
         schedule = self.changed(SCHEDULE_OPTIONS) if len(self.block_patterns) == 1 else {}
         if schedule:

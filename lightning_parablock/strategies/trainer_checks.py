@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-COMPUTE_DTYPES = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16, "16-mixed": torch.float16}
+COMPUTE_DTYPES = {
+    "bf16-true": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "16-true": torch.float16,
+    "16-mixed": torch.float16,
+}
 """Trainer precision -> the half precision its matrix products run in."""
 
 
