@@ -74,16 +74,16 @@ CHANGED = [
     (dict(strategy=dict(global_lr=0.5)), "global_lr: 1.0 in the checkpoint, 0.5 now"),
     (dict(strategy=dict(schedule="sequential")), "schedule: 'random' in the checkpoint, 'sequential' now"),
     (dict(strategy=dict(local_steps=2)), "local_steps: 1 in the checkpoint, 2 now"),
-    (dict(callback=dict(aggregator={"method": "median"})), "aggregator: \"Aggregator(method='mean'"),
+    (dict(callback=dict(aggregator={"method": "median"})), "aggregator: \"MeanAggregator(weighting='uniform'"),
 ]
 
 
 @pytest.mark.parametrize(("change", "message"), CHANGED, ids=[m.split(":")[0] for _, m in CHANGED])
 def test_a_resume_with_another_setting_is_refused_naming_it(saved_run, tmp_path, change, message):
     if "aggregator" in change.get("callback", {}):
-        from lightning_parablock import Aggregator
+        from lightning_parablock import MedianAggregator
 
-        change = dict(callback=dict(aggregator=Aggregator(method="median")))
+        change = dict(callback=dict(aggregator=MedianAggregator()))
     text = refused(saved_run, tmp_path, **change)
     assert message in text, text
     assert "A resume continues the run it was saved from" in text

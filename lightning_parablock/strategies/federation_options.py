@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Optional, Union, get_args
 
 import torch
 from torch import nn
 
+from lightning_parablock.aggregation.aggregator import Weighting
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -36,7 +37,6 @@ from lightning_parablock.core.planning import participants_per_round
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, ScheduleKind
 from lightning_parablock.strategies.run_settings import RunSettings
 
-Weighting = Literal["uniform", "samples"]
 _FLAGS = ("include_embeddings", "include_head", "shuffle", "offload_deltas", "master_weights")
 _PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
@@ -59,7 +59,7 @@ class FederationOptions:
     global_lr: float = 1.0
     participation: float = 1.0
     clients_per_round: Optional[int] = None
-    weighting: Weighting = "uniform"
+    weighting: Optional[Weighting] = None  # deprecated: the aggregator's
     seed: int = 0
     shuffle: bool = True
     offload_deltas: bool = False
@@ -81,7 +81,8 @@ class FederationOptions:
                 f" with schedule={self.schedule!r}."
             )
         check_choice("optimizer_state", self.optimizer_state, get_args(OptimizerStatePolicy))
-        check_choice("weighting", self.weighting, get_args(Weighting))
+        if self.weighting is not None:
+            check_choice("weighting", self.weighting, get_args(Weighting))
         normalize("global_lr", check_float("global_lr (η)", self.global_lr, minimum=0.0, min_open=True))
         normalize(
             "participation", check_float("participation", self.participation, minimum=0.0, maximum=1.0, min_open=True)
@@ -126,7 +127,6 @@ class FederationOptions:
             "schedule_spacing": self.spacing(staleness),
             "clients_per_round": self.participants_per_round,
             "local_steps": self.local_steps,
-            "weighting": self.weighting,
             "optimizer_state": self.optimizer_state,
             "global_lr": self.global_lr,
             "shuffle": self.shuffle,
