@@ -153,3 +153,16 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file_and_its_payload_never_r
     assert text.startswith(f"The checkpoint {path} cannot be read: "), text
     assert what in text, text
     assert not (tmp_path / "payload_ran").exists()
+
+
+def test_a_resume_under_another_precision_is_refused_naming_both(tmp_path):
+    module = ToyModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True)
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1), checkpoint], max_epochs=2,
+                            enable_checkpointing=True, precision="bf16-mixed")  # fmt: skip
+    trainer.fit(module, toy_loader(toy_dataset()))
+    resumed = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+                            callbacks=[ParaBlockCallback(staleness=1)], max_epochs=3, precision="32-true")  # fmt: skip
+    with pytest.raises(MisconfigurationException, match="precision: 'bf16-mixed' in the checkpoint, '32-true' now"):
+        resumed.fit(ToyModule(), toy_loader(toy_dataset()), ckpt_path=tmp_path / "last.ckpt")

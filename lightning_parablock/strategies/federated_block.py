@@ -37,6 +37,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -314,6 +315,9 @@ class FederatedBlockStrategy(DDPStrategy):
         self._flushed = False
         self.partition = options.partition(model)
         self.checkpoint.check_blocks(self.partition)
+        shortfall = options.spacing_shortfall(len(self.partition), spec.staleness)
+        if shortfall is not None:
+            rank_zero_warn(shortfall)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         probe = self._gradient_probe(trainable)
         self.schedule = BlockSchedule(options.schedule, len(self.partition), options.seed, probe, options.spacing(spec.staleness))

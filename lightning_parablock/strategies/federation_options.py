@@ -117,6 +117,22 @@ class FederationOptions:
             return 1
         return self.schedule_spacing or max(1, staleness or 1)
 
+    def spacing_shortfall(self, num_blocks: int, staleness: Optional[int]) -> Optional[str]:
+        """Why the spaced schedule cannot keep its promise with ``num_blocks`` blocks, or ``None`` when it can.
+
+        With no more blocks than the window, some round must train a block trained within the window: under
+        staleness s that client trains on top of its own delta, still pending.
+        """
+        spacing = self.spacing(staleness)
+        if self.schedule != "spaced" or num_blocks > spacing:
+            return None
+        return (
+            f"schedule='spaced' keeps a block out of the {spacing} rounds after it is trained, but the model has only"
+            f" {num_blocks} block(s): every {num_blocks} rounds a block comes back while its delta from"
+            f" {num_blocks} round(s) before is still pending (staleness {staleness}). Use more blocks than {spacing}"
+            f" (a smaller `layers_per_block`), or a staleness below {num_blocks}."
+        )
+
     def run_settings(self, staleness: Optional[int]) -> RunSettings:
         """The options that define the run (:mod:`~lightning_parablock.strategies.run_settings`), under the names
         checkpoints have always used; where deltas live (``offload_deltas``) and how blocks are cut (checked
