@@ -37,7 +37,8 @@ from typing import Any, Literal, Optional, Union, get_args
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
+from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
@@ -102,9 +103,11 @@ class Method:
                 rank_zero_warn(self.unused_note(name, kwargs.pop(name)))
         return self.strategy_class(**{**kwargs, **copy.deepcopy(self.strategy_args)})
 
-    def callback_args(self) -> dict[str, Any]:
-        """The ``ParaBlockCallback`` arguments the method decides (see ``ParaBlockCallback.for_method``)."""
-        aggregator = self.aggregator_class() if self.aggregator_class is not None else None
+    def callback_args(self, weighting: Weighting = "uniform") -> dict[str, Any]:
+        """The ``ParaBlockCallback`` arguments the method decides (see ``ParaBlockCallback.for_method``), its
+        aggregator weighting clients by ``weighting``."""
+        aggregator_class = self.aggregator_class or MeanAggregator
+        aggregator = aggregator_class(weighting=weighting) if self.aggregator_class or weighting != "uniform" else None
         return {"staleness": self.staleness, "aggregator": aggregator}
 
     def module_args(self, lora: Optional[dict[str, Any]] = None) -> dict[str, Any]:
