@@ -160,8 +160,8 @@ def answer_conversations(
     check_chat_tokenizer(tokenizer)
     texts = [tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) for turns in prompts]
     prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]  # as training tokenizes
-    generated = generate_token_ids(model, tokenizer, prompt_ids, batch_size, max_new_tokens)
     stop = [marker for marker in (turn_end(tokenizer), tokenizer.eos_token) if marker]
+    generated = generate_token_ids(model, tokenizer, prompt_ids, batch_size, max_new_tokens, stop)
     answers = []
     for text in tokenizer.batch_decode(generated, skip_special_tokens=False):
         text = cut_at_stop(text, stop)
