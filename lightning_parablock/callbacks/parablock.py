@@ -37,6 +37,7 @@ from lightning_parablock.strategies.client_exchange import ExchangeOutcome
 from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.strategies.trainer_checks import check_staleness, check_trainer
+from lightning_parablock.strategies.turns import RoundState
 from lightning_parablock.telemetry.timeline import (
     TIMELINE_FILENAME,
     RoundRecord,
@@ -70,7 +71,7 @@ class ParaBlockCallback(Callback):
             feedback), or a :class:`~lightning_parablock.comm.codecs.Codec`. The server decodes to fp32 before
             aggregating; the bytes counted are the encoded ones. Works with every transport.
         transport: which transport carries the exchange; by default in memory with one process and
-            torch.distributed collectives with several (:class:`~lightning_parablock.comm.transport.ByProcesses`).
+            torch.distributed collectives with several (:class:`~lightning_parablock.comm.by_processes.ByProcesses`).
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class ParaBlockCallback(Callback):
         self.records: list[RoundRecord] = []
         self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
-        self._round: Any = None  # what the strategy said of the round in progress
+        self._round: Optional[RoundState] = None  # what the strategy said of the round in progress
         self._client_loss: dict[int, list[Tensor]] = {}  # client -> its micro-batches' losses this round
         self._shown_client: Optional[int] = None  # the client the progress bar names
 
