@@ -9,8 +9,18 @@ is an error, ``2.0`` is accepted as 2 (YAML and JSON do not always keep the diff
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
 from typing import Any, Optional
+
+
+_QUOTED_TEXT_LIMIT = 300
+
+
+def one_line(error: BaseException) -> str:
+    """Another library's error text on one line and cut short, to quote inside a message of this package's own."""
+    text = re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
+    return text if len(text) <= _QUOTED_TEXT_LIMIT else text[: _QUOTED_TEXT_LIMIT - 3] + "..."
 
 
 def _describe(value: Any) -> str:

@@ -173,7 +173,8 @@ class CausalLMModule(L.LightningModule):
             return self._modules["model"].config
         hparams = self.hparams
         if hparams.model_name_or_path is not None:
-            return load_pretrained(AutoConfig.from_pretrained, "model_name_or_path", hparams.model_name_or_path, hparams.revision)
+            name = hparams.model_name_or_path
+            return load_pretrained(AutoConfig.from_pretrained, "model_name_or_path", name, hparams.revision)
         return AutoConfig.for_model(**hparams.config)
 
     @property

@@ -10,9 +10,10 @@ is used as given (``~`` expanded), and a model folder holds weights.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
+
+from lightning_parablock.argument_checks import one_line
 
 Loaded = TypeVar("Loaded")
 
@@ -22,7 +23,6 @@ WEIGHT_FILES = (
 """What ``save_pretrained`` writes the weights to (one file, or an index of shards)."""
 ADAPTER_CONFIG = "adapter_config.json"
 """A peft adapter's folder: its base model is loaded from the name inside, with the same refusals."""
-_ERROR_TEXT_LIMIT = 300
 
 
 def pretrained_location(
@@ -38,7 +38,8 @@ def pretrained_location(
     """
     given = os.fspath(value)
     path = Path(given).expanduser()
-    looks_local = not isinstance(value, str) or given.startswith((".", "/", "~")) or path.exists() or given.count("/") > 1
+    looks_local = given.startswith((".", "/", "~")) or path.exists() or given.count("/") > 1
+    looks_local = looks_local or not isinstance(value, str)  # a Path object
     if not looks_local:
         return given
     if not path.is_dir():
@@ -99,8 +100,3 @@ def load_pretrained(
         kind = OSError if isinstance(error, OSError) else ValueError  # subclasses may take other arguments
         raise kind(f"Could not load `{name}={given!r}`{at}: {one_line(error).rstrip('.')}; {fix}.") from None
 
-
-def one_line(error: BaseException) -> str:
-    """An error's text on one line and cut short, for a message that quotes another library's words."""
-    text = re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
-    return text if len(text) <= _ERROR_TEXT_LIMIT else text[: _ERROR_TEXT_LIMIT - 3] + "..."

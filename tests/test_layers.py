@@ -15,8 +15,8 @@ PACKAGE = Path(lightning_parablock.__file__).parent
 LAYERS = [
     "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "cli",
 ]  # fmt: skip
-FOUNDATION = {"_compat", "argument_checks", "files", "pretrained"}  # used by every layer; import no other part of the package
-APPLICATION = {"module", "data", "eval"}  # a user's model, data and evaluation: may use any layer but cli
+FOUNDATION = {"_compat", "argument_checks", "files"}  # used by every layer; import no other part of the package
+APPLICATION = {"module", "pretrained", "data", "eval"}  # model and its loading, data, evaluation: any layer but cli
 
 
 def room(module: str) -> str:

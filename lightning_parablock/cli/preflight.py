@@ -1,8 +1,8 @@
 """What ``parablock fit`` checks before the first round, so a bad run stops before it trains or writes anything.
 
 Each check raises a ``ValueError`` naming the values that disagree; the CLI prints it as the one line the user
-sees. The data are loaded and tokenized here too, so an empty file or a corrupt row is found before any run
-folder exists.
+sees. The data are loaded and tokenized here too, and the partition's labels drawn, so an empty file, a corrupt row
+or text that cannot be clustered is found before any run folder exists.
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ class PreflightError(ValueError):
 
 
 def prepare_data(datamodule: Optional[LightningDataModule]) -> None:
-    """Load and tokenize this package's data modules now (they cache it), so data errors come first."""
+    """Load and tokenize this package's data modules now, and draw the labels their partition splits by (they
+    cache both), so data errors come first."""
     if datamodule is None or not type(datamodule).__module__.startswith("lightning_parablock"):
         return
     datamodule.prepare_data()
     datamodule.setup("fit")
+    labels = getattr(datamodule, "labels", None)
+    if callable(labels):
+        labels()
 
 
 def hf_config(module: LightningModule) -> Optional[Any]:
