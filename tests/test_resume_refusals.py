@@ -153,3 +153,22 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file_and_its_payload_never_r
     assert text.startswith(f"The checkpoint {path} cannot be read: "), text
     assert what in text, text
     assert not (tmp_path / "payload_ran").exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "state_dict", "folder"])
+def test_a_models_weights_as_ckpt_path_are_not_a_lightning_checkpoint(saved_run, tmp_path, kind):
+    from safetensors.torch import save_file
+
+    weights = {name: value.clone() for name, value in ToyModule().state_dict().items()}
+    path = {"safetensors": tmp_path / "model.safetensors", "state_dict": tmp_path / "weights.pt", "folder": tmp_path / "model"}[kind]
+    if kind == "safetensors":
+        save_file(weights, path)
+    elif kind == "state_dict":
+        torch.save(weights, path)
+    else:
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    text = refused(saved_run, tmp_path, ckpt_path=path)
+    assert text.startswith(f"The checkpoint {path} "), text
+    assert ("not a Lightning checkpoint" if kind != "folder" else "is a folder with a model's config.json") in text
+    assert "model_name_or_path" in text

@@ -63,8 +63,9 @@ def check_vocabulary(module: LightningModule, tokenizer: Any) -> None:
 
 
 def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]:
-    """The checkpoint ``--ckpt_path`` names, when it is a file (``last``/``best`` are resolved by Lightning)."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    """The checkpoint ``--ckpt_path`` names, when it is a file or a folder (refused: no checkpoint); ``last``/``best``
+    are resolved by Lightning."""
+    if not ckpt_path or not Path(ckpt_path).exists():
         return None
     return read_checkpoint_file(ckpt_path, lambda: torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
 
