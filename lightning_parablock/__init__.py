@@ -1,5 +1,6 @@
 """ParaBlock for PyTorch Lightning: federated block-coordinate fine-tuning with overlapped communication."""
 
+from lightning_parablock import _moved
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
@@ -16,6 +17,8 @@ from lightning_parablock.strategies.flora import FLoRAStrategy
 from lightning_parablock.telemetry.timeline import RoundRecord, RunSummary, load_timeline, modelled_wallclock
 
 __version__ = "0.1.0"
+
+_moved.install()  # the module paths of before the layers (lightning_parablock.strategy ...), for one more release
 
 __all__ = [
     "Aggregator",
