@@ -13,7 +13,6 @@ import re
 from numbers import Integral, Real
 from typing import Any, Optional
 
-
 _QUOTED_TEXT_LIMIT = 300
 
 

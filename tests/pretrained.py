@@ -55,11 +55,13 @@ def save_custom_code_checkpoint(folder: Path, marker: Path, model_type: str = "p
     code = {
         "configuration_custom.py": "from transformers import LlamaConfig\n\n"
         f"class CustomConfig(LlamaConfig):\n    model_type = {model_type!r}\n",
-        "modeling_custom.py": "from transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+        "modeling_custom.py": "from transformers import LlamaForCausalLM\n"
+        "from .configuration_custom import CustomConfig\n\n"
         "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n",
         "tokenization_custom.py": "from transformers import PreTrainedTokenizerFast\n\n"
         "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n",
-        "custom_generate/generate.py": "def generate(model, *args, **kwargs):\n    raise RuntimeError('custom generate ran')\n",
+        "custom_generate/generate.py": "def generate(model, *args, **kwargs):\n"
+        "    raise RuntimeError('custom generate ran')\n",
     }
     for name, text in code.items():
         (folder / name).parent.mkdir(exist_ok=True)

@@ -165,7 +165,9 @@ MALFORMED = {
     "turn_not_a_dict": [["user", "hi"], {"role": "assistant", "content": "A"}],
     "unknown_role": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "A"}],
     "role_not_text": [{"role": 1, "content": "hi"}, {"role": "assistant", "content": "A"}],
-    "content_parts": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "A"}],
+    "content_parts": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "A"},
+    ],
     "content_number": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 4}],
     "no_answer": [{"role": "user", "content": "hi"}],
     "only_a_greeting": [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"}],
@@ -188,7 +190,7 @@ def refusal(folder, rows, **kwargs):
 
 @pytest.mark.parametrize("problem", list(MALFORMED))
 @pytest.mark.parametrize("beside", ["instruction_columns", "other_columns"])
-def test_a_conversation_column_beside_other_columns_is_checked_row_by_row_as_when_it_stands_alone(tmp_path, problem, beside):
+def test_a_conversation_column_beside_other_columns_is_checked_as_when_it_stands_alone(tmp_path, problem, beside):
     def rows(extra):
         good = [{"messages": row["messages"], **extra} for row in chat_rows(4)]
         return [*good[:2], {"messages": MALFORMED[problem], **extra}, *good[2:]]
@@ -238,7 +240,8 @@ def test_a_mixed_type_column_names_the_row_as_written_not_as_datasets_converted_
     rows[0]["messages"][0]["content"] = "0."  # JSON-typed, the column would decode this to 0.0 and blame row 0
     rows[4]["messages"][2]["content"] = [{"type": "text", "text": "More?"}]
     message = refusal(tmp_path / "data", rows)
-    assert message.startswith("Data file '<folder>/chat.jsonl' (line 5), row 4, turn 2: the user turn's content"), message
+    where = "Data file '<folder>/chat.jsonl' (line 5), row 4, turn 2"
+    assert message.startswith(f"{where}: the user turn's content must be text, got list"), message
     assert "list [{'type': 'text'" in message and "join a list of content parts" in message
 
 
@@ -299,7 +302,10 @@ def test_the_datamodule_trains_a_conversation_that_opens_with_a_greeting(tmp_pat
 # --- a template that cannot render a row is one line naming the file and the row ---------------------------------
 
 NO_SYSTEM = "{%- if messages[0]['role'] == 'system' -%}{{ raise_exception('System role not supported') }}{%- endif -%}"
-NO_BOOM = "{%- for m in messages -%}{%- if 'BOOM' in m['content'] -%}{{ raise_exception('no BOOM') }}{%- endif -%}{%- endfor -%}"
+NO_BOOM = (
+    "{%- for m in messages -%}{%- if 'BOOM' in m['content'] -%}{{ raise_exception('no BOOM') }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 DROPS_EARLIER_THINKING = PLAIN_CHAT_TEMPLATE.replace(
     "{{- message['content'] + '</s>' -}}{%- else -%}",
     "{{- (message['content'] if loop.last else message['content'].split('</think>')[-1]) + '</s>' -}}{%- else -%}",
@@ -319,8 +325,9 @@ def test_a_template_that_raises_on_a_row_is_refused_naming_the_file_and_the_row(
 def test_the_row_named_is_the_files_row_after_shuffling_and_holding_out(tmp_path):
     rows = chat_rows(20)
     rows[13]["messages"][3]["content"] = "BOOM"
+    files = write_jsonl(tmp_path / "rows.jsonl", rows)
     message = refusal(tmp_path / "data", rows, tokenizer=chat_tokenizer(NO_BOOM + CHAT_TEMPLATE), val_fraction=0.25,
-                      dataset={"data_files": write_jsonl(tmp_path / "rows.jsonl", rows), "max_examples": 18})  # fmt: skip
+                      dataset={"data_files": files, "max_examples": 18})  # fmt: skip
     assert ", row 13: the tokenizer's chat template refused" in message, message
 
 
@@ -334,12 +341,14 @@ def test_a_template_that_renders_a_prefix_differently_is_one_line_naming_the_row
     rows = chat_rows(4)
     rows[1]["messages"][1]["content"] = "<think>Apples grow on trees.</think>A1"
     message = refusal(tmp_path / "data", rows, tokenizer=chat_tokenizer(DROPS_EARLIER_THINKING))
-    assert message.startswith("<folder>/chat.jsonl [train], row 1: the chat template renders the conversation up to"), message
+    assert message.startswith("<folder>/chat.jsonl [train], row 1: the chat template renders the conversation"), message
     assert "part at character" in message and "{% generation %}" in message
     assert "Apples" not in message and "<s>" not in message  # the rendered text is not dumped
 
 
-@pytest.mark.parametrize("words", ["What is it? Tell me about this.", "", "a b c ? !"], ids=["stop_words", "empty", "too_short"])
+@pytest.mark.parametrize(
+    "words", ["What is it? Tell me about this.", "", "a b c ? !"], ids=["stop_words", "empty", "too_short"]
+)
 def test_cluster_partition_over_turns_without_content_words_names_the_partition_and_an_alternative(tmp_path, words):
     rows = chat_rows(6)
     for row in rows:
@@ -353,8 +362,8 @@ def test_cluster_partition_over_turns_without_content_words_names_the_partition_
 
 
 CLI_CHAT_PROBLEMS = {
-    "template_raises": (NO_SYSTEM + CHAT_TEMPLATE, None, r"chat\.jsonl \[train\], row \d+: the tokenizer's chat template refused"),
-    "prefix_differs": (DROPS_EARLIER_THINKING, "<think>Pasta.</think>Tip", r"chat\.jsonl \[train\], row \d+: the chat template renders"),
+    "template_raises": (NO_SYSTEM + CHAT_TEMPLATE, None, r"chat\.jsonl \[train\], row \d+: the tokenizer's chat"),
+    "prefix_differs": (DROPS_EARLIER_THINKING, "<think>P.</think>Tip", r"chat\.jsonl \[train\], row \d+: the chat"),
     "stop_words": (CHAT_TEMPLATE, "What is it?", r"`partition='cluster'` found no content word"),
 }  # fmt: skip
 

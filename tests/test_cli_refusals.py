@@ -288,7 +288,7 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys, conte
 
 
 @pytest.mark.parametrize("given", ["model.safetensors", "pytorch_model.bin", "folder", "other_dict"])
-def test_a_model_file_or_folder_as_ckpt_path_is_not_a_lightning_checkpoint_and_says_how_to_fine_tune(tmp_path, capsys, given):
+def test_a_model_file_or_folder_as_ckpt_path_says_how_to_fine_tune_from_it(tmp_path, capsys, given):
     from pretrained import save_tiny_checkpoint
     from safetensors.torch import load_file
 

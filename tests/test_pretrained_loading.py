@@ -80,7 +80,8 @@ def test_a_peft_adapter_over_a_base_that_needs_its_own_code_is_refused(tmp_path)
 
     base = save_tiny_checkpoint(tmp_path / "base")
     adapter = tmp_path / "adapter"
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(adapter)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     assert load_model(adapter) is not None  # the adapter loads over its plain base
     marker = tmp_path / "its_code_ran"
@@ -146,5 +147,5 @@ def test_an_uncached_hub_name_offline_is_refused_naming_the_model(monkeypatch):
 
 def test_a_revision_with_a_local_folder_is_refused_not_ignored(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "tiny", torch.float32)
-    with pytest.raises(ValueError, match=r"`revision='v2'` picks a version of a Hub checkpoint, but .* is a local folder"):
+    with pytest.raises(ValueError, match=r"`revision='v2'` picks a version of a Hub checkpoint, but .* is a local"):
         CausalLMModule(model_name_or_path=str(folder), revision="v2")

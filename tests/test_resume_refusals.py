@@ -160,7 +160,8 @@ def test_a_models_weights_as_ckpt_path_are_not_a_lightning_checkpoint(saved_run,
     from safetensors.torch import save_file
 
     weights = {name: value.clone() for name, value in ToyModule().state_dict().items()}
-    path = {"safetensors": tmp_path / "model.safetensors", "state_dict": tmp_path / "weights.pt", "folder": tmp_path / "model"}[kind]
+    names = {"safetensors": "model.safetensors", "state_dict": "weights.pt", "folder": "model"}
+    path = tmp_path / names[kind]
     if kind == "safetensors":
         save_file(weights, path)
     elif kind == "state_dict":
