@@ -33,8 +33,9 @@ def pretrained_location(
 
     A value that looks like a path (``/``, ``./``, ``../``, ``~``, or more than one ``/``) must be a folder:
     Hugging Face would read a missing one as a malformed Hub name. A local folder has one version, so a
-    ``revision`` with it is refused rather than ignored; with ``weights``, a folder must hold a model's weights
-    (or be a peft adapter's), so a config-only folder is refused now rather than when the model first loads.
+    ``revision`` with it is refused rather than ignored; with ``weights``, a folder must hold a model's config and
+    weights (or be a peft adapter's), so a config-only folder is refused now rather than when the model first
+    loads.
     """
     given = os.fspath(value)
     path = Path(given).expanduser()
@@ -53,11 +54,15 @@ def pretrained_location(
             f"`revision={revision!r}` picks a version of a Hub checkpoint, but `{name}={given!r}` is a local folder,"
             " which has only the version on disk: leave `revision` out, or give the Hub name instead of the folder."
         )
-    if weights and not (path / ADAPTER_CONFIG).is_file() and not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise FileNotFoundError(
-            f"`{name}={given!r}` holds no model weights (none of {', '.join(WEIGHT_FILES)} in {path.resolve()}):"
-            " give the folder `save_pretrained` wrote the model to, or train from scratch with `config` instead."
-        )
+    if weights and not (path / ADAPTER_CONFIG).is_file():
+        missing = [] if (path / "config.json").is_file() else ["config.json"]
+        if not any((path / file).is_file() for file in WEIGHT_FILES):
+            missing.append(f"weights (one of {', '.join(WEIGHT_FILES)})")
+        if missing:
+            raise FileNotFoundError(
+                f"`{name}={given!r}` is not a model folder: it holds no {' and no '.join(missing)} ({path.resolve()});"
+                " give the folder `save_pretrained` wrote the model to, or train from scratch with `config` instead."
+            )
     return str(path)
 
 

@@ -106,10 +106,12 @@ def test_parablock_fit_refuses_such_a_checkpoint_in_one_line_before_anything_is_
 # --- a checkpoint that is not there ------------------------------------------------------------------------------
 
 
-def test_a_model_folder_without_weights_is_refused_at_construction(tmp_path):
-    folder = save_tiny_checkpoint(tmp_path / "no_weights")
-    (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"`model_name_or_path='.*no_weights'` holds no model weights"):
+@pytest.mark.parametrize("removed", ["model.safetensors", "config.json"])
+def test_a_model_folder_without_weights_or_config_is_refused_at_construction(tmp_path, removed):
+    folder = save_tiny_checkpoint(tmp_path / "incomplete")
+    (folder / removed).unlink()
+    missing = "weights" if removed == "model.safetensors" else "config.json"
+    with pytest.raises(FileNotFoundError, match=rf"`model_name_or_path='.*incomplete'` is not a model folder: .*{missing}"):
         CausalLMModule(model_name_or_path=str(folder))
 
 
@@ -120,7 +122,7 @@ def test_parablock_fit_refuses_a_model_folder_without_weights_before_the_before_
     args = recipe_args(tmp_path, folder)
     before = snapshot(tmp_path)
     err = refused(capsys, args)
-    assert len(err.strip().splitlines()) == 1 and "holds no model weights" in err, err
+    assert len(err.strip().splitlines()) == 1 and "is not a model folder: it holds no weights" in err, err
     assert_nothing_created(tmp_path, before)
 
 
