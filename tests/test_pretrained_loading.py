@@ -111,7 +111,7 @@ def test_a_model_folder_without_weights_or_config_is_refused_at_construction(tmp
     folder = save_tiny_checkpoint(tmp_path / "incomplete")
     (folder / removed).unlink()
     missing = "weights" if removed == "model.safetensors" else "config.json"
-    with pytest.raises(FileNotFoundError, match=rf"`model_name_or_path='.*incomplete'` is not a model folder: .*{missing}"):
+    with pytest.raises(FileNotFoundError, match=rf"`model_name_or_path='.*incomplete'` is not a model .*{missing}"):
         CausalLMModule(model_name_or_path=str(folder))
 
 
