@@ -20,7 +20,6 @@ from lightning_parablock.argument_checks import (
     check_float,
     check_int,
     check_optional_text,
-    check_pretrained_folder,
 )
 from lightning_parablock.core.checkpoint_files import CheckpointTensors
 from lightning_parablock.core.lora import add_lora, changed_base_weight, check_lora_options
@@ -32,6 +31,7 @@ from lightning_parablock.data.packing import (
     with_packed_attention,
 )
 from lightning_parablock.eval.perplexity import TokenPerplexity
+from lightning_parablock.pretrained import load_pretrained, pretrained_location
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
@@ -67,7 +67,9 @@ class CausalLMModule(L.LightningModule):
             ``"float16"`` or ``"float32"``.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (needs CUDA and ``flash-attn``);
             ``None`` lets transformers choose.
-        revision: The checkpoint's branch, tag or commit on the Hub. Remote code is never trusted.
+        revision: The checkpoint's branch, tag or commit on the Hub (refused with a local folder, which has one).
+            Remote code is never run: a checkpoint that needs its own code is refused by name
+            (:mod:`~lightning_parablock.pretrained`).
     """
 
     def __init__(
@@ -106,14 +108,14 @@ class CausalLMModule(L.LightningModule):
             raise TypeError(f"`lora` must be a dict of `peft.LoraConfig` arguments such as {{'r': 32}}, got {lora!r}.")
         if lora is not None:
             check_lora_options(lora)
-        if isinstance(model_name_or_path, str):
-            check_pretrained_folder("model_name_or_path", model_name_or_path)
         check_bool("gradient_checkpointing", gradient_checkpointing)
         check_choice("dtype", dtype, DTYPES)
         check_attn_implementation(attn_implementation)
         check_optional_text("revision", revision, "a branch, tag or commit of the checkpoint")
         if revision is not None and model_name_or_path is None:
             raise ValueError(f"`revision={revision!r}` names a version of a checkpoint; pass `model_name_or_path` too.")
+        if model_name_or_path is not None:
+            pretrained_location("model_name_or_path", model_name_or_path, revision, weights=True)
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
         self.packed_attention: Optional[PackedAttention] = None
@@ -137,9 +139,10 @@ class CausalLMModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hparams.seed)
             if hparams.model_name_or_path is not None:
-                model = AutoModelForCausalLM.from_pretrained(
-                    hparams.model_name_or_path, revision=hparams.revision, trust_remote_code=False, **options
-                )
+                model = load_pretrained(
+                    AutoModelForCausalLM.from_pretrained, "model_name_or_path", hparams.model_name_or_path,
+                    hparams.revision, weights=True, **options,
+                )  # fmt: skip
             else:
                 if options.get("dtype") == "auto":  # a config has no checkpoint dtype to take
                     options.pop("dtype")
@@ -205,7 +208,8 @@ class CausalLMModule(L.LightningModule):
             return self._modules["model"].config
         hparams = self.hparams
         if hparams.model_name_or_path is not None:
-            return AutoConfig.from_pretrained(hparams.model_name_or_path, revision=hparams.revision)
+            name = hparams.model_name_or_path
+            return load_pretrained(AutoConfig.from_pretrained, "model_name_or_path", name, hparams.revision)
         return AutoConfig.for_model(**hparams.config)
 
     @property

@@ -194,7 +194,11 @@ class ParaBlockCLI(LightningCLI):
             self._output_plan = self._preflight()
         except USAGE_ERRORS as error:
             refuse(error)
-        self._loss_before = self._held_out_loss()
+        try:  # the first time the model is built when nothing else needed it: a load failure is bad input too
+            self._loss_before = self._held_out_loss()
+        except USAGE_ERRORS as error:
+            _remove_new_folders(self._new_folders, self.trainer)
+            refuse(error)
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
