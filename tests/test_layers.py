@@ -16,7 +16,8 @@ LAYERS = [
     "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "cli",
 ]  # fmt: skip
 FOUNDATION = {"_compat", "argument_checks", "files"}  # used by every layer; import no other part of the package
-APPLICATION = {"module", "data", "eval"}  # a user's model, data and evaluation: may use any layer but cli
+DEPRECATED = {"_moved"}  # the module paths of before the layers, built from the new ones; only __init__ imports it
+APPLICATION = {"module", "pretrained", "data", "eval"}  # model and its loading, data, evaluation: any layer but cli
 
 
 def room(module: str) -> str:
@@ -46,6 +47,8 @@ def upward(importer: str, imported: str) -> bool:
     mine, theirs = room(importer), room(imported)
     if mine == theirs or mine == "__init__":
         return False
+    if theirs in DEPRECATED:
+        return True
     if mine in FOUNDATION:
         return True
     if theirs in FOUNDATION:
@@ -61,7 +64,7 @@ def upward(importer: str, imported: str) -> bool:
 
 def test_every_module_lives_in_a_known_room():
     rooms = {room(name) for name in package_imports()}
-    assert rooms <= {*LAYERS, *FOUNDATION, *APPLICATION, "__init__"}, rooms
+    assert rooms <= {*LAYERS, *FOUNDATION, *APPLICATION, *DEPRECATED, "__init__"}, rooms
 
 
 def test_nothing_imports_upward():
@@ -100,5 +103,37 @@ def test_the_core_runs_without_lightning():
             assert not any((n or "").split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path
 
 
+def test_no_module_imports_an_old_module_path():
+    from lightning_parablock._moved import MOVED
+
+    old = {f"lightning_parablock.{name}" for name in MOVED}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.relative_to(PACKAGE)} imports {n}" for n in names if n in old]
+    assert not offenders, offenders
+
+
 def test_at_most_ten_modules_at_the_top():
     assert len(list(PACKAGE.glob("*.py"))) <= 10
+
+
+def test_core_and_aggregation_import_without_lightning_transformers_peft_or_datasets():
+    """``core`` and ``aggregation`` are torch only: a Flower server, a benchmark or a notebook that aggregates
+    deltas does not pay for the training stack. Every module of both, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    modules = sorted(
+        name for name in package_imports() if room(name) in {"core", "aggregation"} or name == "lightning_parablock"
+    )
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('lightning', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

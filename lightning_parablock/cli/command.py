@@ -26,11 +26,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.cli import preflight
+from lightning_parablock.cli import evaluate, preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
-from lightning_parablock.cli.recipe_method import apply_method
+from lightning_parablock.cli.recipe_method import apply_method, written_for_by_file
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
 from lightning_parablock.telemetry import report
@@ -84,7 +84,8 @@ class ConciseArgumentParser(LightningArgumentParser):
 
 
 class ConciseReportParser(argparse.ArgumentParser):
-    """``parablock report``'s errors as one line, as ``fit``'s are, instead of argparse's usage text first."""
+    """``parablock report``'s and ``evaluate``'s errors as one line, as ``fit``'s are, instead of argparse's usage
+    text first."""
 
     def error(self, message: str) -> NoReturn:
         refuse(f"{message}\n(`{self.prog} --help` lists the options.)")
@@ -130,9 +131,10 @@ class ParaBlockCLI(LightningCLI):
             type=Optional[MethodName],
             default=None,
             help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
-            " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
-            " otherwise (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
-            " the config as written.",
+            " callback's staleness and aggregator and the module's LoRA. What a config file with another `method:`"
+            " line sets for its own method gives way (a note says so); your own conflicting settings are refused"
+            " (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default: the"
+            " config as written.",
         )
         parser.add_argument(
             "--output_dir",
@@ -165,7 +167,7 @@ class ParaBlockCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("method"):
             try:
-                notes = apply_method(config, config.method)
+                notes = apply_method(config, config.method, written_for_by_file(config))
             except USAGE_ERRORS as error:
                 refuse(error)
             for note in notes:
@@ -192,7 +194,11 @@ class ParaBlockCLI(LightningCLI):
             self._output_plan = self._preflight()
         except USAGE_ERRORS as error:
             refuse(error)
-        self._loss_before = self._held_out_loss()
+        try:  # the first time the model is built when nothing else needed it: a load failure is bad input too
+            self._loss_before = self._held_out_loss()
+        except USAGE_ERRORS as error:
+            _remove_new_folders(self._new_folders, self.trainer)
+            refuse(error)
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
@@ -340,17 +346,22 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 DESCRIPTION = (
-    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's"
-    " (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table"
-    " and draws its figures (`parablock report --help`)."
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict, report and evaluate. The first four are"
+    " LightningCLI's (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished"
+    " run's table and draws its figures (`parablock report --help`); `parablock evaluate MODEL --data FILE` scores a"
+    " saved model's answers to your own chat data (`parablock evaluate --help`)."
 )
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``parablock report ...`` draws a finished run; anything else goes to LightningCLI (fit, validate ...)."""
+    """``parablock report ...`` draws a finished run, ``parablock evaluate ...`` scores a saved model; anything else
+    goes to LightningCLI (fit, validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         report.main(argv[1:], parser_class=ConciseReportParser)
+        return
+    if argv[:1] == ["evaluate"]:
+        evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
     if flag is not None:

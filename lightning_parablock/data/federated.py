@@ -194,7 +194,8 @@ class FederatedDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hparams = self.hparams
-        examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in self._sources().items()}
+        sources = self._sources()
+        examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in sources.items()}
         if hparams.val_fraction > 0:
             rows = len(examples["train"])
             if math.ceil(hparams.val_fraction * rows) >= rows:  # how `train_test_split` sizes the held-out part
@@ -207,8 +208,9 @@ class FederatedDataModule(L.LightningDataModule):
             examples["train"], examples["val"] = held_out["train"], held_out["test"]
         tokenized = {}
         for split, rows in examples.items():
+            where = sources.get(split, self.source).describe()  # a held-out fraction comes from the training data
             tokenized[split], report = tokenize_dataset(
-                rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc
+                rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc, where
             )
             self.reports[split] = report
             if split == "train":

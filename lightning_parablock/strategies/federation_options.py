@@ -9,13 +9,15 @@ arguments that ``DDPStrategy`` takes (device, backend, timeout) are checked by :
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Optional, Union, get_args
 
 import torch
 from torch import nn
 
+from lightning_parablock.aggregation.aggregator import Weighting
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -36,7 +38,10 @@ from lightning_parablock.core.planning import participants_per_round
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, ScheduleKind
 from lightning_parablock.strategies.run_settings import RunSettings
 
-Weighting = Literal["uniform", "samples"]
+DECODER_BLOCK_OPTIONS = ("layers_per_block", "layer_split", "remainder", "include_embeddings", "include_head")
+"""How the decoder's layers are cut into blocks; ``block_patterns`` replaces them."""
+SCHEDULE_OPTIONS = ("schedule", "schedule_spacing")
+"""Which block a round trains; nothing to choose with one block."""
 _FLAGS = ("include_embeddings", "include_head", "shuffle", "offload_deltas", "master_weights")
 _PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
@@ -59,7 +64,7 @@ class FederationOptions:
     global_lr: float = 1.0
     participation: float = 1.0
     clients_per_round: Optional[int] = None
-    weighting: Weighting = "uniform"
+    weighting: Optional[Weighting] = None  # deprecated: the aggregator's
     seed: int = 0
     shuffle: bool = True
     offload_deltas: bool = False
@@ -81,7 +86,8 @@ class FederationOptions:
                 f" with schedule={self.schedule!r}."
             )
         check_choice("optimizer_state", self.optimizer_state, get_args(OptimizerStatePolicy))
-        check_choice("weighting", self.weighting, get_args(Weighting))
+        if self.weighting is not None:
+            check_choice("weighting", self.weighting, get_args(Weighting))
         normalize("global_lr", check_float("global_lr (η)", self.global_lr, minimum=0.0, min_open=True))
         normalize(
             "participation", check_float("participation", self.participation, minimum=0.0, maximum=1.0, min_open=True)
@@ -92,10 +98,39 @@ class FederationOptions:
             check_bool(name, getattr(self, name))
         if self.block_patterns is not None:
             compile_block_patterns(self.block_patterns)  # refuse a bad pattern now, not when training starts
+            self._check_unused_with_patterns()
         normalize(
             "participants_per_round",
             participants_per_round(self.num_clients, self.participation, self.clients_per_round),
         )
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of option ``name``."""
+        return cls.__dataclass_fields__[name].default
+
+    def changed(self, names: Sequence[str]) -> dict[str, Any]:
+        """Those of the options ``names`` given a value other than their default."""
+        return {name: getattr(self, name) for name in names if getattr(self, name) != self.default(name)}
+
+    def _check_unused_with_patterns(self) -> None:
+        """Refuse a decoder-block option next to ``block_patterns`` (which replaces the decoder's blocks), and a
+        schedule with a single block (which every round trains): a setting that silently does nothing."""
+        decoder = self.changed(DECODER_BLOCK_OPTIONS)
+        if decoder:
+            name, value = next(iter(decoder.items()))
+            raise ValueError(
+                f"`block_patterns` replaces the decoder's blocks, so `{name}={value!r}` does not apply: leave it at"
+                f" its default {self.default(name)!r}, or drop `block_patterns` to cut the decoder's layers into"
+                " blocks."
+            )
+        schedule = self.changed(SCHEDULE_OPTIONS) if len(self.block_patterns) == 1 else {}
+        if schedule:
+            name, value = next(iter(schedule.items()))
+            raise ValueError(
+                f"`block_patterns` gives one block, which every round trains, so `{name}={value!r}` does not apply:"
+                f" leave it at its default {self.default(name)!r}, or give several blocks."
+            )
 
     def partition(self, model: nn.Module) -> BlockPartition:
         """The model's blocks: by ``block_patterns`` where given, else by the decoder's layers."""
@@ -116,6 +151,22 @@ class FederationOptions:
             return 1
         return self.schedule_spacing or max(1, staleness or 1)
 
+    def spacing_shortfall(self, num_blocks: int, staleness: Optional[int]) -> Optional[str]:
+        """Why the spaced schedule cannot keep its promise with ``num_blocks`` blocks, or ``None`` when it can.
+
+        With no more blocks than the window, some round must train a block trained within the window: under
+        staleness s that client trains on top of its own delta, still pending.
+        """
+        spacing = self.spacing(staleness)
+        if self.schedule != "spaced" or num_blocks > spacing:
+            return None
+        return (
+            f"schedule='spaced' keeps a block out of the {spacing} rounds after it is trained, but the model has only"
+            f" {num_blocks} block(s): every {num_blocks} rounds a block comes back while its delta from"
+            f" {num_blocks} round(s) before is still pending (staleness {staleness}). Use more blocks than {spacing}"
+            f" (a smaller `layers_per_block`), or a staleness below {num_blocks}."
+        )
+
     def run_settings(self, staleness: Optional[int]) -> RunSettings:
         """The options that define the run (:mod:`~lightning_parablock.strategies.run_settings`), under the names
         checkpoints have always used; where deltas live (``offload_deltas``) and how blocks are cut (checked
@@ -126,7 +177,6 @@ class FederationOptions:
             "schedule_spacing": self.spacing(staleness),
             "clients_per_round": self.participants_per_round,
             "local_steps": self.local_steps,
-            "weighting": self.weighting,
             "optimizer_state": self.optimizer_state,
             "global_lr": self.global_lr,
             "shuffle": self.shuffle,
