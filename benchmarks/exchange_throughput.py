@@ -142,70 +142,81 @@ class PathResult:
 
 
 def stage_times(delta: dict[str, Any], layout: list[tuple[str, torch.Size]], repeats: int) -> dict[str, Timing]:
-    """The per-client stages of the path, each the library's own function, alone on one thread."""
-    from lightning_parablock.aggregation.nonfinite import all_finite
+    """The per-client stages of the path, each the library's own function, alone on one thread: the codec's decode
+    (bf16 only: an fp32 delta decodes to itself), and the mean's one pass that adds a delta into the sum and checks
+    it for NaN/Inf, into a new sum (the round's first client: the sum's memory is touched for the first time) and
+    into one already touched (each further client)."""
+    from lightning_parablock import MeanAggregator
     from lightning_parablock.comm.codecs import as_encoded, decode_delta
-    from lightning_parablock.comm.distributed import _flatten  # the transport's flatten (private: this path's stage)
 
     torch.set_num_threads(1)
     stages = {}
-    if any(not isinstance(t, torch.Tensor) for t in delta.values()):  # an fp32 delta decodes to itself
+    if any(not isinstance(t, torch.Tensor) for t in delta.values()):
         stages["decode"] = timed(lambda: decode_delta(as_encoded(delta)), repeats)
-    decoded = decode_delta(as_encoded(delta))
-    stages["flatten"] = timed(lambda: _flatten(decoded, layout), repeats)
-    flat = _flatten(decoded, layout)
-    del decoded
-    stages["check"] = timed(lambda: all_finite(flat), repeats)
-    partial = torch.zeros_like(flat)
-    stages["sum"] = timed(lambda: partial.add_(flat, alpha=0.5), repeats)
+    decoded = {0: decode_delta(as_encoded(delta))}
+    numel = sum(shape.numel() for _, shape in layout)
+    aggregator = MeanAggregator()
+
+    def into_a_new_sum() -> Any:
+        total = torch.zeros(numel, dtype=torch.float32)
+        aggregator.accumulate(views_of(total, layout), decoded, {0: 0.5})
+        return total
+
+    stages["new sum"] = timed(into_a_new_sum, repeats)
+    total = views_of(into_a_new_sum(), layout)
+    stages["sum"] = timed(lambda: aggregator.accumulate(total, decoded, {0: 0.5}), repeats)
     return stages
 
 
+def views_of(flat: torch.Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    """The block's tensors as views of one flat buffer, as the collective transport sums them."""
+    views, offset = {}, 0
+    for name, shape in layout:
+        views[name] = flat[offset : offset + shape.numel()].view(shape)
+        offset += shape.numel()
+    return views
+
+
 def in_memory(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathResult:
-    """Every client in this process: the default transport on a real CommWorker."""
-    from lightning_parablock import Aggregator, SimulatedLink
-    from lightning_parablock.aggregation.nonfinite import non_finite_clients
-    from lightning_parablock.aggregation.rules import weighted_sum
-    from lightning_parablock.comm.codecs import decode_delta
+    """Every client in this process: the in-memory transport on a real CommWorker."""
+    from lightning_parablock import MeanAggregator, SimulatedLink
+    from lightning_parablock.comm.in_memory import InMemoryTransport
     from lightning_parablock.comm.worker import CommWorker
 
     layout = shape.layout()
     deltas = {client: make_delta(layout, wire, client) for client in range(clients)}
-    weights = {client: 1.0 for client in deltas}
-    result = PathResult("in memory", wire, clients)
-    decoded = {c: decode_delta(d) if wire == "bf16" else d for c, d in deltas.items()}
-    if wire == "bf16":
-        result.stages["decode"] = timed(lambda: decode_delta(deltas[0]), repeats)
-    result.stages["check"] = timed(lambda: non_finite_clients({0: decoded[0]}), repeats)
-    summed = timed(lambda: weighted_sum(decoded, {c: 1 / clients for c in decoded}), repeats)
-    result.stages["sum"] = Timing(summed.wall / clients, summed.cpu / clients)
-    del decoded
-    worker = CommWorker(SimulatedLink(), timeout_s=3600.0, aggregator=Aggregator())
+    result = PathResult("in memory", wire, clients, stages=stage_times(deltas[0], layout, repeats))
+    worker = CommWorker(InMemoryTransport(MeanAggregator(), SimulatedLink()), timeout_s=3600.0)
     try:
-        result.round = timed(round_of(worker, deltas, weights), repeats)
+        result.round = timed(round_of(worker, deltas), repeats)
     finally:
         worker.shutdown()
     return result
 
 
-def round_of(worker: Any, deltas: dict[int, Any], weights: dict[int, float]) -> Callable[[], Any]:
+def round_of(worker: Any, deltas: dict[int, Any]) -> Callable[[], Any]:
     """One whole exchange through ``worker`` per call: submit, then wait for the aggregate."""
+    from lightning_parablock.comm.transport import RoundUploads
+
     rounds = iter(range(1_000_000))
+    weights = {client: 1.0 for client in deltas}
 
     def one_round() -> Any:
         round_index = next(rounds)
-        worker.submit(round_index, 0, deltas, weights)
+        worker.submit(RoundUploads(round_index, 0, deltas, weights))
         return worker.wait(round_index)
 
     return one_round
 
 
 def rank_main(args: argparse.Namespace) -> None:
-    """One of the two processes: its clients' stages, gloo's all-reduce, then whole rounds through the real worker."""
+    """One of the two processes: its clients' stages, gloo's all-reduce, then whole rounds through the real worker
+    and the transport the default ``ByProcesses`` builds for several processes."""
     import torch.distributed as dist
 
-    from lightning_parablock import Aggregator, SimulatedLink
-    from lightning_parablock.comm.distributed import collective_worker
+    from lightning_parablock import ByProcesses, MeanAggregator, SimulatedLink
+    from lightning_parablock.comm.transport import ExchangeContext
+    from lightning_parablock.comm.worker import CommWorker
 
     torch.set_num_threads(1)
     shape = BlockShape(**json.loads(args.shape))
@@ -214,15 +225,18 @@ def rank_main(args: argparse.Namespace) -> None:
     n = args.clients
     placement = [client // n for client in range(2 * n)]
     deltas = {c: make_delta(layout, args.wire, c) for c in range(2 * n) if placement[c] == args.rank}
-    result = PathResult("2 processes", args.wire, n)
-    result.stages = stage_times(next(iter(deltas.values())), layout, args.repeats)
+    result = PathResult("2 processes", args.wire, n, stages=stage_times(next(iter(deltas.values())), layout, args.repeats))
     partial = torch.zeros(shape.numel, dtype=torch.float32)
     group = dist.new_group(backend="gloo")
     result.stages["all-reduce"] = timed(lambda: dist.all_reduce(partial, group=group), args.repeats, dist.barrier)
     del partial
-    worker = collective_worker(SimulatedLink(), Aggregator(), 3600.0, placement, lambda block: layout, torch.device("cpu"))
+    context = ExchangeContext(
+        aggregator=MeanAggregator(), link=SimulatedLink(), timeout_s=3600.0, placement=placement, member=args.rank,
+        members=2, block_layout=lambda block: layout, device=torch.device("cpu"),
+    )  # fmt: skip
+    worker = CommWorker(ByProcesses().build(context), timeout_s=3600.0)
     try:
-        result.round = timed(round_of(worker, deltas, {client: 1.0 for client in deltas}), args.repeats, dist.barrier)
+        result.round = timed(round_of(worker, deltas), args.repeats, dist.barrier)
     finally:
         worker.shutdown()
     dist.barrier()
@@ -287,14 +301,12 @@ def available_gb() -> float:
 
 
 def need_gb(path: str, wire: str, clients: int, block_gb: float) -> float:
-    """Peak memory of a configuration as the path stands: deltas, decoded and flat copies, the sum, processes."""
+    """Peak memory of a configuration: the uploads, their fp32 decodes (bf16 only: the transport decodes every
+    client before it sums), and two sums (the stages' new and touched ones; the round's one), per process."""
     upload = block_gb / 2 if wire == "bf16" else block_gb
-    if path == "in memory":  # the transport decodes every client before it sums; the sum; a decoded one (stages)
-        decoded = clients * block_gb if wire == "bf16" else 0.0
-        return clients * upload + decoded + 2 * block_gb + PROCESS_GB
-    # per rank: deltas, a flat fp32 copy of each, the partial sum, one decoded delta while it is flattened
-    per_rank = clients * upload + clients * block_gb + block_gb + (block_gb if wire == "bf16" else 0.0)
-    return 2 * (per_rank + PROCESS_GB)
+    decoded = clients * block_gb if wire == "bf16" else 0.0
+    per_process = clients * upload + decoded + 2 * block_gb + PROCESS_GB
+    return per_process if path == "in memory" else 2 * per_process
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -304,21 +316,22 @@ def format_report(results: list[PathResult], block_gb: float, reference: dict[st
     """Per configuration: each stage's GB of fp32 delta per CPU second; the round's wall and CPU seconds and the
     clients' GB per CPU second of the whole round, against single-thread memcpy."""
     memcpy = reference["memcpy"]
+    columns = (("decode", 6), ("new sum", 7), ("sum", 6), ("all-reduce", 10))
     lines = [
-        f"{'path':>11} {'wire':>4} {'clients':>7} | {'decode':>6} {'flatten':>7} {'check':>6} {'sum':>6}"
-        f" {'allreduce':>9} | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9}",
-        f"{'':>11} {'':>4} {'/proc':>7} | {'GB/s per CPU second, each stage alone':^39} |",
-        "-" * 101,
-    ]
+        f"{'path':>11} {'wire':>4} {'clients':>7} | " + " ".join(f"{name:>{width}}" for name, width in columns)
+        + f" | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9}",
+        f"{'':>11} {'':>4} {'/proc':>7} | {'GB/s per CPU second, alone':^32} |",
+        "-" * 98,
+    ]  # fmt: skip
     for r in results:
         head = f"{r.path:>11} {r.wire:>4} {r.clients:>7}"
         if r.skipped:
             lines.append(f"{head} | skipped: {r.skipped}")
             continue
-        cells = []
-        for stage, width in (("decode", 6), ("flatten", 7), ("check", 6), ("sum", 6), ("all-reduce", 9)):
-            timing = r.stages.get(stage)
-            cells.append(f"{block_gb / timing.cpu:{width}.2f}" if timing else f"{'-':>{width}}")
+        cells = [
+            f"{block_gb / r.stages[stage].cpu:{width}.2f}" if stage in r.stages else f"{'-':>{width}}"
+            for stage, width in columns
+        ]
         rate = r.clients * block_gb / r.round.cpu
         lines.append(
             f"{head} | {' '.join(cells)} | {r.round.wall:7.2f} {r.round.cpu:6.2f} {rate:8.2f} {rate / memcpy:9.0%}"

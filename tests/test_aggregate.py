@@ -16,8 +16,9 @@ from lightning_parablock import (
     ParaBlockCallback,
     TrimmedMeanAggregator,
 )
+from lightning_parablock.aggregation import rules
 from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError, all_finite
-from lightning_parablock.aggregation.rules import clip_by_norm
+from lightning_parablock.aggregation.rules import SLICE_VALUES, add_weighted, clip_by_norm
 
 
 def honest_and_one_attacker(num_honest=6):
@@ -83,6 +84,59 @@ def test_skip_policy_leaves_the_bad_client_out_and_renormalizes():
         MeanAggregator()(deltas, {0: 0.25, 1: 0.5, 2: 0.25})
     with pytest.raises(NonFiniteDeltaError, match="Every client"):
         MeanAggregator(nonfinite="skip")({1: deltas[1]}, {1: 1.0})
+
+
+def test_the_weighted_sum_checks_each_slice_of_a_delta_right_after_adding_it(monkeypatch):
+    # Large host tensors are added slice by slice and each slice checked while it is in the cache: the check is
+    # never a second pass over a whole delta, and a NaN or Inf anywhere (a middle slice, the last partial one, a
+    # small tensor) is found and named.
+    numel = 2 * SLICE_VALUES + 123
+    generator = torch.Generator().manual_seed(0)
+    deltas = {c: {"a": torch.randn(numel, generator=generator), "b": torch.randn(7, generator=generator)} for c in range(4)}
+    deltas[1]["a"][SLICE_VALUES + 5] = math.inf
+    deltas[2]["a"][-1] = math.nan
+    deltas[3]["b"][0] = -math.inf
+    weights = {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    checked = []
+
+    def recorded(tensor):
+        checked.append((tensor.data_ptr(), tensor.numel()))
+        return all_finite(tensor)
+
+    monkeypatch.setattr(rules, "all_finite", recorded)
+    total = {"a": torch.zeros(numel), "b": torch.zeros(7)}
+    assert add_weighted(total, deltas, weights) == {1: "a", 2: "a", 3: "b"}
+    slices = [(start, min(SLICE_VALUES, numel - start)) for start in range(0, numel, SLICE_VALUES)]
+    checked_slices = {0: slices, 1: slices[:2], 2: slices, 3: slices}  # client 1's Inf ends its check in slice 1
+    expected = [
+        piece
+        for c in range(4)
+        for piece in [(deltas[c]["a"].data_ptr() + 4 * start, size) for start, size in checked_slices[c]]
+        + [(deltas[c]["b"].data_ptr(), 7)]
+    ]
+    assert checked == expected
+    # Slicing changes no bit of the sum.
+    whole = {"a": torch.zeros(numel), "b": torch.zeros(7)}
+    for c in range(4):
+        for name in whole:
+            whole[name].add_(deltas[c][name], alpha=weights[c])
+    for name in whole:
+        torch.testing.assert_close(total[name], whole[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_mean_finds_a_non_finite_delta_in_its_one_pass_and_sums_the_kept_clients_again():
+    numel = SLICE_VALUES + 10
+    generator = torch.Generator().manual_seed(1)
+    deltas = {c: {"w": torch.randn(numel, generator=generator)} for c in range(3)}
+    deltas[1]["w"][-1] = math.nan
+    weights = {0: 1.0, 1: 2.0, 2: 3.0}
+    result = MeanAggregator(nonfinite="skip")(deltas, weights)
+    assert result.skipped_clients == [1]
+    kept = MeanAggregator()({0: deltas[0], 2: deltas[2]}, {0: 1.0, 2: 3.0})
+    assert torch.equal(result.aggregate["w"], kept.aggregate["w"])
+    assert all_finite(result.aggregate["w"])
+    with pytest.raises(NonFiniteDeltaError, match="Client 1 sent a non-finite delta for 'w'"):
+        MeanAggregator()(deltas, weights)
 
 
 def test_the_old_configurable_aggregator_builds_the_rules_class_and_says_so():

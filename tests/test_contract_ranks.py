@@ -1,5 +1,6 @@
 """The same aggregator between two real ranks: every delta gathered gives the in-memory bits; partial sums agree
-to fp32 rounding (the ranks add their own clients first, so the order of the additions differs)."""
+to fp32 rounding (the ranks add their own clients first, so the order of the additions differs). A non-finite
+delta on one rank is left out on both, or makes both raise naming it, whichever rule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from aggregation_ranks import RULES, WEIGHTS, round_deltas
+from aggregation_ranks import BAD_CLIENT, RULES, SKIPPING, WEIGHTS, round_deltas
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SCRIPT = Path(__file__).parent / "aggregation_ranks.py"
@@ -41,12 +42,23 @@ def test_two_ranks_aggregate_as_one_process_does(tmp_path):
         except ProcessLookupError:
             pass
     assert process.returncode == 0, output.decode()[-3000:]
-    over_ranks = torch.load(out, weights_only=True)
-    deltas = round_deltas()
-    for name, aggregator in RULES.items():
-        in_one_process = aggregator(deltas, WEIGHTS).aggregate
-        for tensor in in_one_process:
-            if aggregator.reduces_from_partial_sums:
-                torch.testing.assert_close(over_ranks[name][tensor], in_one_process[tensor], rtol=1e-6, atol=1e-7)
-            else:
-                assert torch.equal(over_ranks[name][tensor], in_one_process[tensor]), (name, tensor)
+    ranks = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in (0, 1)]
+    for round_index, rules, with_nan in ((0, RULES, False), (1, SKIPPING, True)):
+        deltas = round_deltas(with_nan)
+        for name, aggregator in rules.items():
+            in_one_process = aggregator(deltas, WEIGHTS)
+            for over_ranks in ranks:
+                aggregate, skipped = over_ranks[round_index, name]
+                assert skipped == in_one_process.skipped_clients == ([BAD_CLIENT] if with_nan else [])
+                for tensor in in_one_process.aggregate:
+                    expected = in_one_process.aggregate[tensor]
+                    if aggregator.reduces_from_partial_sums:
+                        torch.testing.assert_close(aggregate[tensor], expected, rtol=1e-6, atol=1e-6)
+                    else:
+                        assert torch.equal(aggregate[tensor], expected), (name, tensor)
+    for name in RULES:  # the "raise" policy: both ranks stop, naming the client, its rank and, on its own, the tensor
+        for rank, tensor in ((0, ""), (1, " for 'c'")):
+            assert ranks[rank][2, name] == (
+                f"NonFiniteDeltaError: Client {BAD_CLIENT} (rank 1) sent a non-finite delta{tensor}"
+                " (Aggregator(nonfinite='skip') leaves such clients out instead)."
+            ), (name, rank)

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_parablock import FederatedBlockStrategy, SimulatedLink
 from lightning_parablock.aggregation import MeanAggregator
+from lightning_parablock.aggregation import rules as rules_module
 from lightning_parablock.comm import distributed as distributed_module
 from lightning_parablock.comm.by_processes import ByProcesses
 from lightning_parablock.comm.distributed import GROUP_TIMEOUT_MARGIN_S
@@ -100,6 +101,27 @@ def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_ran
     result = transport.exchange(RoundUploads(0, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}), threading.Event())
     assert torch.equal(result.aggregate["w"], torch.ones(3))
     assert pinned_requests[-1] is True  # the sum; the status row is tiny and stays pageable
+
+
+def test_in_memory_the_sum_is_pinned_when_the_deltas_are(monkeypatch):
+    # Deltas staged from a GPU are in pinned host memory: the in-memory sum is pinned too (torch caches pinned
+    # buffers, so no new pages each round, and the boundary's upload does not block the host).
+    pinned_requests = []
+    real_zeros = torch.zeros
+
+    def zeros(*args, pin_memory=False, **kwargs):  # a CPU build cannot pin: record the request instead
+        pinned_requests.append(pin_memory)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(rules_module.torch, "zeros", zeros)
+    transport = InMemoryTransport(MeanAggregator(), SimulatedLink())
+    uploads = RoundUploads(0, 0, {0: {"w": torch.ones(3)}, 1: {"w": torch.ones(3)}}, {0: 1.0, 1: 1.0})
+    transport.exchange(uploads, threading.Event())
+    assert pinned_requests == [False]  # pageable deltas, a pageable sum
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    result = transport.exchange(uploads, threading.Event())
+    assert pinned_requests == [False, True]
+    assert torch.equal(result.aggregate["w"], torch.ones(3))
 
 
 # ----------------------------------------------------------------- 6: the comm thread's device

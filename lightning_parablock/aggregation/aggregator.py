@@ -81,18 +81,30 @@ class Aggregator(metaclass=_BuildsTheRule):
         self.check(deltas)
         if not set(deltas) <= set(weights):
             raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
-        bad = non_finite_clients(deltas)
-        kept = kept_clients(list(deltas), bad, self.nonfinite)
-        aggregate = self.combine({c: deltas[c] for c in kept}, normalized_weights(weights, kept))
+        aggregate, bad = self.checked_combine(deltas, normalized_weights(weights, sorted(deltas)))
+        if bad:  # the rare path: the policy raises, or the kept clients are combined again
+            kept = kept_clients(list(deltas), bad, self.nonfinite)
+            aggregate = self.combine({c: deltas[c] for c in kept}, normalized_weights(weights, kept))
         return AggregateResult(aggregate, sorted(bad))
+
+    def checked_combine(
+        self, deltas: Deltas, weights: Mapping[int, float]
+    ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]]]:
+        """Δ_t over every delta given, and the clients whose delta holds NaN or Inf (with the first such tensor's
+        name); the aggregate is ``None`` when there are any. This checks every delta, then combines; a rule that
+        can check while it combines (the mean) overrides it and reads each delta once."""
+        bad = non_finite_clients(deltas)
+        return (None if bad else self.combine(deltas, weights)), bad
 
     def combine(self, deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Tensor]:
         """The rule itself, over finite deltas and weights that sum to 1 (ignore them if the rule is unweighted)."""
         raise NotImplementedError(f"{type(self).__name__} must implement `combine(deltas, weights)`.")
 
-    def accumulate(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> None:
-        """Add these clients' share of Δ_t into ``total`` in place; ``weights`` are normalized over every client the
-        round keeps, on every rank. Only for rules with :attr:`reduces_from_partial_sums`."""
+    def accumulate(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
+        """Add these clients' share of Δ_t into ``total`` in place, and return the clients whose delta holds NaN or
+        Inf (with the first such tensor's name), found in the same pass: their values are in ``total`` too, and the
+        caller sums the kept clients again. ``weights`` are normalized over every client the round keeps, on every
+        rank. Only for rules with :attr:`reduces_from_partial_sums`."""
         raise NotImplementedError(f"{type(self).__name__} needs every client's delta; it has no partial sums.")
 
     def settings(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Pure aggregation rules over client deltas keyed by client id: Σ w_i Δ^i, median, trimmed mean, clipping.
 
 Every rule accumulates in fp32 whatever the dtype on the wire, so bf16 deltas do not lose their small
-components here. None of them decides about non-finite deltas: that is :mod:`.nonfinite`'s one policy.
+components here. The weighted sum finds non-finite deltas while it adds them (each delta is read from memory once);
+none of the rules decides about them: that is :mod:`.nonfinite`'s one policy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_parablock.aggregation.nonfinite import all_finite
+
 Deltas = Mapping[int, Mapping[str, Tensor]]
+
+SLICE_VALUES = 1 << 20
+"""Values per slice when a host tensor is added into a sum (4 MB of fp32): each slice is checked for NaN/Inf right
+after it is added, while it is still in the cache, so checking costs no second read of the delta from memory."""
 
 
 def _fixed(shape: torch.Size, free_dim: Optional[int]) -> tuple[int, ...]:
@@ -47,22 +54,56 @@ def check_deltas(deltas: Deltas, free_dim: Callable[[str], Optional[int]] = lamb
 
 
 def weighted_sum(deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Tensor]:
-    """Σ_i w_i Δ^i in fp32 (the weights as given: normalize them for a mean)."""
-    names = check_deltas(deltas)
-    first = deltas[min(deltas)]
-    total = {name: torch.zeros_like(first[name], dtype=torch.float32) for name in names}
+    """Σ_i w_i Δ^i in fp32 (the weights as given: normalize them for a mean) over finite deltas."""
+    total = zeros_like_delta(deltas)
     add_weighted(total, deltas, weights)
     return total
 
 
-def add_weighted(total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> None:
-    """``total += Σ_i w_i Δ^i`` in place, clients in ascending id: each delta is read once, nothing is copied
-    (a partial sum of the clients one process holds)."""
+def zeros_like_delta(deltas: Deltas) -> dict[str, Tensor]:
+    """A zero fp32 tensor for every name the clients sent, to sum into, where the deltas are: in pinned host memory
+    when they are (staged from a GPU), so the sum comes from torch's cache of pinned buffers instead of new pages
+    every round, and its upload at the round boundary does not block the host."""
+    names = check_deltas(deltas)
+    first = deltas[min(deltas)]
+    return {
+        name: torch.zeros(
+            first[name].shape, dtype=torch.float32, device=first[name].device, pin_memory=first[name].is_pinned()
+        )
+        for name in names
+    }
+
+
+def add_weighted(total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
+    """``total += Σ_i w_i Δ^i`` in place, clients in ascending id, and the clients whose delta holds NaN or Inf,
+    with the first such tensor's name, found in the same pass: each delta is read from memory once, nothing is
+    copied (a partial sum of the clients one process holds). A non-finite delta is added too: whoever gets any
+    back leaves that sum and adds the clients it keeps again."""
     if not set(deltas) <= set(weights):
         raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
+    non_finite: dict[int, str] = {}
     for client in sorted(deltas):
         for name, tensor in deltas[client].items():
-            total[name].add_(tensor, alpha=weights[client])
+            if not _add_checking(total[name], tensor, weights[client]) and client not in non_finite:
+                non_finite[client] = name
+    return non_finite
+
+
+def _add_checking(total: Tensor, delta: Tensor, weight: float) -> bool:
+    """``total += weight × delta``; whether ``delta`` is finite. A large contiguous host tensor goes slice by slice,
+    each checked while it is in the cache; anything else is added, then checked (a GPU reads fast enough, and a
+    check per slice there would wait for the device each time)."""
+    on_host = delta.device.type == "cpu" and delta.is_contiguous() and total.is_contiguous()
+    if not on_host or delta.numel() <= SLICE_VALUES:
+        total.add_(delta, alpha=weight)
+        return all_finite(delta)
+    flat_total, flat_delta = total.view(-1), delta.view(-1)
+    finite = True
+    for start in range(0, flat_delta.numel(), SLICE_VALUES):
+        piece = flat_delta[start : start + SLICE_VALUES]
+        flat_total[start : start + SLICE_VALUES].add_(piece, alpha=weight)
+        finite = finite and all_finite(piece)
+    return finite
 
 
 def _stacked(deltas: Deltas, name: str) -> Tensor:

@@ -4,10 +4,11 @@ Each rank hosts a fixed share of the clients (:func:`place_clients`). An exchang
 on a process group of the transport's own (Lightning uses the default group from the main thread
 every batch; a collective on it from the communication thread would deadlock):
 
-1. a small all-reduce of who sent a delta, with which weight and whether it is finite, so every rank
-   takes the same decision about non-finite clients and normalizes the same weights;
-2. the weighted sum of the kept deltas by all-reduce, or, for the robust aggregators that need every
-   delta (median, trimmed mean), an all-gather of them.
+1. a small all-reduce of who sent a delta and with which weight, so every rank normalizes the same weights;
+2. the weighted sum of the deltas by all-reduce, with one flag per client behind it for a delta that held NaN or
+   Inf (found while it was added), so every rank takes the same decision about non-finite clients; or, for the
+   robust aggregators that need every delta (median, trimmed mean), the finiteness of each delta in the first
+   all-reduce and an all-gather of the kept deltas.
 
 The group is always gloo over host copies, also when training runs on GPUs under NCCL: the deltas reach the
 host on a side stream (pinned, ordered by an event, see :mod:`~lightning_parablock.core.device_copies`), so the
@@ -29,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,11 +102,13 @@ class CollectiveTransport:
     def exchange(self, uploads: RoundUploads, stop: threading.Event) -> ExchangeResult:
         start = time.perf_counter()
         round_index, layout = uploads.round, self.layout(uploads.block)
+        sums_in_parts = self.aggregator.reduces_from_partial_sums
         with torch.no_grad():
             # Encoded deltas are decoded before the reduction: what is counted is what each client would send.
             encoded = {client: as_encoded(uploads.deltas[client]) for client in sorted(uploads.deltas)}
             mine = {client: decode_delta(delta) for client, delta in encoded.items()}
-            bad_here = non_finite_clients(mine)
+            # A rule that sums in parts finds non-finite deltas while it adds them; the others check every delta first.
+            bad_here = {} if sums_in_parts else non_finite_clients(mine)
             # Explicit dtypes and devices everywhere on this thread: Lightning's half-precision step sets the
             # process-wide default dtype, which this thread sees too (a byte count of 262148 would read 262144 in
             # bf16, and overflow in fp16).
@@ -119,16 +122,52 @@ class CollectiveTransport:
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
-            bad = {c: bad_here.get(c) for c in senders if status[c, 2] > 0}
-            describe = lambda client: f"Client {client} (rank {self.placement[client]})"  # noqa: E731
-            kept = kept_clients(senders, bad, self.aggregator.nonfinite, describe)
-            weights = normalized_weights({c: float(status[c, 1]) for c in kept}, kept) if kept else {}
-            mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
-            aggregate = self._combine(mine_kept, kept, weights, layout, round_index) if kept else None
+            raw_weights = {c: float(status[c, 1]) for c in senders}
+            if sums_in_parts:
+                aggregate, bad = self._sum(mine, senders, raw_weights, layout, round_index)
+            else:
+                bad = {c: bad_here.get(c) for c in senders if status[c, 2] > 0}
+                kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
+                weights = normalized_weights(raw_weights, kept) if kept else {}
+                mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
+                aggregate = self._gather(mine_kept, kept, weights, layout, round_index) if kept else None
         upload_bytes = {client: int(status[client, 3]) for client in senders}
         return finish_exchange(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop)
 
-    def _combine(
+    def _describe(self, client: int) -> str:
+        return f"Client {client} (rank {self.placement[client]})"
+
+    def _sum(
+        self,
+        mine: dict[int, dict[str, Tensor]],
+        senders: list[int],
+        raw_weights: dict[int, float],
+        layout: BlockLayout,
+        round_index: int,
+    ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]]]:
+        """Each rank adds its senders into one flat partial sum, checking every delta in the same pass, and the ranks
+        all-reduce the sum with one flag per client behind it (set where a delta held NaN or Inf). With a flag
+        anywhere the policy raises, or every rank sums its kept clients again: the rare path, one more all-reduce."""
+        numel = sum(shape.numel() for _, shape in layout)
+        bad: dict[int, Optional[str]] = {}
+        kept = senders
+        while kept:
+            size = numel + len(self.placement)
+            partial = torch.zeros(size, dtype=torch.float32, device=_HOST, pin_memory=self.pin_memory)
+            total, flags = _unflatten(partial, layout), partial[numel:]
+            mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
+            found = self.aggregator.accumulate(total, mine_kept, normalized_weights(raw_weights, kept))
+            for client in found:
+                flags[client] = 1.0
+            self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
+            flagged = {client: found.get(client) for client in kept if flags[client] > 0}
+            if not flagged:
+                return total, bad
+            bad.update(flagged)
+            kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
+        return None, bad
+
+    def _gather(
         self,
         mine: dict[int, dict[str, Tensor]],
         kept: list[int],
@@ -137,12 +176,6 @@ class CollectiveTransport:
         round_index: int,
     ) -> dict[str, Tensor]:
         numel = sum(shape.numel() for _, shape in layout)
-        if self.aggregator.reduces_from_partial_sums:
-            partial = torch.zeros(numel, dtype=torch.float32, device=_HOST, pin_memory=self.pin_memory)
-            total = _unflatten(partial, layout)
-            self.aggregator.accumulate(total, mine, weights)
-            self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
-            return total
         # Every kept delta, gathered and padded to the largest share. On the host: world × rows × block fp32 on
         # every rank (never on a GPU).
         kept_on = [[c for c in kept if self.placement[c] == rank] for rank in range(self.world_size)]
