@@ -4,24 +4,27 @@ A ParaBlock block of Llama 3-8B is 2 decoder layers: 436 M parameters, 0.87 GB i
 delta every client sends. Each exchange runs on one host thread: the deltas' host copies (on a GPU; a CPU delta is
 already on the host), the non-finite check, the weighted sum and the transport. This benchmark runs that path
 for real on such a block, with 1, 2 and 4 clients per process, each delta on the wire either as the fp32 it is
-(``compression="none"``, the default) or through the bf16 codec (``compression="bf16"``, 0.87 GB):
+(``compression="none"``, the default) or through the bf16 codec (``compression="bf16"``, 0.87 GB), with the
+paper's weighted mean (``MeanAggregator``):
 
-- in memory: every client in this process, the default transport, through a real ``CommWorker`` (its thread,
-  submit, wait);
-- torch.distributed: two processes on this machine (gloo over loopback), each hosting that many clients,
-  through ``collective_worker`` (the exchange group, the status all-reduce, the weighted partial sums and their
-  all-reduce).
+- in memory: every client in this process, ``InMemoryTransport`` on a real ``CommWorker`` (its thread, submit,
+  wait);
+- torch.distributed: two processes on this machine (gloo over loopback), each hosting that many clients, the
+  transport ``ByProcesses`` builds for several processes on a real ``CommWorker`` (the exchange group, the status
+  all-reduce, the partial sums and their all-reduce).
 
 Per path it prints the seconds of a whole round (submit to the aggregate in hand, the main thread idle: median
-of the repeats) and, per stage, the stage's own function on the same data, timed alone on one thread: the
-codec's decode, the transport's flatten into one fp32 buffer, ``all_finite``, the weighted sum (the partial sum's
-``add_`` with several processes, ``weighted_sum`` in memory) and gloo's all-reduce of the partial sum. GB/s are
-gigabytes of fp32 delta per second (1e9 bytes); every figure is set beside this machine's single-thread memcpy
-(``dst.copy_(src)``) and sum (``a.add_(b)``) over buffers of the block's size, measured in the same run.
+of the repeats), wall clock and CPU seconds of the process, and, per stage, the library's own function on the same
+data, timed alone on one thread: the codec's decode (bf16 only), the mean's one pass that adds a delta into the
+sum and checks it for NaN/Inf (``MeanAggregator.accumulate``), into a new sum (the round's first client: its pages
+are touched for the first time) and into one already touched (each further client), and gloo's all-reduce of the
+sum. GB/s are gigabytes of fp32 delta per CPU second (1e9 bytes; on a loaded machine the wall clock also counts
+waiting for a core), set beside this machine's single-thread memcpy (``dst.copy_(src)``), sum (``a.add_(b)``) and
+read (``aminmax``) over buffers of the block's size, measured in the same run.
 
-Memory: the path as it stands holds, per process, every hosted delta, a flat fp32 copy of each and the partial
-sum, (2n + 1) fp32 blocks for n clients. A configuration is run only when the memory the kernel reports available
-(``MemAvailable``) covers its need plus a margin; otherwise it is listed as skipped, with the need.
+Memory: per process, every hosted upload, its fp32 decode (bf16 only: the transport decodes every client before it
+sums) and two sums. A configuration is run only when the memory the kernel reports available (``MemAvailable``)
+covers its need plus a margin; otherwise it is listed as skipped, with the need.
 
     python benchmarks/exchange_throughput.py [--quick] [--clients 1,2,4] [--repeats 3] [--wire fp32,bf16]
 """
@@ -94,7 +97,8 @@ class Timing:
 
 
 def timed(function: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> Timing:
-    """``function()`` ``repeats`` times (its result dropped before the next call, ``before()`` untimed ahead of each)."""
+    """``function()`` ``repeats`` times, its result dropped before the next call and ``before()`` untimed ahead of
+    each."""
     walls, cpus = [], []
     for _ in range(repeats):
         before()
@@ -111,7 +115,11 @@ def machine_bandwidth(numel: int, repeats: int) -> dict[str, float]:
     per CPU second."""
     torch.set_num_threads(1)
     a, b = torch.rand(numel), torch.rand(numel)
-    operations = {"memcpy": lambda: a.copy_(b), "sum": lambda: a.add_(b, alpha=0.5), "read (aminmax)": lambda: torch.aminmax(b)}
+    operations = {
+        "memcpy": lambda: a.copy_(b),
+        "sum": lambda: a.add_(b, alpha=0.5),
+        "read (aminmax)": lambda: torch.aminmax(b),
+    }
     return {name: numel * 4 / timed(operation, repeats).cpu / GB for name, operation in operations.items()}
 
 
@@ -225,7 +233,8 @@ def rank_main(args: argparse.Namespace) -> None:
     n = args.clients
     placement = [client // n for client in range(2 * n)]
     deltas = {c: make_delta(layout, args.wire, c) for c in range(2 * n) if placement[c] == args.rank}
-    result = PathResult("2 processes", args.wire, n, stages=stage_times(next(iter(deltas.values())), layout, args.repeats))
+    stages = stage_times(next(iter(deltas.values())), layout, args.repeats)
+    result = PathResult("2 processes", args.wire, n, stages=stages)
     partial = torch.zeros(shape.numel, dtype=torch.float32)
     group = dist.new_group(backend="gloo")
     result.stages["all-reduce"] = timed(lambda: dist.all_reduce(partial, group=group), args.repeats, dist.barrier)
@@ -339,6 +348,18 @@ def format_report(results: list[PathResult], block_gb: float, reference: dict[st
     return "\n".join(lines)
 
 
+def run_configuration(shape: BlockShape, path: str, wire: str, clients: int, repeats: int) -> PathResult:
+    """One path, wire format and number of clients; skipped when the memory available does not cover it."""
+    name = "in memory" if path == "memory" else "2 processes"
+    need, have = need_gb(name, wire, clients, shape.numel * 4 / GB), available_gb()
+    if need + MARGIN_GB > have:
+        why = f"needs {need:.1f} GB + {MARGIN_GB} GB margin, {have:.1f} GB available"
+        return PathResult(name, wire, clients, skipped=why)
+    if path == "memory":
+        return in_memory(shape, wire, clients, repeats)
+    return two_processes(shape, wire, clients, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 0.11 GB block (27 M parameters) instead of 1.75 GB")
@@ -369,8 +390,11 @@ def main() -> None:
     print(f"command: {command}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__};"
           f" load average {os.getloadavg()[0]:.1f}; {available_gb():.1f} GB available")  # fmt: skip
-    print(f"block: {shape.layers} layers (hidden {shape.hidden}, intermediate {shape.intermediate}, kv {shape.kv}),"
-          f" {shape.numel / 1e6:.0f} M parameters: {block_gb:.3f} GB fp32, {block_gb / 2:.3f} GB bf16", flush=True)  # fmt: skip
+    print(
+        f"block: {shape.layers} layers (hidden {shape.hidden}, intermediate {shape.intermediate}, kv {shape.kv}),"
+        f" {shape.numel / 1e6:.0f} M parameters: {block_gb:.3f} GB fp32, {block_gb / 2:.3f} GB bf16",
+        flush=True,
+    )
     reference = machine_bandwidth(shape.numel, args.repeats)
     print("this machine, one thread, fp32 buffers of the block's size, GB per CPU second: "
           + ", ".join(f"{name} {rate:.2f} GB/s" for name, rate in reference.items()), flush=True)  # fmt: skip
@@ -379,22 +403,14 @@ def main() -> None:
     for wire in wires:
         for path in paths:
             for n in clients:
-                name = "in memory" if path == "memory" else "2 processes"
-                need, have = need_gb(name, wire, n, block_gb), available_gb()
-                if need + MARGIN_GB > have:
-                    results.append(PathResult(name, wire, n, skipped=f"needs {need:.1f} GB + {MARGIN_GB} GB margin,"
-                                                                    f" {have:.1f} GB available"))  # fmt: skip
-                elif path == "memory":
-                    results.append(in_memory(shape, wire, n, args.repeats))
-                else:
-                    results.append(two_processes(shape, wire, n, args.repeats))
+                results.append(run_configuration(shape, path, wire, n, args.repeats))
                 print(format_report(results[-1:], block_gb, reference).splitlines()[-1], flush=True)
     print()
     print(format_report(results, block_gb, reference))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "block_gb": block_gb, "reference": reference,
-                                         "results": [asdict(r) for r in results]}, indent=1))  # fmt: skip
+        summary = {"command": command, "block_gb": block_gb, "reference": reference}
+        args.json.write_text(json.dumps({**summary, "results": [asdict(r) for r in results]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ def check_namespaces_allowed() -> None:
 def worker(args: argparse.Namespace) -> None:
     """One node of the two-machine job; rank 0 writes the run's round records and the fit's seconds to ``--out``."""
     import torch
+    from common import TIMING_ONLY
     from lightning import Trainer
     from pretrain_tiny import FINETUNE_KINDS
 
@@ -177,13 +178,8 @@ def worker(args: argparse.Namespace) -> None:
         accelerator="cpu",
         devices=1,
         num_nodes=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         default_root_dir=args.run_dir,
+        **TIMING_ONLY,
     )
     module = CausalLMModule(model_name_or_path=args.checkpoint, learning_rate=1e-3, seed=0)
     data = SyntheticArithmeticDataModule(

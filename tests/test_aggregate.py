@@ -92,7 +92,9 @@ def test_the_weighted_sum_checks_each_slice_of_a_delta_right_after_adding_it(mon
     # small tensor) is found and named.
     numel = 2 * SLICE_VALUES + 123
     generator = torch.Generator().manual_seed(0)
-    deltas = {c: {"a": torch.randn(numel, generator=generator), "b": torch.randn(7, generator=generator)} for c in range(4)}
+    deltas = {
+        c: {"a": torch.randn(numel, generator=generator), "b": torch.randn(7, generator=generator)} for c in range(4)
+    }
     deltas[1]["a"][SLICE_VALUES + 5] = math.inf
     deltas[2]["a"][-1] = math.nan
     deltas[3]["b"][0] = -math.inf

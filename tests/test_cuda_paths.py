@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_parablock import FederatedBlockStrategy, SimulatedLink
 from lightning_parablock.aggregation import MeanAggregator
-from lightning_parablock.aggregation import rules as rules_module
 from lightning_parablock.comm import distributed as distributed_module
 from lightning_parablock.comm.by_processes import ByProcesses
 from lightning_parablock.comm.distributed import GROUP_TIMEOUT_MARGIN_S
@@ -85,15 +84,21 @@ def test_the_exchange_groups_timeout_leaves_the_librarys_own_error_first(nccl_de
     assert GROUP_TIMEOUT_MARGIN_S > 0
 
 
-def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_rank_group, monkeypatch):
-    pinned_requests = []
+def pin_requests(monkeypatch) -> list[bool]:
+    """Every ``torch.zeros`` call's ``pin_memory``, which a CPU build cannot honour: recorded, then left out."""
+    requests = []
     real_zeros = torch.zeros
 
-    def zeros(*args, pin_memory=False, **kwargs):  # a CPU build cannot pin: record the request instead
-        pinned_requests.append(pin_memory)
+    def zeros(*args, pin_memory=False, **kwargs):
+        requests.append(pin_memory)
         return real_zeros(*args, **kwargs)
 
-    monkeypatch.setattr(distributed_module.torch, "zeros", zeros)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    return requests
+
+
+def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_rank_group, monkeypatch):
+    pinned_requests = pin_requests(monkeypatch)
     layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
     transport = distributed_module.CollectiveTransport(
         dist.group.WORLD, MeanAggregator(), SimulatedLink(), [0], layout, 30.0, pin_memory=True
@@ -106,14 +111,7 @@ def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_ran
 def test_in_memory_the_sum_is_pinned_when_the_deltas_are(monkeypatch):
     # Deltas staged from a GPU are in pinned host memory: the in-memory sum is pinned too (torch caches pinned
     # buffers, so no new pages each round, and the boundary's upload does not block the host).
-    pinned_requests = []
-    real_zeros = torch.zeros
-
-    def zeros(*args, pin_memory=False, **kwargs):  # a CPU build cannot pin: record the request instead
-        pinned_requests.append(pin_memory)
-        return real_zeros(*args, **kwargs)
-
-    monkeypatch.setattr(rules_module.torch, "zeros", zeros)
+    pinned_requests = pin_requests(monkeypatch)
     transport = InMemoryTransport(MeanAggregator(), SimulatedLink())
     uploads = RoundUploads(0, 0, {0: {"w": torch.ones(3)}, 1: {"w": torch.ones(3)}}, {0: 1.0, 1: 1.0})
     transport.exchange(uploads, threading.Event())
