@@ -61,11 +61,11 @@ def delta(seed: int) -> dict[str, torch.Tensor]:
 
 def exchange_request(round_index: int, aggregate_round=None, block=0, **extra) -> dict:
     meta = None if aggregate_round is None else {"round": aggregate_round, "block": block, "kept": True}
-    return {"kind": "exchange", "round": round_index, "aggregate": meta, "silence_timeout_s": 30, **extra}
+    return {"kind": "exchange", "round": round_index, "aggregate": meta, "reply_timeout_s": 30, **extra}
 
 
 def ask(box: SiteMailbox, header: dict, arrays=(), key: bytes | None = None, silence: float = 30.0) -> wire.Frame:
-    return wire.call_site(str(box.socket_path), key or box.key, header, list(arrays), silence)
+    return wire.call_site(str(box.socket_path), key or box.key, header, list(arrays), 30.0, silence)
 
 
 def ask_later(box: SiteMailbox, header: dict, arrays=()) -> None:
@@ -189,6 +189,11 @@ def test_compressed_uploads_travel_as_encoded_and_decode_as_the_codec_does():
         assert all(torch.equal(got[n], encoded[n].decode()) for n in raw)
 
 
+def test_a_trainer_that_posts_nothing_in_time_times_the_clientapp_out(mailbox):
+    with pytest.raises(TimeoutError, match="no answer from the site's trainer within 1s"):
+        wire.call_site(str(mailbox.socket_path), mailbox.key, exchange_request(0), [], reply_timeout_s=1.0)
+
+
 def test_the_clientapp_hears_keepalives_while_the_trainer_computes(mailbox, monkeypatch):
     monkeypatch.setattr("lightning_parablock.flower.site_mailbox.KEEPALIVE_S", 0.2)
     threading.Timer(1.5, lambda: mailbox.post_uploads(0, {"round": 0}, [])).start()
@@ -216,7 +221,7 @@ def test_a_silent_trainer_times_the_clientapp_out(short_dir):
     threading.Thread(target=quiet, daemon=True).start()
     try:
         with pytest.raises(TimeoutError, match="said nothing for 1s"):
-            wire.call_site(str(path), key, exchange_request(0), [], silence_timeout_s=1.0)
+            wire.call_site(str(path), key, exchange_request(0), [], reply_timeout_s=30.0, silence_timeout_s=1.0)
     finally:
         listener.close()
 

@@ -111,7 +111,7 @@ class FederationServer:
         every site to stop."""
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         nodes = self._wait_for_nodes()
-        hello = {"kind": "hello", "silence_timeout_s": self.settings.wait_for_sites_s}
+        hello = {"kind": "hello", "reply_timeout_s": self.settings.wait_for_sites_s}
         try:
             hellos = self._ask({node: ("hello", hello, []) for node in nodes}, self.settings.wait_for_sites_s, None)
             agreement = check_hellos(
@@ -146,7 +146,7 @@ class FederationServer:
             kind = "final" if final else "exchange"
             rounds_to_answer = agreement.first_reply_rounds if round_index == agreement.start_round else 1
             deadline = agreement.comm_timeout * rounds_to_answer
-            header = {"kind": kind, "round": round_index, "aggregate": aggregate_header, "silence_timeout_s": deadline}
+            header = {"kind": kind, "round": round_index, "aggregate": aggregate_header, "reply_timeout_s": deadline}
             uploads: dict[int, _Uploads] = {}
 
             def arrived(site: int, reply: dict[str, Any], arrays: list[WireArray], pulled_at: float) -> None:
@@ -309,7 +309,7 @@ class FederationServer:
         the round hears it when it posts that round's uploads, then stops at its next batch.
         """
         self.log(f"[parablock] stopping the federation: {reason}")
-        header = {"kind": "abort", "reason": reason, "silence_timeout_s": deadline_s}
+        header = {"kind": "abort", "reason": reason, "reply_timeout_s": deadline_s}
         messages = [Message(to_content(header, []), node, "train.abort", group_id="stop") for node in nodes]
         pending = {message_id for message_id in self.grid.push_messages(messages) if message_id}
         until = self.clock() + deadline_s

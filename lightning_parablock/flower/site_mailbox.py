@@ -17,6 +17,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,11 @@ class SiteMailbox:
     def _hold(
         self, connection: socket.socket, ready: Callable[[_State], Any]
     ) -> tuple[dict[str, Any], list[wire.WireArray]]:
-        """Wait (holding the state's lock only between checks) until ``ready`` gives the reply, sending keep-alives."""
+        """Wait (holding the state's lock only between checks) until ``ready`` gives the reply, sending keep-alives.
+
+        ``ready`` may take what it returns (uploads are sent once): it is called once per check.
+        """
+        last_sign = time.monotonic()
         while True:
             found = ready(self._state)
             if found:
@@ -279,13 +284,14 @@ class SiteMailbox:
                 return _refusal(self._state.failed), []
             if self._state.stopped is not None or self._closed.is_set():
                 return _refusal(f"site {self.site} is shutting down"), []
-            self._changed.wait(timeout=KEEPALIVE_S)
-            if not ready(self._state):
+            if time.monotonic() - last_sign >= KEEPALIVE_S:
                 self._changed.release()
                 try:
                     wire.send_frame(connection, {"kind": "keepalive"})
                 finally:
                     self._changed.acquire()
+                last_sign = time.monotonic()
+            self._changed.wait(timeout=KEEPALIVE_S)
 
 
 class _Stopped(Exception):

@@ -37,6 +37,9 @@ MAGIC = b"PBLK"
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_NAME_LENGTH = 512
 KEY_BYTES = 32
+SILENCE_TIMEOUT_S = 60.0
+"""How long a ClientApp waits without a frame (a site's trainer sends a keep-alive every few seconds) before it
+takes the trainer's process for hung."""
 
 DTYPES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2,
@@ -221,14 +224,16 @@ def call_site(
     key: bytes,
     header: dict[str, Any],
     arrays: Sequence[WireArray],
-    silence_timeout_s: float,
+    reply_timeout_s: float,
+    silence_timeout_s: float = SILENCE_TIMEOUT_S,
     connect_timeout_s: float = 10.0,
 ) -> Frame:
     """Hand the server's message to the site's trainer and return its ``reply`` frame (the ClientApp's one job).
 
     Raises :class:`MailboxRefused` when the trainer refuses (its reason: a failed site, a wrong round), ``TimeoutError``
-    when it stays silent (no frame, not even a keep-alive) for ``silence_timeout_s``, ``ConnectionError`` when it
-    cannot be reached or closes the connection (a site that died), :class:`WireError` on a broken frame.
+    when no reply came within ``reply_timeout_s`` or the trainer's process said nothing at all (not even a
+    keep-alive) for ``silence_timeout_s``, ``ConnectionError`` when it cannot be reached or closes the connection (a
+    site that died), :class:`WireError` on a broken frame.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -243,14 +248,20 @@ def call_site(
         send_frame(sock, {"kind": "auth", "proof": prove(key, str(challenge.header.get("nonce")))})
         read_frame(sock, ["welcome"])  # or the site's refusal (a wrong key)
         send_frame(sock, header, arrays)
-        sock.settimeout(silence_timeout_s)
+        until = time.monotonic() + reply_timeout_s
         while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer from the site's trainer within {reply_timeout_s:.0f}s (comm_timeout)")
+            sock.settimeout(min(left, silence_timeout_s))
             try:
                 frame = read_frame(sock, ["keepalive", "reply"])
             except socket.timeout:
-                raise TimeoutError(
-                    f"the site's trainer said nothing for {silence_timeout_s:.0f}s (not even a keep-alive)"
-                ) from None
+                if time.monotonic() < until:
+                    raise TimeoutError(
+                        f"the site's trainer said nothing for {silence_timeout_s:.0f}s (not even a keep-alive)"
+                    ) from None
+                continue
             if frame.kind == "reply":
                 return frame
     finally:
