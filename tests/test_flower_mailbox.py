@@ -61,7 +61,7 @@ def delta(seed: int) -> dict[str, torch.Tensor]:
 
 def exchange_request(round_index: int, aggregate_round=None, block=0, **extra) -> dict:
     meta = None if aggregate_round is None else {"round": aggregate_round, "block": block, "kept": True}
-    return {"kind": "exchange", "round": round_index, "aggregate": meta, "reply_timeout_s": 30, **extra}
+    return {"kind": "exchange", "round": round_index, "aggregate": meta, "reply_timeout_s": 30, "connect_timeout_s": 1, **extra}
 
 
 def ask(box: SiteMailbox, header: dict, arrays=(), key: bytes | None = None, silence: float = 30.0) -> wire.Frame:
@@ -324,6 +324,20 @@ def test_the_clientapp_relays_a_flower_message_and_its_reply(mailbox):
     mailbox.close()
     gone = relay(message, context)
     assert gone.has_error() and "no site listens" in gone.error.reason
+
+
+def test_the_clientapp_waits_for_a_site_that_is_still_starting(short_dir):
+    """The server's handshake may come before the site's trainer listens: the ClientApp retries its connection."""
+    box: list[SiteMailbox] = []
+    threading.Timer(1.5, lambda: box.append(SiteMailbox(short_dir / "late.sock", short_dir / "late.key", 0))).start()
+    header = {"kind": "hello", "reply_timeout_s": 30}
+    threading.Timer(2.5, lambda: box[0].publish_hello({"site": 0})).start()
+    try:
+        reply = wire.call_site(str(short_dir / "late.sock"), str(short_dir / "late.key"), header, [], 30, connect_timeout_s=20)
+        assert reply.header["site"] == 0
+    finally:
+        for mailbox in box:
+            mailbox.close()
 
 
 def test_the_clientapp_module_imports_neither_torch_nor_the_library():

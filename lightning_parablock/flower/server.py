@@ -111,9 +111,10 @@ class FederationServer:
         every site to stop."""
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         nodes = self._wait_for_nodes()
-        hello = {"kind": "hello", "reply_timeout_s": self.settings.wait_for_sites_s}
+        wait = self.settings.wait_for_sites_s  # a site's trainer may still be loading: its mailbox comes up later
+        hello = {"kind": "hello", "reply_timeout_s": wait, "connect_timeout_s": wait}
         try:
-            hellos = self._ask({node: ("hello", hello, []) for node in nodes}, self.settings.wait_for_sites_s, None)
+            hellos = self._ask({node: ("hello", hello, []) for node in nodes}, wait, None)
             agreement = check_hellos(
                 {node: header for node, (header, _) in hellos.items()},
                 self.settings.num_sites,

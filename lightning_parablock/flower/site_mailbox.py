@@ -60,6 +60,7 @@ class _State:
     final: Optional[Delivery] = None
     uploads: dict[int, _Posted] = field(default_factory=dict)  # by round
     finished: Optional[dict[str, Any]] = None  # the last reply's header (the run's last records)
+    final_sent: bool = False
     stopped: Optional[str] = None  # the server's reason
     failed: Optional[str] = None  # this site's reason
     last_contact: Optional[tuple[float, str]] = None  # (wall clock, what) of the last server message
@@ -137,11 +138,24 @@ class SiteMailbox:
                 self._state.failed = reason
             self._changed.notify_all()
 
-    def taken_at(self, round_index: int) -> Optional[float]:
-        """When a ClientApp took the uploads of ``round_index`` (wall clock), if it did."""
-        with self._changed:
-            posted = self._state.uploads.get(round_index)
-            return None if posted is None else posted.taken_at
+    def wait_final_taken(self, timeout_s: float) -> bool:
+        """Keep the mailbox open until the server's final message took this site's last records (``False``: it did
+        not come within ``timeout_s``)."""
+        try:
+            self._wait(lambda s: s.final_sent or None, timeout_s, None, "final message from the server")
+        except (TimeoutError, FederationStopped, _Stopped):
+            return False
+        return True
+
+    @property
+    def stopped(self) -> Optional[str]:
+        """Why the server stopped the federation, once it did."""
+        return self._state.stopped
+
+    @property
+    def failed(self) -> Optional[str]:
+        """Why this site failed, once it did."""
+        return self._state.failed
 
     def describe_silence(self) -> str:
         """When the server last wrote, for a timeout's message."""
@@ -223,14 +237,13 @@ class SiteMailbox:
                     request.header, request.arrays, wire.wall_clock(), request.header.get("mailbox_started_at")
                 )
                 reply = self._answer(connection, received)
-                if reply is not None:
-                    wire.send_frame(connection, *reply)
+                wire.send_frame(connection, *reply)
+                if request.kind == "final" and reply[0]["kind"] == "reply":
+                    self._update(final_sent=True)
             except (OSError, wire.WireError, wire.MailboxRefused):
                 return  # the ClientApp went away or spoke nonsense: it reports to the server itself
 
-    def _answer(
-        self, connection: socket.socket, request: Delivery
-    ) -> Optional[tuple[dict[str, Any], list[wire.WireArray]]]:
+    def _answer(self, connection: socket.socket, request: Delivery) -> tuple[dict[str, Any], list[wire.WireArray]]:
         header = request.header
         kind = header["kind"]
         with self._changed:

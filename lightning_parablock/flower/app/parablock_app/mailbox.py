@@ -42,7 +42,8 @@ def relay(message: Message, context: Context) -> Message:
         header, arrays = to_frame(message.content)
         header["mailbox_started_at"] = started
         reply_timeout = float(header.get("reply_timeout_s", 600.0))
-        reply = wire.call_site(socket_path, wire.read_key(key_file), header, arrays, reply_timeout)
+        connect_timeout = float(header.get("connect_timeout_s", 10.0))
+        reply = wire.call_site(socket_path, key_file, header, arrays, reply_timeout, connect_timeout_s=connect_timeout)
     except (wire.MailboxRefused, wire.WireError, ConnectionError, TimeoutError, OSError) as error:
         return _error(message, f"{error} (mailbox {socket_path})")
     reply.header["mailbox"] = {"started_at": started, "replied_at": wire.wall_clock()}

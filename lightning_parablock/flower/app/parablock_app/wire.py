@@ -221,7 +221,7 @@ def proof_matches(key: bytes, nonce: str, proof: Any) -> bool:
 
 def call_site(
     socket_path: str,
-    key: bytes,
+    key: Union[bytes, str, os.PathLike],
     header: dict[str, Any],
     arrays: Sequence[WireArray],
     reply_timeout_s: float,
@@ -230,20 +230,17 @@ def call_site(
 ) -> Frame:
     """Hand the server's message to the site's trainer and return its ``reply`` frame (the ClientApp's one job).
 
+    ``key`` is the site's key, or its key file (read once the site listens: it writes the key first).
+
     Raises :class:`MailboxRefused` when the trainer refuses (its reason: a failed site, a wrong round), ``TimeoutError``
     when no reply came within ``reply_timeout_s`` or the trainer's process said nothing at all (not even a
     keep-alive) for ``silence_timeout_s``, ``ConnectionError`` when it cannot be reached or closes the connection (a
-    site that died), :class:`WireError` on a broken frame.
+    site that died; a site that is not listening yet is retried for ``connect_timeout_s``), :class:`WireError` on
+    a broken frame.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _connect(socket_path, connect_timeout_s)
     try:
-        sock.settimeout(connect_timeout_s)
-        try:
-            sock.connect(socket_path)
-        except FileNotFoundError:
-            raise ConnectionError(f"no site listens on the mailbox {socket_path!r} (is its trainer running?)") from None
-        except (ConnectionRefusedError, socket.timeout) as error:
-            raise ConnectionError(f"the site's mailbox {socket_path!r} does not answer ({error})") from None
+        key = key if isinstance(key, bytes) else read_key(key)
         challenge = read_frame(sock, ["challenge"])
         send_frame(sock, {"kind": "auth", "proof": prove(key, str(challenge.header.get("nonce")))})
         read_frame(sock, ["welcome"])  # or the site's refusal (a wrong key)
@@ -266,6 +263,28 @@ def call_site(
                 return frame
     finally:
         sock.close()
+
+
+def _connect(socket_path: str, timeout_s: float) -> socket.socket:
+    """A connection to the site's mailbox, retried until ``timeout_s`` while nobody listens there yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(1.0, timeout_s))
+        try:
+            sock.connect(socket_path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            sock.close()
+            if time.monotonic() >= deadline:
+                why = "no site listens on" if isinstance(error, FileNotFoundError) else "nobody answers on"
+                raise ConnectionError(
+                    f"{why} the mailbox {socket_path!r} (is the site's trainer running? it prints its mailbox)"
+                ) from None
+            time.sleep(0.5)
+        except OSError as error:
+            sock.close()
+            raise ConnectionError(f"cannot reach the site's mailbox {socket_path!r}: {error}") from None
 
 
 def wall_clock() -> float:
