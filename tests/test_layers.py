@@ -13,7 +13,7 @@ import lightning_parablock
 
 PACKAGE = Path(lightning_parablock.__file__).parent
 LAYERS = [
-    "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "cli",
+    "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "flower", "cli",
 ]  # fmt: skip
 FOUNDATION = {"_compat", "argument_checks", "files"}  # used by every layer; import no other part of the package
 APPLICATION = {"module", "data", "eval"}  # a user's model, data and evaluation: may use any layer but cli

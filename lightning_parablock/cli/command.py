@@ -31,6 +31,7 @@ from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
 from lightning_parablock.cli.recipe_method import apply_method
+from lightning_parablock.flower.site_mailbox import federation_stop
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
 from lightning_parablock.telemetry import report
@@ -44,6 +45,8 @@ EXIT_DISK_FULL = 4
 """The disk filled up during training; the line names the last checkpoint written whole."""
 EXIT_PUSH_FAILED = 5
 """The model is saved, but its upload to the Hub failed."""
+EXIT_FEDERATION_STOPPED = 6
+"""A Flower site was stopped by the server: another site failed (the line names it and the round)."""
 
 
 def refuse(error: BaseException | str, status: int = EXIT_USAGE) -> NoReturn:
@@ -197,11 +200,17 @@ class ParaBlockCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
         folders this run created are removed, so a refused run leaves nothing behind. A disk that fills up during
-        training ends in one line too (exit status 4), naming the checkpoint to resume from."""
+        training ends in one line too (exit status 4), naming the checkpoint to resume from; a Flower site the server
+        stopped ends in one line (exit status 6) naming the site that failed and the round."""
         started_at = time.time()
         try:
             self.trainer.fit(**kwargs)
-        except USAGE_ERRORS as error:
+        except Exception as error:
+            stopped = federation_stop(error)
+            if stopped is not None:  # a Flower site the server stopped: its reason names the failed site and round
+                refuse(f"the federation stopped: {stopped}", status=EXIT_FEDERATION_STOPPED)
+            if not isinstance(error, USAGE_ERRORS):
+                raise
             if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
                 full = disk_full_error(error)
                 if full is None:
@@ -347,10 +356,16 @@ DESCRIPTION = (
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``parablock report ...`` draws a finished run; anything else goes to LightningCLI (fit, validate ...)."""
+    """``parablock report ...`` draws a finished run, ``parablock flower-demo`` runs a Flower federation on this
+    machine; anything else goes to LightningCLI (fit, validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         report.main(argv[1:], parser_class=ConciseReportParser)
+        return
+    if argv[:1] == ["flower-demo"]:
+        from lightning_parablock.flower import demo  # the optional extra: imported only when asked for
+
+        demo.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
     if flag is not None:

@@ -122,7 +122,8 @@ class LocalFlower:
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
 
-    def _start(self, name: str, command: list[str], **kwargs: Any) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start ``command`` in a session of its own, its output in ``NAME.log``; :meth:`stop` ends it."""
         log_file = open(self.folder / f"{name}.log", "ab")
         process = subprocess.Popen(
             command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
@@ -133,7 +134,7 @@ class LocalFlower:
 
     def start_superlink(self, timeout_s: float = 120.0) -> None:
         """The SuperLink, insecure, on 127.0.0.1; returns once its port answers."""
-        self._start(
+        self.start(
             "superlink",
             ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
              "--disable-runtime-dependency-installation"],
@@ -152,7 +153,7 @@ class LocalFlower:
     def start_supernode(self, name: str, node_config: Mapping[str, str]) -> subprocess.Popen:
         """A SuperNode of the local SuperLink whose ClientApps reach a site through ``node_config``."""
         config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
-        return self._start(
+        return self.start(
             name,
             ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
              "--node-config", config],
@@ -164,7 +165,7 @@ class LocalFlower:
         command = ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", run_config_text(run_config)]
         self.log("$ " + shlex.join(command))
         if output is not None:
-            return self._start("flwr_run", command)
+            return self.start("flwr_run", command)
         process = subprocess.Popen(
             command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )

@@ -8,16 +8,16 @@ so that a change of the library's exchange contract changes this module only.
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-import lightning_parablock
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.comm.codecs import EncodedTensor
@@ -34,7 +34,16 @@ from lightning_parablock.telemetry.timeline import RoundRecord
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lightning_parablock.flower.site import FlowerSite
+
+class Site(Protocol):
+    """What the wiring needs of a site (``FlowerSite``)."""
+
+    site: int
+    num_sites: int
+
+    def new_transport(self) -> FlowerSiteTransport: ...
+
+    def describe_silence(self) -> str: ...
 
 
 def aggregator_settings(aggregator: Aggregator) -> dict[str, Any]:
@@ -83,7 +92,7 @@ class SiteParts:
     trainer: "pl.Trainer"
     strategy: FederatedBlockStrategy
     parablock: ParaBlockCallback
-    site: "FlowerSite"
+    site: Site
     codec_name: str
 
     @property
@@ -107,7 +116,7 @@ class SiteParts:
         return {
             "site": self.site.site,
             "num_sites": self.site.num_sites,
-            "library_version": lightning_parablock.__version__,
+            "library_version": importlib.metadata.version("lightning_parablock"),
             "num_clients": strategy.options.num_clients,
             "placement": list(strategy.placement),
             "rounds": trainer.max_epochs,
@@ -125,7 +134,7 @@ class SiteParts:
         }
 
 
-def site_parts(trainer: "pl.Trainer", site: "FlowerSite") -> SiteParts:
+def site_parts(trainer: "pl.Trainer", site: Site) -> SiteParts:
     """Check that ``trainer`` can be a Flower site and make its strategy one (called at the site's ``setup``,
     after the strategy placed its processes and before it builds the federation or loads a checkpoint)."""
     strategy = trainer.strategy
@@ -155,7 +164,7 @@ def site_parts(trainer: "pl.Trainer", site: "FlowerSite") -> SiteParts:
     return parts
 
 
-def _place_clients_by_site(strategy: FederatedBlockStrategy, site: "FlowerSite") -> None:
+def _place_clients_by_site(strategy: FederatedBlockStrategy, site: Site) -> None:
     """The strategy plans, exchanges, records and checkpoints as site ``site.site`` of ``site.num_sites``."""
     num_clients, seed = strategy.options.num_clients, strategy.options.seed
     strategy.placement = place_clients(num_clients, site.num_sites, seed)
@@ -168,7 +177,7 @@ def _place_clients_by_site(strategy: FederatedBlockStrategy, site: "FlowerSite")
 
         def comm_worker(link: SimulatedLink, aggregator: Aggregator, timeout_s: float) -> CommWorker:
             transport = TransportCall(site.new_transport())
-            describe = lambda round_index: site.mailbox.describe_silence()  # noqa: E731
+            describe = lambda round_index: site.describe_silence()  # noqa: E731
             return CommWorker(link, timeout_s, aggregator, transport=transport, describe_stall=describe, device=exchange.device)
 
         def merge_round_record(record: RoundRecord) -> RoundRecord:

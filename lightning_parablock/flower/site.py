@@ -27,7 +27,7 @@ from lightning_parablock.comm.link import parse_duration
 from lightning_parablock.flower import plug
 from lightning_parablock.flower.app.parablock_app.wire import wall_clock
 from lightning_parablock.flower.requirement import require_flwr
-from lightning_parablock.flower.site_mailbox import FederationStopped, SiteMailbox
+from lightning_parablock.flower.site_mailbox import FederationStopped, SiteMailbox, federation_stop
 from lightning_parablock.flower.site_transport import FlowerSiteTransport
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class FlowerSite(Callback):
         key_file: the key a ClientApp must prove it holds; created (mode 0600) if missing. Default: ``mailbox`` +
             ``.key``. A SuperNode run as another account needs read access to it (its group, say).
         handshake_timeout: how long to wait for the server's handshake (``flwr run`` may come later), in seconds or
-            as a string such as ``"30min"``.
+            as a string such as ``"600s"``.
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class FlowerSite(Callback):
         num_sites: int,
         mailbox: str,
         key_file: Optional[str] = None,
-        handshake_timeout: float | str = "30min",
+        handshake_timeout: float | str = 1800.0,
     ) -> None:
         require_flwr()
         self.num_sites = check_int("num_sites", num_sites, minimum=1)
@@ -92,6 +92,10 @@ class FlowerSite(Callback):
         assert self.mailbox is not None and self._parts is not None, "FlowerSite is not set up"
         self.transport = FlowerSiteTransport(self.mailbox, self._parts.layout, self._parts.codec_name, self._telemetry)
         return self.transport
+
+    def describe_silence(self) -> str:
+        """What the server last sent this site, for a timeout's message."""
+        return self.mailbox.describe_silence() if self.mailbox is not None else "The site's mailbox is closed."
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -142,7 +146,7 @@ class FlowerSite(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        if self.mailbox is None or _stopped_by_server(exception):
+        if self.mailbox is None or federation_stop(exception) is not None:
             return
         round_index = trainer.current_epoch
         cause = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
@@ -160,13 +164,3 @@ class FlowerSite(Callback):
         finally:
             self.mailbox.close()
             self.mailbox = None
-
-
-def _stopped_by_server(error: BaseException) -> bool:
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, FederationStopped):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False

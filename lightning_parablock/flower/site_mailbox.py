@@ -35,6 +35,17 @@ class FederationStopped(RuntimeError):
     """The server stopped the federation (another site failed, or the handshake refused this one)."""
 
 
+def federation_stop(error: BaseException) -> "FederationStopped | None":
+    """The :class:`FederationStopped` that ``error`` is or came from, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FederationStopped):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @dataclass
 class Delivery:
     """What one server message brought: its header, its arrays and when the mailbox had them (wall clock)."""
