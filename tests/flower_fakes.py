@@ -100,8 +100,10 @@ class FakeSite:
         hello_info: dict,
         delta: Callable[[int, int], dict[str, torch.Tensor]] = client_delta,
         fail_in_round: Optional[int] = None,
+        start_epoch: int = 0,
     ) -> None:
         self.site, self.placement, self.rounds, self.staleness = site, placement, rounds, staleness
+        self.start_epoch = start_epoch  # a resume: rounds start_epoch - staleness .. start_epoch - 1 are pending
         self.delta, self.fail_in_round = delta, fail_in_round
         self.mailbox = SiteMailbox(folder / f"s{site}.sock", folder / f"s{site}.key", site)
         self.mailbox.publish_hello(hello_info)
@@ -128,7 +130,7 @@ class FakeSite:
         try:
             self.mailbox.wait_started(timeout_s=30)
             s = self.staleness
-            for t in range(self.rounds):
+            for t in range(self.start_epoch, self.rounds):
                 if s > 0 and t - s >= 0:
                     self._submit(t - s)
                 time.sleep(0.05)  # the round's compute

@@ -32,14 +32,17 @@ def federation(tmp_path):
     folder = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
     sites: list[FakeSite] = []
 
-    def start(rounds=3, staleness=1, aggregator=None, hellos=None, delta=client_delta, fail=None, comm_timeout=30.0):
+    def start(
+        rounds=3, staleness=1, aggregator=None, hellos=None, delta=client_delta, fail=None, comm_timeout=30.0, start_epoch=0
+    ):
         aggregator = aggregator or Aggregator()
         placement = place_clients(NUM_CLIENTS, NUM_SITES, seed=0)
         for site in range(NUM_SITES):
             info = hello(site, NUM_SITES, placement, rounds, staleness, aggregator, comm_timeout=comm_timeout)
             info.update((hellos or {}).get(site, {}))
             fail_in_round = fail[1] if fail and fail[0] == site else None
-            sites.append(FakeSite(folder, site, placement, rounds, staleness, info, delta, fail_in_round).start())
+            fake = FakeSite(folder, site, placement, rounds, staleness, info, delta, fail_in_round, start_epoch)
+            sites.append(fake.start())
         grid = FakeGrid({10 + site.site: site.node_config for site in sites})
         lines: list[str] = []
         settings = ServerSettings(NUM_SITES, tmp_path / "server", wait_for_sites_s=30, poll_s=0.02)
@@ -168,3 +171,19 @@ def test_a_resume_needs_the_sites_and_the_server_to_agree_on_the_round(federatio
     with pytest.raises(HandshakeRefused, match="the sites resume at round 0, the server's record .* at round 5"):
         server.run()
     finished(sites)
+
+
+def test_a_resume_one_round_behind_the_servers_record_exchanges_that_round_again(federation, tmp_path):
+    """Sites resumed from round 2's checkpoint (round 1 pending, s = 1); the server aggregated round 1 already."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / STATE_FILENAME).write_text(json.dumps({"next_round": 2}))
+    resumed = {"next_round": 1, "resume_epoch": 2}
+    server, grid, sites, lines = federation(rounds=4, hellos={0: resumed, 1: resumed}, start_epoch=2)
+    server.run()
+    finished(sites)
+    for site in sites:
+        assert site.error is None and sorted(site.results) == [1, 2, 3]
+        for round_index, result in site.results.items():
+            expected = in_memory_aggregate(round_index, Aggregator())
+            assert all(torch.equal(result.aggregate[n], expected.aggregate[n]) for n in expected.aggregate)
+    assert any("starting at round 1" in line for line in lines)

@@ -22,9 +22,6 @@ from lightning_parablock.telemetry.timeline import (
     save_timeline,
 )
 
-PARTS = ("pickup", "to_server", "other_sites", "aggregate", "push", "to_clientapp", "to_site")
-"""The exchange's parts, in order: the ClientApp takes the uploads; they reach the server; the server waits for the
-other sites; aggregates; pushes the aggregate; the SuperNode starts a ClientApp for it; it hands it to the site."""
 
 
 class ServerTimeline:
@@ -89,7 +86,8 @@ class ServerTimeline:
 
 
 def _parts(stamps: dict[str, float], server: dict[str, float]) -> dict[str, Optional[float]]:
-    """The exchange's latency (site clock) and its parts (each between two stamps; ``None`` if one is missing)."""
+    """The exchange's latency (site clock) and its parts (``MEASURED_EXCHANGE_PARTS`` of the timeline module, each
+    between two stamps; ``None`` if one is missing)."""
 
     def between(start: Optional[float], end: Optional[float]) -> Optional[float]:
         return None if start is None or end is None else max(0.0, end - start)

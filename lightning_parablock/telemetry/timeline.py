@@ -20,6 +20,10 @@ from lightning_parablock.files import write_text_atomic
 from lightning_parablock.telemetry.timeline_checks import check_timeline
 
 TIMELINE_FILENAME = "parablock_timeline.json"
+MEASURED_EXCHANGE_PARTS = ("pickup", "to_server", "other_sites", "aggregate", "push", "to_clientapp", "to_site")
+"""The parts of an exchange a real transport measures, in order (a Flower server's timeline holds them per round and
+site under ``flower``): the uploads are taken from the site; reach the server; wait for the other sites; are
+aggregated; the aggregate is pushed; the site's SuperNode starts a ClientApp for it; it hands it to the site."""
 
 
 @dataclass
