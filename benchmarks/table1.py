@@ -106,12 +106,11 @@ def train(name: str, options: argparse.Namespace, batch_size: int, validate: boo
         num_clients=options.clients,
         local_steps=options.local_steps,
         include_embeddings=not options.from_pretrained,  # from scratch the embeddings (tied to the head) learn too
-        weighting="samples",
         seed=options.seed,
         **schedule,
     )
     epochs_per_round = spec.rounds(1, options.clients)
-    callback = ParaBlockCallback.for_method(spec, link=SimulatedLink(MAIN_BANDWIDTH, LATENCY))
+    callback = ParaBlockCallback.for_method(spec, weighting="samples", link=SimulatedLink(MAIN_BANDWIDTH, LATENCY))
     curve = ValidationCurve(epochs_per_round)
     trainer = Trainer(
         strategy=strategy,

@@ -25,7 +25,15 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors import signal_connector
 from toy import ToyModule, toy_dataset, toy_loader
 
-from lightning_parablock import Aggregator, CausalLMModule, FederatedBlockStrategy, ParaBlockCallback, SimulatedLink
+from lightning_parablock import (
+    CausalLMModule,
+    FederatedBlockStrategy,
+    MeanAggregator,
+    MedianAggregator,
+    ParaBlockCallback,
+    SimulatedLink,
+    TrimmedMeanAggregator,
+)
 from lightning_parablock import method as method_settings
 from lightning_parablock.data import SyntheticArithmeticDataModule
 
@@ -56,15 +64,14 @@ class Fault(Callback):
         if self.kind == "raise":
             raise RuntimeError(f"simulated failure on rank {self.rank}")
         if self.kind == "stall":
-            callback = next(c for c in trainer.callbacks if isinstance(c, ParaBlockCallback))
-            transport = callback._worker.transport
-            real_call = transport.__call__
+            transport = trainer.strategy.client_exchange._worker.transport
+            real_exchange = transport.exchange
 
             def stalled(*args, **kwargs):
                 time.sleep(600)
-                return real_call(*args, **kwargs)
+                return real_exchange(*args, **kwargs)
 
-            callback._worker.transport = stalled
+            transport.exchange = stalled
 
     def on_exception(self, trainer, pl_module, exception):
         # Where each rank stopped, for the test to compare: the batches started so far in this round.
@@ -74,6 +81,9 @@ class Fault(Callback):
             f" after {started} batches",
             flush=True,
         )
+
+
+RULES = {"mean": MeanAggregator, "median": MedianAggregator, "trimmed_mean": TrimmedMeanAggregator}
 
 
 def train(
@@ -102,7 +112,7 @@ def train(
     callback = ParaBlockCallback(
         staleness=staleness,
         link=SimulatedLink(latency=latency),
-        aggregator=Aggregator(method=aggregator),
+        aggregator=RULES[aggregator](weighting=weighting) if aggregator == "mean" else RULES[aggregator](),
         comm_timeout=comm_timeout,
         compression=compression,
     )
@@ -115,7 +125,6 @@ def train(
         num_clients=num_clients,
         local_steps=2,
         clients_per_round=clients_per_round,
-        weighting=weighting,
         seed=3,
     )
     trainer = Trainer(

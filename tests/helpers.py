@@ -12,7 +12,7 @@ from reference_parablock import RoundSpec, run_reference
 from torch.utils.data import default_collate
 from toy import ToyModule, toy_dataset, toy_loader, toy_loss
 
-from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock import FederatedBlockStrategy, MeanAggregator, ParaBlockCallback
 
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 
@@ -76,12 +76,11 @@ def lightning_and_reference(
         num_clients=num_clients,
         local_steps=local_steps,
         clients_per_round=clients_per_round,
-        weighting=weighting,
         global_lr=global_lr,
         schedule=schedule,
         seed=3,
     )
-    callback = ParaBlockCallback(staleness=staleness)
+    callback = ParaBlockCallback(staleness=staleness, aggregator=MeanAggregator(weighting=weighting))
     trainer = quiet_trainer(
         strategy=strategy,
         callbacks=[callback, *extra_callbacks],

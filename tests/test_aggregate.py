@@ -8,7 +8,14 @@ from helpers import quiet_trainer
 from lightning import Callback
 from toy import ToyModule, toy_dataset, toy_loader
 
-from lightning_parablock import Aggregator, FederatedBlockStrategy, ParaBlockCallback
+from lightning_parablock import (
+    Aggregator,
+    FederatedBlockStrategy,
+    MeanAggregator,
+    MedianAggregator,
+    ParaBlockCallback,
+    TrimmedMeanAggregator,
+)
 from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError, all_finite
 from lightning_parablock.aggregation.rules import clip_by_norm
 
@@ -49,12 +56,12 @@ def test_all_finite_on_complex_and_float8_tensors():
 
 @pytest.mark.parametrize(
     "aggregator",
-    [Aggregator("median"), Aggregator("trimmed_mean", trim_fraction=0.2), Aggregator("mean", clip_norm=10.0)],
+    [MedianAggregator(), TrimmedMeanAggregator(trim_fraction=0.2), MeanAggregator(clip_norm=10.0)],
     ids=["median", "trimmed_mean", "clipped_mean"],
 )
 def test_robust_rules_resist_one_huge_delta(aggregator):
     deltas, weights = honest_and_one_attacker()
-    assert Aggregator("mean")(deltas, weights).aggregate["w"].abs().max() > 1e5  # the plain mean is poisoned
+    assert MeanAggregator()(deltas, weights).aggregate["w"].abs().max() > 1e5  # the plain mean is poisoned
     robust = aggregator(deltas, weights).aggregate["w"]
     bound = 2.5 if aggregator.clip_norm else 0.05  # clipping bounds the attacker's pull, the others remove it
     assert (robust - 1.0).abs().max() < bound
@@ -69,13 +76,21 @@ def test_clipping_scales_the_whole_block_to_the_norm():
 
 def test_skip_policy_leaves_the_bad_client_out_and_renormalizes():
     deltas = {0: {"w": torch.tensor([1.0])}, 1: {"w": torch.tensor([math.inf])}, 2: {"w": torch.tensor([3.0])}}
-    result = Aggregator(nonfinite="skip")(deltas, {0: 0.25, 1: 0.5, 2: 0.25})
+    result = MeanAggregator(nonfinite="skip")(deltas, {0: 0.25, 1: 0.5, 2: 0.25})
     assert result.skipped_clients == [1]
     assert torch.allclose(result.aggregate["w"], torch.tensor([2.0]))
     with pytest.raises(NonFiniteDeltaError, match="Client 1 .*nonfinite='skip'"):
-        Aggregator()(deltas, {0: 0.25, 1: 0.5, 2: 0.25})
+        MeanAggregator()(deltas, {0: 0.25, 1: 0.5, 2: 0.25})
     with pytest.raises(NonFiniteDeltaError, match="Every client"):
-        Aggregator(nonfinite="skip")({1: deltas[1]}, {1: 1.0})
+        MeanAggregator(nonfinite="skip")({1: deltas[1]}, {1: 1.0})
+
+
+def test_the_old_configurable_aggregator_builds_the_rules_class_and_says_so():
+    with pytest.warns(FutureWarning, match=r"Aggregator\(method='median', ...\)` is deprecated.*MedianAggregator"):
+        built = Aggregator(method="median", clip_norm=2.0, nonfinite="skip")
+    assert type(built) is MedianAggregator and (built.clip_norm, built.nonfinite) == (2.0, "skip")
+    with pytest.warns(FutureWarning):
+        assert type(Aggregator()) is MeanAggregator and type(Aggregator("trimmed_mean")) is TrimmedMeanAggregator
 
 
 @pytest.mark.parametrize(
@@ -100,7 +115,7 @@ class PoisonOneClient(Callback):
 
 def test_a_non_finite_client_is_skipped_in_a_run_and_never_reaches_the_global_model():
     module = ToyModule()
-    callback = ParaBlockCallback(staleness=1, aggregator=Aggregator(nonfinite="skip"))
+    callback = ParaBlockCallback(staleness=1, aggregator=MeanAggregator(nonfinite="skip"))
     trainer = quiet_trainer(
         strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
         callbacks=[PoisonOneClient(), callback],

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightning_parablock import Aggregator, SimulatedLink
+from lightning_parablock import MeanAggregator, SimulatedLink, TrimmedMeanAggregator
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -49,8 +49,8 @@ def test_checkers_return_the_value_in_its_kind():
         (lambda: SimulatedLink(bandwidth=0), r"`bandwidth` must be positive, got 0"),
         (lambda: SimulatedLink(bandwidth=math.inf), r"`bandwidth` must be a finite number, got inf"),
         (lambda: SimulatedLink(latency=math.nan), r"latency"),
-        (lambda: Aggregator(clip_norm=math.inf), r"`clip_norm` must be a finite number, got inf"),
-        (lambda: Aggregator(trim_fraction=True), r"`trim_fraction` must be a number, got True \(bool\)"),
+        (lambda: MeanAggregator(clip_norm=math.inf), r"`clip_norm` must be a finite number, got inf"),
+        (lambda: TrimmedMeanAggregator(trim_fraction=True), r"`trim_fraction` must be a number, got True \(bool\)"),
         (lambda: SyntheticArithmeticDataModule(num_examples=2.5), r"`num_examples` must be an integer, got 2.5"),
         (lambda: SyntheticArithmeticDataModule(batch_size=True), r"`batch_size` must be an integer, got True"),
         (lambda: SyntheticArithmeticDataModule(alpha=math.nan), r"`alpha` must be a finite number, got nan"),

@@ -14,9 +14,11 @@ import weakref
 import pytest
 import torch
 
+from lightning_parablock.aggregation import MeanAggregator
 from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
-from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, exchange
+from lightning_parablock.comm.in_memory import InMemoryTransport
 from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth, parse_duration
+from lightning_parablock.comm.transport import CommunicationError, ExchangeResult, RoundUploads
 from lightning_parablock.comm.worker import CommWorker
 
 # --------------------------------------------------------------------------- parsing
@@ -115,11 +117,21 @@ def deltas_of(*client_values: float, numel: int = 4, dtype=torch.float32) -> dic
     }
 
 
+def exchange(round_index, block, deltas, weights, link, aggregator=None) -> ExchangeResult:
+    """One in-memory exchange on this thread."""
+    transport = InMemoryTransport(aggregator or MeanAggregator(), link)
+    return transport.exchange(RoundUploads(round_index, block, deltas, weights), threading.Event())
+
+
+def in_memory_worker(link: SimulatedLink, timeout_s: float, aggregator=None) -> CommWorker:
+    return CommWorker(InMemoryTransport(aggregator or MeanAggregator(), link), timeout_s)
+
+
 def test_exchange_returns_the_weighted_mean_and_counts_bytes():
     deltas = deltas_of(1.0, 4.0, 10.0)
     weights = {0: 0.5, 1: 0.25, 2: 0.25}
     result = exchange(7, 2, deltas, weights, SimulatedLink())
-    assert isinstance(result, RoundExchange) and (result.round, result.block) == (7, 2)
+    assert isinstance(result, ExchangeResult) and (result.round, result.block) == (7, 2)
     expected = 0.5 * 1.0 + 0.25 * 4.0 + 0.25 * 10.0
     torch.testing.assert_close(result.aggregate["a"], torch.full((4,), expected))
     torch.testing.assert_close(result.aggregate["b"], torch.full((2, 2), 2 * expected))
@@ -176,7 +188,7 @@ def worker_factory():
     workers = []
 
     def make(link: SimulatedLink = SimulatedLink(), timeout_s: float = 10.0) -> CommWorker:
-        workers.append(CommWorker(link, timeout_s))
+        workers.append(in_memory_worker(link, timeout_s))
         return workers[-1]
 
     yield make
@@ -186,7 +198,7 @@ def worker_factory():
 
 def test_worker_submit_and_wait_returns_the_exchange(worker_factory):
     worker = worker_factory()
-    worker.submit(3, 1, deltas_of(2.0, 4.0), {0: 0.5, 1: 0.5})
+    worker.submit(RoundUploads(3, 1, deltas_of(2.0, 4.0), {0: 0.5, 1: 0.5}))
     assert worker.in_flight(3) and not worker.in_flight(4)
     result = worker.wait(3)
     assert not worker.in_flight(3)
@@ -197,7 +209,7 @@ def test_worker_submit_and_wait_returns_the_exchange(worker_factory):
 def test_worker_handles_several_rounds_in_flight_in_order(worker_factory):
     worker = worker_factory(SimulatedLink(latency="10ms"))
     for r in range(3):
-        worker.submit(r, r, {0: {"w": torch.full((2,), float(r))}}, {0: 1.0})
+        worker.submit(RoundUploads(r, r, {0: {"w": torch.full((2,), float(r))}}, {0: 1.0}))
     results = [worker.wait(r) for r in range(3)]
     assert [x.round for x in results] == [0, 1, 2]
     assert [float(x.aggregate["w"][0]) for x in results] == [0.0, 1.0, 2.0]
@@ -205,22 +217,22 @@ def test_worker_handles_several_rounds_in_flight_in_order(worker_factory):
 
 def on_aggregate(monkeypatch, note) -> None:
     """Call ``note()`` on the thread that aggregates, each time it does."""
-    import lightning_parablock.comm.worker as comm
+    from lightning_parablock.aggregation.aggregator import Aggregator
 
-    original = comm.Aggregator.__call__
+    original = Aggregator.__call__
 
     def spy(self, deltas, weights):
         note()
         return original(self, deltas, weights)
 
-    monkeypatch.setattr(comm.Aggregator, "__call__", spy)
+    monkeypatch.setattr(Aggregator, "__call__", spy)
 
 
 def test_exchange_runs_on_a_background_thread(worker_factory, monkeypatch):
     threads = []
     on_aggregate(monkeypatch, lambda: threads.append(threading.current_thread()))
     worker = worker_factory()
-    worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
+    worker.submit(RoundUploads(0, 0, deltas_of(1.0), {0: 1.0}))
     worker.wait(0)
     assert threads and threads[0] is not threading.main_thread()
     assert threads[0].name.startswith("parablock-comm")
@@ -230,7 +242,7 @@ def test_a_non_finite_delta_reraises_as_communication_error(worker_factory):
     worker = worker_factory()
     deltas = deltas_of(1.0, 2.0)
     deltas[1]["a"][2] = math.nan
-    worker.submit(5, 2, deltas, {0: 0.5, 1: 0.5})
+    worker.submit(RoundUploads(5, 2, deltas, {0: 0.5, 1: 0.5}))
     with pytest.raises(CommunicationError, match=r"round 5 \(block 2\).*NonFiniteDeltaError.*Client 1.*'a'") as info:
         worker.wait(5)
     assert isinstance(info.value.__cause__, NonFiniteDeltaError)
@@ -238,18 +250,18 @@ def test_a_non_finite_delta_reraises_as_communication_error(worker_factory):
 
 def test_mismatched_tensors_reraise_as_communication_error(worker_factory):
     worker = worker_factory()
-    worker.submit(2, 0, {0: {"w": torch.zeros(3)}, 1: {"v": torch.zeros(3)}}, {0: 0.5, 1: 0.5})
+    worker.submit(RoundUploads(2, 0, {0: {"w": torch.zeros(3)}, 1: {"v": torch.zeros(3)}}, {0: 0.5, 1: 0.5}))
     with pytest.raises(CommunicationError, match=r"round 2 \(block 0\).*ValueError.*Client 1 sent tensors") as info:
         worker.wait(2)
     assert isinstance(info.value.__cause__, ValueError)
     # The thread survives a failed exchange: the next round goes through.
-    worker.submit(3, 0, {0: {"w": torch.ones(3)}}, {0: 1.0})
+    worker.submit(RoundUploads(3, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}))
     torch.testing.assert_close(worker.wait(3).aggregate["w"], torch.ones(3))
 
 
 def test_mismatched_shapes_reraise_as_communication_error(worker_factory):
     worker = worker_factory()
-    worker.submit(1, 0, {0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(1)}}, {0: 0.5, 1: 0.5})
+    worker.submit(RoundUploads(1, 0, {0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(1)}}, {0: 0.5, 1: 0.5}))
     with pytest.raises(CommunicationError, match=r"round 1 .*shape \(1,\), expected \(3,\)"):
         worker.wait(1)
 
@@ -257,7 +269,7 @@ def test_mismatched_shapes_reraise_as_communication_error(worker_factory):
 def test_a_slow_exchange_times_out_instead_of_hanging(worker_factory):
     # 250 kB up and down over 1 MB/s is 0.5 s of link time; the timeout is 0.02 s.
     worker = worker_factory(SimulatedLink("1MB/s"), timeout_s=0.02)
-    worker.submit(9, 4, {0: {"w": torch.zeros(62_500)}}, {0: 1.0})
+    worker.submit(RoundUploads(9, 4, {0: {"w": torch.zeros(62_500)}}, {0: 1.0}))
     start = time.perf_counter()
     with pytest.raises(CommunicationError, match=r"round 9 \(block 4\) did not finish within comm_timeout=0.02s"):
         worker.wait(9)
@@ -266,13 +278,13 @@ def test_a_slow_exchange_times_out_instead_of_hanging(worker_factory):
 
 
 def test_shutdown_is_idempotent_and_the_worker_restarts_on_submit():
-    worker = CommWorker(SimulatedLink(), timeout_s=5.0)
+    worker = in_memory_worker(SimulatedLink(), 5.0)
     worker.shutdown()  # before any thread exists
-    worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
+    worker.submit(RoundUploads(0, 0, deltas_of(1.0), {0: 1.0}))
     worker.shutdown()  # drops the uncollected exchange
     assert not worker.in_flight(0)
     worker.shutdown()
-    worker.submit(1, 0, deltas_of(2.0), {0: 1.0})
+    worker.submit(RoundUploads(1, 0, deltas_of(2.0), {0: 1.0}))
     torch.testing.assert_close(worker.wait(1).aggregate["a"], torch.full((4,), 2.0))
     worker.shutdown()
 
@@ -281,7 +293,7 @@ def test_communication_overlaps_compute_on_the_main_thread(worker_factory):
     # The exchange is 0.3 s of modelled latency (0.15 s each way); the main thread computes for 0.3 s meanwhile.
     worker = worker_factory(SimulatedLink(latency="150ms"))
     start = time.perf_counter()
-    worker.submit(0, 0, deltas_of(1.0, 3.0), {0: 0.5, 1: 0.5})
+    worker.submit(RoundUploads(0, 0, deltas_of(1.0, 3.0), {0: 0.5, 1: 0.5}))
     computed = 0
     while time.perf_counter() - start < 0.3:  # busy compute, holding the GIL between checks
         computed += int(torch.ones(16, 16).sum())
@@ -294,8 +306,8 @@ def test_communication_overlaps_compute_on_the_main_thread(worker_factory):
 
 
 def test_shutdown_releases_a_thread_sleeping_out_a_long_link():
-    worker = CommWorker(SimulatedLink(latency="30s"), timeout_s=60)
-    worker.submit(0, 0, {0: {"w": torch.zeros(2)}}, {0: 1.0})
+    worker = in_memory_worker(SimulatedLink(latency="30s"), 60)
+    worker.submit(RoundUploads(0, 0, {0: {"w": torch.zeros(2)}}, {0: 1.0}))
     time.sleep(0.2)  # the exchange is now waiting out its modelled 60 s
     (thread,) = [t for t in threading.enumerate() if t.name.startswith("parablock-comm")]
     worker.shutdown()
@@ -319,7 +331,7 @@ def test_the_comm_thread_runs_torch_with_one_thread_and_leaves_other_threads_the
     torch.set_num_threads(2)  # the suite runs with 1, which the worker would have nothing to change about
     try:
         worker = worker_factory()
-        worker.submit(0, 0, deltas_of(1.0), {0: 1.0})
+        worker.submit(RoundUploads(0, 0, deltas_of(1.0), {0: 1.0}))
         worker.wait(0)
         assert seen == [1]
         assert torch.get_num_threads() == 2  # the training thread's count
@@ -340,15 +352,19 @@ def test_an_exchange_starts_no_openmp_team_beside_the_training_threads(tmp_path)
     script = tmp_path / "count_threads.py"
     script.write_text(
         "import os, torch\n"
+        "from lightning_parablock.aggregation import MeanAggregator\n"
+        "from lightning_parablock.comm.in_memory import InMemoryTransport\n"
         "from lightning_parablock.comm.link import SimulatedLink\n"
+        "from lightning_parablock.comm.transport import RoundUploads\n"
         "from lightning_parablock.comm.worker import CommWorker\n"
+        "def in_memory_worker(link, timeout_s): return CommWorker(InMemoryTransport(MeanAggregator(), link), timeout_s)\n"
         "def threads(): return len(os.listdir('/proc/self/task'))\n"
         "assert torch.get_num_threads() == 2\n"
         "(torch.ones(1 << 20) * 2).sum()  # the training thread's team\n"
         "before = threads()\n"
-        "worker = CommWorker(SimulatedLink(), timeout_s=60)\n"
+        "worker = in_memory_worker(SimulatedLink(), 60)\n"
         "big = {0: {'w': torch.ones(1 << 20)}, 1: {'w': torch.ones(1 << 20)}}  # far above torch's parallel grain\n"
-        "worker.submit(0, 0, big, {0: 0.5, 1: 0.5})\n"
+        "worker.submit(RoundUploads(0, 0, big, {0: 0.5, 1: 0.5}))\n"
         "worker.wait(0)\n"
         "print(threads() - before)\n"
         "worker.shutdown()\n"
@@ -364,18 +380,22 @@ def test_a_worker_nobody_shut_down_stops_its_thread_before_the_interpreter_exits
     script = tmp_path / "forgotten_worker.py"
     script.write_text(
         "import torch\n"
+        "from lightning_parablock.aggregation import MeanAggregator\n"
+        "from lightning_parablock.comm.in_memory import InMemoryTransport\n"
         "from lightning_parablock.comm.link import SimulatedLink\n"
+        "from lightning_parablock.comm.transport import RoundUploads\n"
         "from lightning_parablock.comm.worker import CommWorker\n"
+        "def in_memory_worker(link, timeout_s): return CommWorker(InMemoryTransport(MeanAggregator(), link), timeout_s)\n"
         "shutdown = CommWorker.shutdown\n"
         "def reporting(self, join_s=5.0):\n"
         "    print('shut down', join_s, flush=True)\n"
         "    shutdown(self, join_s)\n"
         "CommWorker.shutdown = reporting\n"
-        "worker = CommWorker(SimulatedLink(), timeout_s=60)\n"
-        "worker.submit(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0})\n"
+        "worker = in_memory_worker(SimulatedLink(), 60)\n"
+        "worker.submit(RoundUploads(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0}))\n"
         "worker.wait(0)\n"
-        "finished = CommWorker(SimulatedLink(), timeout_s=60)\n"
-        "finished.submit(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0})\n"
+        "finished = in_memory_worker(SimulatedLink(), 60)\n"
+        "finished.submit(RoundUploads(0, 0, {0: {'w': torch.ones(8)}}, {0: 1.0}))\n"
         "finished.wait(0)\n"
         "finished.shutdown(join_s=2.0)  # shut down by its owner: not again at exit\n"
     )
@@ -385,8 +405,8 @@ def test_a_worker_nobody_shut_down_stops_its_thread_before_the_interpreter_exits
 
 
 def test_a_running_worker_is_not_kept_alive_by_its_exit_hook():
-    worker = CommWorker(SimulatedLink(), timeout_s=10)
-    worker.submit(0, 0, {0: {"w": torch.ones(4)}}, {0: 1.0})
+    worker = in_memory_worker(SimulatedLink(), 10)
+    worker.submit(RoundUploads(0, 0, {0: {"w": torch.ones(4)}}, {0: 1.0}))
     worker.wait(0)
     alive = weakref.ref(worker)
     del worker

@@ -11,11 +11,14 @@ import contextlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation import MeanAggregator, MedianAggregator
 from lightning_parablock.comm.codecs import make_codec
-from lightning_parablock.comm.distributed import collective_worker
+from lightning_parablock.comm.distributed import CollectiveTransport
+from lightning_parablock.comm.in_memory import InMemoryTransport
 from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.transport import RoundUploads
 from lightning_parablock.comm.worker import CommWorker
 
 NUMEL = 65537  # 262148 bytes in fp32: not a bf16 number, and over fp16's largest (65504)
@@ -40,21 +43,21 @@ def run_on_thread(worker: CommWorker, dtype: torch.dtype, sent: dict, weights: d
     """Submit under ``dtype`` as the default (the worker thread sees it while it works) and collect."""
     try:
         with default_dtype(dtype):
-            worker.submit(0, 0, sent, weights)
+            worker.submit(RoundUploads(0, 0, sent, weights))
             return worker.wait(0)
     finally:
         worker.shutdown()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("aggregator", [Aggregator(), Aggregator("median")], ids=["mean", "median"])
+@pytest.mark.parametrize("aggregator", [MeanAggregator(), MedianAggregator()], ids=["mean", "median"])
 def test_the_collective_exchange_keeps_byte_counts_and_weights_exact_under_a_half_default_dtype(
     one_rank_group, dtype, aggregator
 ):
     sent = deltas()
     weights = {0: 262147.0, 1: 1.0}  # sample counts that bf16 would round
     layout = lambda block: [("w", torch.Size([NUMEL]))]  # noqa: E731
-    worker = collective_worker(SimulatedLink(), aggregator, 30.0, [0, 0], layout, torch.device("cpu"))
+    worker = CommWorker(CollectiveTransport(dist.group.WORLD, aggregator, SimulatedLink(), [0, 0], layout, 30.0), 30.0)
     result = run_on_thread(worker, dtype, sent, weights)
     expected = aggregator(sent, weights).aggregate["w"]
     assert result.upload_bytes == {0: 4 * NUMEL, 1: 4 * NUMEL}
@@ -68,8 +71,9 @@ def test_the_in_memory_exchange_is_the_same_under_a_half_default_dtype(dtype, co
     codec = make_codec(compression)
     encoded = {c: {n: codec.encode(t) for n, t in d.items()} for c, d in deltas().items()}
     weights = {0: 262147.0, 1: 1.0}
-    reference = run_on_thread(CommWorker(SimulatedLink(), 30.0), torch.float32, encoded, weights)
-    result = run_on_thread(CommWorker(SimulatedLink(), 30.0), dtype, encoded, weights)
+    in_memory = lambda: CommWorker(InMemoryTransport(MeanAggregator(), SimulatedLink()), 30.0)  # noqa: E731
+    reference = run_on_thread(in_memory(), torch.float32, encoded, weights)
+    result = run_on_thread(in_memory(), dtype, encoded, weights)
     assert result.upload_bytes == reference.upload_bytes
     assert result.aggregate["w"].dtype == torch.float32
     assert torch.equal(result.aggregate["w"], reference.aggregate["w"])

@@ -1,6 +1,7 @@
 """Compressed uploads: round-trip error, bytes counted as sent, error feedback, and exact resume of residuals."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from lightning_parablock import (
     SimulatedLink,
     TopKCodec,
 )
+from lightning_parablock.aggregation import MeanAggregator
 from lightning_parablock.comm.codecs import Codec, encode_delta, encoded_nbytes, make_codec
-from lightning_parablock.comm.exchange import exchange
+from lightning_parablock.comm.in_memory import InMemoryTransport
+from lightning_parablock.comm.transport import RoundUploads
 
 
 def sample(shape=(6, 50), seed=0):
@@ -83,7 +86,8 @@ def test_exchange_counts_the_encoded_bytes_and_aggregates_decoded_fp32():
     codec = Int8Codec()
     deltas = {c: {"w": sample(seed=c), "b": sample((7,), seed=10 + c)} for c in range(3)}
     encoded = {c: encode_delta(codec, d, {}) for c, d in deltas.items()}
-    result = exchange(0, 0, encoded, {c: 1.0 for c in deltas}, SimulatedLink("1MB/s"))
+    transport = InMemoryTransport(MeanAggregator(), SimulatedLink("1MB/s"))
+    result = transport.exchange(RoundUploads(0, 0, encoded, {c: 1.0 for c in deltas}), threading.Event())
     assert result.upload_bytes == {c: encoded_nbytes(e) for c, e in encoded.items()}
     assert result.upload_bytes[0] == 6 * 50 + 6 * 4 + 7 + 4
     expected = sum(e["w"].decode() for e in encoded.values()) / 3
@@ -117,7 +121,7 @@ def test_a_run_with_topk_counts_encoded_bytes_and_keeps_residuals():
         assert ours.block == plain.block
         # a block of the toy is one 8x8 Linear: 64 + 8 values; 10% → 7 + 1 entries of 8 bytes
         assert all(n < plain.upload_bytes[c] / 4 for c, n in ours.upload_bytes.items())
-    assert any(c.residual for c in strategy.federation.clients.values())
+    assert any(strategy.client_exchange.residuals.values())
 
 
 def test_residuals_resume_bit_exactly(tmp_path):

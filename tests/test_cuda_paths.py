@@ -16,9 +16,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_parablock import FederatedBlockStrategy, SimulatedLink
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation import MeanAggregator
 from lightning_parablock.comm import distributed as distributed_module
-from lightning_parablock.comm.distributed import GROUP_TIMEOUT_MARGIN_S, collective_worker
+from lightning_parablock.comm.by_processes import ByProcesses
+from lightning_parablock.comm.distributed import GROUP_TIMEOUT_MARGIN_S
+from lightning_parablock.comm.in_memory import InMemoryTransport
+from lightning_parablock.comm.transport import ExchangeContext, RoundUploads
 from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.core import device_copies, turn_timer
 from lightning_parablock.core.blocks import partition_by_patterns
@@ -28,8 +31,9 @@ from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.core.schedule import BlockSchedule
 from lightning_parablock.strategies import federation_checkpoint
 from lightning_parablock.strategies.client_exchange import ClientExchange
+from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.strategies.federation_checkpoint import FederationCheckpoint
-from lightning_parablock.strategies.turns import Turns
+from lightning_parablock.strategies.turns import RoundState, Turns
 
 GPU_1 = torch.device("cuda", 1)
 
@@ -61,19 +65,22 @@ def two_layer_federation(offload: bool = False, device: str = "cpu") -> Federati
 # ----------------------------------------------------------------- 1, 4: the exchange's group
 
 
+def exchange_context(layout, device: torch.device) -> ExchangeContext:
+    return ExchangeContext(MeanAggregator(), SimulatedLink(), 30.0, [0], 0, 2, layout, device)
+
+
 def test_under_nccl_the_exchange_runs_over_a_gloo_group_on_host_copies(nccl_default_group):
     layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
-    worker = collective_worker(SimulatedLink(), Aggregator(), 30.0, [0], layout, GPU_1)
+    transport = ByProcesses().build(exchange_context(layout, GPU_1))
     assert [group["backend"] for group in nccl_default_group] == ["gloo"]  # never a CUDA stream: no NCCL
-    assert worker.transport.pin_memory  # the sum comes back pinned, for a non-blocking upload to the GPU
-    assert worker.device == GPU_1
+    assert transport.pin_memory  # the sum comes back pinned, for a non-blocking upload to the GPU
 
 
 def test_the_exchange_groups_timeout_leaves_the_librarys_own_error_first(nccl_default_group):
     layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
-    worker = collective_worker(SimulatedLink(), Aggregator(), 30.0, [0], layout, torch.device("cpu"))
+    transport = ByProcesses().build(exchange_context(layout, torch.device("cpu")))
     assert nccl_default_group[0]["timeout"] == timedelta(seconds=30.0 + GROUP_TIMEOUT_MARGIN_S)
-    assert worker.transport.timeout == timedelta(seconds=30.0)  # what the transport waits before naming the rank
+    assert transport.timeout == timedelta(seconds=30.0)  # what the transport waits before naming the rank
     assert GROUP_TIMEOUT_MARGIN_S > 0
 
 
@@ -87,8 +94,10 @@ def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_ran
 
     monkeypatch.setattr(distributed_module.torch, "zeros", zeros)
     layout = lambda block: [("w", torch.Size([3]))]  # noqa: E731
-    transport = distributed_module.CollectiveTransport(dist.group.WORLD, [0], layout, 30.0, pin_memory=True)
-    result = transport(0, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}, SimulatedLink(), Aggregator(), threading.Event())
+    transport = distributed_module.CollectiveTransport(
+        dist.group.WORLD, MeanAggregator(), SimulatedLink(), [0], layout, 30.0, pin_memory=True
+    )
+    result = transport.exchange(RoundUploads(0, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}), threading.Event())
     assert torch.equal(result.aggregate["w"], torch.ones(3))
     assert pinned_requests[-1] is True  # the sum; the status row is tiny and stays pageable
 
@@ -99,9 +108,9 @@ def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_ran
 def test_the_comm_thread_makes_the_training_gpu_its_current_device(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((threading.current_thread().name, device)))
-    worker = CommWorker(SimulatedLink(), 10.0, device=GPU_1)
+    worker = CommWorker(InMemoryTransport(MeanAggregator(), SimulatedLink()), 10.0, device=GPU_1)
     try:
-        worker.submit(0, 0, {0: {"w": torch.ones(2)}}, {0: 1.0})
+        worker.submit(RoundUploads(0, 0, {0: {"w": torch.ones(2)}}, {0: 1.0}))
         worker.wait(0)
     finally:
         worker.shutdown()
@@ -112,9 +121,9 @@ def test_one_process_gives_its_comm_thread_the_training_device():
     strategy = FederatedBlockStrategy(num_clients=2, device="cuda:1")
     assert strategy.root_device == GPU_1
     plan = RoundPlan(2, 2, 0, BlockSchedule("sequential", 2, 0), [0, 0], world_size=1, rank=0)
-    exchange = ClientExchange(None, plan, strategy.options, strategy.root_device)
-    worker = exchange.comm_worker(SimulatedLink(), Aggregator(), 10.0)
-    assert worker.device == GPU_1
+    exchange = ClientExchange(None, plan, ExchangeSpec(), 1.0, strategy.root_device)
+    exchange.open(member=0, members=1)
+    assert exchange._worker.device == GPU_1
 
 
 # ----------------------------------------------------------------- 8: smaller points
@@ -166,8 +175,8 @@ def test_a_turn_uploads_its_clients_pending_deltas_without_blocking_the_host():
     federation.unaggregated[0] = 1
     federation.clients[0].pending[0] = BlockDelta(0, 1, pending)
     with ToCalls(list(pending.values())) as calls:
-        federation.enter(0, round_index=1, block=0)
-    federation.leave()
+        federation.start_turn(0, round_index=1, block=0)
+    federation.end_turn()
     assert calls.non_blocking and all(calls.non_blocking)
 
 
@@ -211,7 +220,8 @@ def test_checkpoint_state_reaches_the_gather_on_the_host(monkeypatch, nccl_defau
     checkpoint.setup(distributed=True)
     assert nccl_default_group[-1]["backend"] == "gloo"  # the object gather never stages on a GPU
     schedule = type("Schedule", (), {"state_dict": lambda self: {}})()
-    entry = checkpoint.entry(federation, federation.partition, schedule, [0, 1], world_size=2, settings={})
+    exchange = ClientExchange(federation, None, ExchangeSpec(), 1.0, torch.device("cpu"))
+    entry = checkpoint.entry(federation, exchange, federation.partition, schedule, [0, 1], world_size=2, settings={})
     sent, group = gathered[0]
     tensor = sent["pending"][1][0]["tensors"]["0.weight"]
     assert type(tensor) is torch.Tensor and tensor.device.type == "cpu" and group is dist.group.WORLD
@@ -230,9 +240,11 @@ def test_restored_deltas_land_on_the_models_device_or_the_host_when_offloaded(of
         "optimizers": {},
     }
     federation.load_state_dict(saved)
+    exchange = ClientExchange(federation, None, ExchangeSpec(), 1.0, torch.device("cpu"))
+    exchange.load_state_dict(saved)
     restored = federation.clients[0].pending[0].tensors["1.weight"]
     assert restored.device.type == home and restored.dtype == torch.float32
-    assert federation.clients[0].residual["1.weight"].device.type == home
+    assert exchange.residuals[0]["1.weight"].device.type == home
 
 
 # ----------------------------------------------------------------- 5: idle turns
@@ -248,13 +260,14 @@ def test_an_idle_step_under_a_grad_scaler_gives_a_zero_gradient_and_leaves_the_m
     # whose parameters have no gradient.
     federation = two_layer_federation()
     before = {n: p.detach().clone() for n, p in federation.model.named_parameters()}
-    turns = Turns(federation, torch.device("cpu"), plan=None, trainable=set())  # no rounds
-    optimizer = turns.start(None, round_index=0, block=0)
+    turns = Turns(federation, torch.device("cpu"), plan=None, trainable=set())
+    turns.current = RoundState(0, 0, participants=[], turns=[None])  # a round in which this rank only waits
+    optimizer = turns.start_turn(0)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(turns.idle_loss()).backward()
     scaler.step(optimizer)
     scaler.update()
-    turns.end()
+    turns.end_turn()
     (idle,) = optimizer.param_groups[0]["params"]
     assert idle.grad is not None and torch.equal(idle.grad, torch.zeros_like(idle))
     assert all(torch.equal(p, before[n]) for n, p in federation.model.named_parameters())

@@ -102,3 +102,22 @@ def test_the_core_runs_without_lightning():
 
 def test_at_most_ten_modules_at_the_top():
     assert len(list(PACKAGE.glob("*.py"))) <= 10
+
+
+def test_core_and_aggregation_import_without_lightning_transformers_peft_or_datasets():
+    """``core`` and ``aggregation`` are torch only: a Flower server, a benchmark or a notebook that aggregates
+    deltas does not pay for the training stack. Every module of both, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    modules = sorted(
+        name for name in package_imports() if room(name) in {"core", "aggregation"} or name == "lightning_parablock"
+    )
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('lightning', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

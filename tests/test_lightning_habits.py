@@ -51,7 +51,7 @@ def test_learning_rate_monitor_reads_each_turns_optimizer(tmp_path, interval):
     monitor = LearningRateMonitor(logging_interval=interval)
     trainer = quiet_trainer(
         strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
-        callbacks=[monitor, ParaBlockCallback(staleness=1)],  # listed first: it is moved after the callback
+        callbacks=[ParaBlockCallback(staleness=1), monitor],
         max_epochs=2,
         logger=CSVLogger(tmp_path),
         log_every_n_steps=1,
@@ -65,7 +65,16 @@ def test_learning_rate_monitor_reads_each_turns_optimizer(tmp_path, interval):
     assert len(set(module.used)) == 6  # one optimizer per client and round
 
 
-def test_last_checkpoint_holds_the_final_global_model_after_the_flush(tmp_path):
+def test_a_learning_rate_monitor_listed_before_the_callback_is_refused_not_moved():
+    monitor = LearningRateMonitor(logging_interval="step")
+    callbacks = [monitor, ParaBlockCallback(staleness=1)]
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=3, local_steps=2), callbacks=callbacks, max_epochs=2)
+    with pytest.raises(MisconfigurationException, match="LearningRateMonitor is listed before ParaBlockCallback"):
+        trainer.fit(CountingLrModule(), toy_loader(toy_dataset()))
+    assert trainer.callbacks[: len(callbacks)] == callbacks  # the user's list is as it was
+
+
+def test_final_checkpoint_holds_the_flushed_model_and_last_stays_the_resumable_round(tmp_path):
     module = ToyModule()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True, save_top_k=-1)
     trainer = quiet_trainer(
@@ -75,12 +84,46 @@ def test_last_checkpoint_holds_the_final_global_model_after_the_flush(tmp_path):
         enable_checkpointing=True,
     )
     trainer.fit(module, toy_loader(toy_dataset()))
-    final = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    final = torch.load(tmp_path / "final.ckpt", weights_only=True)
     assert final["federation"]["unaggregated"] == {} and all(not p for p in final["federation"]["pending"].values())
+    assert final["federation"]["flushed"]
     for name, param in module.state_dict().items():
         assert torch.equal(final["state_dict"][name], param), name
-    round_3 = torch.load(next(tmp_path.glob("epoch=3*.ckpt")), weights_only=True)
-    assert sorted(round_3["federation"]["unaggregated"]) == [2, 3]  # still the resumable state of round 3
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert sorted(last["federation"]["unaggregated"]) == [2, 3] and not last["federation"]["flushed"]
+    assert checkpoint.last_model_path == str(tmp_path / "last.ckpt")  # ModelCheckpoint's own bookkeeping, untouched
+
+
+def test_a_finished_run_extended_from_last_ckpt_equals_one_longer_run(tmp_path):
+    def run(max_epochs, folder, ckpt_path=None):
+        module = ToyModule()
+        checkpoint = ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_last=True)
+        trainer = quiet_trainer(
+            strategy=FederatedBlockStrategy(num_clients=3, local_steps=2),
+            callbacks=[ParaBlockCallback(staleness=1), checkpoint],
+            max_epochs=max_epochs,
+            enable_checkpointing=True,
+        )
+        trainer.fit(module, toy_loader(toy_dataset()), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(5, tmp_path / "straight")
+    run(3, tmp_path / "extended")
+    extended = run(5, tmp_path / "extended", ckpt_path=tmp_path / "extended" / "last.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), extended.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "extended" / "final-v1.ckpt").exists()  # the first run's final.ckpt is left as it was
+
+
+def test_extending_from_the_final_checkpoint_says_it_is_not_one_longer_run(tmp_path):
+    module = ToyModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True)
+    callbacks = [ParaBlockCallback(staleness=1), checkpoint]
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=3, local_steps=2), callbacks=callbacks, max_epochs=2, enable_checkpointing=True)
+    trainer.fit(module, toy_loader(toy_dataset()))
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=3, local_steps=2), callbacks=[ParaBlockCallback(staleness=1)], max_epochs=3)
+    with pytest.warns(UserWarning, match="holds the run's final global model.*resume from the checkpoint of its last round"):
+        trainer.fit(ToyModule(), toy_loader(toy_dataset()), ckpt_path=tmp_path / "final.ckpt")
 
 
 def test_a_checkpoint_without_save_last_gets_a_final_checkpoint(tmp_path):

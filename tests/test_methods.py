@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import AutoModelForCausalLM
 
 from lightning_parablock import CausalLMModule, ParaBlockCallback
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.cli import main
 from lightning_parablock.core.lora import lora_pairs
@@ -86,7 +86,7 @@ def test_flora_aggregate_is_the_weighted_sum_of_the_clients_products():
     products = stacked_products(stacked, {a: a0}, [("x.w", a, b)])
     expected = sum(w * deltas[c][b] @ (a0 + deltas[c][a]) for c, w in weights.items())
     torch.testing.assert_close(products["x.w"], expected)
-    mean = Aggregator()(deltas, weights).aggregate  # what FedIT does instead: not the mean of the products
+    mean = MeanAggregator()(deltas, weights).aggregate  # what FedIT does instead: not the mean of the products
     naive = mean["x.lora_B.default.weight"] @ (a0 + mean["x.lora_A.default.weight"])
     assert not torch.allclose(naive, expected)
 
@@ -95,7 +95,7 @@ def record_aggregates(seen: list) -> Callable:
     """A spy for ``_fit``: per aggregate, the round's deltas and weights and the parameters before and after."""
 
     def spy(strategy) -> None:
-        build = strategy.new_exchange
+        build = strategy.make_client_exchange
 
         def new_exchange(*args, **kwargs):
             exchange = build(*args, **kwargs)
@@ -103,14 +103,16 @@ def record_aggregates(seen: list) -> Callable:
 
             def recording(round_index, aggregate, left_out=()):
                 params = {n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()}
-                seen.append((strategy.federation.round_deltas(round_index), exchange.weights(round_index), params))
+                deltas = strategy.federation.round_deltas(round_index)
+                weights = exchange.spec.aggregator.client_weights(strategy.federation.sample_counts(list(deltas)))
+                seen.append((deltas, weights, params))
                 apply(round_index, aggregate, left_out)
                 seen[-1] += ({n: p.detach().clone() for n, p in strategy.lightning_module.named_parameters()},)
 
             exchange.apply_aggregate = recording
             return exchange
 
-        strategy.new_exchange = new_exchange
+        strategy.make_client_exchange = new_exchange
 
     return spy
 
@@ -169,6 +171,7 @@ def test_flora_with_client_ranks_trains_each_clients_own_components_and_sends_ra
                     for p in pairs) for c, r in enumerate(ranks)}  # fmt: skip
     for record in (r for r in callback.records if r.exchanged_round is not None):
         assert record.upload_bytes == sizes and record.download_bytes == sum(sizes.values())
+    assert not [name for name, p in module.named_parameters() if p._backward_hooks]  # the fit removed its gradient hooks
 
 
 def test_flora_client_ranks_are_checked(tiny_llama_config):

@@ -156,11 +156,11 @@ def test_global_values_come_back_bit_exact_after_a_half_precision_turn():
     federation.unaggregated[0] = 1
     federation.clients[0].pending[0] = federation.clients[0].pending.get(0) or _delta(0, 1, model, 3e-4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = federation.enter(0, round_index=1, block=0)
+    optimizer = federation.start_turn(0, round_index=1, block=0)
     loss = model(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum()
     loss.backward()
     optimizer.step()
-    federation.leave()
+    federation.end_turn()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert federation.clients[0].pending[1].tensors["0.weight"].dtype == torch.float32
 
@@ -185,10 +185,10 @@ def test_master_starts_from_the_exact_view_not_the_rounded_weights():
     federation.host([VirtualClient(0, [0])])
     federation.unaggregated[0] = 0
     federation.clients[0].pending[0] = _delta(0, 0, model, 1e-3)  # 1.001 is not a bf16 number
-    federation.enter(0, round_index=1, block=0)
+    federation.start_turn(0, round_index=1, block=0)
     master = federation._turn.master.masters["0.bias"]
     assert torch.equal(master, torch.full((4,), 1.0 + 1e-3))
-    federation.leave()
+    federation.end_turn()
     assert torch.equal(federation.clients[0].pending[1].tensors["0.bias"], torch.zeros(4))
 
 
@@ -214,16 +214,16 @@ def test_kept_optimizer_state_resumes_in_fp32_under_half_weights():
 
     model = nn.Sequential(nn.Linear(4, 4)).to(torch.bfloat16)
     federation = federation_of(model)
-    optimizer = federation.enter(0, round_index=0, block=0)
+    optimizer = federation.start_turn(0, round_index=0, block=0)
     model(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum().backward()
     optimizer.step()
-    federation.leave()
+    federation.end_turn()
     saved = federation.state_dict()
     moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
 
     resumed = federation_of(model)
     resumed.load_state_dict(saved)
-    optimizer = resumed.enter(0, round_index=1, block=0)
+    optimizer = resumed.start_turn(0, round_index=1, block=0)
     restored = [s["exp_avg"] for s in optimizer.state.values()]
     assert all(r.dtype == torch.float32 and torch.equal(r, m) for r, m in zip(restored, moments, strict=True))
     assert all(any(p is m for m in resumed._turn.master.masters.values()) for p in optimizer.state)

@@ -74,15 +74,15 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
     module = CausalLMModule(model_name_or_path=str(checkpoints[checkpoint_dtype]), learning_rate=1e-2)
     strategy = FederatedBlockStrategy(num_clients=2, local_steps=2, schedule="sequential")
     sent, pending = [], []
-    build = strategy.new_exchange
+    build = strategy.make_client_exchange
 
     def new_exchange(*args, **kwargs):
         exchange = build(*args, **kwargs)
         uploads = exchange.uploads
 
-        def record_uploads(round_index, codec):
-            encoded = uploads(round_index, codec)
-            sent.extend(t.dtype for delta in encoded.values() for e in delta.values() for t in e.payload.values())
+        def record_uploads(round_index):
+            encoded = uploads(round_index)
+            sent.extend(t.dtype for delta in encoded.deltas.values() for e in delta.values() for t in e.payload.values())
             pending.extend(
                 t.dtype
                 for c in strategy.federation.clients.values()
@@ -94,7 +94,7 @@ def test_every_cell_of_the_precision_matrix(checkpoints, checkpoint_dtype, preci
         exchange.uploads = record_uploads
         return exchange
 
-    strategy.new_exchange = new_exchange
+    strategy.make_client_exchange = new_exchange
     observe = Observe()
     trainer = quiet_trainer(
         strategy=strategy, callbacks=[observe, ParaBlockCallback(staleness=1)], max_epochs=3,

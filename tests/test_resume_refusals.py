@@ -74,16 +74,16 @@ CHANGED = [
     (dict(strategy=dict(global_lr=0.5)), "global_lr: 1.0 in the checkpoint, 0.5 now"),
     (dict(strategy=dict(schedule="sequential")), "schedule: 'random' in the checkpoint, 'sequential' now"),
     (dict(strategy=dict(local_steps=2)), "local_steps: 1 in the checkpoint, 2 now"),
-    (dict(callback=dict(aggregator={"method": "median"})), "aggregator: \"Aggregator(method='mean'"),
+    (dict(callback=dict(aggregator={"method": "median"})), "aggregator: \"MeanAggregator(weighting='uniform'"),
 ]
 
 
 @pytest.mark.parametrize(("change", "message"), CHANGED, ids=[m.split(":")[0] for _, m in CHANGED])
 def test_a_resume_with_another_setting_is_refused_naming_it(saved_run, tmp_path, change, message):
     if "aggregator" in change.get("callback", {}):
-        from lightning_parablock import Aggregator
+        from lightning_parablock import MedianAggregator
 
-        change = dict(callback=dict(aggregator=Aggregator(method="median")))
+        change = dict(callback=dict(aggregator=MedianAggregator()))
     text = refused(saved_run, tmp_path, **change)
     assert message in text, text
     assert "A resume continues the run it was saved from" in text
@@ -153,3 +153,16 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file_and_its_payload_never_r
     assert text.startswith(f"The checkpoint {path} cannot be read: "), text
     assert what in text, text
     assert not (tmp_path / "payload_ran").exists()
+
+
+def test_a_resume_under_another_precision_is_refused_naming_both(tmp_path):
+    module = ToyModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True)
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=1), checkpoint], max_epochs=2,
+                            enable_checkpointing=True, precision="bf16-mixed")  # fmt: skip
+    trainer.fit(module, toy_loader(toy_dataset()))
+    resumed = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+                            callbacks=[ParaBlockCallback(staleness=1)], max_epochs=3, precision="32-true")  # fmt: skip
+    with pytest.raises(MisconfigurationException, match="precision: 'bf16-mixed' in the checkpoint, '32-true' now"):
+        resumed.fit(ToyModule(), toy_loader(toy_dataset()), ckpt_path=tmp_path / "last.ckpt")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.nonfinite import NonFiniteDeltaError
 from lightning_parablock.aggregation.rules import weighted_sum
 from lightning_parablock.core.clients import BlockDelta, VirtualClient
@@ -343,5 +343,5 @@ def test_weighted_sum_errors():
 def test_the_mean_aggregator_rejects_non_finite_deltas(bad):
     deltas = {0: {"w": torch.zeros(3)}, 1: {"w": torch.tensor([0.0, bad, 0.0])}}
     with pytest.raises(NonFiniteDeltaError, match="Client 1 sent a non-finite delta for 'w'"):
-        Aggregator()(deltas, {0: 0.5, 1: 0.5})
+        MeanAggregator()(deltas, {0: 0.5, 1: 0.5})
     assert issubclass(NonFiniteDeltaError, FloatingPointError)

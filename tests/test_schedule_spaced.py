@@ -106,3 +106,25 @@ def test_a_spacing_without_the_spaced_schedule_is_refused_naming_both():
 
     with pytest.raises(ValueError, match=r"`schedule_spacing` applies to schedule='spaced' only.*'random'"):
         FederatedBlockStrategy(schedule_spacing=2)
+
+
+@pytest.mark.parametrize(("num_layers", "staleness", "warned"), [(2, 2, True), (3, 3, True), (3, 2, False)])
+def test_too_few_blocks_for_the_spacing_is_said_before_training(tmp_path, num_layers, staleness, warned):
+    import warnings
+
+    from helpers import quiet_trainer
+    from toy import ToyModule, toy_dataset, toy_loader
+
+    from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback
+
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1, schedule="spaced", seed=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(staleness=staleness)], max_epochs=staleness + 1,
+                            default_root_dir=tmp_path)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ToyModule(num_layers=num_layers), toy_loader(toy_dataset()))
+    said = [str(w.message) for w in caught if "schedule='spaced'" in str(w.message)]
+    if warned:
+        assert said and f"only {num_layers} block(s)" in said[0] and "still pending" in said[0]
+    else:
+        assert not said

@@ -120,11 +120,11 @@ def test_bad_setups_are_refused_before_training(kwargs, error, message):
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))  # nothing trained, nothing changed
 
 
-def test_a_fit_without_the_callback_is_refused_at_its_first_batch_before_anything_trains():
+def test_a_fit_without_the_callback_is_refused_at_setup_before_anything_trains():
     module = ToyModule()
     before = [p.detach().clone() for p in module.parameters()]
     trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), max_epochs=1)
-    with pytest.raises(MisconfigurationException, match=r"no round in progress: add `ParaBlockCallback\(...\)`"):
+    with pytest.raises(MisconfigurationException, match=r"has no exchange: add `ParaBlockCallback\(...\)`"):
         trainer.fit(module, toy_loader(toy_dataset()))
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 

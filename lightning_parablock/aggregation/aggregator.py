@@ -1,30 +1,30 @@
-"""Server aggregation: Δ_t from the round's client deltas, in fp32.
+"""The server's rule for a round: the base class of every aggregator, and the non-finite policy applied first.
 
-The paper aggregates with the weighted mean Σ_i w_i Δ^i_t. For cross-silo runs where a
-client may send garbage, :class:`Aggregator` adds per-client norm clipping, the
-coordinate-wise median and the trimmed mean, and a policy for non-finite deltas.
+An aggregator turns a round's client deltas into Δ_t, in fp32. It is the only place a rule lives: the in-memory
+transport calls it with every delta, a server process (Flower) with every site's clients' deltas, and the
+torch.distributed transport asks :attr:`Aggregator.reduces_from_partial_sums` whether each rank may add its own
+clients into a partial sum (:meth:`Aggregator.accumulate`, then one all-reduce) or whether every delta must be
+gathered first. Either way the same object does the arithmetic, client by client in ascending id, so the same
+deltas give the same bits whoever calls it.
+
+One class per rule (:mod:`.mean`, :mod:`.median`, :mod:`.trimmed_mean`, :mod:`.stacking`); a rule of one's own
+subclasses :class:`Aggregator` and implements :meth:`Aggregator.combine`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Any, ClassVar, Literal, Optional, get_args
 
 from torch import Tensor
 
 from lightning_parablock.aggregation.nonfinite import NonFinitePolicy, kept_clients, non_finite_clients
-from lightning_parablock.aggregation.rules import (
-    Deltas,
-    check_deltas,
-    clip_by_norm,
-    coordinate_median,
-    trimmed_mean,
-    weighted_sum,
-)
-from lightning_parablock.argument_checks import check_choice, check_float, check_positive
+from lightning_parablock.aggregation.rules import Deltas, check_deltas
+from lightning_parablock.argument_checks import check_choice, check_float
 
-AggregationMethod = Literal["mean", "median", "trimmed_mean"]
+Weighting = Literal["uniform", "samples"]
 
 
 @dataclass
@@ -33,47 +33,104 @@ class AggregateResult:
     skipped_clients: list[int]  # non-finite deltas left out under the "skip" policy
 
 
-class Aggregator:
-    """How the server combines a round's deltas.
+class _BuildsTheRule(type):
+    """``Aggregator(method=...)``, the one configurable class before 0.2, builds the rule's own class."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Aggregator:
+            return _from_method(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Aggregator(metaclass=_BuildsTheRule):
+    """How the server combines a round's client deltas (subclass it; use e.g. :class:`~.mean.MeanAggregator`).
+
+    Every call first applies the non-finite policy (:mod:`~lightning_parablock.aggregation.nonfinite`), then
+    :meth:`combine` on the kept clients with their weights normalized over them.
 
     Args:
-        method: ``"mean"`` (weighted by the strategy's weights; the paper), ``"median"``
-            (coordinate-wise) or ``"trimmed_mean"``; the robust two ignore the weights.
-        clip_norm: clip each client's block delta to this L2 norm before combining.
-        trim_fraction: share of clients dropped at each end by ``"trimmed_mean"``, in [0, 0.5).
-        nonfinite: a client whose delta holds NaN/Inf makes the exchange fail (``"raise"``) or is
-            left out of this round with a warning (``"skip"``); it never reaches the global model.
+        nonfinite: a client whose delta holds NaN/Inf makes the exchange fail (``"raise"``) or is left out of
+            this round with a warning (``"skip"``); it never reaches the global model.
     """
 
-    def __init__(
-        self,
-        method: AggregationMethod = "mean",
-        clip_norm: Optional[float] = None,
-        trim_fraction: float = 0.1,
-        nonfinite: NonFinitePolicy = "raise",
-    ) -> None:
-        self.method = check_choice("method", method, get_args(AggregationMethod))
-        self.clip_norm = None if clip_norm is None else check_positive("clip_norm", clip_norm)
-        self.trim_fraction = check_float("trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, max_open=True)
+    reduces_from_partial_sums: ClassVar[bool] = False
+    """Whether Δ_t is the sum of per-rank :meth:`accumulate` results (one all-reduce), or needs every delta."""
+    weighting: Weighting = "uniform"
+    """Which weight a client's delta carries: 1 (``"uniform"``) or its sample count (``"samples"``)."""
+
+    def __init_subclass__(cls, method: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:  # one of the rules ``Aggregator(method=...)`` used to name
+            _RULE_OF_METHOD[method] = cls
+
+    def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
         self.nonfinite = check_choice("nonfinite", nonfinite, get_args(NonFinitePolicy))
 
+    def client_weights(self, sample_counts: Mapping[int, int]) -> dict[int, float]:
+        """Unnormalized weights of the senders whose sample counts are given."""
+        if self.weighting == "samples":
+            return {client: float(count) for client, count in sample_counts.items()}
+        return {client: 1.0 for client in sample_counts}
+
+    def check(self, deltas: Deltas) -> list[str]:
+        """The tensor names every client sent; a ValueError when clients disagree on names or shapes."""
+        return check_deltas(deltas)
+
     def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        check_deltas(deltas)
+        """Δ_t from every sender's delta and unnormalized weight."""
+        self.check(deltas)
+        if not set(deltas) <= set(weights):
+            raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
         bad = non_finite_clients(deltas)
-        kept = {client: deltas[client] for client in kept_clients(list(deltas), bad, self.nonfinite)}
-        if self.clip_norm is not None:
-            kept = {client: clip_by_norm(delta, self.clip_norm) for client, delta in kept.items()}
-        if self.method == "median":
-            aggregate = coordinate_median(kept)
-        elif self.method == "trimmed_mean":
-            aggregate = trimmed_mean(kept, self.trim_fraction)
-        else:
-            total = sum(weights[client] for client in kept)
-            aggregate = weighted_sum(kept, {client: weights[client] / total for client in kept})
+        kept = kept_clients(list(deltas), bad, self.nonfinite)
+        aggregate = self.combine({c: deltas[c] for c in kept}, normalized_weights(weights, kept))
         return AggregateResult(aggregate, sorted(bad))
 
+    def combine(self, deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Tensor]:
+        """The rule itself, over finite deltas and weights that sum to 1 (ignore them if the rule is unweighted)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `combine(deltas, weights)`.")
+
+    def accumulate(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> None:
+        """Add these clients' share of Δ_t into ``total`` in place; ``weights`` are normalized over every client the
+        round keeps, on every rank. Only for rules with :attr:`reduces_from_partial_sums`."""
+        raise NotImplementedError(f"{type(self).__name__} needs every client's delta; it has no partial sums.")
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments that define the rule (its ``repr``, saved in checkpoints and compared)."""
+        return {"nonfinite": self.nonfinite}
+
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(method={self.method!r}, clip_norm={self.clip_norm},"
-            f" trim_fraction={self.trim_fraction}, nonfinite={self.nonfinite!r})"
-        )
+        arguments = ", ".join(f"{name}={value!r}" for name, value in self.settings().items())
+        return f"{type(self).__name__}({arguments})"
+
+
+def normalized_weights(weights: Mapping[int, float], kept: list[int]) -> dict[int, float]:
+    """``weights`` of the ``kept`` clients divided by their sum."""
+    total = sum(weights[client] for client in kept)
+    return {client: weights[client] / total for client in kept}
+
+
+AggregationMethod = Literal["mean", "median", "trimmed_mean"]
+_RULE_OF_METHOD: dict[str, type[Aggregator]] = {}  # filled by the rules' classes, ``class X(Aggregator, method=...)``
+
+
+def _from_method(
+    method: AggregationMethod = "mean",
+    clip_norm: Optional[float] = None,
+    trim_fraction: float = 0.1,
+    nonfinite: NonFinitePolicy = "raise",
+) -> Aggregator:
+    """What ``Aggregator(method=..., ...)`` meant before 0.2: the rule's class, with a FutureWarning naming it."""
+    check_choice("method", method, get_args(AggregationMethod))
+    check_float("trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, max_open=True)  # checked for every rule, as it was
+    arguments: dict[str, Any] = {"clip_norm": clip_norm, "nonfinite": nonfinite}
+    if method == "trimmed_mean":
+        arguments["trim_fraction"] = trim_fraction
+    built = _RULE_OF_METHOD[method](**arguments)
+    warnings.warn(
+        f"`Aggregator(method={method!r}, ...)` is deprecated and will be removed in 0.3: use `{built!r}`"
+        " (lightning_parablock exports every rule's class).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return built

@@ -49,14 +49,20 @@ def check_deltas(deltas: Deltas, free_dim: Callable[[str], Optional[int]] = lamb
 def weighted_sum(deltas: Deltas, weights: Mapping[int, float]) -> dict[str, Tensor]:
     """Σ_i w_i Δ^i in fp32 (the weights as given: normalize them for a mean)."""
     names = check_deltas(deltas)
+    first = deltas[min(deltas)]
+    total = {name: torch.zeros_like(first[name], dtype=torch.float32) for name in names}
+    add_weighted(total, deltas, weights)
+    return total
+
+
+def add_weighted(total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> None:
+    """``total += Σ_i w_i Δ^i`` in place, clients in ascending id: each delta is read once, nothing is copied
+    (a partial sum of the clients one process holds)."""
     if not set(deltas) <= set(weights):
         raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
-    first = deltas[min(deltas)]
-    aggregate = {name: torch.zeros_like(first[name], dtype=torch.float32) for name in names}
     for client in sorted(deltas):
-        for name in names:
-            aggregate[name].add_(deltas[client][name].float(), alpha=weights[client])
-    return aggregate
+        for name, tensor in deltas[client].items():
+            total[name].add_(tensor, alpha=weights[client])
 
 
 def _stacked(deltas: Deltas, name: str) -> Tensor:
@@ -79,8 +85,14 @@ def trimmed_mean(deltas: Deltas, trim_fraction: float) -> dict[str, Tensor]:
     return result
 
 
+def clip_scale(delta: Mapping[str, Tensor], max_norm: float) -> float:
+    """The factor that brings a client's whole block delta to an L2 norm of at most ``max_norm`` (1 when it is
+    within it already)."""
+    norm = float(torch.sqrt(sum(t.float().pow(2).sum() for t in delta.values())))
+    return min(1.0, max_norm / norm) if norm > 0 else 1.0
+
+
 def clip_by_norm(delta: Mapping[str, Tensor], max_norm: float) -> dict[str, Tensor]:
     """Scale a client's whole block delta so its L2 norm is at most ``max_norm``."""
-    norm = torch.sqrt(sum(t.float().pow(2).sum() for t in delta.values()))
-    scale = min(1.0, max_norm / float(norm)) if float(norm) > 0 else 1.0
+    scale = clip_scale(delta, max_norm)
     return {name: t.float() * scale for name, t in delta.items()}

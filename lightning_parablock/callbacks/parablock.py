@@ -1,37 +1,40 @@
-"""``ParaBlockCallback``: the exchange of block deltas and the round boundary.
+"""``ParaBlockCallback``: when block deltas are exchanged, and what each round cost.
 
-At the start of round ``t`` the callback hands the deltas of round ``t − s`` to
-the communication thread; the clients train round ``t`` meanwhile. At the end of
-round ``t`` it waits for what is left of that exchange (the *exposed* wait),
-applies it through the strategy, and records what the round cost. After the
-last round it flushes the ``s`` rounds still pending, synchronously.
+The callback builds the run's :class:`~lightning_parablock.strategies.exchange_spec.ExchangeSpec` from its
+arguments and hands it to the strategy at setup; from then on it drives rounds through the strategy's round
+protocol and reads nothing else of it. At the start of round ``t`` it starts the exchange of round ``t − s``; the
+clients train round ``t`` meanwhile. At the end of round ``t`` it finishes that exchange (the *exposed* wait and the
+correction are the strategy's), and records what the round cost. After the last round it flushes the ``s`` rounds
+still pending, synchronously, and writes the final global model to ``final.ckpt`` beside each checkpoint folder.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_parablock._compat import progress_bar_metrics
-from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.argument_checks import check_int, check_positive
+from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
+from lightning_parablock.aggregation.mean import MeanAggregator
+from lightning_parablock.callbacks.final_checkpoint import save_final_checkpoints
 from lightning_parablock.callbacks.round_line import print_round_line
+from lightning_parablock.comm.by_processes import ByProcesses
 from lightning_parablock.comm.codecs import Codec, make_codec
-from lightning_parablock.comm.exchange import RoundExchange
 from lightning_parablock.comm.link import SimulatedLink, parse_duration
-from lightning_parablock.comm.worker import CommWorker
+from lightning_parablock.comm.transport import TransportChoice
 from lightning_parablock.methods.registry import Method, identify
 from lightning_parablock.methods.registry import method as method_settings
+from lightning_parablock.strategies.client_exchange import ExchangeOutcome
+from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.strategies.trainer_checks import check_staleness, check_trainer
 from lightning_parablock.telemetry.timeline import (
@@ -56,15 +59,18 @@ class ParaBlockCallback(Callback):
             training round ``t``), ``k ≥ 2`` the paper's multi-round staleness. ``None`` (the default)
             is ``1``; it leaves the choice to a recipe's ``method`` (see :mod:`lightning_parablock.cli.recipe_method`).
         link: the modelled link; by default an infinitely fast one (only real work is timed).
-        aggregator: how the server combines deltas; by default the weighted mean of the paper, raising
-            on a non-finite delta. See :class:`~lightning_parablock.aggregation.aggregator.Aggregator` for the robust
-            rules and for skipping non-finite clients.
+        aggregator: how the server combines deltas; by default the weighted mean of the paper
+            (:class:`~lightning_parablock.aggregation.mean.MeanAggregator`), raising on a non-finite delta. The robust
+            rules are ``MedianAggregator`` and ``TrimmedMeanAggregator``; each takes ``nonfinite="skip"`` to leave
+            non-finite clients out.
         comm_timeout: longest wait at a boundary for one exchange before it counts as failed, in
             seconds or as a string such as ``"600s"``.
         compression: how clients' deltas go up the link: ``"none"`` (fp32), ``"bf16"``, ``"int8"`` (a scale
             per row), ``"int8-block"`` (a scale per 256 values), ``"topk"`` (10% of the entries, with error
             feedback), or a :class:`~lightning_parablock.comm.codecs.Codec`. The server decodes to fp32 before
-            aggregating; the bytes counted are the encoded ones. Works with either transport.
+            aggregating; the bytes counted are the encoded ones. Works with every transport.
+        transport: which transport carries the exchange; by default in memory with one process and
+            torch.distributed collectives with several (:class:`~lightning_parablock.comm.transport.ByProcesses`).
     """
 
     def __init__(
@@ -74,34 +80,52 @@ class ParaBlockCallback(Callback):
         aggregator: Optional[Aggregator] = None,
         comm_timeout: float | str = 1800.0,
         compression: Union[str, Codec, None] = "none",
+        transport: Optional[TransportChoice] = None,
     ) -> None:
-        self.staleness = check_int("staleness (0 = FedBCD, 1 = ParaBlock)", 1 if staleness is None else staleness, minimum=0)
-        if link is not None and not isinstance(link, SimulatedLink):
-            raise TypeError(f"`link` must be a SimulatedLink, e.g. `SimulatedLink(bandwidth='100MB/s')`, got {link!r}.")
-        if aggregator is not None and not isinstance(aggregator, Aggregator):
-            raise TypeError(
-                f"`aggregator` must be an Aggregator (or a subclass), e.g. `Aggregator(method='median')`,"
-                f" got {aggregator!r}."
-            )
-        self.link = link if link is not None else SimulatedLink()
-        self.aggregator = aggregator if aggregator is not None else Aggregator()
-        self.comm_timeout = check_positive("comm_timeout", parse_duration(comm_timeout, "comm_timeout"))
-        self.codec = make_codec(compression)
+        self.spec = ExchangeSpec(
+            staleness=1 if staleness is None else staleness,
+            aggregator=aggregator if aggregator is not None else MeanAggregator(),
+            codec=make_codec(compression),
+            link=link if link is not None else SimulatedLink(),
+            comm_timeout=parse_duration(comm_timeout, "comm_timeout"),
+            transport=transport if transport is not None else ByProcesses(),
+        )
         self.records: list[RoundRecord] = []
-        self._worker: Optional[CommWorker] = None
         self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
+        self._round: Any = None  # what the strategy said of the round in progress
         self._client_loss: dict[int, list[Tensor]] = {}  # client -> its micro-batches' losses this round
         self._shown_client: Optional[int] = None  # the client the progress bar names
 
     @classmethod
-    def for_method(cls, method: Union[str, Method], **kwargs: Any) -> "ParaBlockCallback":
-        """The callback of one of the paper's Table 1 methods (``"fedit"``, ...): its staleness and aggregator.
+    def for_method(cls, method: Union[str, Method], weighting: Weighting = "uniform", **kwargs: Any) -> "ParaBlockCallback":
+        """The callback of one of the paper's Table 1 methods (``"fedit"``, ...): its staleness and aggregator,
+        weighting clients by ``weighting`` (``"uniform"`` or ``"samples"``).
 
-        ``kwargs`` are the other arguments (``link``, ``comm_timeout``, ``compression``).
+        ``kwargs`` are the other arguments (``link``, ``comm_timeout``, ``compression``, ``transport``).
         """
         spec = method if isinstance(method, Method) else method_settings(method)
-        return cls(**spec.callback_args(), **kwargs)
+        return cls(**spec.callback_args(weighting), **kwargs)
+
+    @property
+    def staleness(self) -> int:
+        return self.spec.staleness
+
+    @property
+    def aggregator(self) -> Aggregator:
+        return self.spec.aggregator
+
+    @property
+    def link(self) -> SimulatedLink:
+        return self.spec.link
+
+    @property
+    def codec(self) -> Codec:
+        return self.spec.codec
+
+    @property
+    def comm_timeout(self) -> float:
+        return self.spec.comm_timeout
 
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
@@ -119,21 +143,10 @@ class ParaBlockCallback(Callback):
         strategy = self._strategy(trainer)
         check_trainer(trainer)
         check_staleness(trainer, self.staleness)
-        strategy.check_exchange(self.staleness, self.aggregator)
-        strategy.exchange_settings = {  # saved in checkpoints, compared when Lightning loads one (after this hook)
-            "method": identify(strategy, self.staleness, self.aggregator),
-            "staleness": self.staleness,
-            "compression": repr(self.codec),
-            "aggregator": repr(self.aggregator),
-        }
-        _move_after(self, LearningRateMonitor, trainer.callbacks)
+        _check_listed_before(self, LearningRateMonitor, trainer.callbacks)
+        strategy.configure_exchange(replace(self.spec, method=identify(strategy, self.staleness, self.aggregator)))
         self._timeline_path = None
         self.timeline_path(trainer)  # on every rank: log_dir is a collective
-
-    @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # After the strategy's setup: the exchange it answers for exists now.
-        self._worker = self._strategy(trainer).exchange.comm_worker(self.link, self.aggregator, self.comm_timeout)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -142,9 +155,10 @@ class ParaBlockCallback(Callback):
         self._client_loss = {}
         self._shown_client = None
         round_state = strategy.start_round(trainer.current_epoch)
+        self._round = round_state
         stale_round = round_state.index - self.staleness
-        if self.staleness > 0 and stale_round in strategy.federation.pending_rounds():
-            self._submit(strategy, stale_round)
+        if self.staleness > 0 and stale_round in strategy.rounds_awaiting_exchange():
+            strategy.start_exchange(stale_round)
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
@@ -156,21 +170,21 @@ class ParaBlockCallback(Callback):
     ) -> None:
         # Runs every step: keep it to appends and comparisons, anything more belongs to a turn or a round.
         strategy = self._strategy(trainer)
-        client = strategy.federation.active_client
+        client = strategy.active_client
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if client is not None and loss is not None:
             # Kept on the device until the round ends, so the loss costs no synchronization per step.
             self._client_loss.setdefault(client, []).append(loss.detach())
         if client != self._shown_client:
             self._shown_client = client
-            self._show_turn(trainer, strategy)
+            self._show_turn(trainer, self._round.index, client, self._round.block)
         if strategy.is_last_batch_of_round(batch_idx):
             # The boundary comes before anything else of the epoch's end sees the model: validation
             # and checkpoints get the global model of this round, never a half-finished state.
             self._apply_boundary(trainer, pl_module)
 
     @staticmethod
-    def _show_turn(trainer: "pl.Trainer", strategy: FederatedBlockStrategy) -> None:
+    def _show_turn(trainer: "pl.Trainer", round_index: int, client: Optional[int], block: int) -> None:
         """Round, client and block in the progress bar, once per turn.
 
         Set as strings in the metrics the progress bar reads, not through ``self.log``: a logged value
@@ -178,8 +192,7 @@ class ParaBlockCallback(Callback):
         Lightning (2.6) hands back its own dict here and only ever updates it, so the entries stay
         until the next turn replaces them.
         """
-        current = strategy.turns.current
-        turn = {"round": current.index, "client": strategy.federation.active_client, "block": current.block}
+        turn = {"round": round_index, "client": client, "block": block}
         progress_bar_metrics(trainer).update({key: str(value) for key, value in turn.items() if value is not None})
 
     @override
@@ -187,12 +200,12 @@ class ParaBlockCallback(Callback):
         strategy = self._strategy(trainer)
         if strategy.round_open:  # training stopped inside the round (max_steps)
             self._apply_boundary(trainer, pl_module)
-        strategy.boundary_applied()
+        strategy.at_round_end()
 
     def _apply_boundary(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """The round boundary: the last turn ends, the exchange due now is collected and applied."""
+        """The round boundary: the last turn ends, the exchange due now is finished and applied."""
         strategy = self._strategy(trainer)
-        round_state = strategy.end_round_training()
+        round_state = strategy.end_last_turn()
         record = RoundRecord(
             round=round_state.index,
             block=round_state.block,
@@ -208,12 +221,13 @@ class ParaBlockCallback(Callback):
         )
         exchanged = round_state.index - self.staleness
         if self.staleness == 0:
-            self._submit(strategy, exchanged)
-        if self._worker is not None and self._worker.in_flight(exchanged):
-            self._collect(strategy, exchanged, record)
-        round_state.closed = True
+            strategy.start_exchange(exchanged)
+        outcome = strategy.finish_exchange(exchanged)
+        if outcome is not None:
+            _record_exchange(record, outcome)
+        strategy.close_round()
         record.wall_seconds = time.perf_counter() - self._round_started_at
-        record = strategy.exchange.merge_round_record(record)
+        record = strategy.merge_round_record(record)
         self.records.append(record)
         self._log(pl_module, record)
         print_round_line(trainer, record)
@@ -223,53 +237,24 @@ class ParaBlockCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
-        flushed = strategy.federation.pending_rounds()
+        flushed = strategy.rounds_awaiting_exchange()
+        strategy.begin_flush()
         for pending_round in flushed:
             started = time.perf_counter()
-            record = RoundRecord(pending_round, strategy.plan.block_of(pending_round), [], {}, flush=True)
-            self._submit(strategy, pending_round)
-            self._collect(strategy, pending_round, record)
+            strategy.start_exchange(pending_round)
+            outcome = strategy.finish_exchange(pending_round)
+            record = RoundRecord(pending_round, outcome.result.block, [], {}, flush=True)
+            _record_exchange(record, outcome)
             record.wall_seconds = time.perf_counter() - started
             self.records.append(record)
         self._save_timeline(trainer)
         if flushed:
-            _save_final_checkpoints(trainer, flushed)
+            save_final_checkpoints(trainer, flushed)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         # Before ModelCheckpoint(save_on_exception=True), which runs after every other callback.
-        self._strategy(trainer).abandon_turn()
-        self.teardown(trainer, pl_module, "fit")
-
-    @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if self._worker is not None:
-            self._worker.shutdown()
-
-    def _submit(self, strategy: FederatedBlockStrategy, round_index: int) -> None:
-        assert self._worker is not None, "ParaBlockCallback is not set up"
-        self._worker.submit(
-            round_index,
-            strategy.plan.block_of(round_index),
-            strategy.exchange.uploads(round_index, self.codec),
-            strategy.exchange.weights(round_index),
-        )
-
-    def _collect(self, strategy: FederatedBlockStrategy, round_index: int, record: RoundRecord) -> None:
-        assert self._worker is not None
-        waited_from = time.perf_counter()
-        result: RoundExchange = self._worker.wait(round_index)
-        record.exposed_wait_seconds = time.perf_counter() - waited_from
-        strategy.exchange.apply_aggregate(result.round, result.aggregate, left_out=result.skipped_clients)
-        record.exchanged_round = result.round
-        record.skipped_clients = result.skipped_clients
-        if result.skipped_clients:
-            rank_zero_warn(
-                f"Round {result.round}: left clients {result.skipped_clients} out of the aggregate for a non-finite"
-                " delta; they resume from the global model."
-            )
-        record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
-        record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
+        self._strategy(trainer).end_turn(record=False)
 
     def _log(self, pl_module: "pl.LightningModule", record: RoundRecord) -> None:
         """Per-round summaries through the Trainer's loggers (their ``epoch`` column is the round)."""
@@ -312,7 +297,7 @@ class ParaBlockCallback(Callback):
             "link": {"bandwidth": self.link.bandwidth, "latency": self.link.latency},
             "compression": repr(self.codec),
             "num_clients": strategy.options.num_clients,
-            "num_blocks": len(strategy.partition) if strategy.partition is not None else None,
+            "num_blocks": strategy.num_blocks,
             "world_size": trainer.world_size,
         }
         save_timeline(self._timeline_path, self.records, meta)
@@ -326,35 +311,31 @@ class ParaBlockCallback(Callback):
         self.records = [record_from_json(r) for r in state_dict["records"]]
 
 
-def _move_after(anchor: Callback, kind: type[Callback], callbacks: list[Callback]) -> None:
-    """Move callbacks of ``kind`` listed before ``anchor`` to just after it, keeping their order.
+def _record_exchange(record: RoundRecord, outcome: ExchangeOutcome) -> None:
+    """What a finished exchange adds to the record of the round it finished in."""
+    result = outcome.result
+    record.exposed_wait_seconds = outcome.exposed_wait_seconds
+    record.exchanged_round = result.round
+    record.skipped_clients = result.skipped_clients
+    if result.skipped_clients:
+        rank_zero_warn(
+            f"Round {result.round}: left clients {result.skipped_clients} out of the aggregate for a non-finite"
+            " delta; they resume from the global model."
+        )
+    record.upload_bytes, record.download_bytes = result.upload_bytes, result.download_bytes
+    record.link_seconds, record.comm_work_seconds = result.link_seconds, result.work_seconds
 
-    A client's turn starts in ``anchor``'s ``on_train_batch_start``; a ``LearningRateMonitor`` running
-    before it would read the previous client's optimizer at every turn's first step.
+
+def _check_listed_before(anchor: Callback, kind: type[Callback], callbacks: list[Callback]) -> None:
+    """Refuse callbacks of ``kind`` listed before ``anchor``: Lightning runs callbacks in the order given.
+
+    A client's turn starts in ``anchor``'s ``on_train_batch_start``; a ``LearningRateMonitor`` running before it
+    would read the previous client's optimizer at every turn's first step.
     """
     early = [c for c in callbacks[: callbacks.index(anchor)] if isinstance(c, kind)]
-    for callback in early:
-        callbacks.remove(callback)
-    position = callbacks.index(anchor) + 1
-    callbacks[position:position] = early
-
-
-def _save_final_checkpoints(trainer: "pl.Trainer", flushed: list[int]) -> None:
-    """Make the run's last checkpoint hold the final global model, not the one before the flush.
-
-    ``last.ckpt`` is rewritten (a ``save_last="link"`` link is replaced by a file, so the per-round
-    checkpoint it pointed at stays the resumable state of its round); a ModelCheckpoint without
-    ``save_last`` gets ``final.ckpt`` beside its per-round files.
-    """
-    for checkpoint in trainer.checkpoint_callbacks:
-        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
-            continue
-        if not (checkpoint.last_model_path or checkpoint.best_model_path):
-            continue  # it never saved: nothing of this run to bring up to date
-        path = checkpoint.last_model_path if checkpoint.save_last else os.path.join(checkpoint.dirpath, "final.ckpt")
-        if trainer.is_global_zero and os.path.islink(path):
-            os.unlink(path)
-        trainer.save_checkpoint(path)
-        if checkpoint.save_last:
-            checkpoint.last_model_path = path
-        rank_zero_info(f"ParaBlock: flushed rounds {flushed}; {path} now holds the final global model.")
+    if early:
+        raise MisconfigurationException(
+            f"{kind.__name__} is listed before ParaBlockCallback in the Trainer's callbacks; it would read the previous"
+            f" client's optimizer at each turn's first step. List it after ParaBlockCallback (e.g."
+            f" `callbacks=[ParaBlockCallback(...), {kind.__name__}(...)]`)."
+        )

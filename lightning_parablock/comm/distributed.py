@@ -27,35 +27,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_parablock._compat import default_store
-from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.aggregation.nonfinite import all_finite, kept_clients
-from lightning_parablock.aggregation.rules import clip_by_norm
+from lightning_parablock.aggregation.aggregator import Aggregator, normalized_weights
+from lightning_parablock.aggregation.nonfinite import kept_clients, non_finite_clients
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
-from lightning_parablock.comm.exchange import RoundExchange, finish_exchange
 from lightning_parablock.comm.link import SimulatedLink
-from lightning_parablock.comm.worker import CommWorker
-from lightning_parablock.core.sizes import nbytes_of
-
-BlockLayout = list[tuple[str, torch.Size]]
+from lightning_parablock.comm.transport import BlockLayout, ExchangeResult, RoundUploads, finish_exchange
 
 GROUP_TIMEOUT_MARGIN_S = 60.0
 """How much longer than ``comm_timeout`` the exchange group's own timeout is: the transport's wait, whose error
 names the ranks that never joined, must end first."""
 
 _HOST = torch.device("cpu")
-
-
-def _flatten(delta: Mapping[str, Tensor], layout: BlockLayout) -> Tensor:
-    return torch.cat([delta[name].detach().reshape(-1).to(_HOST, torch.float32) for name, _ in layout])
 
 
 def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
@@ -69,10 +60,16 @@ def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
 
 
 class CollectiveTransport:
-    """Exchanges deltas with the other ranks; called on the communication thread (see ``comm.Transport``).
+    """Exchanges deltas with the other ranks; called on the communication thread (see ``comm.transport``).
+
+    The aggregator decides how: a rule that :attr:`~lightning_parablock.aggregation.aggregator.Aggregator.reduces_from_partial_sums`
+    adds this rank's kept clients into one flat partial sum (in place, each delta read once) and the ranks
+    all-reduce it; any other rule sees every kept delta, gathered from every rank, in ascending client id.
 
     Args:
         group: the transport's own process group, from :func:`new_exchange_group`.
+        aggregator: the server's rule.
+        link: the modelled link, waited out after the real work.
         placement: the rank hosting each client.
         layout: the names and shapes of a block's parameters, for ranks without a sender this round.
         timeout_s: longest wait for one collective (``comm_timeout``).
@@ -83,12 +80,16 @@ class CollectiveTransport:
     def __init__(
         self,
         group: dist.ProcessGroup,
+        aggregator: Aggregator,
+        link: SimulatedLink,
         placement: Sequence[int],
         layout: Callable[[int], BlockLayout],
         timeout_s: float,
         pin_memory: bool = False,
     ) -> None:
         self.group = group
+        self.aggregator = aggregator
+        self.link = link
         self.placement = list(placement)
         self.layout = layout
         self.timeout = timedelta(seconds=timeout_s)
@@ -97,75 +98,59 @@ class CollectiveTransport:
         self.world_size = dist.get_world_size()
         self._store = default_store()
 
-    def __call__(
-        self,
-        round_index: int,
-        block: int,
-        deltas: Mapping[int, Mapping[str, Tensor]],
-        weights: Mapping[int, float],
-        link: SimulatedLink,
-        aggregator: Aggregator,
-        stop: threading.Event,
-    ) -> RoundExchange:
+    def exchange(self, uploads: RoundUploads, stop: threading.Event) -> ExchangeResult:
         start = time.perf_counter()
-        layout = self.layout(block)
+        round_index, layout = uploads.round, self.layout(uploads.block)
         with torch.no_grad():
             # Encoded deltas are decoded before the reduction: what is counted is what each client would send.
-            encoded = {client: as_encoded(deltas[client]) for client in sorted(deltas)}
-            mine = {client: _flatten(decode_delta(delta), layout) for client, delta in encoded.items()}
+            encoded = {client: as_encoded(uploads.deltas[client]) for client in sorted(uploads.deltas)}
+            mine = {client: decode_delta(delta) for client, delta in encoded.items()}
+            bad_here = non_finite_clients(mine)
             # Explicit dtypes and devices everywhere on this thread: Lightning's half-precision step sets the
             # process-wide default dtype, which this thread sees too (a byte count of 262148 would read 262144 in
             # bf16, and overflow in fp16).
             status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=_HOST)
-            for client, flat in mine.items():
-                bad_values = float(not all_finite(flat))
+            for client in mine:
                 status[client] = torch.tensor(
-                    [1.0, float(weights[client]), bad_values, encoded_nbytes(encoded[client])],
+                    [1.0, float(uploads.weights[client]), float(client in bad_here), encoded_nbytes(encoded[client])],
                     dtype=torch.float64,
                     device=_HOST,
                 )
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
-            bad = {c: None for c in senders if status[c, 2] > 0}
+            bad = {c: bad_here.get(c) for c in senders if status[c, 2] > 0}
             describe = lambda client: f"Client {client} (rank {self.placement[client]})"  # noqa: E731
-            kept = kept_clients(senders, bad, aggregator.nonfinite, describe)
-            aggregate = self._combine(mine, kept, {c: float(status[c, 1]) for c in kept}, layout, aggregator, round_index)
-        nbytes = nbytes_of(aggregate) if aggregate is not None else 0  # fp32; FLoRA's stacks are N deltas wide
+            kept = kept_clients(senders, bad, self.aggregator.nonfinite, describe)
+            weights = normalized_weights({c: float(status[c, 1]) for c in kept}, kept) if kept else {}
+            mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
+            aggregate = self._combine(mine_kept, kept, weights, layout, round_index) if kept else None
         upload_bytes = {client: int(status[client, 3]) for client in senders}
-        return finish_exchange(
-            round_index, block, aggregate, sorted(bad), upload_bytes, nbytes, link, start, stop
-        )
+        return finish_exchange(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop)
 
     def _combine(
         self,
-        mine: dict[int, Tensor],
+        mine: dict[int, dict[str, Tensor]],
         kept: list[int],
         weights: dict[int, float],
         layout: BlockLayout,
-        aggregator: Aggregator,
         round_index: int,
-    ) -> Optional[dict[str, Tensor]]:
-        if not kept:
-            return None
+    ) -> dict[str, Tensor]:
         numel = sum(shape.numel() for _, shape in layout)
-        if _is_weighted_mean(aggregator):
-            total = sum(weights.values())
+        if self.aggregator.reduces_from_partial_sums:
             partial = torch.zeros(numel, dtype=torch.float32, device=_HOST, pin_memory=self.pin_memory)
-            for client in sorted(set(mine) & set(kept)):
-                flat = mine[client]
-                if aggregator.clip_norm is not None:
-                    flat = clip_by_norm({"block": flat}, aggregator.clip_norm)["block"]
-                partial.add_(flat, alpha=weights[client] / total)
+            total = _unflatten(partial, layout)
+            self.aggregator.accumulate(total, mine, weights)
             self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
-            return _unflatten(partial, layout)
-        # The robust rules (and any other aggregator) need every kept delta: gather them, padded to the largest
-        # share. On the host: world × rows × block fp32 on every rank (never on a GPU).
+            return total
+        # Every kept delta, gathered and padded to the largest share. On the host: world × rows × block fp32 on
+        # every rank (never on a GPU).
         kept_on = [[c for c in kept if self.placement[c] == rank] for rank in range(self.world_size)]
         rows = max(len(clients) for clients in kept_on)
         local = torch.zeros(rows, numel, dtype=torch.float32, device=_HOST)
         for row, client in enumerate(kept_on[self.rank]):
-            local[row] = mine[client]
+            for name, view in _unflatten(local[row], layout).items():
+                view.copy_(mine[client][name])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         self._wait(dist.all_gather(gathered, local, group=self.group, async_op=True), round_index)
         every = {
@@ -173,7 +158,8 @@ class CollectiveTransport:
             for rank, clients in enumerate(kept_on)
             for row, client in enumerate(clients)
         }
-        return aggregator(every, weights).aggregate
+        self.aggregator.check(every)
+        return self.aggregator.combine(every, weights)
 
     def _wait(self, work: dist.Work, round_index: int) -> None:
         try:
@@ -203,11 +189,6 @@ class CollectiveTransport:
         return "Every rank joined it; a peer stalled or died inside the collective."
 
 
-def _is_weighted_mean(aggregator: Aggregator) -> bool:
-    """The paper's weighted mean, which ranks can sum in parts; any other rule sees every delta."""
-    return type(aggregator).__call__ is Aggregator.__call__ and aggregator.method == "mean"
-
-
 def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
     """A gloo group for exchanges only, whatever the default group's backend; every rank must call it.
 
@@ -215,26 +196,6 @@ def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
     stalled rank before the group's own timeout could end the collective with a bare error.
     """
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + GROUP_TIMEOUT_MARGIN_S))
-
-
-def collective_worker(
-    link: SimulatedLink,
-    aggregator: Aggregator,
-    timeout_s: float,
-    placement: Sequence[int],
-    layout: Callable[[int], BlockLayout],
-    device: torch.device,
-) -> CommWorker:
-    """The communication thread of one rank, exchanging over a gloo group of its own; every rank must call it.
-
-    ``device`` is the rank's training device: deltas are staged from it to pinned host memory on a side stream,
-    the thread makes it its current CUDA device, and the weighted sum is pinned for the upload back to it.
-    """
-    cuda = device.type == "cuda"
-    transport = CollectiveTransport(new_exchange_group(timeout_s), placement, layout, timeout_s, pin_memory=cuda)
-    return CommWorker(
-        link, timeout_s, aggregator, transport=transport, describe_stall=transport.describe_stall, device=device
-    )
 
 
 def gather_from_ranks(value: Any, world_size: int) -> list[Any]:

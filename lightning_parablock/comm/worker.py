@@ -1,12 +1,10 @@
-"""The link between clients and server, and the background thread that uses it.
+"""The communication thread: a run's exchanges happen on it, in order, while the main thread trains.
 
-A :class:`SimulatedLink` models bandwidth and latency. The :class:`CommWorker`
-does the real work of one exchange on a background thread (device-to-host
-copies of every client's delta, the aggregation) and then waits only for what is
-left of the modelled link time, so compute on the main thread overlaps it just
-as it would overlap a real network. The thread runs torch with one thread
-(:mod:`~lightning_parablock.comm.torch_threads`): a second OpenMP team beside
-the training thread's slows every training step.
+The :class:`CommWorker` hands each round's uploads to the run's transport (:mod:`~lightning_parablock.comm.transport`)
+on one background thread and gives the result back at the round boundary, so compute on the main thread overlaps
+the exchange as it would overlap a real network. The thread runs torch with one thread
+(:mod:`~lightning_parablock.comm.torch_threads`): a second OpenMP team beside the training thread's slows every
+training step.
 """
 
 from __future__ import annotations
@@ -25,11 +23,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import EncodedTensor
-from lightning_parablock.comm.exchange import CommunicationError, RoundExchange, Transport, exchange
-from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.torch_threads import use_one_torch_thread
+from lightning_parablock.comm.transport import CommunicationError, ExchangeResult, RoundUploads, Transport
 from lightning_parablock.core.device_copies import EXCHANGE_RANGE, HostCopier
 
 
@@ -42,11 +38,8 @@ class CommWorker:
     cannot keep the process alive after :meth:`wait` gave up on it.
 
     Args:
-        link: the modelled link, waited out after the real work.
-        timeout_s: longest wait in :meth:`wait`.
-        aggregator: how the server combines deltas.
-        transport: how deltas meet; :func:`exchange` (every client in this process) by default.
-        describe_stall: what to add to a timeout's message, given the round (e.g. which ranks never joined).
+        transport: how deltas meet (:mod:`~lightning_parablock.comm.transport`).
+        timeout_s: longest wait in :meth:`wait`; a timeout's message adds the transport's ``describe_stall``.
         device: the training device. On a GPU the thread makes it its current CUDA device when it starts (the
             current device is per thread: otherwise its first CUDA call, an event wait or a pinned allocation,
             would create a context on GPU 0).
@@ -55,20 +48,9 @@ class CommWorker:
     works on the host); the thread waits for the copies' event, the trainer never.
     """
 
-    def __init__(
-        self,
-        link: SimulatedLink,
-        timeout_s: float,
-        aggregator: Optional[Aggregator] = None,
-        transport: Transport = exchange,
-        describe_stall: Optional[Callable[[int], str]] = None,
-        device: Optional[torch.device] = None,
-    ) -> None:
-        self.link = link
-        self.timeout_s = timeout_s
-        self.aggregator = aggregator or Aggregator()
+    def __init__(self, transport: Transport, timeout_s: float, device: Optional[torch.device] = None) -> None:
         self.transport = transport
-        self.describe_stall = describe_stall
+        self.timeout_s = timeout_s
         self.device = device
         self._queue: Optional[queue.SimpleQueue] = None
         self._thread: Optional[threading.Thread] = None
@@ -78,8 +60,8 @@ class CommWorker:
         self._host_copies = HostCopier()
         self._exit_hook = functools.partial(_shut_down_at_exit, weakref.WeakMethod(self.shutdown))
 
-    def submit(self, round_index: int, block: int, deltas: Mapping[int, Mapping[str, Tensor]], weights: Mapping[int, float]) -> None:
-        """Start the exchange of ``round_index`` behind any exchange already queued."""
+    def submit(self, uploads: RoundUploads) -> None:
+        """Start the exchange of ``uploads.round`` behind any exchange already queued."""
         with self._lock:
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
@@ -90,33 +72,23 @@ class CommWorker:
                 atexit.register(self._exit_hook)
             future: Future = Future()
             copies: list[Any] = []
-            deltas = {client: _stage(delta, copies, self._host_copies) for client, delta in deltas.items()}
-            job = functools.partial(
-                _exchange_after,
-                copies,
-                self.transport,
-                round_index,
-                block,
-                dict(deltas),
-                dict(weights),
-                self.link,
-                self.aggregator,
-                self._stop,
-            )
+            staged = {client: _stage(delta, copies, self._host_copies) for client, delta in uploads.deltas.items()}
+            uploads = RoundUploads(uploads.round, uploads.block, staged, dict(uploads.weights))
+            job = functools.partial(_exchange_after, copies, self.transport, uploads, self._stop)
             self._queue.put((future, job))
-            self._in_flight[round_index] = (block, future)
+            self._in_flight[uploads.round] = (uploads.block, future)
 
     def in_flight(self, round_index: int) -> bool:
         return round_index in self._in_flight
 
-    def wait(self, round_index: int) -> RoundExchange:
+    def wait(self, round_index: int) -> ExchangeResult:
         """Block until the exchange of ``round_index`` is done and return it, re-raising its failure."""
         block, future = self._in_flight.pop(round_index)
         try:
             return future.result(timeout=self.timeout_s)
         except FutureTimeout:
             future.cancel()
-            stall = f" {self.describe_stall(round_index)}" if self.describe_stall is not None else ""
+            stall = f" {self.transport.describe_stall(round_index)}"
             raise CommunicationError(
                 f"The exchange of round {round_index} (block {block}) did not finish within"
                 f" comm_timeout={self.timeout_s}s.{stall}"
@@ -170,12 +142,12 @@ def _stage(delta: Mapping[str, Union[Tensor, EncodedTensor]], copies: list[Any],
     return staged
 
 
-def _exchange_after(copies: list[Any], transport: Transport, *args: Any) -> RoundExchange:
+def _exchange_after(copies: list[Any], transport: Transport, uploads: RoundUploads, stop: threading.Event) -> ExchangeResult:
     """On the thread: wait for the deltas' host copies, then run the exchange."""
     for done in copies:
         done.synchronize()
     with record_function(EXCHANGE_RANGE):
-        return transport(*args)
+        return transport.exchange(uploads, stop)
 
 
 def _serve(jobs: queue.SimpleQueue, stop: threading.Event, device: Optional[torch.device]) -> None:

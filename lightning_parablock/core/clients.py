@@ -43,18 +43,10 @@ class VirtualClient:
     index: int
     sample_indices: list[int]
     pending: dict[int, BlockDelta] = field(default_factory=dict)  # round -> own delta, not yet aggregated
-    residual: dict[str, Tensor] = field(default_factory=dict)  # what error-feedback compression has not sent yet
 
     @property
     def num_samples(self) -> int:
         return len(self.sample_indices)
 
     def pending_nbytes(self) -> int:
-        """Pending deltas and the compression residual."""
-        residual = nbytes_of(self.residual)
-        return residual + sum(delta.nbytes for delta in self.pending.values())
-
-
-
-
-
+        return sum(delta.nbytes for delta in self.pending.values())

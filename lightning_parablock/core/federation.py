@@ -31,7 +31,7 @@ OptimizerStatePolicy = Literal["reset", "per_block"]
 
 #: Version of :meth:`Federation.state_dict`. 1: pending deltas and kept optimizer states of every client
 #: (single process). 2: adds the rounds trained but not yet aggregated and the client placement on ranks.
-#: 3: adds each client's error-feedback residual of compressed uploads.
+#: 3: adds each client's error-feedback residual of compressed uploads (kept by the client exchange, saved beside).
 STATE_SCHEMA_VERSION = 3
 
 
@@ -94,7 +94,7 @@ class Federation:
         self.clients = {c.index: c for c in clients}
         for index, client in self.clients.items():
             if index in previous:
-                client.pending, client.residual = previous[index].pending, previous[index].residual
+                client.pending = previous[index].pending
 
     @property
     def active_client(self) -> Optional[int]:
@@ -113,18 +113,24 @@ class Federation:
         """Each hosted client's own delta of ``round_index``, by client id."""
         return {i: c.pending[round_index].wait().tensors for i, c in self.clients.items() if round_index in c.pending}
 
+    def delta_of(self, client_index: int, round_index: int) -> Optional[dict[str, Tensor]]:
+        """The pending delta ``client_index`` recorded in ``round_index`` (its tensors, changeable in place)."""
+        delta = self.clients[client_index].pending.get(round_index)
+        return None if delta is None else delta.wait().tensors
+
     def sample_counts(self, client_indices: Sequence[int]) -> dict[int, int]:
         return {i: self.clients[i].num_samples for i in client_indices}
 
     def client_state_nbytes(self) -> int:
-        """Bytes the hosted clients hold beyond the global model: pending deltas and kept optimizer state."""
+        """Bytes the hosted clients hold beyond the global model: pending deltas and kept optimizer state (the
+        client exchange holds compression residuals besides)."""
         pending = sum(c.pending_nbytes() for c in self.clients.values())
         return pending + sum(optimizer_state_nbytes(o) for o in self.kept_optimizers.values())
 
     # -------------------------------------------------------------------- turns
 
     @torch.no_grad()
-    def enter(self, client_index: int, round_index: int, block: int) -> Optimizer:
+    def start_turn(self, client_index: int, round_index: int, block: int) -> Optimizer:
         """Load global + η Σ pending deltas into the blocks the client touches; return its optimizer."""
         assert self._turn is None, "another client's view is loaded"
         client = self.clients[client_index]
@@ -166,7 +172,7 @@ class Federation:
         return param.detach().to(torch.float32, copy=True)
 
     @torch.no_grad()
-    def leave(self, record: bool = True) -> Optional[int]:
+    def end_turn(self, record: bool = True) -> Optional[int]:
         """End the turn: keep Δ^i_t (unless ``record`` is false) and copy the exact global values back.
 
         Returns the client whose turn ended, or ``None`` when no view was loaded.
@@ -242,7 +248,6 @@ class Federation:
         for client in self.clients.values():
             if client.index in left_out:
                 client.pending.clear()
-                client.residual.clear()
             client.pending.pop(round_index, None)
 
     # ------------------------------------------------------------- checkpoints
@@ -256,7 +261,6 @@ class Federation:
                 i: {r: {"block": d.block, "tensors": d.wait().tensors} for r, d in c.pending.items()}
                 for i, c in self.clients.items()
             },
-            "residuals": {i: dict(c.residual) for i, c in self.clients.items() if c.residual},
             "optimizers": {
                 **self._saved_optimizer_states,
                 **{key: optimizer.state_dict() for key, optimizer in self.kept_optimizers.items()},
@@ -279,7 +283,6 @@ class Federation:
                 r: BlockDelta(r, d["block"], {n: t.to(home, torch.float32) for n, t in d["tensors"].items()})
                 for r, d in saved.items()
             }
-            client.residual = {n: t.to(home) for n, t in state.get("residuals", {}).get(index, {}).items()}
         if "unaggregated" in state:
             self.unaggregated = {int(r): int(b) for r, b in state["unaggregated"].items()}
         else:  # version 1: one process held every client, so its pending deltas name every open round

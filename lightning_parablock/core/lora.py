@@ -2,21 +2,24 @@
 
 FLoRA merges the aggregated product Σ w_i B_i A_i into the frozen base weights and starts
 every client from fresh adapters; FedIT and FFA-LoRA only train and average the adapters.
-Nothing here knows about rounds or Lightning.
+Nothing here knows about rounds or Lightning. ``peft`` (which brings transformers) is imported by the
+functions that build or find adapters, not with this module: the aggregators and ``core`` need only the names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from lightning_parablock.argument_checks import check_float, check_int
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ADAPTER = "default"
@@ -30,6 +33,8 @@ def check_lora_options(options: dict[str, Any]) -> dict[str, Any]:
     A key that is no ``peft.LoraConfig`` argument is refused too. Returns the options with ``r`` as an ``int``
     (``2.0`` is 2).
     """
+    from peft import LoraConfig
+
     unknown = set(options) - set(LoraConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(
@@ -44,11 +49,13 @@ def check_lora_options(options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
-def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
+def add_lora(model: nn.Module, options: dict[str, Any]) -> "PeftModel":
     """``model`` with LoRA adapters on ``options`` (``LoraConfig`` arguments over :data:`LORA_DEFAULTS`).
 
     The base weights are frozen; B starts at zero, so the wrapped model computes what ``model`` did.
     """
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(**{**LORA_DEFAULTS, **check_lora_options(options)})
     return get_peft_model(model, config)
 
@@ -57,7 +64,7 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> PeftModel:
 class LoraPair:
     """One adapted linear layer: the qualified names of its base weight and of its A and B."""
 
-    layer: LoraLayer
+    layer: "LoraLayer"
     base: str
     a: str
     b: str
@@ -69,6 +76,8 @@ class LoraPair:
 
 def lora_pairs(model: nn.Module) -> Iterator[LoraPair]:
     """Every LoRA-adapted layer of ``model`` with the parameter names ``model.named_parameters()`` uses."""
+    from peft.tuners.lora import LoraLayer
+
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             prefix = f"{name}." if name else ""

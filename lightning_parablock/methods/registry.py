@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
+from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
@@ -64,9 +65,11 @@ class Method:
     def strategy(self, **kwargs: Any) -> FederatedBlockStrategy:
         return self.strategy_class(**{**kwargs, **copy.deepcopy(self.strategy_args)})
 
-    def callback_args(self) -> dict[str, Any]:
-        """The ``ParaBlockCallback`` arguments the method decides (see ``ParaBlockCallback.for_method``)."""
-        aggregator = self.aggregator_class() if self.aggregator_class is not None else None
+    def callback_args(self, weighting: Weighting = "uniform") -> dict[str, Any]:
+        """The ``ParaBlockCallback`` arguments the method decides (see ``ParaBlockCallback.for_method``), its
+        aggregator weighting clients by ``weighting``."""
+        aggregator_class = self.aggregator_class or MeanAggregator
+        aggregator = aggregator_class(weighting=weighting) if self.aggregator_class or weighting != "uniform" else None
         return {"staleness": self.staleness, "aggregator": aggregator}
 
     def module_args(self, lora: Optional[dict[str, Any]] = None) -> dict[str, Any]:

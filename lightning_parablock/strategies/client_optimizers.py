@@ -39,15 +39,26 @@ class ClientOptimizers:
         self.client_optimizer = client_optimizer
         self._module: Optional[pl.LightningModule] = None
         self._last_from_module: Optional[weakref.ref[Optimizer]] = None
+        self._lent_configure_optimizers = False
 
     def attach(self, module: "pl.LightningModule") -> None:
-        """Use ``module``; a module without ``configure_optimizers`` gets one that builds nothing.
+        """Use ``module``; a module without ``configure_optimizers`` is lent one that builds nothing until
+        :meth:`detach`.
 
         With ``client_optimizer`` the module needs none, but Lightning's own checks still ask for it.
         """
+        self.detach()
         self._module = module
         if self.client_optimizer is not None and not is_overridden("configure_optimizers", module):
             module.configure_optimizers = _no_module_optimizer
+            self._lent_configure_optimizers = True
+
+    def detach(self) -> None:
+        """Give the module back as it came: without the ``configure_optimizers`` lent by :meth:`attach`."""
+        if self._lent_configure_optimizers and self._module is not None:
+            if vars(self._module).get("configure_optimizers") is _no_module_optimizer:
+                del self._module.configure_optimizers
+            self._lent_configure_optimizers = False
 
     def check(self) -> None:
         """Fail before training if ``configure_optimizers`` would hand every client one shared optimizer."""

@@ -12,17 +12,17 @@ server applies as it is (the exchange's aggregate of one client, also downloaded
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+import dataclasses
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.core.planning import CyclicPlan
+from lightning_parablock.core.planning import CyclicPlan, RoundPlan
+from lightning_parablock.core.schedule import BlockSchedule
 from lightning_parablock.core.sizes import nbytes_of
+from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
-from lightning_parablock.strategies.turns import RoundState
+from lightning_parablock.strategies.federation_options import FederationOptions
 
 
 class FedCyBGDStrategy(FederatedBlockStrategy):
@@ -34,36 +34,41 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
     is refused.
     """
 
-    plan_class = CyclicPlan
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        signature = inspect.signature(FederatedBlockStrategy.__init__)
-        given = signature.bind(self, *args, **kwargs).arguments
-        for name in ("schedule", "participation", "clients_per_round"):
-            default = signature.parameters[name].default
-            if name in given and given[name] != default:
-                raise ValueError(
-                    f"FedCyBGD trains one client per round, on block `client mod B`: `{name}` does not apply;"
-                    f" leave it at its default {default!r}, got {given[name]!r}."
-                )
-        super().__init__(*args, **kwargs)
+    _NOT_APPLICABLE = ("schedule", "participation", "clients_per_round")
 
     @override
-    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
-        if staleness != 0:
+    def check_options(self, options: FederationOptions) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(FederationOptions)}
+        for name in self._NOT_APPLICABLE:
+            given = getattr(options, name)
+            if given != defaults[name]:
+                raise ValueError(
+                    f"FedCyBGD trains one client per round, on block `client mod B`: `{name}` does not apply;"
+                    f" leave it at its default {defaults[name]!r}, got {given!r}."
+                )
+
+    @override
+    def check_exchange(self, spec: ExchangeSpec) -> None:
+        if spec.staleness != 0:
             raise MisconfigurationException(
                 f"FedCyBGD passes the model from client to client: use `ParaBlockCallback(staleness=0)`,"
-                f" got staleness={staleness}."
+                f" got staleness={spec.staleness}."
             )
 
     @override
-    def start_round(self, round_index: int) -> RoundState:
-        state = super().start_round(round_index)
-        client = state.participants[0]
+    def make_round_plan(self, schedule: BlockSchedule, member: int, members: int) -> RoundPlan:
+        options = self.options
+        return CyclicPlan(
+            options.num_clients, options.participants_per_round, options.seed, schedule, self.placement, members, member
+        )
+
+    @override
+    def round_sync_downloads(self, round_index: int) -> dict[int, int]:
+        """Before its turn, the round's client fetches every block changed since its previous turn."""
+        client = self.plan.participants_of(round_index)[0]
         first = max(0, round_index - self.options.num_clients + 1)
         changed = {self.plan.block_of(r) for r in range(first, round_index)}
-        state.sync_download_bytes = {client: sum(self.block_nbytes(b) for b in changed)}
-        return state
+        return {client: sum(self.block_nbytes(b) for b in changed)}
 
     def block_nbytes(self, block: int) -> int:
         """Bytes of a block's parameters as the model stores them."""

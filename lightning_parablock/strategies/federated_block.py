@@ -5,21 +5,30 @@ clients (all of them with one device). The parts: the checked, frozen
 :class:`~.federation_options.FederationOptions` (``strategy.options``), a
 :class:`~lightning_parablock.core.planning.RoundPlan` (who trains which block in which turn), the
 :class:`~lightning_parablock.core.federation.Federation` (every hosted client's pending deltas over the one
-global model), :class:`~.client_exchange.ClientExchange` (``strategy.exchange``: what the hosted clients send,
+global model), :class:`~.client_exchange.ClientExchange` (``strategy.client_exchange``: what the hosted clients send,
 the boundary that applies the aggregate, the transport), :class:`~.turns.Turns` (``strategy.turns``: the round
 in progress, whose view is loaded, timed), :class:`~.client_optimizers.ClientOptimizers`,
 :class:`~.federation_checkpoint.FederationCheckpoint` and
-:class:`~lightning_parablock.fault_tolerance.fault_handling.FaultHandling`. Rounds are epochs; when deltas are
-exchanged belongs to :class:`~lightning_parablock.ParaBlockCallback`, which gets its transport from
-``strategy.exchange``: in memory with one process, torch.distributed collectives on a group of their own with
-several (``devices``, ``num_nodes``, ``torchrun`` or SLURM, launched the way Lightning launches DDP). No
-gradients are all-reduced: clients train independently.
+:class:`~lightning_parablock.fault_tolerance.fault_handling.FaultHandling`. No gradients are all-reduced: clients
+train independently.
+
+Rounds are epochs. The exchange is set once per fit by :meth:`FederatedBlockStrategy.configure_exchange` (an
+:class:`~.exchange_spec.ExchangeSpec`; ``ParaBlockCallback`` hands its own over at setup), and the callback drives
+rounds through a small protocol: :meth:`~FederatedBlockStrategy.start_round`,
+:meth:`~FederatedBlockStrategy.start_turn_at` before each batch, :meth:`~FederatedBlockStrategy.end_last_turn` after
+the round's last batch, :meth:`~FederatedBlockStrategy.start_exchange` / :meth:`~FederatedBlockStrategy.finish_exchange` for a
+round's deltas, :meth:`~FederatedBlockStrategy.close_round` once the boundary is applied and
+:meth:`~FederatedBlockStrategy.at_round_end` when the epoch ends. A method of its own extends the strategy through
+named hooks: :meth:`~FederatedBlockStrategy.make_round_plan`, :meth:`~FederatedBlockStrategy.make_client_exchange`,
+:meth:`~FederatedBlockStrategy.on_client_turn_end`, :meth:`~FederatedBlockStrategy.check_options`,
+:meth:`~FederatedBlockStrategy.check_exchange` and :meth:`~FederatedBlockStrategy.round_sync_downloads`.
 """
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union, get_args
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
@@ -28,6 +37,8 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_parablock._compat import (
@@ -37,7 +48,7 @@ from lightning_parablock._compat import (
     optimizers_to_device,
     sync_module_states,
 )
-from lightning_parablock.aggregation.aggregator import Aggregator
+from lightning_parablock.aggregation.aggregator import Weighting
 from lightning_parablock.argument_checks import check_choice
 from lightning_parablock.core.blocks import BlockPartition, LayerSplit, RemainderPolicy
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
@@ -53,15 +64,17 @@ from lightning_parablock.strategies.client_data import (
     federated_loader,
     make_clients,
 )
-from lightning_parablock.strategies.client_exchange import ClientExchange
+from lightning_parablock.strategies.client_exchange import ClientExchange, ExchangeOutcome
 from lightning_parablock.strategies.client_optimizers import ClientOptimizers
+from lightning_parablock.strategies.exchange_spec import ExchangeSpec, with_strategy_weighting
 from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY, FederationCheckpoint, may_save
-from lightning_parablock.strategies.federation_options import FederationOptions, Weighting, check_process_options
+from lightning_parablock.strategies.federation_options import FederationOptions, check_process_options
 from lightning_parablock.strategies.gradient_probe import GradientProbe
 from lightning_parablock.strategies.precision_policy import check_precision
 from lightning_parablock.strategies.run_settings import RunSettings
 from lightning_parablock.strategies.trainer_checks import check_module_and_precision, check_turn_plan
 from lightning_parablock.strategies.turns import RoundState, Turns
+from lightning_parablock.telemetry.timeline import RoundRecord
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -105,10 +118,12 @@ class FederatedBlockStrategy(DDPStrategy):
         optimizer_state: ``"reset"`` starts every client's optimizer afresh at each block switch (the
             paper); ``"per_block"`` keeps each client's state for each block it has trained, which grows
             towards optimizer state for the whole model per client once every block has been trained.
-        global_lr: η, the step the server and the clients take along aggregated deltas.
+        global_lr: η, the step the server and the clients take along aggregated deltas (every client applies it to
+            its own pending deltas too: it is the federation's, not only the server's).
         participation: fraction of clients that train each round, in (0, 1].
         clients_per_round: number of clients per round; overrides ``participation``.
-        weighting: aggregation weights, ``"uniform"`` or by client sample count (``"samples"``).
+        weighting: deprecated (0.2): the weights belong to the aggregator, e.g. ``MeanAggregator(weighting="samples")``.
+            Given here, it is applied to the run's aggregator (a different weighting there is refused).
         seed: seeds the block schedule, the participants, each client's data order and the placement
             of clients on ranks.
         shuffle: each client reads its shard in a seeded random order, reshuffled every pass; with
@@ -128,8 +143,6 @@ class FederatedBlockStrategy(DDPStrategy):
     """
 
     strategy_name = "federated_block"
-    plan_class: type[RoundPlan] = RoundPlan  # FedCyBGD plans its cycle instead
-    new_exchange: Callable[..., ClientExchange] = ClientExchange  # FLoRA merges stacked adapters instead
 
     def __init__(
         self,
@@ -148,7 +161,7 @@ class FederatedBlockStrategy(DDPStrategy):
         global_lr: float = 1.0,
         participation: float = 1.0,
         clients_per_round: Optional[int] = None,
-        weighting: Weighting = "uniform",
+        weighting: Optional[Weighting] = None,
         seed: int = 0,
         shuffle: bool = True,
         offload_deltas: bool = False,
@@ -168,6 +181,15 @@ class FederatedBlockStrategy(DDPStrategy):
             participation=participation, clients_per_round=clients_per_round, weighting=weighting, seed=seed,
             shuffle=shuffle, offload_deltas=offload_deltas, master_weights=master_weights,
         )  # fmt: skip
+        if weighting is not None:
+            warnings.warn(
+                f"`FederatedBlockStrategy(weighting={weighting!r})` is deprecated: the weights belong to the aggregator,"
+                f" e.g. `ParaBlockCallback(aggregator=MeanAggregator(weighting={weighting!r}))`. It is applied to the"
+                " run's aggregator until 0.3.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        self.check_options(self.options)
         device = check_process_options(device, process_group_backend, timeout)
         check_choice("start_method", start_method, get_args(StartMethod))
         super().__init__(
@@ -180,15 +202,16 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.client_optimizers = ClientOptimizers(client_optimizer)
         self.checkpoint = FederationCheckpoint()
-        self.exchange_settings: RunSettings = {}  # the method, staleness, compression and aggregator: the callback's
+        self.exchange_spec: Optional[ExchangeSpec] = None  # set by configure_exchange, once per fit
+        self._flushed = False  # the run's last rounds are exchanged: what is saved now is the final model
         self.faults = FaultHandling()
 
-        self.placement: list[int] = [0] * self.options.num_clients  # the rank hosting each client, once processes exist
+        self.placement: list[int] = [0] * self.options.num_clients  # the member hosting each client, once set up
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
         self.plan: Optional[RoundPlan] = None
         self.federation: Optional[Federation] = None
-        self.exchange: Optional[ClientExchange] = None
+        self.client_exchange: Optional[ClientExchange] = None
         self.turns: Optional[Turns] = None
         self.batch_sampler: Optional[FederatedBatchSampler] = None
 
@@ -219,7 +242,6 @@ class FederatedBlockStrategy(DDPStrategy):
             super().setup_distributed()
         else:
             self.set_world_ranks()
-        self.placement = place_clients(self.options.num_clients, self.world_size, self.options.seed)
 
     @override
     def connect(self, model: "pl.LightningModule") -> None:
@@ -244,31 +266,63 @@ class FederatedBlockStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         """Clients train independently: no DistributedDataParallel, no gradient all-reduce."""
 
-    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
-        """Refuse an exchange this strategy cannot run (asked by ``ParaBlockCallback`` at setup); any goes here."""
+    # ------------------------------------------------------------ the exchange
+
+    def configure_exchange(self, spec: ExchangeSpec) -> None:
+        """Take the run's exchange; ``ParaBlockCallback`` hands its own over at setup, before the strategy's setup.
+
+        Checked here (:meth:`check_exchange`) and owned from then on: it is recorded in the run's checkpoints and
+        compared when one is resumed, once the strategy is set up.
+        """
+        if not isinstance(spec, ExchangeSpec):
+            raise TypeError(f"`configure_exchange` takes an ExchangeSpec, got {spec!r}.")
+        spec = with_strategy_weighting(spec, self.options.weighting)
+        self.check_exchange(spec)
+        self.exchange_spec = spec
+
+    def check_exchange(self, spec: ExchangeSpec) -> None:
+        """Hook: refuse an exchange this strategy cannot run (FLoRA and FedCyBGD are synchronous); any goes here."""
+
+    def check_options(self, options: FederationOptions) -> None:
+        """Hook: refuse options a method cannot honour (FedCyBGD plans its own participants and blocks)."""
 
     def run_settings(self) -> RunSettings:
         """What defines this run, saved in its checkpoints and compared on resume (see
-        :mod:`~lightning_parablock.strategies.run_settings`): the strategy's settings and the exchange's, which
-        ``ParaBlockCallback`` hands over at setup, before Lightning loads a checkpoint."""
-        staleness = self.exchange_settings.get("staleness")
-        return {"strategy": type(self).__name__, **self.options.run_settings(staleness), **self.exchange_settings}
+        :mod:`~lightning_parablock.strategies.run_settings`): the strategy's options, the exchange's and the
+        Trainer's precision."""
+        spec = self.exchange_spec
+        settings = {"strategy": type(self).__name__, **self.options.run_settings(None if spec is None else spec.staleness)}
+        if spec is not None:
+            settings.update(spec.run_settings())
+        trainer = _attached_trainer(self.lightning_module)
+        if trainer is not None:
+            settings["precision"] = str(trainer.precision)
+        return settings
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
-        model, options = self.lightning_module, self.options
+        model, options, spec = self.lightning_module, self.options, self.exchange_spec
+        if spec is None:
+            raise MisconfigurationException(
+                "FederatedBlockStrategy has no exchange: add `ParaBlockCallback(...)` to the Trainer's callbacks (it"
+                " hands the strategy its ExchangeSpec at setup), or call `strategy.configure_exchange(ExchangeSpec(...))`"
+                " before fitting."
+            )
         check_module_and_precision(trainer, model)
         check_precision(model, str(trainer.precision))
+        member, members = spec.transport.membership(self.global_rank, self.world_size)
+        self.placement = place_clients(options.num_clients, members, options.seed)
+        self.checkpoint.check(options.num_clients, self.world_size, self.placement, self.run_settings())
+        self._flushed = False
         self.partition = options.partition(model)
         self.checkpoint.check_blocks(self.partition)
+        shortfall = options.spacing_shortfall(len(self.partition), spec.staleness)
+        if shortfall is not None:
+            rank_zero_warn(shortfall)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        spacing = options.spacing(self.exchange_settings.get("staleness"))
         probe = self._gradient_probe(trainable)
-        self.schedule = BlockSchedule(options.schedule, len(self.partition), options.seed, probe, spacing)
+        self.schedule = BlockSchedule(options.schedule, len(self.partition), options.seed, probe, options.spacing(spec.staleness))
         self.checkpoint.restore_schedule(self.schedule)
-        self.plan = self.plan_class(
-            options.num_clients, options.participants_per_round, options.seed, self.schedule, self.placement,
-            self.world_size, self.global_rank,
-        )  # fmt: skip
+        self.plan = self.make_round_plan(self.schedule, member, members)
         self.federation = Federation(
             model,
             self.partition,
@@ -278,10 +332,22 @@ class FederatedBlockStrategy(DDPStrategy):
             new_optimizer=self.client_optimizers.new,
             master_weights=options.master_weights,
         )
-        self.exchange = self.new_exchange(self.federation, self.plan, options, self.root_device)
+        self.client_exchange = self.make_client_exchange(self.federation, self.plan, spec)
+        self.client_exchange.open(member, members)
         self.turns = Turns(self.federation, self.root_device, self.plan, trainable)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
+
+    def make_round_plan(self, schedule: BlockSchedule, member: int, members: int) -> RoundPlan:
+        """Hook: who trains which block in which round (FedCyBGD plans its cycle instead)."""
+        options = self.options
+        return RoundPlan(
+            options.num_clients, options.participants_per_round, options.seed, schedule, self.placement, members, member
+        )
+
+    def make_client_exchange(self, federation: Federation, plan: RoundPlan, spec: ExchangeSpec) -> ClientExchange:
+        """Hook: this process's side of the exchange (FLoRA sends rank-r_i adapters and merges stacked products)."""
+        return ClientExchange(federation, plan, spec, self.options.global_lr, self.root_device)
 
     def _gradient_probe(self, trainable: set[str]) -> Optional[GradientProbe]:
         """The gradient schedule's probe: the first batch of the round's first participant (the same on every
@@ -315,7 +381,7 @@ class FederatedBlockStrategy(DDPStrategy):
         dataloader = check_train_loader(dataloader)
         clients = make_clients(trainer.datamodule, len(dataloader.dataset), self.options.num_clients, self.options.seed)
         self.federation.host([c for c in clients if self.plan.hosts(c.index)])
-        self.checkpoint.restore_into(self.federation)
+        self.checkpoint.restore_into(self.federation, self.client_exchange)
         self.batch_sampler = client_batch_sampler(
             clients, dataloader.batch_size, self.plan, self.batches_per_turn, lambda: trainer.current_epoch,
             seed=self.options.seed, shuffle=self.options.shuffle,
@@ -334,28 +400,71 @@ class FederatedBlockStrategy(DDPStrategy):
     # ----------------------------------------------------------------- rounds
 
     def start_round(self, round_index: int) -> RoundState:
-        """Unfreeze the round's block and start this rank's first turn."""
+        """Unfreeze the round's block and start this process's first turn; what this process knows of the round."""
         assert self.turns is not None and self.batch_sampler is not None, "the strategy is not set up"
-        self.optimizers = [self.turns.start_round(round_index)]
-        return self.turns.current
+        state = self.turns.start_round(round_index)
+        state.sync_download_bytes = self.round_sync_downloads(round_index)
+        self.optimizers = [self.turns.start_turn(0)]
+        return state
 
-    def end_round_training(self) -> RoundState:
-        """End this rank's last turn of the round: the model holds the global values again, deltas are pending."""
-        self._end_turn()
+    def round_sync_downloads(self, round_index: int) -> dict[int, int]:
+        """Hook: bytes each participant fetches before its turn besides the exchange (FedCyBGD's periodic sync)."""
+        return {}
+
+    def end_last_turn(self) -> RoundState:
+        """End this process's last turn of the round: the model holds the global values again, deltas are pending."""
+        self.end_turn()
         return self.turns.end_round()
 
-    def boundary_applied(self) -> None:
-        """Every rank has applied the round's boundary: the one point where a requeue checkpoint can be saved."""
-        self.faults.at_round_end()
+    def rounds_awaiting_exchange(self) -> list[int]:
+        """Rounds trained and not yet aggregated, oldest first (the same on every process)."""
+        return [] if self.federation is None else self.federation.pending_rounds()
+
+    def start_exchange(self, round_index: int) -> None:
+        """Hand the uploads of ``round_index`` to the communication thread; every process calls it for the round."""
+        self.client_exchange.start(round_index)
+
+    def finish_exchange(self, round_index: int) -> Optional[ExchangeOutcome]:
+        """Wait for the exchange of ``round_index`` and apply it (the correction); ``None`` when none is in flight."""
+        return self.client_exchange.finish(round_index)
+
+    def begin_flush(self) -> None:
+        """After the last round: the rounds still pending are exchanged now (Algorithm 2, lines 12-14). A checkpoint
+        saved from here holds the final global model and says so: resuming from it is not one longer run."""
+        self._flushed = True
+
+    def close_round(self) -> None:
+        """The round's boundary is applied: from here until the next round starts, the state can be saved."""
+        self.turns.close_round()
 
     @property
     def round_open(self) -> bool:
         """A round has begun and its boundary is not applied yet: no consistent state to save."""
         return self.turns is not None and self.turns.round_open
 
-    def abandon_turn(self) -> None:
-        """Put the global values back without recording the client's delta (an exception interrupted it)."""
-        self._end_turn(record=False)
+    def at_round_end(self) -> None:
+        """The epoch is over on every rank: the one point where a requeue checkpoint can be saved."""
+        self.faults.at_round_end()
+
+    def merge_round_record(self, record: RoundRecord) -> RoundRecord:
+        """One record of the round for every process: each measured only its own clients (a collective)."""
+        return self.client_exchange.merge_round_record(record)
+
+    @property
+    def exchange(self) -> Optional[ClientExchange]:
+        """Deprecated (0.2): ``client_exchange``; removed in 0.3."""
+        warnings.warn("`strategy.exchange` is now `strategy.client_exchange`.", FutureWarning, stacklevel=2)
+        return self.client_exchange
+
+    @property
+    def num_blocks(self) -> Optional[int]:
+        """Blocks of the model, once the strategy is set up."""
+        return None if self.partition is None else len(self.partition)
+
+    @property
+    def active_client(self) -> Optional[int]:
+        """The client whose turn is in progress on this process, or ``None`` (idle, or between turns)."""
+        return None if self.federation is None else self.federation.active_client
 
     # ------------------------------------------------------------ client turns
 
@@ -369,24 +478,27 @@ class FederatedBlockStrategy(DDPStrategy):
     def start_turn_at(self, batch_idx: int) -> None:
         """Before a batch: the next client's turn starts when the previous one is done.
 
-        Called by ``ParaBlockCallback``, first among the callbacks, so that every other hook of the batch
-        (a ``LearningRateMonitor``'s included) sees the client's optimizer; the round's first turn starts
-        when the round begins.
+        Called by ``ParaBlockCallback``, which refuses to run after a ``LearningRateMonitor``, so every other hook
+        of the batch sees the client's optimizer; the round's first turn starts when the round begins.
         """
         per_turn = self.batch_sampler.batches_per_turn
         if batch_idx and batch_idx % per_turn == 0:
-            self._start_turn(batch_idx // per_turn)
+            self.end_turn()
+            self.optimizers = [self.turns.start_turn(batch_idx // per_turn)]
 
-    def _start_turn(self, turn: int) -> None:
-        """End the turn in progress and start this rank's ``turn``-th turn of the round (a client's, or idle)."""
-        self._end_turn()
-        self.optimizers = [self.turns.start_turn(turn)]
-
-    def _end_turn(self, record: bool = True) -> None:
-        """End the turn in progress; checkpoints and validation then see no client's optimizer or view."""
+    def end_turn(self, record: bool = True) -> None:
+        """End the turn in progress, keeping the client's delta (``record=False``: drop it, an exception cut the
+        turn short); checkpoints and validation then see no client's optimizer or view."""
         if self.turns is not None:
-            self.turns.end(record)
+            ended = self.turns.end_turn(record)
+            if record and ended is not None:
+                self.on_client_turn_end(*ended)
         self.optimizers = []
+
+    def on_client_turn_end(self, client: int, round_index: int) -> None:
+        """Hook: ``client``'s turn of ``round_index`` ended and its delta is pending
+        (``self.federation.delta_of(client, round_index)``, which may be changed in place; FLoRA zeroes the
+        components beyond a client's LoRA rank)."""
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -397,13 +509,15 @@ class FederatedBlockStrategy(DDPStrategy):
     @override
     def on_validation_start(self) -> None:
         # Validation at a round's end evaluates the global model, not the last client's view.
-        self._end_turn()
+        self.end_turn()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         current = None if self.turns is None else self.turns.current
         self.faults.report(exception, None if current is None else current.index)
-        self.abandon_turn()
+        self.end_turn(record=False)
+        if self.client_exchange is not None:
+            self.client_exchange.close()  # no exchange in flight outlives the fit
         if self.turns is not None:
             self.turns.restore_trainable()
         super().on_exception(exception)
@@ -416,6 +530,9 @@ class FederatedBlockStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         self.faults.uninstall()
+        if self.client_exchange is not None:
+            self.client_exchange.close()
+        self.client_optimizers.detach()
         if self.federation is not None:
             optimizers_to_device(list(self.federation.kept_optimizers.values()), torch.device("cpu"))
         super().teardown()
@@ -432,10 +549,16 @@ class FederatedBlockStrategy(DDPStrategy):
             return
         if self.federation is not None:
             entry = self.checkpoint.entry(
-                self.federation, self.partition, self.schedule, self.placement, self.world_size, self.run_settings()
+                self.federation,
+                self.client_exchange,
+                self.partition,
+                self.schedule,
+                self.placement,
+                self.world_size,
+                self.run_settings(),
             )
             if entry is not None:
-                checkpoint[CHECKPOINT_KEY] = entry
+                checkpoint[CHECKPOINT_KEY] = {**entry, "flushed": self._flushed}
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override
@@ -444,15 +567,7 @@ class FederatedBlockStrategy(DDPStrategy):
         checkpoint = read_checkpoint_file(checkpoint_path, lambda: load(checkpoint_path, weights_only=weights_only))
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # validate/test from a checkpoint need the global weights only
-            entry = checkpoint.get(CHECKPOINT_KEY)
-            self.checkpoint.read(
-                entry,
-                checkpoint_path,
-                self.options.num_clients,
-                self.world_size,
-                self.options.seed,
-                self.run_settings(),
-            )
+            self.checkpoint.read(checkpoint.get(CHECKPOINT_KEY), checkpoint_path)
         return checkpoint
 
     @property
@@ -471,6 +586,16 @@ class FederatedBlockStrategy(DDPStrategy):
             description="ParaBlock: federated block-coordinate fine-tuning (lightning_parablock)",
             override=True,
         )
+
+
+def _attached_trainer(module: Optional["pl.LightningModule"]) -> Optional["pl.Trainer"]:
+    """The Trainer ``module`` is attached to, or ``None`` (``module.trainer`` raises when there is none)."""
+    if module is None:
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
 
 
 FederatedBlockStrategy.register_strategies(StrategyRegistry)

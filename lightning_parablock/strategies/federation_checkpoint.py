@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock.core.blocks import BlockPartition
 from lightning_parablock.core.federation import Federation
-from lightning_parablock.core.planning import place_clients
 from lightning_parablock.core.schedule import BlockSchedule
+from lightning_parablock.strategies.client_exchange import ClientExchange
 from lightning_parablock.strategies.run_settings import RunSettings, check_same_settings
 
 CHECKPOINT_KEY = "federation"
@@ -49,12 +49,14 @@ def may_save(open_round: Optional[int], interrupted: bool) -> bool:
 class FederationCheckpoint:
     """Writes the federation into checkpoints and holds a restored one until the strategy is set up.
 
-    Lightning loads a checkpoint before the strategy's ``setup`` (the model, its blocks and the clients do not
-    exist yet); what it read is kept here and applied piece by piece as the federation is built.
+    Lightning loads a checkpoint before the strategy's ``setup`` (the model, its blocks, the clients and the
+    exchange do not exist yet); what it read is kept here, checked against the run once the strategy is set up
+    (:meth:`check`), and applied piece by piece as the federation is built.
     """
 
     def __init__(self) -> None:
         self.restored: Optional[dict[str, Any]] = None
+        self._path: Any = None
         self._gather_group: Optional[dist.ProcessGroup] = None
 
     def setup(self, distributed: bool) -> None:
@@ -65,6 +67,7 @@ class FederationCheckpoint:
     def entry(
         self,
         federation: Federation,
+        exchange: ClientExchange,
         partition: BlockPartition,
         schedule: BlockSchedule,
         placement: list[int],
@@ -72,7 +75,7 @@ class FederationCheckpoint:
         settings: RunSettings,
     ) -> Optional[dict[str, Any]]:
         """The checkpoint's federation entry: every rank's clients, on rank 0 (``None`` on the other ranks)."""
-        state = _to_host(federation.state_dict())
+        state = _to_host({**federation.state_dict(), **exchange.state_dict()})
         if world_size > 1:
             states: Optional[list[Optional[dict[str, Any]]]] = [None] * world_size if dist.get_rank() == 0 else None
             dist.gather_object(state, states, dst=0, group=self._gather_group)
@@ -94,19 +97,11 @@ class FederationCheckpoint:
             "settings": dict(settings),
         }
 
-    def read(
-        self,
-        entry: Optional[dict[str, Any]],
-        checkpoint_path: Any,
-        num_clients: int,
-        world_size: int,
-        seed: int,
-        settings: RunSettings,
-    ) -> None:
-        """Check that ``entry`` belongs to this run and keep it for :meth:`restore_into` and friends.
+    def read(self, entry: Optional[dict[str, Any]], checkpoint_path: Any) -> None:
+        """Keep ``entry`` until :meth:`check` compares it with the run the strategy sets up.
 
         Without an entry (a checkpoint of plain Lightning or another tool) the clients' pending deltas would be
-        lost silently: refused. An entry written before a setting was recorded is compared on what it holds.
+        lost silently: refused.
         """
         if entry is None:
             raise MisconfigurationException(
@@ -116,22 +111,42 @@ class FederationCheckpoint:
                 " its weights: load them into the module (`load_state_dict(torch.load(path)['state_dict'])`) and fit"
                 " without `ckpt_path`."
             )
+        self.restored, self._path = entry, checkpoint_path
+
+    def check(self, num_clients: int, world_size: int, placement: list[int], settings: RunSettings) -> None:
+        """The restored checkpoint belongs to this run: clients, settings, processes and placement are the same.
+
+        An entry written before a setting was recorded is compared on what it holds.
+        """
+        entry, path = self.restored, self._path
+        if entry is None:
+            return
         if entry["num_clients"] != num_clients:
+            self.restored = None
             raise MisconfigurationException(
-                f"The checkpoint {checkpoint_path} was written with num_clients={entry['num_clients']},"
+                f"The checkpoint {path} was written with num_clients={entry['num_clients']},"
                 f" this run has num_clients={num_clients}."
             )
-        check_same_settings(entry.get("settings", {}), settings, checkpoint_path)
+        try:
+            check_same_settings(entry.get("settings", {}), settings, path)
+        except MisconfigurationException:
+            self.restored = None
+            raise
+        if entry.get("flushed"):
+            rank_zero_warn(
+                f"The checkpoint {path} holds the run's final global model, saved after its last rounds' pending"
+                " deltas were exchanged (the flush). Training on from it is not the same as one longer run; to"
+                " continue the run exactly, resume from the checkpoint of its last round (`last.ckpt`)."
+            )
         saved_world = entry.get("world_size", 1)
-        placement = place_clients(num_clients, world_size, seed)
         saved_placement = entry.get("placement", placement if saved_world == 1 else None)
         if saved_world != world_size or saved_placement != placement:
+            self.restored = None
             raise MisconfigurationException(
-                f"The checkpoint {checkpoint_path} was written by {saved_world} process(es) with clients placed on"
-                f" ranks {saved_placement}; this run has {world_size} process(es) placing them on ranks"
-                f" {placement}. Resume with the same number of processes (devices × num_nodes) and seed."
+                f"The checkpoint {path} was written by {saved_world} process(es) with clients placed on"
+                f" {saved_placement}; this run has {world_size} process(es) placing them on {placement}. Resume"
+                " with the same number of processes (devices × num_nodes), sites and seed."
             )
-        self.restored = entry
 
     def check_blocks(self, partition: BlockPartition) -> None:
         """The restored run partitioned the model into the same blocks."""
@@ -152,10 +167,11 @@ class FederationCheckpoint:
         if self.restored is not None and self.restored.get("schedule") is not None:
             schedule.load_state_dict(self.restored["schedule"])
 
-    def restore_into(self, federation: Federation) -> None:
+    def restore_into(self, federation: Federation, exchange: ClientExchange) -> None:
         """The hosted clients' pending deltas, residuals and optimizer states, once the clients exist."""
         if self.restored is not None:
             federation.load_state_dict(self.restored)
+            exchange.load_state_dict(self.restored)
             self.restored = None
 
 

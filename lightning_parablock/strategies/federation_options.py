@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Optional, Union, get_args
 
 import torch
 from torch import nn
 
+from lightning_parablock.aggregation.aggregator import Weighting
 from lightning_parablock.argument_checks import (
     check_bool,
     check_choice,
@@ -36,7 +37,6 @@ from lightning_parablock.core.planning import participants_per_round
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, ScheduleKind
 from lightning_parablock.strategies.run_settings import RunSettings
 
-Weighting = Literal["uniform", "samples"]
 _FLAGS = ("include_embeddings", "include_head", "shuffle", "offload_deltas", "master_weights")
 _PROCESS_GROUP_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
@@ -59,7 +59,7 @@ class FederationOptions:
     global_lr: float = 1.0
     participation: float = 1.0
     clients_per_round: Optional[int] = None
-    weighting: Weighting = "uniform"
+    weighting: Optional[Weighting] = None  # deprecated: the aggregator's
     seed: int = 0
     shuffle: bool = True
     offload_deltas: bool = False
@@ -81,7 +81,8 @@ class FederationOptions:
                 f" with schedule={self.schedule!r}."
             )
         check_choice("optimizer_state", self.optimizer_state, get_args(OptimizerStatePolicy))
-        check_choice("weighting", self.weighting, get_args(Weighting))
+        if self.weighting is not None:
+            check_choice("weighting", self.weighting, get_args(Weighting))
         normalize("global_lr", check_float("global_lr (η)", self.global_lr, minimum=0.0, min_open=True))
         normalize(
             "participation", check_float("participation", self.participation, minimum=0.0, maximum=1.0, min_open=True)
@@ -116,6 +117,22 @@ class FederationOptions:
             return 1
         return self.schedule_spacing or max(1, staleness or 1)
 
+    def spacing_shortfall(self, num_blocks: int, staleness: Optional[int]) -> Optional[str]:
+        """Why the spaced schedule cannot keep its promise with ``num_blocks`` blocks, or ``None`` when it can.
+
+        With no more blocks than the window, some round must train a block trained within the window: under
+        staleness s that client trains on top of its own delta, still pending.
+        """
+        spacing = self.spacing(staleness)
+        if self.schedule != "spaced" or num_blocks > spacing:
+            return None
+        return (
+            f"schedule='spaced' keeps a block out of the {spacing} rounds after it is trained, but the model has only"
+            f" {num_blocks} block(s): every {num_blocks} rounds a block comes back while its delta from"
+            f" {num_blocks} round(s) before is still pending (staleness {staleness}). Use more blocks than {spacing}"
+            f" (a smaller `layers_per_block`), or a staleness below {num_blocks}."
+        )
+
     def run_settings(self, staleness: Optional[int]) -> RunSettings:
         """The options that define the run (:mod:`~lightning_parablock.strategies.run_settings`), under the names
         checkpoints have always used; where deltas live (``offload_deltas``) and how blocks are cut (checked
@@ -126,7 +143,6 @@ class FederationOptions:
             "schedule_spacing": self.spacing(staleness),
             "clients_per_round": self.participants_per_round,
             "local_steps": self.local_steps,
-            "weighting": self.weighting,
             "optimizer_state": self.optimizer_state,
             "global_lr": self.global_lr,
             "shuffle": self.shuffle,

@@ -21,7 +21,6 @@ differently per client; choose ``lora_alpha`` for r_max).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -30,9 +29,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.argument_checks import check_int
+from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.lora import (
     ADAPTER,
     LORA_A_WEIGHT,
@@ -41,8 +40,10 @@ from lightning_parablock.core.lora import (
     merge_products,
     restart_adapters,
 )
+from lightning_parablock.core.planning import RoundPlan
 from lightning_parablock.core.rng import Stream, stream_generator
 from lightning_parablock.strategies.client_exchange import ClientExchange
+from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
 from lightning_parablock.strategies.run_settings import RunSettings
 
@@ -76,12 +77,14 @@ class StackedLoRAExchange(ClientExchange):
     """FLoRA's side of the exchange: rank-r_i adapters go up, the stacked product is merged into the base weights.
 
     Args:
-        client_ranks: each client's LoRA rank r_i, or ``None`` when every client has the module's.
         *args: :class:`~lightning_parablock.strategies.client_exchange.ClientExchange`'s arguments.
+        seed: seeds the fresh adapters every round starts from (the same on every client).
+        client_ranks: each client's LoRA rank r_i, or ``None`` when every client has the module's.
     """
 
-    def __init__(self, *args: Any, client_ranks: Optional[list[int]] = None) -> None:
+    def __init__(self, *args: Any, seed: int, client_ranks: Optional[list[int]] = None) -> None:
         super().__init__(*args)
+        self.seed = seed
         self.client_ranks = client_ranks
 
     @override
@@ -109,8 +112,8 @@ class StackedLoRAExchange(ClientExchange):
             senders = sorted(set(self.plan.participants_of(round_index)) - set(left_out))
             ranks = None if self.client_ranks is None else [self.client_ranks[c] for c in senders]
             products = stacked_products(aggregate, {a: params[a] for _, a, _ in pairs}, pairs, ranks)
-            merge_products(model, {base: self.options.global_lr * product for base, product in products.items()})
-        restart_adapters(model, stream_generator(self.options.seed, Stream.LORA_RESTART, round_index))
+            merge_products(model, {base: self.global_lr * product for base, product in products.items()})
+        restart_adapters(model, stream_generator(self.seed, Stream.LORA_RESTART, round_index))
         self.federation.apply_aggregate(round_index, None, left_out)  # the merge above was the global update
 
 
@@ -140,16 +143,28 @@ class FLoRAStrategy(FederatedBlockStrategy):
             for i, rank in enumerate(client_ranks):
                 check_int(f"client_ranks[{i}]", rank, minimum=1)
         self.client_ranks = None if client_ranks is None else list(client_ranks)
-        self.new_exchange = functools.partial(StackedLoRAExchange, client_ranks=self.client_ranks)
+        self._gradient_hooks: list[Any] = []
 
     @override
-    def check_exchange(self, staleness: int, aggregator: Aggregator) -> None:
-        if staleness != 0 or not isinstance(aggregator, StackingAggregator):
+    def check_exchange(self, spec: ExchangeSpec) -> None:
+        if spec.staleness != 0 or not isinstance(spec.aggregator, StackingAggregator):
             raise MisconfigurationException(
                 "FLoRAStrategy merges every round's adapters before the next round starts: use"
                 " `ParaBlockCallback(staleness=0, aggregator=StackingAggregator())`, got"
-                f" staleness={staleness} and aggregator={aggregator!r}."
+                f" staleness={spec.staleness} and aggregator={spec.aggregator!r}."
             )
+
+    @override
+    def make_client_exchange(self, federation: Federation, plan: RoundPlan, spec: ExchangeSpec) -> ClientExchange:
+        return StackedLoRAExchange(
+            federation,
+            plan,
+            spec,
+            self.options.global_lr,
+            self.root_device,
+            seed=self.options.seed,
+            client_ranks=self.client_ranks,
+        )
 
     @override
     def run_settings(self) -> RunSettings:
@@ -164,8 +179,17 @@ class FLoRAStrategy(FederatedBlockStrategy):
         if self.client_ranks is not None:
             self._check_ranks(pairs, trainer.world_size)
             for pair in pairs:
-                pair.layer.lora_A[ADAPTER].weight.register_hook(lambda grad: self._own_components(grad, rows=True))
-                pair.layer.lora_B[ADAPTER].weight.register_hook(lambda grad: self._own_components(grad, rows=False))
+                a, b = pair.layer.lora_A[ADAPTER].weight, pair.layer.lora_B[ADAPTER].weight
+                self._gradient_hooks.append(a.register_hook(lambda grad: self._own_components(grad, rows=True)))
+                self._gradient_hooks.append(b.register_hook(lambda grad: self._own_components(grad, rows=False)))
+
+    @override
+    def teardown(self) -> None:
+        """Remove the gradient hooks: the module leaves the fit as it came."""
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
+        super().teardown()
 
     def _check_ranks(self, pairs: Sequence[LoraPair], world_size: int) -> None:
         r_max = min(pair.layer.lora_A[ADAPTER].weight.shape[0] for pair in pairs)
@@ -198,12 +222,9 @@ class FLoRAStrategy(FederatedBlockStrategy):
         return kept
 
     @override
-    def _end_turn(self, record: bool = True) -> None:
-        """End the turn; a client below the module's rank keeps no change beyond its own components."""
-        client = None if self.federation is None else self.federation.active_client
-        round_index = None if self.turns is None or self.turns.current is None else self.turns.current.index
-        super()._end_turn(record)
-        if record and client is not None and self.rank_of(client) is not None:
-            delta = self.federation.clients[client].pending.get(round_index)
-            for name, tensor in ({} if delta is None else delta.wait().tensors).items():
-                tensor.copy_(self._own_components(tensor, rows=name.endswith(LORA_A_WEIGHT), client=client))
+    def on_client_turn_end(self, client: int, round_index: int) -> None:
+        """A client below the module's rank keeps no change beyond its own components (weight decay moves them)."""
+        if self.rank_of(client) is None:
+            return
+        for name, tensor in (self.federation.delta_of(client, round_index) or {}).items():
+            tensor.copy_(self._own_components(tensor, rows=name.endswith(LORA_A_WEIGHT), client=client))

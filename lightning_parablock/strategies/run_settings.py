@@ -11,10 +11,16 @@ A checkpoint written before a setting was recorded is compared only on what it h
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_parablock.aggregation.mean import MeanAggregator
+from lightning_parablock.aggregation.median import MedianAggregator
+from lightning_parablock.aggregation.stacking import StackingAggregator
+from lightning_parablock.aggregation.trimmed_mean import TrimmedMeanAggregator
 
 RunSettings = dict[str, Any]
 """Setting name to a plain value (a number, a string, a list or ``None``), so a weights-only load reads it."""
@@ -22,6 +28,7 @@ RunSettings = dict[str, Any]
 
 def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], checkpoint_path: Any) -> None:
     """Refuse a resume whose settings differ from those ``saved`` in the checkpoint, naming every one of them."""
+    saved = upgraded(saved)
     changed = [(name, saved[name], value) for name, value in current.items() if name in saved and saved[name] != value]
     if not changed:
         return
@@ -31,3 +38,29 @@ def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], ch
         " was saved from: resume with the checkpoint's settings, or start a new run from its weights (load them"
         " into the module, e.g. `load_state_dict(torch.load(path)['state_dict'])`, and fit without `ckpt_path`)."
     )
+
+
+def upgraded(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings saved by an earlier version, in today's terms: before 0.2 one ``Aggregator(method=...)`` class
+    served every rule (its repr named unused arguments) and ``weighting`` was the strategy's."""
+    settings = dict(saved)
+    aggregator = settings.get("aggregator")
+    if isinstance(aggregator, str) and aggregator.startswith(("Aggregator(", "StackingAggregator(")):
+        settings["aggregator"] = repr(_rule_of(aggregator, settings.get("weighting", "uniform")))
+    return settings
+
+
+def _rule_of(legacy: str, weighting: str) -> Any:
+    """Today's aggregator for the repr of one saved before 0.2 (its arguments are literals)."""
+    call = ast.parse(legacy, mode="eval").body
+    assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), legacy
+    arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    nonfinite = arguments.get("nonfinite", "raise")
+    if call.func.id == "StackingAggregator":
+        return StackingAggregator(weighting=weighting, nonfinite=nonfinite)
+    method, clip_norm = arguments.get("method", "mean"), arguments.get("clip_norm")
+    if method == "median":
+        return MedianAggregator(clip_norm=clip_norm, nonfinite=nonfinite)
+    if method == "trimmed_mean":
+        return TrimmedMeanAggregator(arguments.get("trim_fraction", 0.1), clip_norm=clip_norm, nonfinite=nonfinite)
+    return MeanAggregator(weighting=weighting, clip_norm=clip_norm, nonfinite=nonfinite)

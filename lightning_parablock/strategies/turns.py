@@ -67,49 +67,53 @@ class Turns:
         """A round has begun and its boundary is not applied yet: no consistent state to save."""
         return self.current is not None and not self.current.closed
 
-    def start_round(self, round_index: int) -> Optimizer:
-        """Unfreeze the round's block and start this rank's first turn of it; the optimizer to step."""
+    def start_round(self, round_index: int) -> RoundState:
+        """Unfreeze the round's block; its turns start with :meth:`start_turn`."""
         plan = self.plan
         block = plan.block_of(round_index)
         self.current = RoundState(round_index, block, plan.participants_of(round_index), plan.turns_of(round_index))
         self.current.probe_seconds = plan.schedule.probe_seconds.get(round_index, 0.0)
         self.federation.partition.freeze_all_but(self.federation.model, block, self.trainable)
-        return self.start_turn(0)
+        return self.current
 
     def start_turn(self, turn: int) -> Optimizer:
-        """Start this rank's ``turn``-th turn of the round in progress (a client's, or idle)."""
+        """End the turn in progress and start this rank's ``turn``-th turn of the round (a client's, or idle);
+        the optimizer to step."""
         assert self.current is not None, "no round in progress"
-        return self.start(self.current.turns[turn], self.current.index, self.current.block)
-
-    def start(self, client: Optional[int], round_index: int, block: int) -> Optimizer:
-        """End the turn in progress and start ``client``'s (``None``: an idle turn); the optimizer to step."""
-        self.end()
+        self.end_turn()
+        client = self.current.turns[turn]
         if client is None:
             self.idle = True
             optimizer = self.idle_optimizer
         else:
-            optimizer = self.federation.enter(client, round_index, block)
+            optimizer = self.federation.start_turn(client, self.current.index, self.current.block)
         self.timer.start()
         return optimizer
 
-    def end(self, record: bool = True) -> Optional[int]:
-        """End the turn in progress (keeping the client's delta unless ``record`` is false); the client it was."""
+    def end_turn(self, record: bool = True) -> Optional[tuple[int, int]]:
+        """End the turn in progress (keeping the client's delta unless ``record`` is false); ``(client, round)`` of
+        a client's turn, ``None`` for an idle one or none."""
         if self.idle:
             self.idle = False
             self.timer.stop(None)
             return None
-        client = self.federation.leave(record)
-        if client is not None:
-            self.timer.stop(client)  # read at the round's end: no device-wide synchronize per turn
-        return client
+        client = self.federation.end_turn(record)
+        if client is None:
+            return None
+        self.timer.stop(client)  # read at the round's end: no device-wide synchronize per turn
+        return client, self.current.index
 
     def end_round(self) -> RoundState:
-        """End the round's last turn: the model holds the global values again and the round's deltas are pending."""
+        """After the round's last turn: the model holds the global values again and the round's deltas are pending."""
         assert self.current is not None, "no round in progress"
-        self.end()
         self.current.compute_seconds.update(self.timer.resolve())
         self.federation.round_trained(self.current.index, self.current.block)
         return self.current
+
+    def close_round(self) -> None:
+        """The round's boundary is applied."""
+        assert self.current is not None, "no round in progress"
+        self.current.closed = True
 
     def idle_loss(self) -> Tensor:
         """The loss of an idle step: zero, with a zero gradient for the idle parameter alone."""
