@@ -19,10 +19,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.transport import RoundUploads
 from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.flower.app.parablock_app.mailbox import relay
-from lightning_parablock.flower.plug import TransportCall, aggregator_settings
+from lightning_parablock.flower.plug import aggregator_settings
 from lightning_parablock.flower.site_mailbox import SiteMailbox
 from lightning_parablock.flower.site_transport import FlowerSiteTransport
 
@@ -108,7 +108,7 @@ class FakeSite:
         self.mailbox = SiteMailbox(folder / f"s{site}.sock", folder / f"s{site}.key", site)
         self.mailbox.publish_hello(hello_info)
         transport = FlowerSiteTransport(self.mailbox, lambda block: LAYOUT, "none", lambda: {})
-        self.worker = CommWorker(SimulatedLink(), 30.0, Aggregator(), transport=TransportCall(transport))
+        self.worker = CommWorker(transport, 30.0)
         self.results: dict[int, Any] = {}
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._train, daemon=True)
@@ -124,7 +124,7 @@ class FakeSite:
     def _submit(self, round_index: int) -> None:
         clients = [c for c in range(len(self.placement)) if self.placement[c] == self.site]
         deltas = {c: self.delta(c, round_index) for c in clients}
-        self.worker.submit(round_index, round_index % 2, deltas, {c: float(c + 1) for c in clients})
+        self.worker.submit(RoundUploads(round_index, round_index % 2, deltas, {c: float(c + 1) for c in clients}))
 
     def _train(self) -> None:
         try:

@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("flwr")
 
 from lightning_parablock.comm.codecs import Int8Codec, TopKCodec, as_encoded, encode_delta  # noqa: E402
+from lightning_parablock.comm.transport import RoundUploads  # noqa: E402
 from lightning_parablock.flower.app.parablock_app import wire  # noqa: E402
 from lightning_parablock.flower.arrays import (  # noqa: E402
     aggregate_from_wire,
@@ -87,7 +88,7 @@ def run_transport(box: SiteMailbox, round_index: int, deltas, weights, stop=None
 
     def target():
         try:
-            out.append(transport.exchange(round_index, 0, deltas, weights, stop or threading.Event()))
+            out.append(transport.exchange(RoundUploads(round_index, 0, deltas, weights), stop or threading.Event()))
         except BaseException as error:  # noqa: BLE001 - the test reads it
             out.append(error)
 

@@ -15,9 +15,12 @@ pytest.importorskip("flwr")
 
 from flower_fakes import FakeGrid, FakeSite, client_delta, hello  # noqa: E402
 
-from lightning_parablock.aggregation.aggregator import Aggregator  # noqa: E402
-from lightning_parablock.comm.exchange import CommunicationError, exchange  # noqa: E402
+import threading  # noqa: E402
+
+from lightning_parablock.aggregation import MeanAggregator, MedianAggregator  # noqa: E402
+from lightning_parablock.comm.in_memory import InMemoryTransport  # noqa: E402
 from lightning_parablock.comm.link import SimulatedLink  # noqa: E402
+from lightning_parablock.comm.transport import CommunicationError, RoundUploads  # noqa: E402
 from lightning_parablock.core.planning import place_clients  # noqa: E402
 from lightning_parablock.flower.handshake import HandshakeRefused  # noqa: E402
 from lightning_parablock.flower.server import STATE_FILENAME, FederationServer, ServerSettings, SiteFailed  # noqa: E402
@@ -35,7 +38,7 @@ def federation(tmp_path):
     def start(
         rounds=3, staleness=1, aggregator=None, hellos=None, delta=client_delta, fail=None, comm_timeout=30.0, start_epoch=0
     ):
-        aggregator = aggregator or Aggregator()
+        aggregator = aggregator or MeanAggregator()
         placement = place_clients(NUM_CLIENTS, NUM_SITES, seed=0)
         for site in range(NUM_SITES):
             info = hello(site, NUM_SITES, placement, rounds, staleness, aggregator, comm_timeout=comm_timeout)
@@ -54,10 +57,12 @@ def federation(tmp_path):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def in_memory_aggregate(round_index: int, aggregator: Aggregator, delta=client_delta):
+def in_memory_aggregate(round_index: int, aggregator, delta=client_delta):
+    """What one process of every client would aggregate: the in-memory transport on the same deltas."""
     deltas = {c: delta(c, round_index) for c in range(NUM_CLIENTS)}
     weights = {c: float(c + 1) for c in range(NUM_CLIENTS)}
-    return exchange(round_index, round_index % 2, deltas, weights, SimulatedLink(), aggregator)
+    uploads = RoundUploads(round_index, round_index % 2, deltas, weights)
+    return InMemoryTransport(aggregator, SimulatedLink()).exchange(uploads, threading.Event())
 
 
 def finished(sites) -> None:
@@ -66,10 +71,14 @@ def finished(sites) -> None:
         assert not site.thread.is_alive()
 
 
-@pytest.mark.parametrize("staleness", [0, 1, 2])
-def test_one_message_per_site_per_round_and_the_aggregate_equals_the_in_memory_exchange(federation, staleness):
+@pytest.mark.parametrize(
+    "staleness, aggregator",
+    [(0, MeanAggregator()), (1, MeanAggregator(weighting="samples", clip_norm=2.0)), (2, MedianAggregator())],
+    ids=["fedbcd-mean", "parablock-clipped-mean", "stale2-median"],
+)
+def test_one_message_per_site_per_round_and_the_aggregate_equals_the_in_memory_exchange(federation, staleness, aggregator):
     rounds = 4
-    server, grid, sites, lines = federation(rounds=rounds, staleness=staleness)
+    server, grid, sites, lines = federation(rounds=rounds, staleness=staleness, aggregator=aggregator)
     server.run()
     finished(sites)
     counts = grid.messages_per_node()
@@ -81,7 +90,7 @@ def test_one_message_per_site_per_round_and_the_aggregate_equals_the_in_memory_e
         assert site.error is None
         assert sorted(site.results) == list(range(rounds))  # every round, the flushed ones too
         for round_index, result in site.results.items():
-            expected = in_memory_aggregate(round_index, Aggregator())
+            expected = in_memory_aggregate(round_index, aggregator)
             assert all(torch.equal(result.aggregate[n], expected.aggregate[n]) for n in expected.aggregate)
             assert result.upload_bytes == expected.upload_bytes
     assert any("round 3 block 1: 4 clients from 2 sites" in line for line in lines), lines
@@ -100,7 +109,7 @@ def _poisoned(bad_client: int, bad_round: int):
 
 
 def test_a_non_finite_client_is_left_out_and_every_site_is_told(federation):
-    aggregator = Aggregator(nonfinite="skip")
+    aggregator = MeanAggregator(nonfinite="skip")
     delta = _poisoned(bad_client=2, bad_round=1)
     server, grid, sites, lines = federation(rounds=3, aggregator=aggregator, delta=delta)
     server.run()
@@ -184,6 +193,6 @@ def test_a_resume_one_round_behind_the_servers_record_exchanges_that_round_again
     for site in sites:
         assert site.error is None and sorted(site.results) == [1, 2, 3]
         for round_index, result in site.results.items():
-            expected = in_memory_aggregate(round_index, Aggregator())
+            expected = in_memory_aggregate(round_index, MeanAggregator())
             assert all(torch.equal(result.aggregate[n], expected.aggregate[n]) for n in expected.aggregate)
     assert any("starting at round 1" in line for line in lines)

@@ -7,7 +7,9 @@ the SuperNode's per-message ClientApp only carries messages between the server a
 socket and a key file, :mod:`.site_mailbox`). Clients are placed on sites as they are on ranks, so ``num_sites``
 sites of ``N / num_sites`` clients train the same federation as one process of ``N`` clients, bit for bit.
 
-Before round 0 the site answers the server's handshake (its settings, a hash of its trainable weights, the round it
+``FlowerSite`` is both the run's transport (``ParaBlockCallback(transport=site)``, or it takes the exchange at its
+setup when it comes after ``ParaBlockCallback`` in the callbacks) and a callback (the handshake, the round times,
+telling the server of a failure, the last records). Before round 0 the site answers the server's handshake (its settings, a hash of its trainable weights, the round it
 resumes at) and waits to be accepted. A site that fails tells the server, which stops the others; a site the server
 stops raises :class:`~.site_mailbox.FederationStopped` at its next batch, naming the failed site and round.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -24,6 +26,7 @@ from typing_extensions import override
 
 from lightning_parablock.argument_checks import check_int
 from lightning_parablock.comm.link import parse_duration
+from lightning_parablock.comm.transport import BlockLayout, ExchangeContext, TransportChoice
 from lightning_parablock.flower import plug
 from lightning_parablock.flower.app.parablock_app.wire import wall_clock
 from lightning_parablock.flower.requirement import require_flwr
@@ -34,11 +37,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class FlowerSite(Callback):
+class FlowerSite(TransportChoice, Callback):
     """This process is site ``site`` of ``num_sites``; its SuperNode's ClientApps reach it at ``mailbox``.
 
-    Add it to the Trainer's callbacks beside ``ParaBlockCallback`` (and a ``FederatedBlockStrategy`` of one
-    process), start the trainer, then the site's SuperNode with the ``--node-config`` the trainer prints.
+    Add it to the Trainer's callbacks after ``ParaBlockCallback`` (with a ``FederatedBlockStrategy`` of one process),
+    start the trainer, then the site's SuperNode with the ``--node-config`` the trainer prints.
 
     Args:
         site: this site's index, ``0 <= site < num_sites``; it decides which clients this site hosts.
@@ -68,10 +71,35 @@ class FlowerSite(Callback):
         self.handshake_timeout = parse_duration(handshake_timeout, "handshake_timeout")
         self.mailbox: Optional[SiteMailbox] = None
         self.transport: Optional[FlowerSiteTransport] = None
-        self._parts: Optional[plug.SiteParts] = None
+        self._trainer: Optional["pl.Trainer"] = None
+        self._layout: Optional[Callable[[int], BlockLayout]] = None
+        self._codec_name = "none"
+        self._comm_timeout = 1800.0
         self._sent_records = 0
         self._round_times: dict[int, dict[str, float]] = {}
         self._unsent_times: set[int] = set()
+
+    # --------------------------------------------------------------------------------------------- set-up
+
+    # ------------------------------------------------------------------------------------ the transport
+
+    def membership(self, rank: int, world_size: int) -> tuple[int, int]:
+        """Clients are placed on sites as on ranks: this site hosts those placed on ``site`` of ``num_sites``."""
+        return self.site, self.num_sites
+
+    def build(self, context: ExchangeContext) -> FlowerSiteTransport:
+        """The transport of this site's communication thread, once the strategy knows the model's blocks."""
+        if self.mailbox is None:
+            raise MisconfigurationException(
+                "FlowerSite is the exchange's transport but not among the Trainer's callbacks: add the same FlowerSite"
+                " to `callbacks` after ParaBlockCallback."
+            )
+        self._layout = context.block_layout
+        self.transport = FlowerSiteTransport(self.mailbox, context.block_layout, self._codec_name, self._telemetry)
+        return self.transport
+
+    def __repr__(self) -> str:
+        return f"FlowerSite(site={self.site}, num_sites={self.num_sites}, mailbox={str(self.mailbox_path)!r})"
 
     # --------------------------------------------------------------------------------------------- set-up
 
@@ -79,7 +107,10 @@ class FlowerSite(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        self._parts = plug.site_parts(trainer, self)
+        spec = plug.take_the_exchange(trainer, self)
+        self._trainer = trainer
+        self._codec_name = plug.codec_name(spec)
+        self._comm_timeout = spec.comm_timeout
         self.mailbox = SiteMailbox(self.mailbox_path, self.key_file, self.site)
         print(
             f"parablock: site {self.site} of {self.num_sites} listens on {self.mailbox_path}; start its SuperNode with"
@@ -87,11 +118,19 @@ class FlowerSite(Callback):
             flush=True,
         )
 
-    def new_transport(self) -> FlowerSiteTransport:
-        """The transport of this site's communication thread (asked for once the federation is set up)."""
-        assert self.mailbox is not None and self._parts is not None, "FlowerSite is not set up"
-        self.transport = FlowerSiteTransport(self.mailbox, self._parts.layout, self._parts.codec_name, self._telemetry)
-        return self.transport
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "num_sites": self.num_sites}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint holds its own site's clients only: another site's would resume the wrong ones."""
+        saved = (state_dict.get("site"), state_dict.get("num_sites"))
+        if saved != (self.site, self.num_sites):
+            raise MisconfigurationException(
+                f"The checkpoint was written by site {saved[0]} of {saved[1]}; this is site {self.site} of"
+                f" {self.num_sites}. Resume each site from its own checkpoints."
+            )
 
     def describe_silence(self) -> str:
         """What the server last sent this site, for a timeout's message."""
@@ -100,8 +139,8 @@ class FlowerSite(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The handshake, before round 0 (or the round this site resumes at): blocks until the server accepts."""
-        assert self.mailbox is not None and self._parts is not None
-        hello = self._parts.hello()
+        assert self.mailbox is not None and self._layout is not None
+        hello = plug.hello(trainer, self.site, self.num_sites, self._layout)
         self.mailbox.publish_hello(hello)
         print(f"parablock: site {self.site} waits for the Flower server's handshake (round {hello['next_round']})", flush=True)
         try:
@@ -135,8 +174,7 @@ class FlowerSite(Callback):
 
     def _telemetry(self) -> dict[str, Any]:
         """What goes up with the next uploads: the round records and round times not sent yet."""
-        assert self._parts is not None
-        records = self._parts.records()
+        records = plug.round_records(self._trainer) if self._trainer is not None else []
         fresh, self._sent_records = records[self._sent_records :], len(records)
         times = {str(r): dict(self._round_times[r]) for r in sorted(self._unsent_times)}
         self._unsent_times = set()
@@ -157,10 +195,10 @@ class FlowerSite(Callback):
         if stage != "fit" or self.mailbox is None:
             return
         try:
-            if self.mailbox.failed is None and self.mailbox.stopped is None and self._parts is not None:
-                deliveries = self.transport.deliveries() if self.transport is not None else []
+            if self.mailbox.failed is None and self.mailbox.stopped is None and self.transport is not None:
+                deliveries = self.transport.deliveries()
                 self.mailbox.finish({"site": self.site, "deliveries": deliveries, **self._telemetry()})
-                self.mailbox.wait_final_taken(self._parts.comm_timeout)
+                self.mailbox.wait_final_taken(self._comm_timeout)
         finally:
             self.mailbox.close()
             self.mailbox = None

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional
 
 from torch import Tensor
 
-from lightning_parablock.comm.codecs import EncodedTensor, as_encoded
-from lightning_parablock.comm.exchange import RoundExchange
+from lightning_parablock.comm.codecs import as_encoded
+from lightning_parablock.comm.transport import ExchangeResult, RoundUploads
 from lightning_parablock.core.sizes import nbytes_of
 from lightning_parablock.flower.app.parablock_app.wire import WireError, wall_clock
 from lightning_parablock.flower.arrays import BlockLayout, aggregate_from_wire, uploads_to_wire
@@ -28,7 +28,8 @@ Telemetry = Callable[[], dict[str, Any]]
 
 
 class FlowerSiteTransport:
-    """Exchanges this site's hosted clients' deltas through the Flower server (see the module's docstring).
+    """Exchanges this site's hosted clients' deltas through the Flower server (see the module's docstring); a
+    :class:`~lightning_parablock.comm.transport.Transport`.
 
     Args:
         mailbox: the site's mailbox.
@@ -46,17 +47,11 @@ class FlowerSiteTransport:
         self.telemetry = telemetry
         self._deliveries: list[dict[str, Any]] = []  # when each aggregate arrived: sent with the next upload
 
-    def exchange(
-        self,
-        round_index: int,
-        block: int,
-        deltas: Mapping[int, Mapping[str, Union[Tensor, EncodedTensor]]],
-        weights: Mapping[int, float],
-        stop: threading.Event,
-    ) -> RoundExchange:
-        """Post the uploads of ``round_index``, wait for its aggregate; return early (no aggregate) once ``stop`` is set."""
+    def exchange(self, uploads: RoundUploads, stop: threading.Event) -> ExchangeResult:
+        """Post ``uploads``, wait for the round's aggregate; return early (no aggregate) once ``stop`` is set."""
         started = time.perf_counter()
-        encoded = {client: as_encoded(delta) for client, delta in deltas.items()}
+        round_index, block = uploads.round, uploads.block
+        encoded = {client: as_encoded(delta) for client, delta in uploads.deltas.items()}
         for client, delta in encoded.items():
             for name, tensor in delta.items():
                 if tensor.codec.name != self.codec_name:
@@ -68,7 +63,7 @@ class FlowerSiteTransport:
             "block": block,
             "site": self.mailbox.site,
             "codec": self.codec_name,
-            "weights": {str(client): float(weights[client]) for client in sorted(encoded)},
+            "weights": {str(client): float(uploads.weights[client]) for client in sorted(encoded)},
             "ready_at": ready_at,
             "deliveries": self._deliveries,
             **self.telemetry(),
@@ -78,7 +73,7 @@ class FlowerSiteTransport:
         work = time.perf_counter() - started
         delivery = self.mailbox.wait_aggregate(round_index, stop=stop)
         if delivery is None:  # shutting down: nobody collects this exchange
-            return RoundExchange(round_index, block, None, [], {}, 0, 0.0, work)
+            return ExchangeResult(round_index, block, None, [], {}, 0, 0.0, work)
         decoding = time.perf_counter()
         meta = delivery.header.get("aggregate") or {}
         where = f"the aggregate of round {round_index} for site {self.mailbox.site}"
@@ -90,7 +85,7 @@ class FlowerSiteTransport:
         self._deliveries.append(
             {"round": round_index, "received_at": delivery.received_at, "mailbox_started_at": delivery.mailbox_started_at}
         )
-        return RoundExchange(
+        return ExchangeResult(
             round=round_index,
             block=block,
             aggregate=aggregate,
@@ -100,6 +95,9 @@ class FlowerSiteTransport:
             link_seconds=delivery.received_at - ready_at,  # measured: uploads ready to aggregate back
             work_seconds=work + time.perf_counter() - decoding,
         )
+
+    def describe_stall(self, round_index: int) -> str:
+        return self.mailbox.describe_silence()
 
     def deliveries(self) -> list[dict[str, Any]]:
         """The arrivals not sent yet (for the final reply)."""
