@@ -358,3 +358,28 @@ def test_the_clientapp_module_imports_neither_torch_nor_the_library():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_nothing_is_read_from_a_connection_before_it_proves_the_key(mailbox):
+    """An `auth` frame declaring a terabyte of arrays is refused on its header, before any allocation."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(mailbox.socket_path))
+    try:
+        wire.read_frame(sock, ["challenge"])
+        huge = json.dumps({"protocol": 1, "kind": "auth", "arrays": [{"name": "x", "dtype": "uint8", "shape": [2**40]}]})
+        sock.sendall(wire.MAGIC + len(huge).to_bytes(4, "big") + huge.encode())
+        assert sock.recv(1) == b""  # the site hung up
+    finally:
+        sock.close()
+    assert ask(mailbox, {"kind": "abort", "reason": "still serving"}).header["stopped"]
+
+
+def test_a_second_run_or_a_repeated_request_is_refused(mailbox):
+    mailbox.publish_hello({"site": 1})
+    mailbox.post_uploads(0, {"round": 0}, [])
+    ask(mailbox, exchange_request(0))
+    with pytest.raises(wire.MailboxRefused, match="sent its uploads of round 0 already"):
+        ask(mailbox, exchange_request(0))
+    with pytest.raises(wire.MailboxRefused, match="already in a federation's run"):
+        ask(mailbox, {"kind": "hello"})

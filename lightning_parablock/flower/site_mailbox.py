@@ -238,7 +238,7 @@ class SiteMailbox:
                 connection.settimeout(_HANDSHAKE_S)
                 nonce = wire.new_nonce()
                 wire.send_frame(connection, {"kind": "challenge", "nonce": nonce, "site": self.site})
-                auth = wire.read_frame(connection, ["auth"])
+                auth = wire.read_frame(connection, ["auth"], max_bytes=0)  # nothing is read before the proof
                 if not wire.proof_matches(self.key, nonce, auth.header.get("proof")):
                     wire.send_frame(connection, _refusal(f"site {self.site}: wrong mailbox key (check parablock-key)"))
                     return
@@ -266,10 +266,18 @@ class SiteMailbox:
                 self._changed.notify_all()
                 return {"kind": "reply", "site": self.site, "stopped": True}, []
             if kind == "hello":
+                if self._state.started is not None:
+                    return _refusal(
+                        f"site {self.site} is already in a federation's run (it started at round"
+                        f" {self._state.started.header.get('round')}): restart its trainer to join a new run"
+                    ), []
                 return self._hold(connection, lambda s: s.hello and ({"kind": "reply", **s.hello}, []))
             round_index = header.get("round")
             if not isinstance(round_index, int):
                 return _refusal(f"site {self.site}: a {kind} message without a round"), []
+            posted = self._state.uploads.get(round_index)
+            if kind == "exchange" and posted is not None and posted.taken_at is not None:
+                return _refusal(f"site {self.site} sent its uploads of round {round_index} already"), []
             if kind == "exchange" and self._state.started is None:
                 self._state.started = request
             aggregate = header.get("aggregate")

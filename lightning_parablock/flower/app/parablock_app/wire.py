@@ -136,10 +136,12 @@ def _read_exactly(sock: socket.socket, count: int) -> bytearray:
     return buffer
 
 
-def read_frame(sock: socket.socket, kinds: Optional[Sequence[str]] = None) -> Frame:
+def read_frame(sock: socket.socket, kinds: Optional[Sequence[str]] = None, max_bytes: Optional[int] = None) -> Frame:
     """The next frame on ``sock``, checked; a ``refuse`` frame raises :class:`MailboxRefused` with its reason.
 
-    ``kinds`` are the frame kinds expected here (any other is refused); the socket's timeout bounds each read.
+    ``kinds`` are the frame kinds expected here (any other is refused before its arrays are read); ``max_bytes``
+    bounds the arrays' total (``0`` for the handshake's frames, read before the other end proved it holds the key).
+    The socket's timeout bounds each read.
     """
     start = _read_exactly(sock, len(MAGIC) + 4)
     if bytes(start[:4]) != MAGIC:
@@ -162,6 +164,10 @@ def read_frame(sock: socket.socket, kinds: Optional[Sequence[str]] = None) -> Fr
     kind = header.get("kind")
     if not isinstance(kind, str):
         raise WireError(f"a frame header must name its kind, got {kind!r}")
+    if kind == "refuse":
+        raise MailboxRefused(str(header.get("reason", "refused without a reason")))
+    if kinds is not None and kind not in kinds:
+        raise WireError(f"expected a frame of kind {' or '.join(map(repr, kinds))}, got {kind!r}")
     listed = header.get("arrays", [])
     if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
         raise WireError(f"a frame's `arrays` must be a list of objects, got {listed!r}")
@@ -171,14 +177,13 @@ def read_frame(sock: socket.socket, kinds: Optional[Sequence[str]] = None) -> Fr
         if entry["name"] in names:
             raise WireError(f"a frame lists array {entry['name']!r} twice")
         names.add(entry["name"])
+    total = sum(nbytes_of(e["dtype"], e["shape"]) for e in listed)
+    if max_bytes is not None and total > max_bytes:
+        raise WireError(f"a {kind!r} frame declares {total} bytes of arrays; at most {max_bytes} are taken here")
     arrays = [
         WireArray(e["name"], e["dtype"], tuple(e["shape"]), _read_exactly(sock, nbytes_of(e["dtype"], e["shape"])))
         for e in listed
     ]
-    if kind == "refuse":
-        raise MailboxRefused(str(header.get("reason", "refused without a reason")))
-    if kinds is not None and kind not in kinds:
-        raise WireError(f"expected a frame of kind {' or '.join(map(repr, kinds))}, got {kind!r}")
     return Frame(header, arrays)
 
 
@@ -241,9 +246,9 @@ def call_site(
     sock = _connect(socket_path, connect_timeout_s)
     try:
         key = key if isinstance(key, bytes) else read_key(key)
-        challenge = read_frame(sock, ["challenge"])
+        challenge = read_frame(sock, ["challenge"], max_bytes=0)
         send_frame(sock, {"kind": "auth", "proof": prove(key, str(challenge.header.get("nonce")))})
-        read_frame(sock, ["welcome"])  # or the site's refusal (a wrong key)
+        read_frame(sock, ["welcome"], max_bytes=0)  # or the site's refusal (a wrong key)
         send_frame(sock, header, arrays)
         until = time.monotonic() + reply_timeout_s
         while True:
