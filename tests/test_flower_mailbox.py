@@ -383,3 +383,22 @@ def test_a_second_run_or_a_repeated_request_is_refused(mailbox):
         ask(mailbox, exchange_request(0))
     with pytest.raises(wire.MailboxRefused, match="already in a federation's run"):
         ask(mailbox, {"kind": "hello"})
+
+
+def test_a_failing_site_gives_the_waiting_clientapp_its_reason_before_closing(mailbox):
+    answers: list = []
+
+    def waiting_clientapp():
+        try:
+            ask(mailbox, exchange_request(0))
+        except wire.MailboxRefused as refused:
+            answers.append(str(refused))
+
+    thread = threading.Thread(target=waiting_clientapp, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # it waits for round 0's uploads
+    mailbox.fail("site 1 failed in round 0: RuntimeError: boom")
+    mailbox.close(drain_s=5)
+    thread.join(5)
+    assert answers == ["site 1 failed in round 0: RuntimeError: boom"]
+    assert not mailbox.socket_path.exists()

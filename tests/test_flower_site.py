@@ -23,7 +23,7 @@ from lightning_parablock import FederatedBlockStrategy, ParaBlockCallback, Simul
 from lightning_parablock.aggregation import MeanAggregator, StackingAggregator  # noqa: E402
 from lightning_parablock.comm.codecs import Codec  # noqa: E402
 from lightning_parablock.flower import FlowerSite  # noqa: E402
-from lightning_parablock.flower.server import FederationServer, ServerSettings  # noqa: E402
+from lightning_parablock.flower.server import FederationServer, ServerSettings, SiteFailed  # noqa: E402
 
 
 @pytest.fixture
@@ -92,20 +92,27 @@ def test_a_checkpoint_of_another_site_is_refused():
         site.load_state_dict({"site": 0, "num_sites": 2})
 
 
-def test_two_site_trainers_in_process_train_what_one_process_trains(short_dir, tmp_path):
-    """Two Lightning sites (threads of this process) and the server loop over a fake Grid, against one process of
-    every client: bit-identical, as the end-to-end test checks over a real Flower deployment."""
-    torch.manual_seed(0)
-    reference = fit([ParaBlockCallback(aggregator=MeanAggregator())], rounds=3)
+class FailsInRound(ToyModule):
+    def __init__(self, round_index: int) -> None:
+        super().__init__()
+        self.round_index = round_index
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.current_epoch == self.round_index:
+            raise RuntimeError("out of memory (simulated)")
+        return super().training_step(batch, batch_idx)
+
+
+def run_sites(short_dir, tmp_path, modules: dict[int, ToyModule], rounds: int = 3):
+    """Two Lightning sites on threads of this process and the server loop over a fake Grid; what each raised."""
     sites = [FlowerSite(site=s, num_sites=2, mailbox=str(short_dir / f"s{s}.sock")) for s in range(2)]
-    modules = {site.site: ToyModule() for site in sites}  # built here: the global RNG is not the threads' to share
-    errors: list[BaseException] = []
+    errors: dict[int, BaseException] = {}
 
     def train(site: FlowerSite) -> None:
         try:
-            fit([ParaBlockCallback(aggregator=MeanAggregator()), site], rounds=3, module=modules[site.site])
+            fit([ParaBlockCallback(aggregator=MeanAggregator()), site], rounds=rounds, module=modules[site.site])
         except BaseException as error:  # noqa: BLE001 - the test reads it
-            errors.append(error)
+            errors[site.site] = error
 
     threads = [threading.Thread(target=train, args=(site,), daemon=True) for site in sites]
     for thread in threads:
@@ -114,9 +121,27 @@ def test_two_site_trainers_in_process_train_what_one_process_trains(short_dir, t
         10 + s: {"parablock-mailbox": str(short_dir / f"s{s}.sock"), "parablock-key": str(short_dir / f"s{s}.sock.key")}
         for s in range(2)
     })  # fmt: skip
-    FederationServer(grid, ServerSettings(2, tmp_path / "server", wait_for_sites_s=60, poll_s=0.02), log=lambda _: None).run()
-    for thread in threads:
-        thread.join(60)
+    server = FederationServer(grid, ServerSettings(2, tmp_path / "server", wait_for_sites_s=60, poll_s=0.02), log=lambda _: None)
+    try:
+        server.run()
+    finally:
+        for thread in threads:
+            thread.join(60)
+    return errors
+
+
+def test_a_site_that_raises_stops_the_other_naming_it_and_the_round(short_dir, tmp_path):
+    modules = {0: ToyModule(), 1: FailsInRound(1)}
+    with pytest.raises(SiteFailed, match="site 1 failed in round 1: RuntimeError: out of memory"):
+        run_sites(short_dir, tmp_path, modules)
+
+
+def test_two_site_trainers_in_process_train_what_one_process_trains(short_dir, tmp_path):
+    """Two Lightning sites (threads of this process) and the server loop over a fake Grid, against one process of
+    every client: bit-identical, as the end-to-end test checks over a real Flower deployment."""
+    reference = fit([ParaBlockCallback(aggregator=MeanAggregator())], rounds=3)
+    modules = {site: ToyModule() for site in range(2)}  # built here: the global RNG is not the threads' to share
+    errors = run_sites(short_dir, tmp_path, modules)
     assert not errors, errors
     expected = dict(reference.named_parameters())
     for site, module in modules.items():

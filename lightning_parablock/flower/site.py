@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
 from lightning_parablock.argument_checks import check_int
@@ -187,8 +187,14 @@ class FlowerSite(TransportChoice, Callback):
         if self.mailbox is None or federation_stop(exception) is not None:
             return
         round_index = trainer.current_epoch
-        cause = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
-        self.mailbox.fail(f"site {self.site} failed in round {round_index}: {cause}".splitlines()[0])
+        if isinstance(exception, SIGTERMException):
+            reason = f"site {self.site} was stopped by SIGTERM in round {round_index} (its last round-end checkpoint resumes it)"
+        else:
+            cause = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
+            reason = f"site {self.site} failed in round {round_index}: {cause}".splitlines()[0]
+        self.mailbox.fail(reason)
+        self.mailbox.close(drain_s=5.0)  # the ClientApp waiting now takes the reason to the server before we exit
+        self.mailbox = None
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_parablock.files import write_text_atomic
 from lightning_parablock.flower.app.parablock_app import wire
 
 KEEPALIVE_S = 2.0
@@ -75,6 +76,7 @@ class _State:
     stopped: Optional[str] = None  # the server's reason
     failed: Optional[str] = None  # this site's reason
     last_contact: Optional[tuple[float, str]] = None  # (wall clock, what) of the last server message
+    serving: int = 0  # ClientApp connections being answered
 
 
 class SiteMailbox:
@@ -98,6 +100,7 @@ class SiteMailbox:
         if not self.socket_path.parent.is_dir():
             raise ValueError(f"The mailbox socket's folder {str(self.socket_path.parent)!r} does not exist.")
         self.key = _load_or_create_key(self.key_file)
+        Path(wire.failure_path(self.socket_path)).unlink(missing_ok=True)  # a failed predecessor's note, ours
         self._state = _State()
         self._changed = threading.Condition()
         self._listener = _listen(self.socket_path)
@@ -143,7 +146,12 @@ class SiteMailbox:
         self._update(finished=reply_header)
 
     def fail(self, reason: str) -> None:
-        """This site failed: every waiting and later ClientApp tells the server why (the other sites are stopped)."""
+        """This site failed: every waiting and later ClientApp tells the server why (the other sites are stopped);
+        the reason is also left beside the socket for the ClientApps that come after this process."""
+        try:
+            write_text_atomic(wire.failure_path(self.socket_path), reason + "\n")
+        except OSError:
+            pass  # the waiting ClientApps still hear it
         with self._changed:
             if self._state.failed is None:
                 self._state.failed = reason
@@ -176,10 +184,19 @@ class SiteMailbox:
         at, what = contact
         return f"The Flower server's last message to this site ({what}) came {wire.wall_clock() - at:.0f}s ago."
 
-    def close(self) -> None:
-        """Stop listening and remove the socket (the key file stays: the SuperNode's config names it)."""
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop listening and remove the socket (the key file stays: the SuperNode's config names it).
+
+        ``drain_s``: first let the ClientApps being answered have their answer (a failed site's refusal naming why)
+        for up to this long; a process about to exit would otherwise take its reason with it.
+        """
         if self._closed.is_set():
             return
+        if drain_s > 0:
+            try:
+                self._wait(lambda s: s.serving == 0 or None, drain_s, None, "the last answer")
+            except (TimeoutError, FederationStopped, _Stopped):
+                pass
         self._closed.set()
         with self._changed:
             self._changed.notify_all()
@@ -233,6 +250,8 @@ class SiteMailbox:
             threading.Thread(target=self._serve, args=(connection,), name="parablock-mailbox-conn", daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
+        with self._changed:
+            self._state.serving += 1
         with connection:
             try:
                 connection.settimeout(_HANDSHAKE_S)
@@ -252,7 +271,10 @@ class SiteMailbox:
                 if request.kind == "final" and reply[0]["kind"] == "reply":
                     self._update(final_sent=True)
             except (OSError, wire.WireError, wire.MailboxRefused):
-                return  # the ClientApp went away or spoke nonsense: it reports to the server itself
+                pass  # the ClientApp went away or spoke nonsense: it reports to the server itself
+        with self._changed:
+            self._state.serving -= 1
+            self._changed.notify_all()
 
     def _answer(self, connection: socket.socket, request: Delivery) -> tuple[dict[str, Any], list[wire.WireArray]]:
         header = request.header

@@ -243,6 +243,37 @@ def call_site(
     site that died; a site that is not listening yet is retried for ``connect_timeout_s``), :class:`WireError` on
     a broken frame.
     """
+    try:
+        return _call(socket_path, key, header, arrays, reply_timeout_s, silence_timeout_s, connect_timeout_s)
+    except ConnectionError:
+        last_words = failure_note(socket_path)
+        if last_words is not None:  # the site wrote why before it went: that is the answer
+            raise MailboxRefused(last_words) from None
+        raise
+
+
+def failure_path(socket_path: Union[str, os.PathLike]) -> str:
+    """Where a site that failed leaves its reason, beside its socket, for the ClientApps that come after it."""
+    return os.fspath(socket_path) + ".failed"
+
+
+def failure_note(socket_path: Union[str, os.PathLike]) -> Optional[str]:
+    try:
+        with open(failure_path(socket_path), encoding="utf-8") as note:
+            return note.read().strip() or None
+    except OSError:
+        return None
+
+
+def _call(
+    socket_path: str,
+    key: Union[bytes, str, os.PathLike],
+    header: dict[str, Any],
+    arrays: Sequence[WireArray],
+    reply_timeout_s: float,
+    silence_timeout_s: float,
+    connect_timeout_s: float,
+) -> Frame:
     sock = _connect(socket_path, connect_timeout_s)
     try:
         key = key if isinstance(key, bytes) else read_key(key)
@@ -281,7 +312,7 @@ def _connect(socket_path: str, timeout_s: float) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError) as error:
             sock.close()
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or failure_note(socket_path) is not None:
                 why = "no site listens on" if isinstance(error, FileNotFoundError) else "nobody answers on"
                 raise ConnectionError(
                     f"{why} the mailbox {socket_path!r} (is the site's trainer running? it prints its mailbox)"
