@@ -44,10 +44,14 @@ def measure(method: str, rounds: int, overrides: dict, keep: bool) -> dict:
     recipe = yaml.safe_load(TINY_RECIPE.read_text())
     recipe["method"] = method
     try:
-        with LocalFederation(folder, recipe, 2, rounds, 4, comm_timeout=600.0, overrides=overrides, log=lambda line: None) as run:
+        with LocalFederation(
+            folder, recipe, 2, rounds, 4, comm_timeout=600.0, overrides=overrides, log=lambda line: None
+        ) as run:
             result = run.start().wait(timeout_s=1800)
         if result.server_code != 0 or result.site_codes != [0, 0]:
-            raise RuntimeError(f"the {method} federation failed (sites {result.site_codes}, server {result.server_code}); see {folder}")
+            raise RuntimeError(
+                f"the {method} federation failed (sites {result.site_codes}, server {result.server_code}); see {folder}"
+            )
         return summarize(json.loads(result.timeline.read_text()), rounds)
     finally:
         if not keep:
@@ -60,10 +64,14 @@ def summarize(timeline: dict, rounds: int) -> dict:
     trained = [r for r in timeline["records"] if not r["flush"]]
     compute = [max(site["compute_seconds"] for site in r["ranks"].values()) for r in trained]
     waits = [r["exposed_wait_seconds"] for r in trained]
-    round_walls = [max(times[s][str(t)]["ended_at"] - times[s][str(t)]["started_at"] for s in times) for t in range(rounds)]
+    round_walls = [
+        max(times[s][str(t)]["ended_at"] - times[s][str(t)]["started_at"] for s in times) for t in range(rounds)
+    ]
     wall = max(times[s][str(rounds - 1)]["ended_at"] for s in times) - min(times[s]["0"]["started_at"] for s in times)
     exchanges = [row for row in flower["exchanges"]]
-    latency = [max(site["latency"] for site in row["sites"].values() if site["latency"] is not None) for row in exchanges]
+    latency = [
+        max(site["latency"] for site in row["sites"].values() if site["latency"] is not None) for row in exchanges
+    ]
     parts = {
         part: statistics.mean(
             statistics.mean(v for site in row["sites"].values() if (v := site[part]) is not None) for row in exchanges
@@ -106,7 +114,8 @@ def main() -> None:
     predicted = max(c, m) / (c + m)
     measured = parablock["training_wall_s"] / fedbcd["training_wall_s"]
     lines = [
-        f"flower_overlap ({started}, {os.cpu_count()} CPUs, load average {load_before:.1f} before, {load_after:.1f} after;"
+        f"flower_overlap ({started}, {os.cpu_count()} CPUs, load average {load_before:.1f} before,"
+        f" {load_after:.1f} after;"
         f" {rounds} rounds, 2 sites x 2 clients, local_steps {options.local_steps})",
         f"{'':28}{'FedBCD':>10}{'ParaBlock':>11}",
     ]
@@ -121,14 +130,18 @@ def main() -> None:
         lines.append(f"{label:28}{fedbcd[key]:>10.3f}{parablock[key]:>11.3f}")
     lines.append("exchange latency, its parts (s, mean over rounds and sites):")
     for part in PARTS:
-        lines.append(f"  {part:26}{fedbcd['exchange_parts_s'][part]:>10.3f}{parablock['exchange_parts_s'][part]:>11.3f}")
+        lines.append(
+            f"  {part:26}{fedbcd['exchange_parts_s'][part]:>10.3f}{parablock['exchange_parts_s'][part]:>11.3f}"
+        )
     spread = abs(fedbcd["compute_per_round_s"] - parablock["compute_per_round_s"]) / c
     lines += [
-        f"ParaBlock/FedBCD measured {measured:.3f}; max(c, m)/(c + m) = {predicted:.3f} (c {c:.2f}s, m {m:.2f}s, each the"
+        f"ParaBlock/FedBCD measured {measured:.3f}; max(c, m)/(c + m) = {predicted:.3f}"
+        f" (c {c:.2f}s, m {m:.2f}s, each the"
         f" two runs' mean); difference {abs(measured - predicted):.3f} (target <= 0.05)",
         f"the two runs' compute per round differs by {spread:.0%}"
         + (" (other work on this machine: re-measure on a quiet one)" if spread > 0.05 else ""),
-        f"ParaBlock's exposed wait: {parablock['exposed_wait_share_of_round']:.1%} of a round (target <= 5% when c >= m;"
+        f"ParaBlock's exposed wait: {parablock['exposed_wait_share_of_round']:.1%} of a round"
+        " (target <= 5% when c >= m;"
         f" here c {'>=' if c >= m else '<'} m)",
     ]
     print("\n".join(lines))

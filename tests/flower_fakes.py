@@ -62,7 +62,9 @@ class FakeGrid:
         return Counter((m.metadata.dst_node_id, m.metadata.message_type) for m in self.pushed)
 
     def _supernode(self, node: int) -> None:
-        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+        context = Context(
+            run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={}
+        )
         while True:
             message = self._queues[node].get()
             reply = relay(message, context)
@@ -75,7 +77,9 @@ def client_delta(client: int, round_index: int) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=generator) for name, shape in LAYOUT}
 
 
-def hello(site: int, num_sites: int, placement: list[int], rounds: int, staleness: int, aggregator: Aggregator, **changes) -> dict:
+def hello(
+    site: int, num_sites: int, placement: list[int], rounds: int, staleness: int, aggregator: Aggregator, **changes
+) -> dict:
     return {
         "site": site, "num_sites": num_sites, "library_version": "test", "num_clients": len(placement),
         "placement": placement, "rounds": rounds, "staleness": staleness, "codec": "none",

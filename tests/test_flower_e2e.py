@@ -113,7 +113,9 @@ def test_a_killed_site_ends_the_other_naming_it(folder, recipe):
         stopped_after = time.monotonic() - killed_at
         result = federation.wait(timeout_s=60)
     site_log = result.site_log(0)
-    round_seconds = max(float(line.split(" round ")[-1].rstrip("s")) for line in site_log.splitlines() if "exposed wait" in line)
+    round_seconds = max(
+        float(line.split(" round ")[-1].rstrip("s")) for line in site_log.splitlines() if "exposed wait" in line
+    )
     assert result.site_codes[0] == 6, site_log[-2000:]  # stopped by the server, one line
     assert "parablock: error: the federation stopped: site 1 failed in round" in site_log
     assert stopped_after <= comm_timeout + round_seconds, (stopped_after, round_seconds)

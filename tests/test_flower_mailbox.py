@@ -62,7 +62,14 @@ def delta(seed: int) -> dict[str, torch.Tensor]:
 
 def exchange_request(round_index: int, aggregate_round=None, block=0, **extra) -> dict:
     meta = None if aggregate_round is None else {"round": aggregate_round, "block": block, "kept": True}
-    return {"kind": "exchange", "round": round_index, "aggregate": meta, "reply_timeout_s": 30, "connect_timeout_s": 1, **extra}
+    return {
+        "kind": "exchange",
+        "round": round_index,
+        "aggregate": meta,
+        "reply_timeout_s": 30,
+        "connect_timeout_s": 1,
+        **extra,
+    }
 
 
 def ask(box: SiteMailbox, header: dict, arrays=(), key: bytes | None = None, silence: float = 30.0) -> wire.Frame:
@@ -285,7 +292,9 @@ def test_an_aggregate_of_a_wrong_name_shape_or_dtype_is_refused(arrays, error):
     ids=["client", "parameter"],
 )
 def test_uploads_of_a_wrong_client_or_parameter_are_refused(rename, error):
-    arrays = [wire.WireArray(rename(a.name), a.dtype, a.shape, a.data) for a in uploads_to_wire({2: as_encoded(delta(2))})]
+    arrays = [
+        wire.WireArray(rename(a.name), a.dtype, a.shape, a.data) for a in uploads_to_wire({2: as_encoded(delta(2))})
+    ]
     with pytest.raises(wire.WireError, match=error):
         uploads_from_wire(arrays, [2], "none", LAYOUT, "site 0's uploads")
 
@@ -334,7 +343,9 @@ def test_the_clientapp_waits_for_a_site_that_is_still_starting(short_dir):
     header = {"kind": "hello", "reply_timeout_s": 30}
     threading.Timer(2.5, lambda: box[0].publish_hello({"site": 0})).start()
     try:
-        reply = wire.call_site(str(short_dir / "late.sock"), str(short_dir / "late.key"), header, [], 30, connect_timeout_s=20)
+        reply = wire.call_site(
+            str(short_dir / "late.sock"), str(short_dir / "late.key"), header, [], 30, connect_timeout_s=20
+        )
         assert reply.header["site"] == 0
     finally:
         for mailbox in box:
@@ -367,7 +378,9 @@ def test_nothing_is_read_from_a_connection_before_it_proves_the_key(mailbox):
     sock.connect(str(mailbox.socket_path))
     try:
         wire.read_frame(sock, ["challenge"])
-        huge = json.dumps({"protocol": 1, "kind": "auth", "arrays": [{"name": "x", "dtype": "uint8", "shape": [2**40]}]})
+        huge = json.dumps(
+            {"protocol": 1, "kind": "auth", "arrays": [{"name": "x", "dtype": "uint8", "shape": [2**40]}]}
+        )
         sock.sendall(wire.MAGIC + len(huge).to_bytes(4, "big") + huge.encode())
         assert sock.recv(1) == b""  # the site hung up
     finally:

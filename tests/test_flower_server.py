@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_fakes import FakeGrid, FakeSite, client_delta, hello  # noqa: E402
-
 import threading  # noqa: E402
+
+from flower_fakes import FakeGrid, FakeSite, client_delta, hello  # noqa: E402
 
 from lightning_parablock.aggregation import MeanAggregator, MedianAggregator  # noqa: E402
 from lightning_parablock.comm.in_memory import InMemoryTransport  # noqa: E402
@@ -36,7 +36,14 @@ def federation(tmp_path):
     sites: list[FakeSite] = []
 
     def start(
-        rounds=3, staleness=1, aggregator=None, hellos=None, delta=client_delta, fail=None, comm_timeout=30.0, start_epoch=0
+        rounds=3,
+        staleness=1,
+        aggregator=None,
+        hellos=None,
+        delta=client_delta,
+        fail=None,
+        comm_timeout=30.0,
+        start_epoch=0,
     ):
         aggregator = aggregator or MeanAggregator()
         placement = place_clients(NUM_CLIENTS, NUM_SITES, seed=0)
@@ -76,7 +83,9 @@ def finished(sites) -> None:
     [(0, MeanAggregator()), (1, MeanAggregator(weighting="samples", clip_norm=2.0)), (2, MedianAggregator())],
     ids=["fedbcd-mean", "parablock-clipped-mean", "stale2-median"],
 )
-def test_one_message_per_site_per_round_and_the_aggregate_equals_the_in_memory_exchange(federation, staleness, aggregator):
+def test_one_message_per_site_per_round_and_the_aggregate_equals_the_in_memory_exchange(
+    federation, staleness, aggregator
+):
     rounds = 4
     server, grid, sites, lines = federation(rounds=rounds, staleness=staleness, aggregator=aggregator)
     server.run()
@@ -155,7 +164,10 @@ def test_a_site_that_stops_answering_ends_the_run_within_comm_timeout(federation
 @pytest.mark.parametrize(
     "changes, error",
     [
-        ({"staleness": 2, "settings": {"method": "parablock", "staleness": 2}}, "site 1 differs from site 0 in staleness"),
+        (
+            {"staleness": 2, "settings": {"method": "parablock", "staleness": 2}},
+            "site 1 differs from site 0 in staleness",
+        ),
         ({"settings": {"method": "fedbcd", "staleness": 1}}, "site 1 differs from site 0 in setting 'method'"),
         ({"weights_sha256": "1" * 64}, "site 1's initial trainable weights"),
         ({"site": 0}, "both say they are site 0"),

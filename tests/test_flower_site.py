@@ -121,7 +121,9 @@ def run_sites(short_dir, tmp_path, modules: dict[int, ToyModule], rounds: int = 
         10 + s: {"parablock-mailbox": str(short_dir / f"s{s}.sock"), "parablock-key": str(short_dir / f"s{s}.sock.key")}
         for s in range(2)
     })  # fmt: skip
-    server = FederationServer(grid, ServerSettings(2, tmp_path / "server", wait_for_sites_s=60, poll_s=0.02), log=lambda _: None)
+    server = FederationServer(
+        grid, ServerSettings(2, tmp_path / "server", wait_for_sites_s=60, poll_s=0.02), log=lambda _: None
+    )
     try:
         server.run()
     finally:

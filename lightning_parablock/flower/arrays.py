@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_parablock.comm.codecs import BF16Codec, Codec, EncodedDelta, EncodedTensor, Int8Codec, TopKCodec, make_codec
+from lightning_parablock.comm.codecs import (
+    BF16Codec,
+    Codec,
+    EncodedDelta,
+    EncodedTensor,
+    Int8Codec,
+    TopKCodec,
+    make_codec,
+)
 from lightning_parablock.flower.app.parablock_app.wire import WireArray, WireError
 
 BlockLayout = Sequence[tuple[str, torch.Size]]
@@ -153,7 +161,7 @@ def aggregate_to_wire(aggregate: Mapping[str, Tensor]) -> list[WireArray]:
 
 
 def aggregate_from_wire(arrays: Sequence[WireArray], layout: BlockLayout, where: str) -> dict[str, Tensor]:
-    """The fp32 aggregate of a block, refused unless it is exactly ``layout``'s parameters, in fp32, each of its shape."""
+    """The fp32 aggregate of a block, refused unless it is exactly ``layout``'s parameters, in fp32, of their shapes."""
     received = {array.name: array for array in arrays}
     expected = [name for name, _ in layout]
     if list(received) != expected:
@@ -162,6 +170,7 @@ def aggregate_from_wire(arrays: Sequence[WireArray], layout: BlockLayout, where:
         array = received[name]
         if array.dtype != "float32" or list(array.shape) != list(shape):
             raise WireError(
-                f"{where}: the aggregate's {name!r} is {array.dtype} {list(array.shape)}, expected float32 {list(shape)}"
+                f"{where}: the aggregate's {name!r} is {array.dtype} {list(array.shape)},"
+                f" expected float32 {list(shape)}"
             )
     return {name: wire_to_tensor(received[name]) for name, _ in layout}

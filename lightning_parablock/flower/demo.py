@@ -145,7 +145,11 @@ class LocalFederation:
             node_config = {"parablock-mailbox": str(mailbox), "parablock-key": f"{mailbox}.key"}
             self.flower.start_supernode(f"supernode{site}", node_config)
         for site in range(self.num_sites):
-            self.sites.append(self.flower.start(f"site{site}", [sys.executable, "-c", _FIT, "fit", "--config", str(self.configs[site])]))
+            self.sites.append(
+                self.flower.start(
+                    f"site{site}", [sys.executable, "-c", _FIT, "fit", "--config", str(self.configs[site])]
+                )
+            )
         self.server = self.flower.run_app(
             {"num-sites": self.num_sites, "output-dir": str(self.folder / "server"), "wait-for-sites": 600.0}
         )
@@ -199,9 +203,13 @@ class LocalFederation:
 def main(argv: Sequence[str], parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> None:
     """``parablock flower-demo [--rounds N] [--sites N] [--clients N] [--dir DIR] [--recipe PATH]``."""
     parser = parser_class(prog="parablock flower-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe every site runs (default: recipes/tiny.yaml)")
+    parser.add_argument(
+        "--recipe", type=Path, default=DEFAULT_RECIPE, help="the recipe every site runs (default: recipes/tiny.yaml)"
+    )
     parser.add_argument("--sites", type=int, default=2, help="sites (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=4, help="clients in all, split over the sites (default: %(default)s)")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="clients in all, split over the sites (default: %(default)s)"
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default: %(default)s)")
     parser.add_argument("--method", default=None, help="parablock (default: the recipe's) or fedbcd, ...")
     parser.add_argument("--examples", type=int, default=400, help="training examples in all (default: %(default)s)")
@@ -218,7 +226,10 @@ def main(argv: Sequence[str], parser_class: type[argparse.ArgumentParser] = argp
     if not options.recipe.is_file():
         parser.error(f"--recipe {str(options.recipe)!r} does not exist; pass a recipe such as recipes/tiny.yaml.")
     if options.sites < 1 or options.clients < options.sites or options.rounds < 1:
-        parser.error(f"need --sites >= 1, --clients >= --sites and --rounds >= 1, got {options.sites}, {options.clients}, {options.rounds}.")
+        parser.error(
+            "need --sites >= 1, --clients >= --sites and --rounds >= 1,"
+            f" got {options.sites}, {options.clients}, {options.rounds}."
+        )
     folder = options.dir or Path(tempfile.mkdtemp(prefix="parablock-flower-", dir="/tmp"))
     recipe = yaml.safe_load(options.recipe.read_text())
     if options.method:

@@ -63,7 +63,9 @@ class RunAgreement:
         return list(self.hello["placement"])
 
 
-def check_hellos(hellos: Mapping[int, Hello], num_sites: int, server_round: Optional[int], state_path: str) -> RunAgreement:
+def check_hellos(
+    hellos: Mapping[int, Hello], num_sites: int, server_round: Optional[int], state_path: str
+) -> RunAgreement:
     """Every site's hello against site 0's and the server's record; the agreement, or :class:`HandshakeRefused`.
 
     ``hellos`` are keyed by Flower node id; ``server_round`` is the next round the server has on record for this
@@ -78,7 +80,9 @@ def check_hellos(hellos: Mapping[int, Hello], num_sites: int, server_round: Opti
     for node, hello in hellos.items():
         site = hello.get("site")
         if not isinstance(site, int) or not 0 <= site < num_sites:
-            raise HandshakeRefused(f"the site on Flower node {node} says it is site {site!r}; expected 0..{num_sites - 1}")
+            raise HandshakeRefused(
+                f"the site on Flower node {node} says it is site {site!r}; expected 0..{num_sites - 1}"
+            )
         if site in by_site:
             raise HandshakeRefused(
                 f"Flower nodes {by_site[site][0]} and {node} both say they are site {site}: give each site its own"

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 APP_DIR = Path(__file__).parent / "app"
 """The Flower App folder ``flwr run`` bundles (its pyproject.toml names the ServerApp and the ClientApp)."""
@@ -159,13 +159,11 @@ class LocalFlower:
              "--node-config", config],
         )  # fmt: skip
 
-    def run_app(self, run_config: Mapping[str, Any], output: Optional[Path] = None) -> subprocess.Popen:
-        """``flwr run`` of the parablock app on the local SuperLink, streaming the server's log (to ``output``, or
-        to a pipe the caller reads)."""
+    def run_app(self, run_config: Mapping[str, Any]) -> subprocess.Popen:
+        """``flwr run`` of the parablock app on the local SuperLink, streaming the server's log to a pipe (text) the
+        caller reads."""
         command = ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", run_config_text(run_config)]
         self.log("$ " + shlex.join(command))
-        if output is not None:
-            return self.start("flwr_run", command)
         process = subprocess.Popen(
             command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )

@@ -31,7 +31,9 @@ from lightning_parablock.strategies.federated_block import FederatedBlockStrateg
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-RULES: dict[str, type[Aggregator]] = {rule.__name__: rule for rule in (MeanAggregator, MedianAggregator, TrimmedMeanAggregator)}
+RULES: dict[str, type[Aggregator]] = {
+    rule.__name__: rule for rule in (MeanAggregator, MedianAggregator, TrimmedMeanAggregator)
+}
 """The aggregators a server rebuilds from a site's settings (FLoRA's stacking, and rules of one's own, stay local)."""
 
 
@@ -58,16 +60,20 @@ def take_the_exchange(trainer: "pl.Trainer", site: TransportChoice) -> ExchangeS
     setup, before this one), check that this Trainer can be a Flower site, and return the spec."""
     strategy = trainer.strategy
     if not isinstance(strategy, FederatedBlockStrategy):
-        raise MisconfigurationException(f"FlowerSite needs `Trainer(strategy=FederatedBlockStrategy(...))`, got {type(strategy).__name__}.")
+        raise MisconfigurationException(
+            f"FlowerSite needs `Trainer(strategy=FederatedBlockStrategy(...))`, got {type(strategy).__name__}."
+        )
     spec = strategy.exchange_spec
     if spec is None:
         raise MisconfigurationException(
-            "FlowerSite must come after ParaBlockCallback in the Trainer's callbacks (it takes the exchange the callback"
-            " sets up)."
+            "FlowerSite must come after ParaBlockCallback in the Trainer's callbacks (it takes the exchange the"
+            " callback sets up)."
         )
     if spec.transport is not site:
         if not isinstance(spec.transport, ByProcesses):
-            raise MisconfigurationException(f"The exchange already has the transport {spec.transport!r}; FlowerSite would replace it.")
+            raise MisconfigurationException(
+                f"The exchange already has the transport {spec.transport!r}; FlowerSite would replace it."
+            )
         spec = replace(spec, transport=site)
         strategy.configure_exchange(spec)
     if strategy.distributed:
@@ -82,7 +88,8 @@ def take_the_exchange(trainer: "pl.Trainer", site: TransportChoice) -> ExchangeS
         )
     if spec.link.bandwidth is not None or spec.link.transfer_seconds(0) > 0:
         raise MisconfigurationException(
-            f"The Flower transport's link is real and measured; remove ParaBlockCallback's modelled `link` ({spec.link!r})."
+            "The Flower transport's link is real and measured; remove ParaBlockCallback's modelled `link`"
+            f" ({spec.link!r})."
         )
     aggregator_settings(spec.aggregator)
     codec_on_the_wire(spec.codec)

@@ -41,7 +41,9 @@ STATE_FILENAME = "parablock_server_state.json"
 class SiteFailed(RuntimeError):
     """A site failed, refused or stopped answering: the federation stops, naming it and the round."""
 
-    def __init__(self, site: Optional[int], round_index: Optional[int], reason: str, node: Optional[int] = None) -> None:
+    def __init__(
+        self, site: Optional[int], round_index: Optional[int], reason: str, node: Optional[int] = None
+    ) -> None:
         who = f"site {site}" if site is not None else f"the site on Flower node {node}"
         where = f" in round {round_index}" if round_index is not None else ""
         super().__init__(f"{who} failed{where}: {reason}")
@@ -208,7 +210,9 @@ class FederationServer:
         blocks = {site: u.block for site, u in uploads.items()}
         if len(set(blocks.values())) > 1:
             site = max(blocks, key=lambda s: blocks[s] != blocks[min(blocks)])
-            raise SiteFailed(site, round_index, f"it trained block {blocks[site]}, site {min(blocks)} block {blocks[min(blocks)]}")
+            raise SiteFailed(
+                site, round_index, f"it trained block {blocks[site]}, site {min(blocks)} block {blocks[min(blocks)]}"
+            )
         block = next(iter(blocks.values()))
         deltas = {c: d for u in uploads.values() for c, d in u.deltas.items()}
         weights = {c: w for u in uploads.values() for c, w in u.weights.items()}
@@ -222,7 +226,9 @@ class FederationServer:
         except NonFiniteDeltaError as error:
             bad = sorted(non_finite_clients(deltas))
             sites = sorted({agreement.placement[c] for c in bad})
-            raise SiteFailed(sites[0] if sites else None, round_index, f"{error} (client(s) {bad} on site(s) {sites})") from None
+            raise SiteFailed(
+                sites[0] if sites else None, round_index, f"{error} (client(s) {bad} on site(s) {sites})"
+            ) from None
         meta.update(kept=True, skipped_clients=list(result.skipped_clients))
         if result.skipped_clients:
             self.log(
@@ -231,7 +237,9 @@ class FederationServer:
             )
         return meta, aggregate_to_wire(result.aggregate)
 
-    def _log_round(self, round_index: int, meta: dict[str, Any], all_pulled_at: float, timeline: ServerTimeline) -> None:
+    def _log_round(
+        self, round_index: int, meta: dict[str, Any], all_pulled_at: float, timeline: ServerTimeline
+    ) -> None:
         uploaded = sum(meta["upload_bytes"].values())
         line = (
             f"[parablock] round {round_index} block {meta['block']}: {len(meta['upload_bytes'])} clients from"
@@ -241,7 +249,9 @@ class FederationServer:
         previous = [row for row in timeline.exchanges() if row["round"] == round_index - 1]
         latencies = [s["latency"] for row in previous for s in row["sites"].values() if s["latency"] is not None]
         if latencies:
-            line += f"; exchange of round {round_index - 1} took {max(latencies):.1f}s (uploads ready to aggregate back)"
+            line += (
+                f"; exchange of round {round_index - 1} took {max(latencies):.1f}s (uploads ready to aggregate back)"
+            )
         self.log(line)
 
     # ------------------------------------------------------------------------------------------- messages
@@ -297,7 +307,10 @@ class FederationServer:
             if pending and self.clock() > until:
                 node = min(pending.values())
                 raise SiteFailed(
-                    self._site_of.get(node), round_index, f"no answer within {deadline_s:.0f}s (comm_timeout)", node=node
+                    self._site_of.get(node),
+                    round_index,
+                    f"no answer within {deadline_s:.0f}s (comm_timeout)",
+                    node=node,
                 )
             if pending:
                 self.sleep(self.settings.poll_s)

@@ -23,7 +23,6 @@ from lightning_parablock.telemetry.timeline import (
 )
 
 
-
 class ServerTimeline:
     """Collects the sites' records and the exchanges' stamps; writes the merged timeline after every round."""
 
@@ -39,7 +38,9 @@ class ServerTimeline:
     def uploads(self, site: int, header: dict[str, Any], pulled_at: float) -> None:
         """A site's uploads of a round arrived: its stamps, records and round times."""
         stamps = self._stamps[int(header["round"])][site]
-        stamps.update(ready_at=header["ready_at"], taken_at=header.get("taken_at", header["ready_at"]), pulled_at=pulled_at)
+        stamps.update(
+            ready_at=header["ready_at"], taken_at=header.get("taken_at", header["ready_at"]), pulled_at=pulled_at
+        )
         self.telemetry(site, header)
 
     def telemetry(self, site: int, header: dict[str, Any]) -> None:

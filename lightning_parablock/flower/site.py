@@ -9,9 +9,10 @@ sites of ``N / num_sites`` clients train the same federation as one process of `
 
 ``FlowerSite`` is both the run's transport (``ParaBlockCallback(transport=site)``, or it takes the exchange at its
 setup when it comes after ``ParaBlockCallback`` in the callbacks) and a callback (the handshake, the round times,
-telling the server of a failure, the last records). Before round 0 the site answers the server's handshake (its settings, a hash of its trainable weights, the round it
-resumes at) and waits to be accepted. A site that fails tells the server, which stops the others; a site the server
-stops raises :class:`~.site_mailbox.FederationStopped` at its next batch, naming the failed site and round.
+telling the server of a failure, the last records). Before round 0 the site answers the server's handshake (its
+settings, a hash of its trainable weights, the round it resumes at) and waits to be accepted. A site that fails
+tells the server, which stops the others; a site the server stops raises
+:class:`~.site_mailbox.FederationStopped` at its next batch, naming the failed site and round.
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ class FlowerSite(TransportChoice, Callback):
         self.num_sites = check_int("num_sites", num_sites, minimum=1)
         self.site = check_int("site", site, minimum=0)
         if self.site >= self.num_sites:
-            raise ValueError(f"`site` is this site's index in 0..{self.num_sites - 1} (num_sites={num_sites}), got {site}.")
+            raise ValueError(
+                f"`site` is this site's index in 0..{self.num_sites - 1} (num_sites={num_sites}), got {site}."
+            )
         self.mailbox_path = Path(os.fspath(mailbox))
         self.key_file = Path(os.fspath(key_file)) if key_file is not None else Path(f"{self.mailbox_path}.key")
         self.handshake_timeout = parse_duration(handshake_timeout, "handshake_timeout")
         self.mailbox: Optional[SiteMailbox] = None
         self.transport: Optional[FlowerSiteTransport] = None
-        self._trainer: Optional["pl.Trainer"] = None
+        self._fit_trainer: Optional["pl.Trainer"] = None
         self._layout: Optional[Callable[[int], BlockLayout]] = None
         self._codec_name = "none"
         self._comm_timeout = 1800.0
@@ -108,13 +111,13 @@ class FlowerSite(TransportChoice, Callback):
         if stage != "fit":
             return
         spec = plug.take_the_exchange(trainer, self)
-        self._trainer = trainer
+        self._fit_trainer = trainer
         self._codec_name = plug.codec_name(spec)
         self._comm_timeout = spec.comm_timeout
         self.mailbox = SiteMailbox(self.mailbox_path, self.key_file, self.site)
         print(
             f"parablock: site {self.site} of {self.num_sites} listens on {self.mailbox_path}; start its SuperNode with"
-            f" --node-config 'parablock-mailbox=\"{self.mailbox_path}\" parablock-key=\"{self.key_file}\"'",
+            f' --node-config \'parablock-mailbox="{self.mailbox_path}" parablock-key="{self.key_file}"\'',
             flush=True,
         )
 
@@ -142,7 +145,10 @@ class FlowerSite(TransportChoice, Callback):
         assert self.mailbox is not None and self._layout is not None
         hello = plug.hello(trainer, self.site, self.num_sites, self._layout)
         self.mailbox.publish_hello(hello)
-        print(f"parablock: site {self.site} waits for the Flower server's handshake (round {hello['next_round']})", flush=True)
+        print(
+            f"parablock: site {self.site} waits for the Flower server's handshake (round {hello['next_round']})",
+            flush=True,
+        )
         try:
             started = self.mailbox.wait_started(self.handshake_timeout)
         except TimeoutError as error:
@@ -160,7 +166,9 @@ class FlowerSite(TransportChoice, Callback):
         self._stamp(trainer.current_epoch, "started_at")
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         if self.mailbox is not None and self.mailbox.stopped is not None:
             raise FederationStopped(self.mailbox.stopped)  # another site failed: stop now, not at this round's end
 
@@ -174,7 +182,7 @@ class FlowerSite(TransportChoice, Callback):
 
     def _telemetry(self) -> dict[str, Any]:
         """What goes up with the next uploads: the round records and round times not sent yet."""
-        records = plug.round_records(self._trainer) if self._trainer is not None else []
+        records = plug.round_records(self._fit_trainer) if self._fit_trainer is not None else []
         fresh, self._sent_records = records[self._sent_records :], len(records)
         times = {str(r): dict(self._round_times[r]) for r in sorted(self._unsent_times)}
         self._unsent_times = set()
@@ -188,7 +196,10 @@ class FlowerSite(TransportChoice, Callback):
             return
         round_index = trainer.current_epoch
         if isinstance(exception, SIGTERMException):
-            reason = f"site {self.site} was stopped by SIGTERM in round {round_index} (its last round-end checkpoint resumes it)"
+            reason = (
+                f"site {self.site} was stopped by SIGTERM in round {round_index} (its last round-end checkpoint"
+                " resumes it)"
+            )
         else:
             cause = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
             reason = f"site {self.site} failed in round {round_index}: {cause}".splitlines()[0]

@@ -180,7 +180,9 @@ class SiteMailbox:
         """When the server last wrote, for a timeout's message."""
         contact = self._state.last_contact
         if contact is None:
-            return "The Flower server has sent this site nothing yet (is the SuperNode running, and `flwr run` started?)."
+            return (
+                "The Flower server has sent this site nothing yet (is the SuperNode running, and `flwr run` started?)."
+            )
         at, what = contact
         return f"The Flower server's last message to this site ({what}) came {wire.wall_clock() - at:.0f}s ago."
 

@@ -55,7 +55,9 @@ class FlowerSiteTransport:
         for client, delta in encoded.items():
             for name, tensor in delta.items():
                 if tensor.codec.name != self.codec_name:
-                    raise ValueError(f"client {client}'s {name!r} is encoded with {tensor.codec!r}, the run with {self.codec_name!r}")
+                    raise ValueError(
+                        f"client {client}'s {name!r} is encoded with {tensor.codec!r}, the run with {self.codec_name!r}"
+                    )
         arrays = uploads_to_wire(encoded)
         ready_at = wall_clock()
         header = {
@@ -83,7 +85,11 @@ class FlowerSiteTransport:
         if meta.get("kept", True):
             aggregate = aggregate_from_wire(delivery.arrays, self.layout(block), where)
         self._deliveries.append(
-            {"round": round_index, "received_at": delivery.received_at, "mailbox_started_at": delivery.mailbox_started_at}
+            {
+                "round": round_index,
+                "received_at": delivery.received_at,
+                "mailbox_started_at": delivery.mailbox_started_at,
+            }
         )
         return ExchangeResult(
             round=round_index,

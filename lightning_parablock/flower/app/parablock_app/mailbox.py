@@ -35,7 +35,7 @@ def relay(message: Message, context: Context) -> Message:
         return _error(
             message,
             f"the SuperNode has no {missing.args[0]!r} in its --node-config; start it with --node-config"
-            f" '{MAILBOX_KEY}=\"/path/site.sock\" {KEY_FILE_KEY}=\"/path/site.key\"' (the paths the site's trainer"
+            f' \'{MAILBOX_KEY}="/path/site.sock" {KEY_FILE_KEY}="/path/site.key"\' (the paths the site\'s trainer'
             " prints when it starts)",
         )
     try:

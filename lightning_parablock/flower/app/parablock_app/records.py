@@ -21,7 +21,7 @@ format."""
 
 
 def to_frame(content: RecordDict) -> tuple[dict, list[wire.WireArray]]:
-    """A message's content as a frame's header and arrays; every array must be the header's, with its dtype and shape."""
+    """A message's content as a frame's header and arrays; every array must be the header's, of its dtype and shape."""
     if HEADER_RECORD not in content.config_records:
         raise wire.WireError(f"the message carries no {HEADER_RECORD!r} record: not sent by the parablock server")
     try:

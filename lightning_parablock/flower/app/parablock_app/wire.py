@@ -4,8 +4,8 @@ A site's trainer is a long-lived process; Flower starts a short-lived ClientApp 
 on a Unix socket the trainer listens on. Whoever connects must prove it holds the site's key (an HMAC of a fresh
 nonce), then hands over what the server sent and waits for the trainer's reply, which may be preceded by
 keep-alive frames while the trainer computes: ``challenge`` (site), ``auth`` (ClientApp), ``welcome`` (site), the
-request (ClientApp: ``hello``, ``exchange``, ``final`` or ``abort``), then zero or more ``keepalive`` and ``reply`` (site); the
-site answers ``refuse`` with a reason instead wherever it cannot go on.
+request (ClientApp: ``hello``, ``exchange``, ``final`` or ``abort``), then zero or more ``keepalive`` and a ``reply``
+(site); the site answers ``refuse`` with a reason instead wherever it cannot go on.
 
 A frame is ``b"PBLK"``, the header's length (4 bytes, big-endian), the header (a UTF-8 JSON object), then the raw
 bytes of the arrays the header lists, in order. Every header carries ``protocol`` (:data:`PROTOCOL_VERSION`) and
