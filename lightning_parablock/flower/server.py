@@ -139,17 +139,32 @@ class FederationServer:
             raise
 
     def _rounds(self, agreement: RunAgreement) -> None:
+        """Round by round: collect the replies to the message of round ``r``, aggregate, and push the message of
+        round ``r + 1`` (which carries the aggregate) before anything else: the record, the timeline and the round's
+        line are written while the sites work."""
         aggregator = aggregator_from_settings(agreement.hello["aggregator"])
         timeline = ServerTimeline(self.settings.output_dir, self.settings.num_sites, _meta(agreement))
-        aggregate_header: Optional[dict[str, Any]] = None
-        aggregate_arrays: list[WireArray] = []
         nodes = sorted(agreement.sites, key=agreement.sites.get)
+
+        def deadline(round_index: int) -> float:
+            """A reply takes a round of compute and the exchange; the first one ``first_reply_rounds`` rounds."""
+            return agreement.comm_timeout * (
+                agreement.first_reply_rounds if round_index == agreement.start_round else 1
+            )
+
+        def push(round_index: int, aggregate: Optional[dict[str, Any]], arrays: list[WireArray]) -> dict[str, int]:
+            kind = "final" if round_index == agreement.rounds else "exchange"
+            header = {
+                "kind": kind,
+                "round": round_index,
+                "aggregate": aggregate,
+                "reply_timeout_s": deadline(round_index),
+            }
+            return self._push({node: (kind, header, arrays) for node in nodes}, round_index)
+
+        pending = push(agreement.start_round, None, [])
         for round_index in range(agreement.start_round, agreement.rounds + 1):
             final = round_index == agreement.rounds
-            kind = "final" if final else "exchange"
-            rounds_to_answer = agreement.first_reply_rounds if round_index == agreement.start_round else 1
-            deadline = agreement.comm_timeout * rounds_to_answer
-            header = {"kind": kind, "round": round_index, "aggregate": aggregate_header, "reply_timeout_s": deadline}
             uploads: dict[int, _Uploads] = {}
 
             def arrived(site: int, reply: dict[str, Any], arrays: list[WireArray], pulled_at: float) -> None:
@@ -159,18 +174,18 @@ class FederationServer:
                 uploads[site] = self._check_uploads(site, reply, arrays, round_index, agreement)
                 timeline.uploads(site, reply, pulled_at)
 
-            pushed_at = wall_clock()
-            self._ask({node: (kind, header, aggregate_arrays) for node in nodes}, deadline, round_index, arrived)
-            if aggregate_header is not None:
-                timeline.server_stamps(aggregate_header["round"], pushed_at=pushed_at)
+            self._collect(pending, deadline(round_index), round_index, arrived)
             if final:
                 break
             all_pulled_at = wall_clock()
-            aggregate_header, aggregate_arrays = self._aggregate(round_index, uploads, aggregator, agreement)
-            timeline.server_stamps(round_index, all_pulled_at=all_pulled_at, aggregated_at=wall_clock())
+            meta, arrays = self._aggregate(round_index, uploads, aggregator, agreement)
+            aggregated_at = wall_clock()
+            pending = push(round_index + 1, meta, arrays)
+            stamps = {"all_pulled_at": all_pulled_at, "aggregated_at": aggregated_at, "pushed_at": wall_clock()}
+            timeline.server_stamps(round_index, **stamps)
             write_text_atomic(self.state_path, json.dumps({"next_round": round_index + 1}))
             timeline.save()
-            self._log_round(round_index, aggregate_header, all_pulled_at, timeline)
+            self._log_round(round_index, meta, aggregated_at - all_pulled_at, timeline)
         path = timeline.save()
         self.log(f"[parablock] federation done after {agreement.rounds} rounds; timeline: {path}")
 
@@ -237,14 +252,12 @@ class FederationServer:
             )
         return meta, aggregate_to_wire(result.aggregate)
 
-    def _log_round(
-        self, round_index: int, meta: dict[str, Any], all_pulled_at: float, timeline: ServerTimeline
-    ) -> None:
+    def _log_round(self, round_index: int, meta: dict[str, Any], aggregate_s: float, timeline: ServerTimeline) -> None:
         uploaded = sum(meta["upload_bytes"].values())
         line = (
             f"[parablock] round {round_index} block {meta['block']}: {len(meta['upload_bytes'])} clients from"
             f" {self.settings.num_sites} sites, {uploaded / 1e6:.2f} MB up, aggregated in"
-            f" {wall_clock() - all_pulled_at:.2f}s"
+            f" {aggregate_s:.2f}s"
         )
         previous = [row for row in timeline.exchanges() if row["round"] == round_index - 1]
         latencies = [s["latency"] for row in previous for s in row["sites"].values() if s["latency"] is not None]
@@ -274,10 +287,14 @@ class FederationServer:
         requests: Mapping[int, tuple[str, dict[str, Any], Sequence[WireArray]]],
         deadline_s: float,
         round_index: Optional[int],
-        arrived: Optional[Callable[[int, dict[str, Any], list[WireArray], float], None]] = None,
     ) -> dict[int, tuple[dict[str, Any], list[WireArray]]]:
-        """Push one message per node, pull until every node replied; an error or a missed deadline is a
-        :class:`SiteFailed`. ``arrived(site, header, arrays, pulled_at)`` sees each reply as it comes."""
+        """Push one message per node and collect every reply (see :meth:`_collect`)."""
+        return self._collect(self._push(requests, round_index), deadline_s, round_index)
+
+    def _push(
+        self, requests: Mapping[int, tuple[str, dict[str, Any], Sequence[WireArray]]], round_index: Optional[int]
+    ) -> dict[str, int]:
+        """One message per node (``action``, header, arrays); the pushed messages' ids, to the node."""
         messages = [
             Message(to_content(header, list(arrays)), node, f"train.{action}", group_id=str(round_index))
             for node, (action, header, arrays) in requests.items()
@@ -286,6 +303,19 @@ class FederationServer:
         pending = {message_id: node for message_id, node in zip(ids, requests) if message_id}
         if len(pending) != len(requests):
             raise SiteFailed(None, round_index, "the SuperLink refused to take a message", node=list(requests)[0])
+        return pending
+
+    def _collect(
+        self,
+        pending: dict[str, int],
+        deadline_s: float,
+        round_index: Optional[int],
+        arrived: Optional[Callable[[int, dict[str, Any], list[WireArray], float], None]] = None,
+    ) -> dict[int, tuple[dict[str, Any], list[WireArray]]]:
+        """Pull until every pushed message has its reply; an error or a missed deadline is a :class:`SiteFailed`.
+        ``arrived(site, header, arrays, pulled_at)`` sees each reply as it comes (a site's uploads are checked and
+        decoded while the others are awaited)."""
+        pending = dict(pending)
         replies: dict[int, tuple[dict[str, Any], list[WireArray]]] = {}
         until = self.clock() + deadline_s
         while pending:
@@ -306,12 +336,8 @@ class FederationServer:
                     arrived(site, header, arrays, wall_clock())
             if pending and self.clock() > until:
                 node = min(pending.values())
-                raise SiteFailed(
-                    self._site_of.get(node),
-                    round_index,
-                    f"no answer within {deadline_s:.0f}s (comm_timeout)",
-                    node=node,
-                )
+                reason = f"no answer within {deadline_s:.0f}s (comm_timeout)"
+                raise SiteFailed(self._site_of.get(node), round_index, reason, node=node)
             if pending:
                 self.sleep(self.settings.poll_s)
         return replies
