@@ -149,3 +149,20 @@ def test_two_site_trainers_in_process_train_what_one_process_trains(short_dir, t
     for site, module in modules.items():
         for name, parameter in module.named_parameters():
             assert torch.equal(parameter, expected[name]), (site, name)
+
+
+def test_a_sigtermed_site_tells_the_server_it_was_stopped_and_how_it_resumes(short_dir):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_parablock.flower.app.parablock_app import wire
+    from lightning_parablock.flower.site_mailbox import SiteMailbox
+
+    site = FlowerSite(site=1, num_sites=2, mailbox=str(short_dir / "s.sock"))
+    site.mailbox = SiteMailbox(site.mailbox_path, site.key_file, 1)
+    site.on_exception(SimpleNamespace(current_epoch=2), None, SIGTERMException())
+    note = wire.failure_note(short_dir / "s.sock")
+    assert note == "site 1 was stopped by SIGTERM in round 2 (its last round-end checkpoint resumes it)"
+    with pytest.raises(wire.MailboxRefused, match="stopped by SIGTERM in round 2"):  # what the next ClientApp says
+        wire.call_site(str(short_dir / "s.sock"), site.key_file, {"kind": "exchange", "round": 3}, [], 5)

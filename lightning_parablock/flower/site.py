@@ -82,8 +82,6 @@ class FlowerSite(TransportChoice, Callback):
         self._round_times: dict[int, dict[str, float]] = {}
         self._unsent_times: set[int] = set()
 
-    # --------------------------------------------------------------------------------------------- set-up
-
     # ------------------------------------------------------------------------------------ the transport
 
     def membership(self, rank: int, world_size: int) -> tuple[int, int]:
