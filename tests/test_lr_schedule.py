@@ -317,3 +317,12 @@ def test_a_checkpoint_from_before_schedules_counts_as_constant():
     check_same_settings(saved, {"local_steps": 2, "lr_schedule": "constant", "warmup_steps": 0}, "old.ckpt")
     with pytest.raises(MisconfigurationException, match="lr_schedule: 'constant' in the checkpoint, 'cosine' now"):
         check_same_settings(saved, {"local_steps": 2, "lr_schedule": "cosine"}, "old.ckpt")
+
+
+def test_parablocks_lr_scheduler_flag_is_refused_naming_the_strategys_options(capsys):
+    from lightning_parablock.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--lr_scheduler", "StepLR"])
+    assert exit_info.value.code == 2
+    assert "--trainer.strategy.init_args.lr_schedule cosine" in capsys.readouterr().err
