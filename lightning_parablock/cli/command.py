@@ -29,7 +29,9 @@ from lightning_parablock.callbacks.parablock import ParaBlockCallback
 from lightning_parablock.cli import evaluate, preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
+from lightning_parablock.cli.noise import quiet_dependency_noise
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
+from lightning_parablock.cli.passes import set_rounds_for_passes
 from lightning_parablock.cli.recipe_method import apply_method, written_for_by_file
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
@@ -137,6 +139,14 @@ class ParaBlockCLI(LightningCLI):
             " config as written.",
         )
         parser.add_argument(
+            "--passes",
+            type=Optional[float],
+            default=None,
+            help="The run's length as passes over the training data: sets trainer.max_epochs (one epoch is one round)"
+            " to the fewest rounds that read the training samples this many times, once the data are loaded."
+            " Default: the config's max_epochs.",
+        )
+        parser.add_argument(
             "--output_dir",
             type=Optional[str],
             default=None,
@@ -192,6 +202,9 @@ class ParaBlockCLI(LightningCLI):
         self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
         try:
             self._output_plan = self._preflight()
+            passes = self.config[self.subcommand].get("passes")
+            if passes is not None:
+                print(f"parablock: {set_rounds_for_passes(self.trainer, self.datamodule, passes)}", file=sys.stderr)
         except USAGE_ERRORS as error:
             refuse(error)
         try:  # the first time the model is built when nothing else needed it: a load failure is bad input too
@@ -364,6 +377,14 @@ def main(args: Optional[list[str]] = None) -> None:
         evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
+    if flag is not None and flag.startswith("--lr_scheduler"):
+        refuse(
+            f"`{flag}` is not an option of parablock: a scheduler would follow one client's optimizer, not the"
+            " federation's rounds. Schedule the clients' learning rate on the strategy:"
+            " `--trainer.strategy.init_args.lr_schedule cosine` (or linear) with"
+            " `--trainer.strategy.init_args.warmup_steps N` (or `warmup_ratio`) and"
+            " `--trainer.strategy.init_args.min_lr_ratio`."
+        )
     if flag is not None:
         refuse(
             f"`{flag}` is not an option of parablock: one optimizer object would be shared by every client. Give"
@@ -372,6 +393,7 @@ def main(args: Optional[list[str]] = None) -> None:
             " --trainer.strategy.init_args.client_optimizer.lr 1e-4`), or let the module's configure_optimizers"
             " build one per client."
         )
+    quiet_dependency_noise()
     ParaBlockCLI(
         LightningModule,
         LightningDataModule,
