@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_parablock import _moved
+
+_moved.install()  # the module paths of before the layers (lightning_parablock.strategy ...), for one more release
+
 _HOME = {
     "Aggregator": "lightning_parablock.aggregation.aggregator",
     "MeanAggregator": "lightning_parablock.aggregation.mean",

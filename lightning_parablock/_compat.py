@@ -82,6 +82,13 @@ def is_a_rank(trainer: pl.Trainer) -> bool:
     return not isinstance(trainer.strategy.launcher, MultiProcessingLauncher)
 
 
+def dataset_source_row(dataset: Dataset, row: int) -> int:
+    """The row of the table ``dataset`` was selected, shuffled or split from that its ``row`` is: the row of the
+    file as loaded, for an error to name."""
+    indices = dataset._indices
+    return row if indices is None else int(indices.column(0)[row].as_py())
+
+
 def dataset_fingerprint(dataset: Dataset) -> str:
     """The fingerprint ``datasets`` caches ``dataset`` under; tokenizing keys its own cache entry on it."""
     return dataset._fingerprint

@@ -9,9 +9,17 @@ is an error, ``2.0`` is accepted as 2 (YAML and JSON do not always keep the diff
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
-from pathlib import Path
 from typing import Any, Optional
+
+_QUOTED_TEXT_LIMIT = 300
+
+
+def one_line(error: BaseException) -> str:
+    """Another library's error text on one line and cut short, to quote inside a message of this package's own."""
+    text = re.sub(r"\s+", " ", str(error)).strip() or type(error).__name__
+    return text if len(text) <= _QUOTED_TEXT_LIMIT else text[: _QUOTED_TEXT_LIMIT - 3] + "..."
 
 
 def _describe(value: Any) -> str:
@@ -97,18 +105,3 @@ def check_optional_text(name: str, value: Any, accepted: str = "a non-empty stri
         raise ValueError(f"`{name}` must be {accepted}, or None to leave it unset, got {value!r}.")
     return value
 
-
-def check_pretrained_folder(name: str, value: str) -> None:
-    """A ``from_pretrained`` name that looks like a local path (``/``, ``./``, ``../``, ``~``) names a folder.
-
-    Hugging Face reads a missing folder as a malformed Hub name ("Repo id must be ..."); this says the
-    folder does not exist instead. A Hub name such as ``meta-llama/Meta-Llama-3-8B`` passes.
-    """
-    path = Path(value).expanduser()
-    looks_local = value.startswith((".", "/", "~")) or path.exists() or value.count("/") > 1
-    if looks_local and not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"`{name}={value!r}` {what} (resolved to {path.resolve()}): give a folder written by"
-            " `save_pretrained` or a Hub name such as 'meta-llama/Meta-Llama-3-8B'."
-        )

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -19,10 +20,10 @@ from lightning_parablock.argument_checks import (
     check_float,
     check_int,
     check_optional_text,
-    check_pretrained_folder,
 )
-from lightning_parablock.core.lora import add_lora, check_lora_options
-from lightning_parablock.core.precision import weight_dtype
+from lightning_parablock.core.checkpoint_files import CheckpointTensors
+from lightning_parablock.core.lora import add_lora, changed_base_weight, check_lora_options
+from lightning_parablock.core.precision import lowers_precision, weight_dtype
 from lightning_parablock.data.packing import (
     PackedAttention,
     choose_packed_attention,
@@ -30,8 +31,11 @@ from lightning_parablock.data.packing import (
     with_packed_attention,
 )
 from lightning_parablock.eval.perplexity import TokenPerplexity
+from lightning_parablock.pretrained import load_pretrained, pretrained_location
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PRETRAINED_LEARNING_RATE = 2e-5
+FROM_SCRATCH_LEARNING_RATE = 1e-3
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
 
 
@@ -47,7 +51,8 @@ class CausalLMModule(L.LightningModule):
         model_name_or_path: Checkpoint for ``AutoModelForCausalLM.from_pretrained`` (hub name or local folder).
         config: Keyword arguments for ``AutoConfig.for_model``, including ``model_type``, to train from scratch.
             Exactly one of ``model_name_or_path`` and ``config`` must be given.
-        learning_rate: AdamW learning rate.
+        learning_rate: AdamW learning rate. ``None`` (the default): ``2e-5`` for a pretrained checkpoint (TRL's
+            SFT default; higher rates undo what pretraining learned), ``1e-3`` for a model trained from ``config``.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         seed: Seeds the random initialization of a model built from ``config`` and of LoRA adapters, without
@@ -65,14 +70,16 @@ class CausalLMModule(L.LightningModule):
             ``"float16"`` or ``"float32"``.
         attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (needs CUDA and ``flash-attn``);
             ``None`` lets transformers choose.
-        revision: The checkpoint's branch, tag or commit on the Hub. Remote code is never trusted.
+        revision: The checkpoint's branch, tag or commit on the Hub (refused with a local folder, which has one).
+            Remote code is never run: a checkpoint that needs its own code is refused by name
+            (:mod:`~lightning_parablock.pretrained`).
     """
 
     def __init__(
         self,
         model_name_or_path: Optional[str] = None,
         config: Optional[dict[str, Any]] = None,
-        learning_rate: float = 1e-3,
+        learning_rate: Optional[float] = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
@@ -93,7 +100,8 @@ class CausalLMModule(L.LightningModule):
         if config is not None and "model_type" not in config:
             raise ValueError(f"`config` must name a `model_type` such as 'llama', got keys {sorted(config)}.")
         # Checked here, by name: torch's AdamW lets an infinite rate or weight decay through.
-        check_float("learning_rate", learning_rate, minimum=0.0)
+        if learning_rate is not None:
+            check_float("learning_rate", learning_rate, minimum=0.0)
         check_float("weight_decay", weight_decay, minimum=0.0)
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
             raise ValueError(f"`betas` must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}.")
@@ -104,19 +112,22 @@ class CausalLMModule(L.LightningModule):
             raise TypeError(f"`lora` must be a dict of `peft.LoraConfig` arguments such as {{'r': 32}}, got {lora!r}.")
         if lora is not None:
             check_lora_options(lora)
-        if isinstance(model_name_or_path, str):
-            check_pretrained_folder("model_name_or_path", model_name_or_path)
         check_bool("gradient_checkpointing", gradient_checkpointing)
         check_choice("dtype", dtype, DTYPES)
         check_attn_implementation(attn_implementation)
         check_optional_text("revision", revision, "a branch, tag or commit of the checkpoint")
         if revision is not None and model_name_or_path is None:
             raise ValueError(f"`revision={revision!r}` names a version of a checkpoint; pass `model_name_or_path` too.")
+        if model_name_or_path is not None:
+            pretrained_location("model_name_or_path", model_name_or_path, revision, weights=True)
         self.save_hyperparameters()
         self.val_perplexity = TokenPerplexity()  # token-weighted, summed across batches and processes
         self.packed_attention: Optional[PackedAttention] = None
         """How this model keeps packed examples apart, measured on the first packed batch (or at fit start when
         the datamodule packs): see :func:`~lightning_parablock.data.packing.choose_packed_attention`."""
+        self.built_for_precision: Optional[str] = None
+        """The Trainer precision the model was built for (its dtype with ``dtype="auto"``); ``None`` until it is
+        built, or when it was built outside a Trainer (in the checkpoint's own dtype)."""
 
     def configure_model(self) -> None:
         """Build or load the model once; later calls do nothing.
@@ -128,12 +139,14 @@ class CausalLMModule(L.LightningModule):
             return
         hparams = self.hparams
         options = self._load_options()
+        self.built_for_precision = self._trainer_precision()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hparams.seed)
             if hparams.model_name_or_path is not None:
-                model = AutoModelForCausalLM.from_pretrained(
-                    hparams.model_name_or_path, revision=hparams.revision, trust_remote_code=False, **options
-                )
+                model = load_pretrained(
+                    AutoModelForCausalLM.from_pretrained, "model_name_or_path", hparams.model_name_or_path,
+                    hparams.revision, weights=True, **options,
+                )  # fmt: skip
             else:
                 if options.get("dtype") == "auto":  # a config has no checkpoint dtype to take
                     options.pop("dtype")
@@ -143,6 +156,35 @@ class CausalLMModule(L.LightningModule):
             if hparams.lora is not None:
                 model = add_lora(model, hparams.lora)
         self.model = model.train(self.training)  # built on first use after `module.eval()`, it must not drop out
+
+    def setup(self, stage: str) -> None:
+        """Before fit: refuse a model built earlier in a dtype that this Trainer's precision would train in lower
+        precision, naming where it was built (before the strategy's own, generic precision check)."""
+        if stage == "fit":
+            self._check_built_dtype()
+
+    def _check_built_dtype(self) -> None:
+        if "model" not in self._modules or self.hparams.dtype != "auto":
+            return  # built by this fit in the dtype it trains, or in the dtype asked for (the strategy checks that)
+        precision = self._trainer_precision()
+        trained = (p.dtype for p in self.parameters() if p.requires_grad)
+        low = next((dtype for dtype in trained if lowers_precision(dtype, precision)), None)
+        if low is None:
+            return
+        had, wanted = (str(dtype).removeprefix("torch.") for dtype in (low, weight_dtype(precision)))
+        built = self.built_for_precision
+        where = (
+            f"outside a Trainer (`module.model` read or `configure_model()` called before `trainer.fit`), in the"
+            f" checkpoint's own dtype {had}"
+            if built is None
+            else f"for another Trainer's `precision={built!r}`, in {had}"
+        )
+        raise MisconfigurationException(
+            f"The model of this CausalLMModule was built {where}; `precision={precision!r}` trains {wanted} weights,"
+            f" so they would train in lower precision than asked. Build it after `Trainer(...)`: create a fresh"
+            f" CausalLMModule and let `trainer.fit` build it in {wanted}, without reading `module.model` first; or"
+            f" load it in {wanted} wherever it is built with `CausalLMModule(..., dtype={wanted!r})`."
+        )
 
     def _load_options(self) -> dict[str, Any]:
         """``dtype`` and ``attn_implementation`` for ``from_pretrained``/``from_config``."""
@@ -170,7 +212,8 @@ class CausalLMModule(L.LightningModule):
             return self._modules["model"].config
         hparams = self.hparams
         if hparams.model_name_or_path is not None:
-            return AutoConfig.from_pretrained(hparams.model_name_or_path, revision=hparams.revision)
+            name = hparams.model_name_or_path
+            return load_pretrained(AutoConfig.from_pretrained, "model_name_or_path", name, hparams.revision)
         return AutoConfig.for_model(**hparams.config)
 
     @property
@@ -236,8 +279,16 @@ class CausalLMModule(L.LightningModule):
             )
         hparams = self.hparams
         return torch.optim.AdamW(
-            params, lr=hparams.learning_rate, weight_decay=hparams.weight_decay, betas=tuple(hparams.betas)
+            params, lr=self.learning_rate, weight_decay=hparams.weight_decay, betas=tuple(hparams.betas)
         )
+
+    @property
+    def learning_rate(self) -> float:
+        """The AdamW rate: as given, else the default for a pretrained checkpoint or a model from ``config``."""
+        given = self.hparams.learning_rate
+        if given is not None:
+            return given
+        return PRETRAINED_LEARNING_RATE if self.hparams.model_name_or_path is not None else FROM_SCRATCH_LEARNING_RATE
 
     def save_pretrained(self, path: Union[str, Path], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
         """Write the model (and ``tokenizer``, if given) in Hugging Face format, loadable with ``from_pretrained``.
@@ -248,6 +299,42 @@ class CausalLMModule(L.LightningModule):
         model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+    def save_adapter(self, path: Union[str, Path]) -> None:
+        """Write the LoRA adapter alone, in peft's format (``adapter_config.json``, ``adapter_model.safetensors``):
+        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), path)`` is this model.
+
+        Refused (``ValueError``, nothing written) where it would not be, see :meth:`adapter_mismatch`: after FLoRA,
+        which merges the aggregated adapters into the base weights every round, save the merged model
+        (:meth:`save_pretrained`) instead.
+        """
+        reason = self.adapter_mismatch()
+        if reason is not None:
+            raise ValueError(
+                f"Cannot save the LoRA adapter alone: {reason}. Save the merged model with `save_pretrained`."
+            )
+        self.model.save_pretrained(path)
+
+    def adapter_mismatch(self) -> Optional[str]:
+        """Why the LoRA adapter alone, applied to the checkpoint the model was loaded from, would not be this model;
+        ``None`` when it would be: every base weight is still the checkpoint's (compared tensor by tensor from its
+        safetensors files, in the model's dtype)."""
+        hparams = self.hparams
+        if hparams.lora is None:
+            return "the model has no LoRA adapters (`lora=None`)"
+        if hparams.model_name_or_path is None:
+            return "the model was built from `config`, so there is no checkpoint for the adapter to apply to"
+        try:
+            reference = CheckpointTensors(hparams.model_name_or_path, hparams.revision)
+        except (OSError, ValueError) as error:
+            return f"its checkpoint {hparams.model_name_or_path!r} cannot be read to check against ({error})"
+        changed = changed_base_weight(self.model, reference.get)
+        if changed is not None:
+            return (
+                f"the base weights are no longer the checkpoint's ({changed} differs; FLoRA merges the aggregated"
+                " adapters into them every round)"
+            )
+        return None
 
 
 def load_dtype(dtype: str, precision: Optional[str]) -> Union[str, torch.dtype]:

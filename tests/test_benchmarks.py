@@ -47,3 +47,11 @@ def test_the_readmes_recipe_memory_table_is_the_formulas_output():
         [sys.executable, str(root / "benchmarks" / "recipe_memory.py")], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert table in (root / "README.md").read_text()
+
+
+def test_cpu_precision_benchmark_times_fp32_and_bf16_on_the_tests_tiny_checkpoint():
+    out = run("cpu_precision.py", "--repeats", "1", "--length", "16")
+    assert re.search(r"^bf16 instructions in /proc/cpuinfo: ", out, re.MULTILINE), out
+    for dtype in ("float32", "bfloat16"):
+        assert re.search(rf"^  {dtype} +[0-9.]+ s", out, re.MULTILINE), out
+    assert re.search(r"bf16 / fp32 = [0-9.]+", out)

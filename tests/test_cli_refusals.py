@@ -287,6 +287,26 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, capsys, conte
     assert_nothing_created(tmp_path, before)
 
 
+@pytest.mark.parametrize("given", ["model.safetensors", "pytorch_model.bin", "folder", "other_dict"])
+def test_a_model_file_or_folder_as_ckpt_path_says_how_to_fine_tune_from_it(tmp_path, capsys, given):
+    from pretrained import save_tiny_checkpoint
+    from safetensors.torch import load_file
+
+    model = save_tiny_checkpoint(tmp_path / "model_folder", torch.float32)
+    weights = load_file(model / "model.safetensors")
+    paths = {"model.safetensors": model / "model.safetensors", "pytorch_model.bin": tmp_path / "pytorch_model.bin",
+             "folder": model, "other_dict": tmp_path / "other.pt"}  # fmt: skip
+    torch.save(weights, paths["pytorch_model.bin"])
+    torch.save({"weights": weights, "step": 3}, paths["other_dict"])
+    before = snapshot(tmp_path)
+    err = refused(capsys, tiny_args(tmp_path, "--ckpt_path", str(paths[given])))
+    line = err.splitlines()[0]
+    assert len(err.strip().splitlines()) == 1 and f"The checkpoint {paths[given]} " in line, err
+    assert "not a Lightning checkpoint" in line or "is a folder with a model's config.json, not a file" in line, line
+    assert "--model.init_args.model_name_or_path" in line and "holds a different model" not in line
+    assert_nothing_created(tmp_path, before)
+
+
 @SLOW
 def test_a_checkpoint_without_federation_state_is_refused_before_training(tmp_path, capsys):
     built = ParaBlockCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,

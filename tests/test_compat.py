@@ -57,6 +57,13 @@ def test_the_dataset_fingerprint_exists_and_follows_the_rows():
     assert _compat.dataset_fingerprint(rows.select([0])) != _compat.dataset_fingerprint(rows)
 
 
+def test_the_source_row_of_a_selected_shuffled_and_split_dataset_is_the_row_loaded():
+    rows = Dataset.from_dict({"row": list(range(10))})
+    assert _compat.dataset_source_row(rows, 3) == 3  # no index mapping: the rows are the table's
+    picked = rows.shuffle(seed=0).select(range(8)).train_test_split(test_size=0.25, seed=0)["test"]
+    assert [_compat.dataset_source_row(picked, i) for i in range(len(picked))] == picked["row"]
+
+
 def test_the_imported_private_symbols_resolve():
     for name in _compat.__all__:
         assert getattr(_compat, name) is not None, name
@@ -70,7 +77,7 @@ def test_no_module_but_compat_reaches_a_private_lightning_torch_or_datasets_symb
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lightning", "torch", "datasets"):
                 offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-            private = ("_signal_connector", "_accelerator_connector", "_trainer", "_fingerprint")
+            private = ("_signal_connector", "_accelerator_connector", "_trainer", "_fingerprint", "_indices")
             if isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{path.name}: .{node.attr}")
             if isinstance(node, ast.Attribute) and node.attr == "_get_default_store":

@@ -143,3 +143,39 @@ def test_model_loads_in_the_trainers_dtype_inside_configure_model(checkpoints):
     data = SyntheticArithmeticDataModule(num_examples=8, val_examples=0, batch_size=4)
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     assert {p.dtype for p in module.parameters()} == {F32}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_model_built_outside_the_trainer_is_refused_naming_that_cause_and_its_fixes(checkpoints, precision):
+    """The notebook case: ``module.model`` read first takes the checkpoint's bf16; the fit must not say
+    "use dtype='auto'" to a module that has it, but where the model was built and how to build it right."""
+    module = CausalLMModule(model_name_or_path=str(checkpoints[BF16]))  # dtype="auto"
+    assert module.model.dtype == BF16  # built outside a Trainer: the checkpoint's own dtype
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    trainer = quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback()], max_epochs=2, precision=precision)
+    data = SyntheticArithmeticDataModule(num_examples=8, val_examples=0, batch_size=4)
+    with pytest.raises(MisconfigurationException) as refused:
+        trainer.fit(module, train_dataloaders=data.train_dataloader())
+    message = str(refused.value)
+    assert "was built outside a Trainer" in message and "in the checkpoint's own dtype bfloat16" in message
+    assert f"`precision='{precision}'` trains float32 weights" in message
+    assert "Build it after `Trainer(...)`" in message and "dtype='float32'" in message
+    assert "dtype='auto'" not in message
+    built_by_fit = CausalLMModule(model_name_or_path=str(checkpoints[BF16]))
+    float32 = CausalLMModule(model_name_or_path=str(checkpoints[BF16]), dtype="float32")
+    float32.configure_model()  # built early, but in the dtype asked for
+    for fixed in (built_by_fit, float32):
+        trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+                                callbacks=[ParaBlockCallback()], max_epochs=2, precision=precision)  # fmt: skip
+        trainer.fit(fixed, train_dataloaders=data.train_dataloader())
+        assert {p.dtype for p in fixed.parameters()} == {F32}
+
+
+def test_a_model_built_for_another_trainers_precision_is_refused_naming_it(checkpoints):
+    module = CausalLMModule(model_name_or_path=str(checkpoints[F32]))
+    data = SyntheticArithmeticDataModule(num_examples=8, val_examples=0, batch_size=4)
+    quiet_trainer(precision="bf16-true").validate(module, data.train_dataloader())  # builds it in bf16
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1),
+                            callbacks=[ParaBlockCallback()], max_epochs=2, precision="32-true")  # fmt: skip
+    with pytest.raises(MisconfigurationException, match=r"built for another Trainer's `precision='bf16-true'`, in bfloat16"):
+        trainer.fit(module, train_dataloaders=data.train_dataloader())

@@ -166,3 +166,23 @@ def test_a_resume_under_another_precision_is_refused_naming_both(tmp_path):
                             callbacks=[ParaBlockCallback(staleness=1)], max_epochs=3, precision="32-true")  # fmt: skip
     with pytest.raises(MisconfigurationException, match="precision: 'bf16-mixed' in the checkpoint, '32-true' now"):
         resumed.fit(ToyModule(), toy_loader(toy_dataset()), ckpt_path=tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "state_dict", "folder"])
+def test_a_models_weights_as_ckpt_path_are_not_a_lightning_checkpoint(saved_run, tmp_path, kind):
+    from safetensors.torch import save_file
+
+    weights = {name: value.clone() for name, value in ToyModule().state_dict().items()}
+    names = {"safetensors": "model.safetensors", "state_dict": "weights.pt", "folder": "model"}
+    path = tmp_path / names[kind]
+    if kind == "safetensors":
+        save_file(weights, path)
+    elif kind == "state_dict":
+        torch.save(weights, path)
+    else:
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    text = refused(saved_run, tmp_path, ckpt_path=path)
+    assert text.startswith(f"The checkpoint {path} "), text
+    assert ("not a Lightning checkpoint" if kind != "folder" else "is a folder with a model's config.json") in text
+    assert "model_name_or_path" in text

@@ -63,7 +63,16 @@ class Aggregator(metaclass=_BuildsTheRule):
         if method is not None:  # one of the rules ``Aggregator(method=...)`` used to name
             _RULE_OF_METHOD[method] = cls
 
-    def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
+    def __init__(
+        self,
+        method: Optional[str] = None,
+        clip_norm: Optional[float] = None,
+        trim_fraction: Optional[float] = None,
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        """``method``, ``clip_norm`` and ``trim_fraction`` are read only by ``Aggregator(...)`` itself, the
+        deprecated configurable form (also from a config's ``class_path: lightning_parablock.Aggregator``), which
+        builds the rule's own class; a rule's class takes its own arguments."""
         self.nonfinite = check_choice("nonfinite", nonfinite, get_args(NonFinitePolicy))
 
     def client_weights(self, sample_counts: Mapping[int, int]) -> dict[int, float]:
@@ -115,13 +124,15 @@ _RULE_OF_METHOD: dict[str, type[Aggregator]] = {}  # filled by the rules' classe
 
 
 def _from_method(
-    method: AggregationMethod = "mean",
+    method: Optional[AggregationMethod] = None,
     clip_norm: Optional[float] = None,
-    trim_fraction: float = 0.1,
+    trim_fraction: Optional[float] = None,
     nonfinite: NonFinitePolicy = "raise",
 ) -> Aggregator:
     """What ``Aggregator(method=..., ...)`` meant before 0.2: the rule's class, with a FutureWarning naming it."""
+    method = "mean" if method is None else method
     check_choice("method", method, get_args(AggregationMethod))
+    trim_fraction = 0.1 if trim_fraction is None else trim_fraction
     check_float("trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, max_open=True)  # checked for every rule, as it was
     arguments: dict[str, Any] = {"clip_norm": clip_norm, "nonfinite": nonfinite}
     if method == "trimmed_mean":

@@ -26,11 +26,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.cli import preflight
+from lightning_parablock.cli import evaluate, preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
+from lightning_parablock.cli.noise import quiet_dependency_noise
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
-from lightning_parablock.cli.recipe_method import apply_method
+from lightning_parablock.cli.passes import set_rounds_for_passes
+from lightning_parablock.cli.recipe_method import apply_method, written_for_by_file
 from lightning_parablock.flower.site_mailbox import federation_stop
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
@@ -87,7 +89,8 @@ class ConciseArgumentParser(LightningArgumentParser):
 
 
 class ConciseReportParser(argparse.ArgumentParser):
-    """``parablock report``'s errors as one line, as ``fit``'s are, instead of argparse's usage text first."""
+    """``parablock report``'s and ``evaluate``'s errors as one line, as ``fit``'s are, instead of argparse's usage
+    text first."""
 
     def error(self, message: str) -> NoReturn:
         refuse(f"{message}\n(`{self.prog} --help` lists the options.)")
@@ -133,9 +136,18 @@ class ParaBlockCLI(LightningCLI):
             type=Optional[MethodName],
             default=None,
             help="The method of the paper's Table 1 to train with; it sets the strategy class, block_patterns, the"
-            " callback's staleness and aggregator and the module's LoRA, and refuses a config that sets them"
-            " otherwise (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default:"
-            " the config as written.",
+            " callback's staleness and aggregator and the module's LoRA. What a config file with another `method:`"
+            " line sets for its own method gives way (a note says so); your own conflicting settings are refused"
+            " (see lightning_parablock.cli.recipe_method). With fedcybgd, epoch counts are cycles. Default: the"
+            " config as written.",
+        )
+        parser.add_argument(
+            "--passes",
+            type=Optional[float],
+            default=None,
+            help="The run's length as passes over the training data: sets trainer.max_epochs (one epoch is one round)"
+            " to the fewest rounds that read the training samples this many times, once the data are loaded."
+            " Default: the config's max_epochs.",
         )
         parser.add_argument(
             "--output_dir",
@@ -168,7 +180,7 @@ class ParaBlockCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("method"):
             try:
-                notes = apply_method(config, config.method)
+                notes = apply_method(config, config.method, written_for_by_file(config))
             except USAGE_ERRORS as error:
                 refuse(error)
             for note in notes:
@@ -193,9 +205,16 @@ class ParaBlockCLI(LightningCLI):
         self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
         try:
             self._output_plan = self._preflight()
+            passes = self.config[self.subcommand].get("passes")
+            if passes is not None:
+                print(f"parablock: {set_rounds_for_passes(self.trainer, self.datamodule, passes)}", file=sys.stderr)
         except USAGE_ERRORS as error:
             refuse(error)
-        self._loss_before = self._held_out_loss()
+        try:  # the first time the model is built when nothing else needed it: a load failure is bad input too
+            self._loss_before = self._held_out_loss()
+        except USAGE_ERRORS as error:
+            _remove_new_folders(self._new_folders, self.trainer)
+            refuse(error)
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
@@ -349,18 +368,24 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 DESCRIPTION = (
-    "ParaBlock for Lightning. Commands: fit, validate, test, predict and report. The first four are LightningCLI's"
-    " (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished run's table"
-    " and draws its figures (`parablock report --help`)."
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict, report, evaluate and flower-demo. The first four"
+    " are LightningCLI's (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a"
+    " finished run's table and draws its figures (`parablock report --help`); `parablock evaluate MODEL --data FILE`"
+    " scores a saved model's answers to your own chat data (`parablock evaluate --help`); `parablock flower-demo` runs"
+    " a federation of sites over a real Flower deployment on this machine (`parablock flower-demo --help`)."
 )
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``parablock report ...`` draws a finished run, ``parablock flower-demo`` runs a Flower federation on this
-    machine; anything else goes to LightningCLI (fit, validate ...)."""
+    """``parablock report ...`` draws a finished run, ``parablock evaluate ...`` scores a saved model,
+    ``parablock flower-demo`` runs a Flower federation on this machine; anything else goes to LightningCLI (fit,
+    validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         report.main(argv[1:], parser_class=ConciseReportParser)
+        return
+    if argv[:1] == ["evaluate"]:
+        evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
     if argv[:1] == ["flower-demo"]:
         from lightning_parablock.flower import demo  # the optional extra: imported only when asked for
@@ -368,6 +393,14 @@ def main(args: Optional[list[str]] = None) -> None:
         demo.main(argv[1:], parser_class=ConciseReportParser)
         return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
+    if flag is not None and flag.startswith("--lr_scheduler"):
+        refuse(
+            f"`{flag}` is not an option of parablock: a scheduler would follow one client's optimizer, not the"
+            " federation's rounds. Schedule the clients' learning rate on the strategy:"
+            " `--trainer.strategy.init_args.lr_schedule cosine` (or linear) with"
+            " `--trainer.strategy.init_args.warmup_steps N` (or `warmup_ratio`) and"
+            " `--trainer.strategy.init_args.min_lr_ratio`."
+        )
     if flag is not None:
         refuse(
             f"`{flag}` is not an option of parablock: one optimizer object would be shared by every client. Give"
@@ -376,6 +409,7 @@ def main(args: Optional[list[str]] = None) -> None:
             " --trainer.strategy.init_args.client_optimizer.lr 1e-4`), or let the module's configure_optimizers"
             " build one per client."
         )
+    quiet_dependency_noise()
     ParaBlockCLI(
         LightningModule,
         LightningDataModule,

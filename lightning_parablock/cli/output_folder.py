@@ -26,6 +26,8 @@ from torch import nn
 
 MARKER = ".parablock_output.json"
 STATE_DICT_FILENAME = "model_state_dict.pt"
+ADAPTER_FOLDER = "adapter"
+"""Where a LoRA model's adapter alone goes, inside the output folder (peft's format), when it is the model."""
 
 
 class OutputDirError(ValueError):
@@ -147,10 +149,24 @@ def write_model(module: nn.Module, tokenizer: Any, folder: Path, run_id: str) ->
             torch.save(module.state_dict(), folder / STATE_DICT_FILENAME)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
+    contents += write_adapter(module, folder)
     marker = {"written_by": "lightning_parablock", "run": run_id, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "contents": contents}  # fmt: skip
     (folder / MARKER).write_text(json.dumps(marker, indent=1))
     return contents
+
+
+def write_adapter(module: nn.Module, folder: Path) -> str:
+    """Beside a LoRA model's merged weights, its adapter alone in ``folder/adapter`` (peft's format), when applied to
+    the checkpoint it is this model (``CausalLMModule.adapter_mismatch``); what was done, in words, for the summary."""
+    hparams = getattr(module, "hparams", {})
+    if hparams.get("lora") is None or not callable(getattr(module, "adapter_mismatch", None)):
+        return ""
+    reason = module.adapter_mismatch()
+    if reason is not None:
+        return f"; no adapter-only copy: {reason}"
+    module.save_adapter(folder / ADAPTER_FOLDER)
+    return f"; the LoRA adapter alone in {ADAPTER_FOLDER}/ (PeftModel.from_pretrained(base, '{ADAPTER_FOLDER}'))"
 
 
 def save_model(

@@ -1,8 +1,8 @@
 """What ``parablock fit`` checks before the first round, so a bad run stops before it trains or writes anything.
 
 Each check raises a ``ValueError`` naming the values that disagree; the CLI prints it as the one line the user
-sees. The data are loaded and tokenized here too, so an empty file or a corrupt row is found before any run
-folder exists.
+sees. The data are loaded and tokenized here too, and the partition's labels drawn, so an empty file, a corrupt row
+or text that cannot be clustered is found before any run folder exists.
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ class PreflightError(ValueError):
 
 
 def prepare_data(datamodule: Optional[LightningDataModule]) -> None:
-    """Load and tokenize this package's data modules now (they cache it), so data errors come first."""
+    """Load and tokenize this package's data modules now, and draw the labels their partition splits by (they
+    cache both), so data errors come first."""
     if datamodule is None or not type(datamodule).__module__.startswith("lightning_parablock"):
         return
     datamodule.prepare_data()
     datamodule.setup("fit")
+    labels = getattr(datamodule, "labels", None)
+    if callable(labels):
+        labels()
 
 
 def hf_config(module: LightningModule) -> Optional[Any]:
@@ -59,8 +63,9 @@ def check_vocabulary(module: LightningModule, tokenizer: Any) -> None:
 
 
 def load_resume_checkpoint(ckpt_path: Optional[str]) -> Optional[dict[str, Any]]:
-    """The checkpoint ``--ckpt_path`` names, when it is a file (``last``/``best`` are resolved by Lightning)."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
+    """The checkpoint ``--ckpt_path`` names, when it is a file or a folder (refused: no checkpoint); ``last``/``best``
+    are resolved by Lightning."""
+    if not ckpt_path or not Path(ckpt_path).exists():
         return None
     return read_checkpoint_file(ckpt_path, lambda: torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True))
 

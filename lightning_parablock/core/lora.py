@@ -8,9 +8,10 @@ functions that build or find adapters, not with this module: the aggregators and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,9 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> "PeftModel":
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(**{**LORA_DEFAULTS, **check_lora_options(options)})
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers 5 for a renamed property; not the user's to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 @dataclass(frozen=True)
@@ -109,3 +112,27 @@ def restart_adapters(model: nn.Module, generator: torch.Generator) -> None:
         bound = 1.0 / a.shape[1] ** 0.5  # kaiming_uniform_ with a=sqrt(5): sqrt(6 / ((1 + 5) fan_in))
         a.copy_((torch.rand(a.shape, generator=generator) * 2 - 1).mul_(bound).to(a.device, a.dtype))
         b.zero_()
+
+
+ADAPTER_NAME_PART = ".lora_"
+"""In every adapter parameter's name (``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_magnitude_vector``)."""
+
+
+@torch.no_grad()
+def changed_base_weight(model: PeftModel, reference: Callable[[str], Optional[Tensor]]) -> Optional[str]:
+    """The first base weight of ``model`` that is not the ``reference`` checkpoint's (its checkpoint name, with
+    ``(not in the checkpoint)`` when there is none to compare), or ``None`` when every one is, in the model's dtype.
+
+    ``reference`` gives a checkpoint tensor by its name, which is the base parameter's name without peft's
+    ``.base_layer``. Only then is the adapter alone, applied to that checkpoint, this model.
+    """
+    for name, param in model.get_base_model().named_parameters():
+        if ADAPTER_NAME_PART in name:
+            continue
+        key = name.replace(".base_layer.", ".")
+        saved = reference(key)
+        if saved is None:
+            return f"{key} (not in the checkpoint)"
+        if saved.shape != param.shape or not torch.equal(saved.to(param.device, param.dtype), param):
+            return key
+    return None

@@ -7,6 +7,7 @@ states it in YAML.
 """
 
 import math
+import warnings
 from dataclasses import asdict, replace
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -49,6 +50,18 @@ except ImportError:
 
 PartitionKind = Literal["iid", "dirichlet", "natural", "cluster"]
 PARTITION_KINDS: tuple[str, ...] = get_args(PartitionKind)
+
+
+class NoEvaluationData(list):
+    """No validation or test set: an empty list of loaders, for which Lightning runs nothing.
+
+    A type of its own so that the warning Lightning gives about any loader of zero length ("Total length of
+    `NoEvaluationData` across ranks is zero"), meant for a loader that came out empty by mistake, is filtered for
+    this intended emptiness alone.
+    """
+
+
+warnings.filterwarnings("ignore", message=r"Total length of `NoEvaluationData` across ranks is zero")
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -194,7 +207,8 @@ class FederatedDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         hparams = self.hparams
-        examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in self._sources().items()}
+        sources = self._sources()
+        examples = {name: load_examples(s, hparams.seed, hparams.cache_dir) for name, s in sources.items()}
         if hparams.val_fraction > 0:
             rows = len(examples["train"])
             if math.ceil(hparams.val_fraction * rows) >= rows:  # how `train_test_split` sizes the held-out part
@@ -207,8 +221,9 @@ class FederatedDataModule(L.LightningDataModule):
             examples["train"], examples["val"] = held_out["train"], held_out["test"]
         tokenized = {}
         for split, rows in examples.items():
+            where = sources.get(split, self.source).describe()  # a held-out fraction comes from the training data
             tokenized[split], report = tokenize_dataset(
-                rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc
+                rows, self.tokenizer, hparams.max_length, hparams.prompt_format, split, hparams.num_proc, where
             )
             self.reports[split] = report
             if split == "train":
@@ -374,12 +389,16 @@ class FederatedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> Union[DataLoader, list]:
         """The held-out loss loader; an empty list (no validation) when there is no validation set."""
         self.setup()
-        return [] if self.val_dataset is None else self._loader(self.val_dataset, self._eval_batch_size)
+        if self.val_dataset is None:
+            return NoEvaluationData()
+        return self._loader(self.val_dataset, self._eval_batch_size)
 
     def test_dataloader(self) -> Union[DataLoader, list]:
         """The ``eval_dataset`` loader; an empty list when there is none."""
         self.setup()
-        return [] if self.test_dataset is None else self._loader(self.test_dataset, self._eval_batch_size)
+        if self.test_dataset is None:
+            return NoEvaluationData()
+        return self._loader(self.test_dataset, self._eval_batch_size)
 
     @property
     def _eval_batch_size(self) -> int:

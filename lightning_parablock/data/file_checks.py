@@ -1,7 +1,9 @@
 """Local data files checked before ``datasets`` reads them, so a bad file is named with its row.
 
 ``datasets`` reports an empty or corrupt JSON file as a pyarrow error deep in its builder, without the
-file or the line. These checks run first and say which file, which line, and what is wrong there.
+file or the line, and it converts a column of mixed types to one type first (a list of content parts among text
+turns makes every content JSON: the text "0." becomes 0.0), so a refusal after loading would name the wrong row.
+These checks run first, on the rows as written, and say which file, which line, and what is wrong there.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
+
+from lightning_parablock.data.chat import CHAT_COLUMNS, check_conversation
 
 DataFiles = Union[str, list[str], dict[str, Union[str, list[str]]]]
 _JSON_SUFFIXES = (".json", ".jsonl")
@@ -41,10 +45,17 @@ def check_data_files_shape(data_files: object) -> None:
         )
 
 
-def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = (), builder: str | None = None) -> None:
+def check_data_files(
+    data_files: DataFiles,
+    text_columns: Sequence[str] = (),
+    builder: str | None = None,
+    conversation_column: Optional[str] = None,
+) -> None:
     """Each local file exists and holds at least one example; a JSON or CSV file is UTF-8; each JSON row parses
     to an object whose ``text_columns`` (those it has) hold text: a list or a number there would be trained on
-    as its ``str()``, or stop ``datasets`` with an error that names neither the file nor the row.
+    as its ``str()``, or stop ``datasets`` with an error that names neither the file nor the row. A row with a
+    conversation (``conversation_column``, else ``messages`` or ``conversations``) has that checked instead, as
+    :func:`~lightning_parablock.data.chat.check_conversation` checks it after loading.
 
     A file is JSON or CSV by its extension, or by the ``datasets`` ``builder`` that reads it (``path: csv`` over
     a ``.tsv`` file). Remote paths (``hf://``, ``s3://`` ...) and glob patterns are left to ``datasets``.
@@ -60,19 +71,20 @@ def check_data_files(data_files: DataFiles, text_columns: Sequence[str] = (), bu
         if path.stat().st_size == 0:
             raise ValueError(f"Data file {file!r} is empty: it holds no example.")
         if path.suffix.lower() in _JSON_SUFFIXES or builder == "json":
-            _check_json(path, text_columns)
+            conversation_columns = (conversation_column,) if conversation_column else CHAT_COLUMNS
+            _check_json(path, text_columns, conversation_columns)
         elif path.suffix.lower() == ".csv" or builder in ("csv", "text"):
             _check_utf8_lines(path)  # ``datasets`` reports other bytes without the file, the line or the encoding
 
 
-def _check_json(path: Path, text_columns: Sequence[str]) -> None:
+def _check_json(path: Path, text_columns: Sequence[str], conversation_columns: Sequence[str]) -> None:
     text = _read_utf8(path)
     if not text.strip():
         raise ValueError(f"Data file {str(path)!r} holds only whitespace: no example.")
     if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
-        _check_json_document(path, text, text_columns)
+        _check_json_document(path, text, text_columns, conversation_columns)
     else:
-        _check_json_lines(path, text, text_columns)
+        _check_json_lines(path, text, text_columns, conversation_columns)
 
 
 def _read_utf8(path: Path) -> str:
@@ -104,8 +116,24 @@ def _not_utf8(path: Path, line: int, text: bytes, column: int, reason: str) -> V
     )
 
 
-def _check_text_columns(where: str, row: dict[str, Any], text_columns: Sequence[str]) -> None:
-    """Every column of ``text_columns`` the row has holds a string (or null, refused later with the field's name)."""
+def _check_row(
+    path: Path,
+    line: Optional[int],
+    index: int,
+    row: dict[str, Any],
+    text_columns: Sequence[str],
+    conversation_columns: Sequence[str],
+) -> None:
+    """The row's conversation, the first of ``conversation_columns`` it has, is one (chat data trains it and reads
+    no instruction column), named by its ``line`` in the file and its ``index`` among the rows as after loading;
+    else every column of ``text_columns`` the row has holds a string (or null, refused later with the field's
+    name)."""
+    conversation = next((column for column in conversation_columns if column in row), None)
+    if conversation is not None:
+        line_text = f" (line {line})" if line is not None else ""
+        check_conversation(row[conversation], f"Data file {str(path)!r}{line_text}, row {index}")
+        return
+    where = f"Data file {str(path)!r}, " + (f"line {line}" if line is not None else f"row {index}")
     for column in text_columns:
         value = row.get(column)
         if value is not None and not isinstance(value, str):
@@ -115,7 +143,9 @@ def _check_text_columns(where: str, row: dict[str, Any], text_columns: Sequence[
             )
 
 
-def _check_json_document(path: Path, text: str, text_columns: Sequence[str]) -> None:
+def _check_json_document(
+    path: Path, text: str, text_columns: Sequence[str], conversation_columns: Sequence[str]
+) -> None:
     """A JSON array of objects (Alpaca's layout)."""
     try:
         rows = json.loads(text)
@@ -132,11 +162,14 @@ def _check_json_document(path: Path, text: str, text_columns: Sequence[str]) -> 
                 f"Data file {str(path)!r}, row {index}: expected a JSON object with the example's fields, got"
                 f" {type(row).__name__} {str(row)[:60]!r}."
             )
-        _check_text_columns(f"Data file {str(path)!r}, row {index}", row, text_columns)
+        _check_row(path, None, index, row, text_columns, conversation_columns)
 
 
-def _check_json_lines(path: Path, text: str, text_columns: Sequence[str]) -> None:
+def _check_json_lines(
+    path: Path, text: str, text_columns: Sequence[str], conversation_columns: Sequence[str]
+) -> None:
     """One JSON object per line (``.jsonl``, or a ``.json`` file in that layout); blank lines are skipped."""
+    index = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -152,4 +185,5 @@ def _check_json_lines(path: Path, text: str, text_columns: Sequence[str]) -> Non
                 f"Data file {str(path)!r}, line {number}: expected a JSON object with the example's fields, got"
                 f" {type(row).__name__} {line[:60]!r}."
             )
-        _check_text_columns(f"Data file {str(path)!r}, line {number}", row, text_columns)
+        _check_row(path, number, index, row, text_columns, conversation_columns)
+        index += 1

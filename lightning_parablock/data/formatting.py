@@ -10,6 +10,8 @@ from typing import Any, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lightning_parablock.data.chat_template import check_extends, render
+
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.CrossEntropyLoss`` (and so every HF causal LM) leaves out of the loss."""
 
@@ -22,14 +24,9 @@ def chat_prompt_and_response(
     after it (the answer and its end-of-turn markers), so the loss covers exactly what the model must generate.
     """
     user = {"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}
-    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError(
-            "The tokenizer's chat template renders the conversation with the answer differently from the prompt"
-            f" alone, so the prompt cannot be masked: prompt {prompt!r}, full {full!r}. Use a plain-text format such"
-            " as `prompt_format='alpaca_lora'`."
-        )
+    prompt = render(tokenizer, [user], add_generation_prompt=True)
+    full = render(tokenizer, [user, {"role": "assistant", "content": response}])
+    check_extends(prompt, full, "the prompt")
     return prompt, full[len(prompt) :]
 
 

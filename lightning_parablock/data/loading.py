@@ -55,7 +55,8 @@ class DataSource:
         columns: The data's column for each of ``instruction``, ``input`` (optional) and ``output``. Unnamed ones
             default to the preset's, else to the column of the same name. For chat data, ``{messages: column}``
             names the column of conversations (found by itself when it is ``messages`` or ShareGPT's
-            ``conversations``); see :mod:`~lightning_parablock.data.chat`.
+            ``conversations``, which is then trained even beside instruction columns); see
+            :mod:`~lightning_parablock.data.chat`.
         max_examples: Keep a seeded random sample of this many examples (the paper samples 50,000 of MathInstruct).
     """
 
@@ -101,12 +102,14 @@ def load_examples(source: DataSource, seed: int, cache_dir: Optional[str] = None
     columns = {**(preset.columns if preset else {}), **(source.columns or {})}
     if source.data_files is not None:
         text_columns = [columns.get(field, field) for field in TEXT_FIELDS]
-        check_data_files(source.data_files, text_columns=text_columns, builder=builder)
+        check_data_files(
+            source.data_files, text_columns, builder, conversation_column=(source.columns or {}).get(MESSAGES)
+        )
     try:
         dataset = load_dataset(builder, name, split=source.split, data_files=source.data_files, cache_dir=cache_dir)
     except (ValueError, DatasetGenerationError) as error:  # e.g. 'Unknown split "test". Should be one of ['train'].'
         raise ValueError(f"Could not load the data source {source.describe()}: {error}") from error
-    conversations = chat_column(columns, dataset.column_names)
+    conversations = chat_column(source.columns, dataset.column_names, source.describe())
     if conversations is not None:
         dataset = to_chat_schema(dataset, conversations, source.describe())
     else:

@@ -145,7 +145,16 @@ def cluster_labels(texts: Sequence[str], num_clusters: int, seed: int) -> list[i
         )
     stop_words = sorted(ENGLISH_STOP_WORDS | INSTRUCTION_WORDS)
     vectorizer = TfidfVectorizer(max_features=_TFIDF_FEATURES, sublinear_tf=True, stop_words=stop_words)
-    vectors = vectorizer.fit_transform(texts)
+    try:
+        vectors = vectorizer.fit_transform(texts)
+    except ValueError as error:  # scikit-learn: "empty vocabulary; perhaps the documents only contain stop words"
+        if "empty vocabulary" not in str(error):
+            raise
+        raise ValueError(
+            f"`partition='cluster'` found no content word to cluster by in the {len(texts)} texts (the instructions"
+            " and inputs, or a conversation's user turns): every word is a stop word or too short. Split by a column"
+            " instead (`partition='dirichlet'` or `'natural'` with `label_column`), or use `partition='iid'`."
+        ) from None
     kmeans = KMeans(n_clusters=num_clusters, n_init=_KMEANS_INITS, random_state=seed)
     return kmeans.fit_predict(vectors).tolist()
 

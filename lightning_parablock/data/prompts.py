@@ -22,6 +22,8 @@ from typing import Literal, Optional
 
 from transformers import PreTrainedTokenizerBase
 
+from lightning_parablock.data.chat_template import render
+
 PromptFormat = Literal["stanford_alpaca", "alpaca_lora", "question_answer", "chat", "auto"]
 PROMPT_FORMATS = ("stanford_alpaca", "alpaca_lora", "question_answer", "chat", "auto")
 
@@ -154,7 +156,7 @@ def conversation_prompt(
             messages.append({"role": "user", "content": question})
             if answer is not None:
                 messages.append({"role": "assistant", "content": answer})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render(tokenizer, messages, add_generation_prompt=True)
     template = TEMPLATES[fmt]
     prompt = template.prompt(turns[0])
     for answer, question in zip(answers, turns[1:]):

@@ -7,13 +7,13 @@ out character by character the template alone would be ~150 tokens, longer than 
 tiny model is trained on.
 """
 
+import os
 from typing import Union
 
 from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_parablock.argument_checks import check_pretrained_folder
 from lightning_parablock.data.prompts import (
     INPUT_HEADER,
     INSTRUCTION_HEADER,
@@ -21,6 +21,7 @@ from lightning_parablock.data.prompts import (
     PREAMBLE_WITH_INPUT,
     RESPONSE_HEADER,
 )
+from lightning_parablock.pretrained import load_pretrained
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 _SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -54,14 +55,15 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` for a name or folder (an object passes through), with a pad token.
+def load_tokenizer(tokenizer: Union[str, os.PathLike, PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` for a name or folder (an object passes through), with a pad token; the
+    tokenizer's own code is never run (see :mod:`~lightning_parablock.pretrained`).
 
     Base models such as Llama 3 ship without a pad token; batches need one, so eos stands in. Padding never
     reaches the loss (its labels are ``-100``) nor attention (its mask is 0), so the choice does not matter.
     """
-    if isinstance(tokenizer, str):
-        tokenizer = _from_pretrained(tokenizer)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, "tokenizer", tokenizer)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
@@ -71,11 +73,3 @@ def load_tokenizer(tokenizer: Union[str, PreTrainedTokenizerBase]) -> PreTrained
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
-
-def _from_pretrained(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained``, naming the value when it is neither a local folder nor a loadable name."""
-    check_pretrained_folder("tokenizer", name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise OSError(f"Could not load `tokenizer={name_or_path!r}`: {error}") from error

@@ -1,8 +1,18 @@
-"""Evaluation: GSM8K-style exact-match accuracy, lm-evaluation-harness tasks, token perplexity, and MT-Bench answers
-for FastChat's judge."""
+"""Evaluation: accuracy on your own chat data, GSM8K-style exact-match accuracy, lm-evaluation-harness tasks, token
+perplexity, and MT-Bench answers for FastChat's judge."""
 
 from lightning_parablock.data.prompts import conversation_prompt
+from lightning_parablock.eval.accuracy import MatchAccuracy
 from lightning_parablock.eval.answers import answers_match, extract_numeric_answer, extract_reference_answer
+from lightning_parablock.eval.chat_answers import (
+    AnswerMatch,
+    ChatEvaluation,
+    ChatExample,
+    ChatScore,
+    answer_conversations,
+    load_chat_examples,
+    score_chat,
+)
 from lightning_parablock.eval.generation import (
     cut_at_stop,
     encode_prompt,
@@ -25,6 +35,14 @@ from lightning_parablock.eval.mtbench import (
 from lightning_parablock.eval.perplexity import TokenPerplexity, evaluate_perplexity
 
 __all__ = [
+    "AnswerMatch",
+    "ChatEvaluation",
+    "ChatExample",
+    "ChatScore",
+    "MatchAccuracy",
+    "answer_conversations",
+    "load_chat_examples",
+    "score_chat",
     "FASTCHAT_TEMPERATURES",
     "GSM8KAccuracy",
     "GSM8KEvaluation",

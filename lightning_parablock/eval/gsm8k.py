@@ -12,9 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
@@ -26,6 +24,7 @@ from lightning_parablock.data.prompts import (
     resolve_prompt_format,
     stop_strings,
 )
+from lightning_parablock.eval.accuracy import MatchAccuracy
 from lightning_parablock.eval.answers import Number, answers_match, extract_reference_answer
 from lightning_parablock.eval.generation import generate_answers
 from lightning_parablock.eval.global_model import GlobalModelEvaluation
@@ -37,25 +36,16 @@ QuestionPrompt = Union[PromptFormat, Callable[[str], str]]
 """A prompt format's name (see :mod:`~lightning_parablock.data.prompts`), or a function from question to prompt."""
 
 
-class GSM8KAccuracy(Metric):
+class GSM8KAccuracy(MatchAccuracy):
     """The fraction of predictions whose final number equals the reference's, as exact numbers.
 
     ``correct`` and ``total`` are sum-reduced states, so across processes (or merged with
     :meth:`merge_state`) the accuracy is that of all questions together, not a mean of per-process means.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-    correct: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, predictions: Sequence[str], references: Sequence[Union[str, Number]]) -> None:
+    def update(  # type: ignore[override]
+        self, predictions: Sequence[str], references: Sequence[Union[str, Number]]
+    ) -> None:
         """Score model outputs (free text) against references (see :func:`extract_reference_answer`)."""
         if isinstance(predictions, str) or isinstance(references, str):
             raise TypeError("`predictions` and `references` must be sequences of answers, not a single str.")
@@ -64,18 +54,7 @@ class GSM8KAccuracy(Metric):
                 f"Got {len(predictions)} predictions but {len(references)} references; pass one reference per"
                 " prediction."
             )
-        # rebinding, not +=: states reset under a Trainer's inference mode cannot be updated in place later
-        self.correct = self.correct + sum(answers_match(p, ref) for p, ref in zip(predictions, references))
-        self.total = self.total + len(predictions)
-
-    def compute(self) -> torch.Tensor:
-        """Accuracy in [0, 1]; ``nan`` before any question was scored."""
-        return self.correct.double() / self.total
-
-    @property
-    def count(self) -> int:
-        """Questions scored on this process (all processes inside :meth:`sync_context`)."""
-        return int(self.total)
+        super().update([answers_match(p, ref) for p, ref in zip(predictions, references)])
 
 
 @dataclass

@@ -20,6 +20,12 @@ FLoRA and FedCyBGD need their own strategy classes (:mod:`lightning_parablock.st
 from 1 up (the paper's Table 5); every other method is synchronous. A recipe switches the method
 with one line, ``method: fedit`` (see :mod:`lightning_parablock.cli.recipe_method`); a run's timeline
 names the method its settings match (:func:`identify`).
+
+Some strategy options mean nothing to some methods (:attr:`Method.unused_options`): the methods with their own
+``block_patterns`` (one block: every parameter, or the adapters) use no decoder-block option and no schedule;
+FedCyBGD's cycle fixes the schedule and who trains. Switching a method (``method(name).strategy(...)`` or a
+recipe's ``method:``) sets them back to their defaults and says so; ``FederatedBlockStrategy`` built by hand
+refuses them.
 """
 
 from __future__ import annotations
@@ -29,15 +35,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
 from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.strategies.fedcybgd import FedCyBGDStrategy
 from lightning_parablock.strategies.federated_block import FederatedBlockStrategy
+from lightning_parablock.strategies.federation_options import (
+    DECODER_BLOCK_OPTIONS,
+    SCHEDULE_OPTIONS,
+    FederationOptions,
+)
 from lightning_parablock.strategies.flora import FLoRAStrategy
 
 MethodName = Literal["parablock", "fedbcd", "full_ft", "fedit", "ffa_lora", "flora", "fedcybgd"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+CYCLE_OPTIONS = ("participation", "clients_per_round")
+"""Who trains in a round; FedCyBGD's cycle decides it."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,30 @@ class Method:
         """Rounds (epochs) for ``cycles`` rounds of the paper's kind, where every client trains once."""
         return cycles * num_clients if self.one_client_per_round else cycles
 
+    @property
+    def unused_options(self) -> tuple[str, ...]:
+        """Strategy options this method does not use: its own ``block_patterns`` (one block) replace the decoder's
+        blocks and leave no schedule to choose; FedCyBGD's cycle fixes the schedule and who trains."""
+        if "block_patterns" in self.strategy_args:
+            return DECODER_BLOCK_OPTIONS + SCHEDULE_OPTIONS
+        if self.one_client_per_round:
+            return SCHEDULE_OPTIONS + CYCLE_OPTIONS
+        return ()
+
+    def unused_note(self, name: str, value: Any) -> str:
+        """Why option ``name`` (given as ``value``) is set back to its default under this method."""
+        why = "its block_patterns replace the decoder's blocks" if "block_patterns" in self.strategy_args else (
+            "its cycle trains every client in turn, each on its own block"
+        )
+        default = FederationOptions.default(name)
+        return f"method {self.name}: {name}={value!r} does not apply ({why}); it runs with {default!r}"
+
     def strategy(self, **kwargs: Any) -> FederatedBlockStrategy:
+        """The method's strategy over the caller's options; options the method does not use are set back to their
+        defaults, with a warning naming each one."""
+        for name in self.unused_options:
+            if name in kwargs and kwargs[name] != FederationOptions.default(name):
+                rank_zero_warn(self.unused_note(name, kwargs.pop(name)))
         return self.strategy_class(**{**kwargs, **copy.deepcopy(self.strategy_args)})
 
     def callback_args(self, weighting: Weighting = "uniform") -> dict[str, Any]:

@@ -1,30 +1,50 @@
 """The Trainer settings a federated fit refuses, in one place: the strategy, the callback and ``parablock fit``.
 
 One epoch is one federated round (every participant's turn, then an exchange), so settings that cut an epoch
-short, validate inside it or train nothing are refused before anything trains. ``option_prefix`` names the
+short, validate inside it or train nothing are refused before anything trains. A half precision that this CPU
+only emulates is warned about (it runs, several times slower than fp32). ``option_prefix`` names the
 settings the way the user gave them: ``""`` for the Trainer's arguments, ``"--trainer."`` on the command line.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Optional, Union
 
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.plugins.precision import DoublePrecision
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import saves_within_epoch
+from lightning_parablock.core.cpu_half import missing_half_instructions
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+
+
+COMPUTE_DTYPES = {
+    "bf16-true": torch.bfloat16,
+    "bf16-mixed": torch.bfloat16,
+    "16-true": torch.float16,
+    "16-mixed": torch.float16,
+}
+"""Trainer precision -> the half precision its matrix products run in."""
 
 
 class TrainerSettingError(MisconfigurationException, ValueError):
     """A Trainer setting under which a federated fit cannot run as asked."""
 
 
+class EmulatedPrecisionWarning(UserWarning):
+    """The Trainer computes in a half precision that this CPU has no instructions for."""
+
+
 def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
-    """Refuse settings under which no round would run, or rounds would be cut or interrupted."""
+    """Refuse settings under which no round would run, or rounds would be cut or interrupted; warn about a half
+    precision this CPU only emulates."""
     option = lambda name: f"`{option_prefix}{name}={getattr(trainer, name)}`"  # noqa: E731
     if trainer.fast_dev_run:
         two_short_rounds = (
@@ -68,6 +88,42 @@ def check_trainer(trainer: "pl.Trainer", option_prefix: str = "") -> None:
                 " inside a federated round that Lightning cannot resume consistently. Save at round"
                 " boundaries with `every_n_epochs` (one epoch is one round)."
             )
+    warn_emulated_half_precision(trainer, option_prefix)
+
+
+def warn_emulated_half_precision(trainer: "pl.Trainer", option_prefix: str = "") -> Optional[str]:
+    """Warn when the Trainer computes on the CPU in a half precision the CPU has no instructions for; the warning.
+
+    Nothing fails in that case: PyTorch converts through fp32 and every step takes several times what an fp32
+    step takes, so a first round that looks hung is the only sign without this warning.
+    """
+    precision = str(trainer.precision)
+    dtype = COMPUTE_DTYPES.get(precision)
+    if dtype is None or not isinstance(trainer.accelerator, CPUAccelerator):
+        return None
+    missing = missing_half_instructions(dtype)
+    if missing is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    fix = (
+        "`--trainer.precision 32-true` (and `--model.init_args.dtype auto` where the config loads weights in"
+        f" {name})"
+        if option_prefix == "--trainer."
+        else f"`precision='32-true'` (and `CausalLMModule(dtype='auto')` where the model is loaded in {name})"
+    )
+    message = (
+        f"`{option_prefix}precision={precision}` computes in {name} on the CPU, but this CPU has no {name}"
+        f" instructions ({' or '.join(missing)}, missing from /proc/cpuinfo): PyTorch emulates them and every"
+        f" step takes several times an fp32 one (README, Troubleshooting). On this CPU train with {fix}."
+    )
+    _warn_once(message)
+    return message
+
+
+@rank_zero_only
+def _warn_once(message: str) -> None:
+    """One place of issue, so Python shows the same warning once per process (the CLI checks before the callback)."""
+    warnings.warn(message, EmulatedPrecisionWarning, stacklevel=1)
 
 
 def check_staleness(trainer: "pl.Trainer", staleness: int) -> None:
