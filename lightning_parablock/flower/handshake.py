@@ -147,7 +147,7 @@ def _check_server_round(next_round: int, server_round: Optional[int], state_path
         return
     if next_round not in (server_round - 1, server_round):
         raise HandshakeRefused(
-            f"the sites resume at round {next_round}, the server's record ({state_path}) at round {server_round}:"
-            f" resume every site from its checkpoint of round {max(server_round - 1, 0)} or {server_round}, or start a"
-            " new run in a new output folder"
+            f"the sites resume at round {next_round}, the server's record ({state_path}) at round {server_round} (the"
+            " first round not aggregated yet): resume the sites from checkpoints whose first round awaiting its"
+            f" aggregate is {max(server_round - 1, 0)} or {server_round}, or start a new run in a new output folder"
         )
