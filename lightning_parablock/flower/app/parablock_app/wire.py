@@ -244,7 +244,13 @@ def call_site(
     a broken frame.
     """
     try:
-        return _call(socket_path, key, header, arrays, reply_timeout_s, silence_timeout_s, connect_timeout_s)
+        sock = _connect(socket_path, connect_timeout_s)
+        try:
+            _authenticate(sock, key if isinstance(key, bytes) else read_key(key))
+            send_frame(sock, header, arrays)
+            return _await_reply(sock, reply_timeout_s, silence_timeout_s)
+        finally:
+            sock.close()
     except ConnectionError:
         last_words = failure_note(socket_path)
         if last_words is not None:  # the site wrote why before it went: that is the answer
@@ -265,40 +271,31 @@ def failure_note(socket_path: Union[str, os.PathLike]) -> Optional[str]:
         return None
 
 
-def _call(
-    socket_path: str,
-    key: Union[bytes, str, os.PathLike],
-    header: dict[str, Any],
-    arrays: Sequence[WireArray],
-    reply_timeout_s: float,
-    silence_timeout_s: float,
-    connect_timeout_s: float,
-) -> Frame:
-    sock = _connect(socket_path, connect_timeout_s)
-    try:
-        key = key if isinstance(key, bytes) else read_key(key)
-        challenge = read_frame(sock, ["challenge"], max_bytes=0)
-        send_frame(sock, {"kind": "auth", "proof": prove(key, str(challenge.header.get("nonce")))})
-        read_frame(sock, ["welcome"], max_bytes=0)  # or the site's refusal (a wrong key)
-        send_frame(sock, header, arrays)
-        until = time.monotonic() + reply_timeout_s
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer from the site's trainer within {reply_timeout_s:.0f}s (comm_timeout)")
-            sock.settimeout(min(left, silence_timeout_s))
-            try:
-                frame = read_frame(sock, ["keepalive", "reply"])
-            except socket.timeout:
-                if time.monotonic() < until:
-                    raise TimeoutError(
-                        f"the site's trainer said nothing for {silence_timeout_s:.0f}s (not even a keep-alive)"
-                    ) from None
-                continue
-            if frame.kind == "reply":
-                return frame
-    finally:
-        sock.close()
+def _authenticate(sock: socket.socket, key: bytes) -> None:
+    """Prove holding the site's key for this connection (the site refuses a wrong one)."""
+    challenge = read_frame(sock, ["challenge"], max_bytes=0)
+    send_frame(sock, {"kind": "auth", "proof": prove(key, str(challenge.header.get("nonce")))})
+    read_frame(sock, ["welcome"], max_bytes=0)
+
+
+def _await_reply(sock: socket.socket, reply_timeout_s: float, silence_timeout_s: float) -> Frame:
+    """The site's reply, keep-alives skipped; ``TimeoutError`` past the reply's deadline or a silence."""
+    until = time.monotonic() + reply_timeout_s
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer from the site's trainer within {reply_timeout_s:.0f}s (comm_timeout)")
+        sock.settimeout(min(left, silence_timeout_s))
+        try:
+            frame = read_frame(sock, ["keepalive", "reply"])
+        except socket.timeout:
+            if time.monotonic() < until:
+                raise TimeoutError(
+                    f"the site's trainer said nothing for {silence_timeout_s:.0f}s (not even a keep-alive)"
+                ) from None
+            continue
+        if frame.kind == "reply":
+            return frame
 
 
 def _connect(socket_path: str, timeout_s: float) -> socket.socket:
