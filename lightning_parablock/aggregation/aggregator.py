@@ -4,8 +4,9 @@ An aggregator turns a round's client deltas into Δ_t, in fp32. It is the only p
 transport calls it with every delta, a server process (Flower) with every site's clients' deltas, and the
 torch.distributed transport asks :attr:`Aggregator.reduces_from_partial_sums` whether each rank may add its own
 clients into a partial sum (:meth:`Aggregator.accumulate`, then one all-reduce) or whether every delta must be
-gathered first. Either way the same object does the arithmetic, client by client in ascending id, so the same
-deltas give the same bits whoever calls it.
+gathered first. Either way the same object does the arithmetic, client by client in ascending id: the same deltas
+give the same bits in memory, on a server and between ranks that gather; ranks that sum in parts add their own
+clients first and then the ranks' sums, which agrees to fp32 rounding.
 
 One class per rule (:mod:`.mean`, :mod:`.median`, :mod:`.trimmed_mean`, :mod:`.stacking`); a rule of one's own
 subclasses :class:`Aggregator` and implements :meth:`Aggregator.combine`.
@@ -111,6 +112,13 @@ class Aggregator(metaclass=_BuildsTheRule):
     def __repr__(self) -> str:
         arguments = ", ".join(f"{name}={value!r}" for name, value in self.settings().items())
         return f"{type(self).__name__}({arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        """The same rule with the same settings (the strategy keeps a copy of the caller's aggregator)."""
+        return type(other) is type(self) and other.settings() == self.settings()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))
 
 
 def normalized_weights(weights: Mapping[int, float], kept: list[int]) -> dict[int, float]:

@@ -83,14 +83,13 @@ class ParaBlockCallback(Callback):
         compression: Union[str, Codec, None] = "none",
         transport: Optional[TransportChoice] = None,
     ) -> None:
-        self.spec = ExchangeSpec(
-            staleness=1 if staleness is None else staleness,
-            aggregator=aggregator if aggregator is not None else MeanAggregator(),
-            codec=make_codec(compression),
-            link=link if link is not None else SimulatedLink(),
-            comm_timeout=parse_duration(comm_timeout, "comm_timeout"),
-            transport=transport if transport is not None else ByProcesses(),
-        )
+        self.staleness = 1 if staleness is None else staleness
+        self.aggregator = aggregator if aggregator is not None else MeanAggregator()
+        self.codec = make_codec(compression)
+        self.link = link if link is not None else SimulatedLink()
+        self.comm_timeout = parse_duration(comm_timeout, "comm_timeout")
+        self.transport = transport if transport is not None else ByProcesses()
+        self._take_checked(self.spec)  # every value refused by name now, not when training starts
         self.records: list[RoundRecord] = []
         self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
@@ -110,24 +109,21 @@ class ParaBlockCallback(Callback):
         return cls(**spec.callback_args(weighting), **kwargs)
 
     @property
-    def staleness(self) -> int:
-        return self.spec.staleness
+    def spec(self) -> ExchangeSpec:
+        """The exchange these arguments describe, checked (the strategy receives it at setup). Built from the
+        attributes each time, so ``callback.link = SimulatedLink(...)`` between fits takes effect."""
+        return ExchangeSpec(
+            staleness=self.staleness,
+            aggregator=self.aggregator,
+            codec=self.codec,
+            link=self.link,
+            comm_timeout=self.comm_timeout,
+            transport=self.transport,
+        )
 
-    @property
-    def aggregator(self) -> Aggregator:
-        return self.spec.aggregator
-
-    @property
-    def link(self) -> SimulatedLink:
-        return self.spec.link
-
-    @property
-    def codec(self) -> Codec:
-        return self.spec.codec
-
-    @property
-    def comm_timeout(self) -> float:
-        return self.spec.comm_timeout
+    def _take_checked(self, spec: ExchangeSpec) -> None:
+        """The values as the spec normalized them (a staleness of ``2.0`` is 2, ``"90s"`` is 90.0)."""
+        self.staleness, self.comm_timeout = spec.staleness, spec.comm_timeout
 
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
@@ -144,9 +140,11 @@ class ParaBlockCallback(Callback):
             return
         strategy = self._strategy(trainer)
         check_trainer(trainer)
-        check_staleness(trainer, self.staleness)
         _check_listed_before(self, LearningRateMonitor, trainer.callbacks)
-        strategy.configure_exchange(replace(self.spec, method=identify(strategy, self.staleness, self.aggregator)))
+        spec = self.spec
+        self._take_checked(spec)
+        check_staleness(trainer, spec.staleness)
+        strategy.configure_exchange(replace(spec, method=identify(strategy, spec.staleness, spec.aggregator)))
         self._timeline_path = None
         self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
@@ -247,7 +245,8 @@ class ParaBlockCallback(Callback):
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
         flushed = strategy.rounds_awaiting_exchange()
-        strategy.begin_flush()
+        if flushed:
+            strategy.begin_flush()
         for pending_round in flushed:
             started = time.perf_counter()
             strategy.start_exchange(pending_round)

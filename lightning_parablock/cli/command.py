@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.cli import evaluate, preflight
+from lightning_parablock.cli import preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
 from lightning_parablock.cli.noise import quiet_dependency_noise
@@ -385,6 +385,8 @@ def main(args: Optional[list[str]] = None) -> None:
         report.main(argv[1:], parser_class=ConciseReportParser)
         return
     if argv[:1] == ["evaluate"]:
+        from lightning_parablock.cli import evaluate  # loads transformers and datasets: only when asked for
+
         evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
     if argv[:1] == ["flower-demo"]:

@@ -57,11 +57,13 @@ class NoEvaluationData(list):
 
     A type of its own so that the warning Lightning gives about any loader of zero length ("Total length of
     `NoEvaluationData` across ranks is zero"), meant for a loader that came out empty by mistake, is filtered for
-    this intended emptiness alone.
+    this intended emptiness alone. The filter is (re)installed whenever one is made, not once at import: a test
+    runner or a user's ``warnings.catch_warnings`` restores the filters it found.
     """
 
-
-warnings.filterwarnings("ignore", message=r"Total length of `NoEvaluationData` across ranks is zero")
+    def __init__(self) -> None:
+        super().__init__()
+        warnings.filterwarnings("ignore", message=r"Total length of `NoEvaluationData` across ranks is zero")
 
 
 class FederatedDataModule(L.LightningDataModule):

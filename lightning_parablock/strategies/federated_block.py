@@ -26,7 +26,9 @@ named hooks: :meth:`~FederatedBlockStrategy.make_round_plan`, :meth:`~FederatedB
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
 
@@ -219,7 +221,8 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.client_optimizers = ClientOptimizers(client_optimizer)
         self.checkpoint = FederationCheckpoint()
-        self.exchange_spec: Optional[ExchangeSpec] = None  # set by configure_exchange, once per fit
+        self._exchange_spec: Optional[ExchangeSpec] = None  # set by configure_exchange, once per fit
+        self._federation_set_up = False  # between the strategy's setup and teardown: the exchange is in use
         self._flushed = False  # the run's last rounds are exchanged: what is saved now is the final model
         self.faults = FaultHandling()
 
@@ -289,14 +292,27 @@ class FederatedBlockStrategy(DDPStrategy):
     def configure_exchange(self, spec: ExchangeSpec) -> None:
         """Take the run's exchange; ``ParaBlockCallback`` hands its own over at setup, before the strategy's setup.
 
-        Checked here (:meth:`check_exchange`) and owned from then on: it is recorded in the run's checkpoints and
-        compared when one is resumed, once the strategy is set up.
+        Checked here (:meth:`check_exchange`) and owned from then on: the strategy keeps its own copies of the
+        aggregator, codec and link (a change to the caller's objects does not reach a run in progress), records the
+        spec in the run's checkpoints and compares it with a resumed one once the strategy is set up. Refused while
+        a fit is set up: its exchange is in use.
         """
         if not isinstance(spec, ExchangeSpec):
             raise TypeError(f"`configure_exchange` takes an ExchangeSpec, got {spec!r}.")
+        if self._federation_set_up:
+            raise MisconfigurationException(
+                "`configure_exchange` was called while a fit is set up and its exchange in use; hand the strategy its"
+                " ExchangeSpec before the fit's setup (ParaBlockCallback does, in its own `setup`)."
+            )
+        spec = replace(spec, aggregator=copy.deepcopy(spec.aggregator), codec=copy.deepcopy(spec.codec), link=copy.deepcopy(spec.link))
         spec = with_strategy_weighting(spec, self.options.weighting)
         self.check_exchange(spec)
-        self.exchange_spec = spec
+        self._exchange_spec = spec
+
+    @property
+    def exchange_spec(self) -> Optional[ExchangeSpec]:
+        """The run's exchange, as :meth:`configure_exchange` took it (``None`` before)."""
+        return self._exchange_spec
 
     def check_exchange(self, spec: ExchangeSpec) -> None:
         """Hook: refuse an exchange this strategy cannot run (FLoRA and FedCyBGD are synchronous); any goes here."""
@@ -320,7 +336,7 @@ class FederatedBlockStrategy(DDPStrategy):
         return settings
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
-        model, options, spec = self.lightning_module, self.options, self.exchange_spec
+        model, options, spec = self.lightning_module, self.options, self._exchange_spec
         if spec is None:
             raise MisconfigurationException(
                 "FederatedBlockStrategy has no exchange: add `ParaBlockCallback(...)` to the Trainer's callbacks; it"
@@ -354,6 +370,7 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.client_exchange = self.make_client_exchange(self.federation, self.plan, spec)
         self.client_exchange.open(member, members)
+        self._federation_set_up = True
         self.turns = Turns(self.federation, self.root_device, self.plan, trainable)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
@@ -604,6 +621,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._federation_set_up = False
         self.faults.uninstall()
         if self.client_exchange is not None:
             self.client_exchange.close()

@@ -53,7 +53,10 @@ def upgraded(saved: Mapping[str, Any]) -> dict[str, Any]:
             settings.setdefault(name, value)
     aggregator = settings.get("aggregator")
     if isinstance(aggregator, str) and aggregator.startswith(("Aggregator(", "StackingAggregator(")):
-        settings["aggregator"] = repr(_rule_of(aggregator, settings.get("weighting", "uniform")))
+        rule = _rule_of(aggregator, settings.get("weighting", "uniform"))
+        settings["aggregator"] = repr(rule)
+        if "weighting" in settings:
+            settings["weighting"] = rule.weighting  # a median or trimmed mean never used the strategy's weights
     return settings
 
 
