@@ -13,9 +13,10 @@ export MKL_NUM_THREADS ?= $(OMP_NUM_THREADS)
 # carries on), then SIGKILL after a grace period, so the bound is real.
 SLOW_TEST_LIMIT ?= 2400
 DISTRIBUTED_TEST_LIMIT ?= 1500
+FLOWER_TEST_LIMIT ?= 420
 KILL_GRACE ?= 30
 
-.PHONY: run test test-fast test-slow test-distributed clean
+.PHONY: run test test-fast test-slow test-distributed test-flower clean
 
 $(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,17 +29,22 @@ $(READY): pyproject.toml
 run: $(READY)
 	$(BIN)/parablock fit --config recipes/tiny.yaml
 
-test: test-fast test-slow test-distributed
+test: test-fast test-slow test-distributed test-flower
 
 test-fast: $(READY)
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(READY)
-	timeout -k $(KILL_GRACE) $(SLOW_TEST_LIMIT) $(BIN)/python -m pytest -m "slow and not distributed" -q
+	timeout -k $(KILL_GRACE) $(SLOW_TEST_LIMIT) $(BIN)/python -m pytest -m "slow and not distributed and not flower" -q
 
 # Several processes (gloo): each launch carries its own timeout and kills its process group.
 test-distributed: $(READY)
 	timeout -k $(KILL_GRACE) $(DISTRIBUTED_TEST_LIMIT) $(BIN)/python -m pytest -m distributed -q
+
+# A real Flower deployment on 127.0.0.1 (SuperLink, SuperNodes, sites): each test ends every process it started;
+# the bound ends pytest itself (and, SIGKILL after the grace, whatever it left).
+test-flower: $(READY)
+	timeout -k $(KILL_GRACE) $(FLOWER_TEST_LIMIT) $(BIN)/python -m pytest -m flower -q
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -29,7 +29,9 @@ class LargestClientState(Callback):
         self.bytes = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.bytes = max(self.bytes, trainer.strategy.federation.client_state_nbytes())
+        strategy = trainer.strategy
+        held = strategy.federation.client_state_nbytes() + strategy.client_exchange.residual_nbytes()
+        self.bytes = max(self.bytes, held)
 
 
 def run(staleness: int, clients: int, rounds: int, latency: str, device: str, probe: Optional[Callback] = None):

@@ -7,6 +7,9 @@ The public names below are imported on first use, so ``import lightning_parabloc
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning_parablock import _moved
@@ -61,6 +64,38 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_HOME))
+
+
+_LIGHTNING_FACING = "lightning_parablock.callbacks.parablock"
+"""Importing it registers ``Trainer(strategy="federated_block")`` and makes ``ParaBlockCallback`` a known
+``Callback`` subclass (LightningCLI's short forms): what ``import lightning_parablock`` did before its names were
+lazy, done as soon as Lightning itself is loaded."""
+
+
+class _WhenLightningLoads(importlib.abc.MetaPathFinder):
+    """Imports :data:`_LIGHTNING_FACING` right after ``lightning.pytorch`` has loaded, whichever comes first."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "lightning.pytorch":
+            return None
+        sys.meta_path.remove(self)  # the real spec, from the other finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            load(module)
+            importlib.import_module(_LIGHTNING_FACING)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if "lightning.pytorch" in sys.modules:
+    importlib.import_module(_LIGHTNING_FACING)
+elif not any(isinstance(finder, _WhenLightningLoads) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _WhenLightningLoads())
 
 
 if TYPE_CHECKING:

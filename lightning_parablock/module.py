@@ -34,6 +34,8 @@ from lightning_parablock.eval.perplexity import TokenPerplexity
 from lightning_parablock.pretrained import load_pretrained, pretrained_location
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PRETRAINED_LEARNING_RATE = 2e-5
+FROM_SCRATCH_LEARNING_RATE = 1e-3
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
 
 
@@ -49,7 +51,8 @@ class CausalLMModule(L.LightningModule):
         model_name_or_path: Checkpoint for ``AutoModelForCausalLM.from_pretrained`` (hub name or local folder).
         config: Keyword arguments for ``AutoConfig.for_model``, including ``model_type``, to train from scratch.
             Exactly one of ``model_name_or_path`` and ``config`` must be given.
-        learning_rate: AdamW learning rate.
+        learning_rate: AdamW learning rate. ``None`` (the default): ``2e-5`` for a pretrained checkpoint (TRL's
+            SFT default; higher rates undo what pretraining learned), ``1e-3`` for a model trained from ``config``.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         seed: Seeds the random initialization of a model built from ``config`` and of LoRA adapters, without
@@ -76,7 +79,7 @@ class CausalLMModule(L.LightningModule):
         self,
         model_name_or_path: Optional[str] = None,
         config: Optional[dict[str, Any]] = None,
-        learning_rate: float = 1e-3,
+        learning_rate: Optional[float] = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         seed: int = 0,
@@ -97,7 +100,8 @@ class CausalLMModule(L.LightningModule):
         if config is not None and "model_type" not in config:
             raise ValueError(f"`config` must name a `model_type` such as 'llama', got keys {sorted(config)}.")
         # Checked here, by name: torch's AdamW lets an infinite rate or weight decay through.
-        check_float("learning_rate", learning_rate, minimum=0.0)
+        if learning_rate is not None:
+            check_float("learning_rate", learning_rate, minimum=0.0)
         check_float("weight_decay", weight_decay, minimum=0.0)
         if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
             raise ValueError(f"`betas` must be two numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}.")
@@ -275,8 +279,16 @@ class CausalLMModule(L.LightningModule):
             )
         hparams = self.hparams
         return torch.optim.AdamW(
-            params, lr=hparams.learning_rate, weight_decay=hparams.weight_decay, betas=tuple(hparams.betas)
+            params, lr=self.learning_rate, weight_decay=hparams.weight_decay, betas=tuple(hparams.betas)
         )
+
+    @property
+    def learning_rate(self) -> float:
+        """The AdamW rate: as given, else the default for a pretrained checkpoint or a model from ``config``."""
+        given = self.hparams.learning_rate
+        if given is not None:
+            return given
+        return PRETRAINED_LEARNING_RATE if self.hparams.model_name_or_path is not None else FROM_SCRATCH_LEARNING_RATE
 
     def save_pretrained(self, path: Union[str, Path], tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
         """Write the model (and ``tokenizer``, if given) in Hugging Face format, loadable with ``from_pretrained``.

@@ -106,6 +106,7 @@ def train(
     fault: Fault | None = None,
     method: str | None = None,
     accelerator: str = "cpu",
+    lr_schedule: str = "constant",
 ) -> dict:
     """Train the toy federation; rank 0 saves and returns the final global model and the timeline records."""
     torch.set_num_threads(1)
@@ -126,6 +127,8 @@ def train(
         local_steps=2,
         clients_per_round=clients_per_round,
         seed=3,
+        lr_schedule=lr_schedule,
+        warmup_steps=0 if lr_schedule == "constant" else 3,
     )
     trainer = Trainer(
         strategy=strategy,
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--fault_round", type=int, default=2)
     parser.add_argument("--marker", type=Path, default=None)
     parser.add_argument("--method", default=None)
+    parser.add_argument("--lr_schedule", default="constant")
     parser.add_argument("--accelerator", default="cpu", help="gpu: NCCL for the default group (benchmarks/gpu_check.sh)")
     args = vars(parser.parse_args())
     kind, rank, at_round, marker = (args.pop(k) for k in ("fault", "fault_rank", "fault_round", "marker"))

@@ -67,8 +67,14 @@ def lightning_and_reference(
     schedule: str = "random",
     dataset=None,
     extra_callbacks=(),
+    lr_options: Optional[dict[str, Any]] = None,
+    lr_factor=None,
 ):
-    """Train the toy module under the strategy, then replay the same plan through the reference loop."""
+    """Train the toy module under the strategy, then replay the same plan through the reference loop.
+
+    ``lr_options`` (the strategy's learning-rate schedule) and ``lr_factor`` (the same schedule, written out for the
+    reference: position -> factor) go together.
+    """
     module = ToyModule(optimizer=optimizer)
     initial = copy.deepcopy(module)
     dataset = dataset if dataset is not None else toy_dataset()
@@ -79,6 +85,7 @@ def lightning_and_reference(
         global_lr=global_lr,
         schedule=schedule,
         seed=3,
+        **(lr_options or {}),
     )
     callback = ParaBlockCallback(staleness=staleness, aggregator=MeanAggregator(weighting=weighting))
     trainer = quiet_trainer(
@@ -103,7 +110,8 @@ def lightning_and_reference(
         factory = lambda params: torch.optim.AdamW(params, lr=initial.lr, weight_decay=0.01)  # noqa: E731
     weights = [c.num_samples for c in strategy.federation.clients.values()] if weighting == "samples" else None
     reference = run_reference(
-        initial, toy_loss, specs, num_clients, factory, staleness, global_lr, accumulate, client_weights=weights
+        initial, toy_loss, specs, num_clients, factory, staleness, global_lr, accumulate, client_weights=weights,
+        lr_factor=lr_factor,
     )
     return module, reference, strategy, callback
 

@@ -30,6 +30,10 @@ Round ``t`` (block ``b_t``, participants ``P_t`` = sorted keys of
 After the last round the pending rounds ``T-s .. T-1`` are flushed in
 increasing order with the same boundary update.
 
+Learning-rate schedule (optional ``lr_factor``): local step ``k`` of round
+``t`` trains at ``lr_factor(t * K + k)`` times the optimizer's own rate, for
+every participant alike (``K`` = local steps per round).
+
 Only parameters are trained/aggregated; buffers (if any) stay local.
 """
 from __future__ import annotations
@@ -75,8 +79,12 @@ def _local_compute(
     optimizer_factory: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer],
     global_lr: float,
     accumulate: int,
+    lr_at_step: Optional[Callable[[int], float]] = None,
 ) -> Delta:
-    """Algorithm 2, client side of one round; returns Delta^i_t (fp32)."""
+    """Algorithm 2, client side of one round; returns Delta^i_t (fp32).
+
+    ``lr_at_step(k)``: the factor on the optimizer's rate for local step ``k`` (``None``: the rate as built).
+    """
     params = dict(model.named_parameters())
     block_set = set(block)
     # only block b_t receives gradients; every .grad is cleared before the round
@@ -88,11 +96,15 @@ def _local_compute(
     theta0 = {n: params[n].detach().clone() for n in block}
 
     optimizer = optimizer_factory(block_params)  # fresh optimizer per round/block
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     model.train()
     for k, batch in enumerate(batches):  # K * accumulate micro-batches
         loss = loss_fn(model, batch) / accumulate
         loss.backward()
         if (k + 1) % accumulate == 0:  # one local step every `accumulate` micro-batches
+            if lr_at_step is not None:
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * lr_at_step(k // accumulate)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -152,6 +164,7 @@ def run_reference(
     global_lr: float = 1.0,
     accumulate: int = 1,
     client_weights: Optional[Sequence[float]] = None,
+    lr_factor: Optional[Callable[[int], float]] = None,
 ) -> ReferenceResult:
     """Run ParaBlock (Algorithm 2) literally; ``model`` is deep-copied, never modified."""
     # ---- validation -------------------------------------------------------
@@ -206,8 +219,10 @@ def run_reference(
         # compute: each participant trains block b_t from its own local model
         deltas: Dict[int, Delta] = {}
         for i in sorted(spec.batches):
+            K = len(spec.batches[i]) // accumulate  # local steps of this round
+            lr_at_step = None if lr_factor is None else (lambda k, t=t, K=K: lr_factor(t * K + k))
             deltas[i] = _local_compute(clients[i], spec.block, spec.batches[i], loss_fn,
-                                       optimizer_factory, global_lr, accumulate)
+                                       optimizer_factory, global_lr, accumulate, lr_at_step)
         client_deltas.append(deltas)
         # boundary of round t: apply the (stale) aggregate of round t - s
         if t >= staleness:

@@ -19,8 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import quiet_trainer
-from lightning import LightningModule
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning import Callback, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger
 from toy import ToyModule, toy_dataset, toy_loader
 
@@ -259,3 +260,79 @@ def test_the_readmes_method_example_runs():
     callback = next(c for c in trainer.callbacks if isinstance(c, ParaBlockCallback))
     assert [r.block for r in callback.records if not r.flush] == [0, 1, 2, 0]
     assert all(torch.equal(p, biases[n]) for n, p in module.named_parameters() if n in biases)
+
+
+# ------------------------------------------------------------------------- found by review
+
+
+def test_the_strategy_keeps_its_own_copy_of_the_exchange_and_it_is_read_only():
+    aggregator = MeanAggregator(clip_norm=1.0)
+    strategy = FederatedBlockStrategy(num_clients=2)
+    strategy.configure_exchange(ExchangeSpec(aggregator=aggregator, comm_timeout="90s"))
+    aggregator.clip_norm = 5.0  # the caller's object changes; the run's rule does not
+    assert strategy.exchange_spec.aggregator.clip_norm == 1.0 and strategy.exchange_spec.comm_timeout == 90.0
+    assert strategy.exchange_spec.aggregator == MeanAggregator(clip_norm=1.0)  # rules compare by their settings
+    with pytest.raises(AttributeError):
+        strategy.exchange_spec = ExchangeSpec()
+
+
+def test_the_exchange_cannot_change_while_a_fit_uses_it():
+    strategy = FederatedBlockStrategy(num_clients=2, local_steps=1)
+    refused = []
+
+    class ChangeMidFit(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            with pytest.raises(MisconfigurationException, match="while a fit is set up"):
+                strategy.configure_exchange(ExchangeSpec(staleness=0))
+            refused.append(True)
+
+    quiet_trainer(strategy=strategy, callbacks=[ParaBlockCallback(), ChangeMidFit()], max_epochs=2).fit(
+        ToyModule(), toy_loader(toy_dataset())
+    )
+    assert refused and strategy.exchange_spec.staleness == 1
+    strategy.configure_exchange(ExchangeSpec(staleness=0))  # between fits it may change
+
+
+def test_the_callbacks_settings_stay_attributes_a_sweep_can_set():
+    callback = ParaBlockCallback(staleness=2.0, comm_timeout="90s")
+    assert (callback.staleness, type(callback.staleness), callback.comm_timeout) == (2, int, 90.0)
+    callback.link = SimulatedLink("50MB/s")
+    assert callback.spec.link == SimulatedLink(5e7)
+    callback.aggregator = "median"
+    with pytest.raises(TypeError, match="`aggregator` must be an Aggregator"):
+        callback.spec
+
+
+def test_a_run_without_staleness_marks_no_checkpoint_as_flushed(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True)
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), max_epochs=2,
+                            callbacks=[ParaBlockCallback(staleness=0), checkpoint], enable_checkpointing=True)  # fmt: skip
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    assert not torch.load(tmp_path / "last.ckpt", weights_only=True)["federation"]["flushed"]
+    assert not list(tmp_path.glob("final*.ckpt"))  # nothing was flushed: last.ckpt is the final model
+
+
+def test_one_final_checkpoint_per_folder_however_many_checkpoint_callbacks_share_it(tmp_path):
+    callbacks = [ParaBlockCallback(staleness=1), ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_last=True),
+                 ModelCheckpoint(dirpath=tmp_path, every_n_epochs=2, filename="again-{epoch}")]  # fmt: skip
+    trainer = quiet_trainer(strategy=FederatedBlockStrategy(num_clients=2, local_steps=1), max_epochs=2,
+                            callbacks=callbacks, enable_checkpointing=True)  # fmt: skip
+    trainer.fit(ToyModule(), toy_loader(toy_dataset()))
+    assert sorted(p.name for p in tmp_path.glob("final*.ckpt")) == ["final.ckpt"]
+
+
+def test_a_round_without_senders_gives_no_aggregate_in_every_transport(one_rank_group):
+    empty = RoundUploads(4, 0, {}, {})
+    in_memory = InMemoryTransport(MeanAggregator(), SimulatedLink()).exchange(empty, threading.Event())
+    collective = CollectiveTransport(dist.group.WORLD, MeanAggregator(), SimulatedLink(), [0, 0], lambda b: LAYOUT, 30.0)
+    over_ranks = collective.exchange(empty, threading.Event())
+    assert in_memory.aggregate is None and over_ranks.aggregate is None
+    assert in_memory.upload_bytes == over_ranks.upload_bytes == {}
+
+
+def test_an_old_median_checkpoint_with_sample_weights_resumes_as_today_s_median():
+    from lightning_parablock.strategies.run_settings import upgraded
+
+    saved = {"aggregator": "Aggregator(method='median', clip_norm=None, trim_fraction=0.1, nonfinite='raise')",
+             "weighting": "samples"}  # fmt: skip
+    assert upgraded(saved) == {"aggregator": repr(MedianAggregator()), "weighting": "uniform"}

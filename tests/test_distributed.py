@@ -73,6 +73,7 @@ def assert_close_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         dict(staleness=1, aggregator="median"),
         dict(staleness=1, compression="topk"),
         dict(staleness=1, compression="int8"),
+        dict(staleness=1, clients_per_round=3, optimizer="adamw", lr_schedule="cosine"),  # with idle turns
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -90,6 +91,9 @@ def test_two_processes_of_two_clients_equal_one_process_of_four(tmp_path, settin
     rounds = [r for r in two["records"] if not r["flush"]]
     assert all(sorted(r["compute_seconds"]) == sorted(r["participants"]) for r in rounds)
     assert all(set(r["ranks"]) == {0, 1} and set(r["client_rank"].values()) <= {0, 1} for r in rounds)
+    # every client's loss at each of its 2 local steps, from whichever rank trained it
+    assert all(sorted(r["client_step_loss"]) == sorted(r["participants"]) for r in rounds)
+    assert all(len(steps) == 2 for r in rounds for steps in r["client_step_loss"].values())
     # every client's upload is counted as it was encoded, whichever rank hosts it
     assert [r["upload_bytes"] for r in two["records"]] == [r["upload_bytes"] for r in one["records"]]
 

@@ -7,13 +7,15 @@ fails here too.
 from __future__ import annotations
 
 import ast
+
+import pytest
 from pathlib import Path
 
 import lightning_parablock
 
 PACKAGE = Path(lightning_parablock.__file__).parent
 LAYERS = [
-    "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "cli",
+    "core", "aggregation", "comm", "telemetry", "fault_tolerance", "strategies", "methods", "callbacks", "flower", "cli",
 ]  # fmt: skip
 FOUNDATION = {"_compat", "argument_checks", "files"}  # used by every layer; import no other part of the package
 DEPRECATED = {"_moved"}  # the module paths of before the layers, built from the new ones; only __init__ imports it
@@ -137,3 +139,34 @@ def test_core_and_aggregation_import_without_lightning_transformers_peft_or_data
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def _fresh(script: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_parablock_help_loads_no_data_or_adapter_stack():
+    """``parablock --help`` costs what Lightning costs (benchmarks/startup.py measures the seconds): no datasets,
+    pandas, pyarrow, peft or Flower before a command needs them."""
+    script = (
+        "import contextlib, io, sys\n"
+        "from lightning_parablock.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): main(['--help'])\n"
+        "print(sorted(m for m in ('datasets', 'pandas', 'pyarrow', 'peft', 'flwr') if m in sys.modules))\n"
+    )
+    assert _fresh(script) == "[]"
+
+
+@pytest.mark.parametrize("lightning_first", [False, True], ids=["package_first", "lightning_first"])
+def test_the_strategy_is_known_by_name_once_the_package_and_lightning_are_imported(lightning_first):
+    imports = ["import lightning_parablock", "from lightning import Trainer"]
+    script = "\n".join(reversed(imports) if lightning_first else imports) + (
+        "\nfrom lightning.pytorch.strategies import StrategyRegistry\n"
+        "print('federated_block' in StrategyRegistry)\n"
+    )
+    assert _fresh(script) == "True"

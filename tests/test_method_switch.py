@@ -57,7 +57,7 @@ def test_the_method_argument_builds_the_methods_objects_and_keeps_the_rest(name,
     assert identify(strategy, callback.staleness, callback.aggregator) == name
     # what the method does not decide stays the config's
     options = strategy.options
-    assert (options.num_clients, options.local_steps, options.seed, options.weighting) == (2, 2, 0, "samples")
+    assert (options.num_clients, options.local_steps, options.seed, callback.aggregator.weighting) == (2, 2, 0, "samples")
     assert callback.link.latency == "20ms" and cli.model.hparams.learning_rate == 0.003
     assert cli.trainer.max_epochs == (2 * 2 if name == "fedcybgd" else 2)  # FedCyBGD: 2 cycles over 2 clients
     assert cli.trainer.check_val_every_n_epoch == (10 * 2 if name == "fedcybgd" else 10)

@@ -19,8 +19,10 @@ def test_tests_run_with_the_thread_count_they_were_given():
 
 def test_the_slow_test_bound_kills_a_process_that_survives_sigterm():
     """Lightning turns SIGTERM into an exception inside one test and pytest carries on: `timeout -k` ends it."""
-    assert re.search(r"\ttimeout -k \$\(KILL_GRACE\) \$\(SLOW_TEST_LIMIT\) .*pytest -m \"slow and not distributed\"", MAKEFILE)
+    assert re.search(r"\ttimeout -k \$\(KILL_GRACE\) \$\(SLOW_TEST_LIMIT\) .*pytest -m \"slow and not distributed and not flower\"", MAKEFILE)
     assert re.search(r"\ttimeout -k \$\(KILL_GRACE\) \$\(DISTRIBUTED_TEST_LIMIT\) .*pytest -m distributed", MAKEFILE)
+    assert re.search(r"\ttimeout -k \$\(KILL_GRACE\) \$\(FLOWER_TEST_LIMIT\) .*pytest -m flower", MAKEFILE)
+    assert re.search(r"^test: test-fast test-slow test-distributed test-flower$", MAKEFILE, re.MULTILINE)
     survivor = "import signal, time; signal.signal(signal.SIGTERM, lambda *_: None); time.sleep(60)"
     started = time.monotonic()
     result = subprocess.run(["timeout", "-k", "1", "1", sys.executable, "-c", survivor])  # the same, in seconds

@@ -4,8 +4,9 @@ An aggregator turns a round's client deltas into Δ_t, in fp32. It is the only p
 transport calls it with every delta, a server process (Flower) with every site's clients' deltas, and the
 torch.distributed transport asks :attr:`Aggregator.reduces_from_partial_sums` whether each rank may add its own
 clients into a partial sum (:meth:`Aggregator.accumulate`, then one all-reduce) or whether every delta must be
-gathered first. Either way the same object does the arithmetic, client by client in ascending id, so the same
-deltas give the same bits whoever calls it.
+gathered first. Either way the same object does the arithmetic, client by client in ascending id: the same deltas
+give the same bits in memory, on a server and between ranks that gather; ranks that sum in parts add their own
+clients first and then the ranks' sums, which agrees to fp32 rounding.
 
 One class per rule (:mod:`.mean`, :mod:`.median`, :mod:`.trimmed_mean`, :mod:`.stacking`); a rule of one's own
 subclasses :class:`Aggregator` and implements :meth:`Aggregator.combine`.
@@ -63,7 +64,16 @@ class Aggregator(metaclass=_BuildsTheRule):
         if method is not None:  # one of the rules ``Aggregator(method=...)`` used to name
             _RULE_OF_METHOD[method] = cls
 
-    def __init__(self, nonfinite: NonFinitePolicy = "raise") -> None:
+    def __init__(
+        self,
+        method: Optional[str] = None,
+        clip_norm: Optional[float] = None,
+        trim_fraction: Optional[float] = None,
+        nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        """``method``, ``clip_norm`` and ``trim_fraction`` are read only by ``Aggregator(...)`` itself, the
+        deprecated configurable form (also from a config's ``class_path: lightning_parablock.Aggregator``), which
+        builds the rule's own class; a rule's class takes its own arguments."""
         self.nonfinite = check_choice("nonfinite", nonfinite, get_args(NonFinitePolicy))
 
     def client_weights(self, sample_counts: Mapping[int, int]) -> dict[int, float]:
@@ -115,6 +125,13 @@ class Aggregator(metaclass=_BuildsTheRule):
         arguments = ", ".join(f"{name}={value!r}" for name, value in self.settings().items())
         return f"{type(self).__name__}({arguments})"
 
+    def __eq__(self, other: object) -> bool:
+        """The same rule with the same settings (the strategy keeps a copy of the caller's aggregator)."""
+        return type(other) is type(self) and other.settings() == self.settings()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))
+
 
 def normalized_weights(weights: Mapping[int, float], kept: list[int]) -> dict[int, float]:
     """``weights`` of the ``kept`` clients divided by their sum."""
@@ -127,13 +144,15 @@ _RULE_OF_METHOD: dict[str, type[Aggregator]] = {}  # filled by the rules' classe
 
 
 def _from_method(
-    method: AggregationMethod = "mean",
+    method: Optional[AggregationMethod] = None,
     clip_norm: Optional[float] = None,
-    trim_fraction: float = 0.1,
+    trim_fraction: Optional[float] = None,
     nonfinite: NonFinitePolicy = "raise",
 ) -> Aggregator:
     """What ``Aggregator(method=..., ...)`` meant before 0.2: the rule's class, with a FutureWarning naming it."""
+    method = "mean" if method is None else method
     check_choice("method", method, get_args(AggregationMethod))
+    trim_fraction = 0.1 if trim_fraction is None else trim_fraction
     check_float("trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, max_open=True)  # checked for every rule, as it was
     arguments: dict[str, Any] = {"clip_norm": clip_norm, "nonfinite": nonfinite}
     if method == "trimmed_mean":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -23,14 +24,20 @@ FINAL_CHECKPOINT = "final"
 
 def save_final_checkpoints(trainer: "pl.Trainer", flushed: list[int]) -> None:
     """Write the final global model to ``final.ckpt`` in the folder of every ``ModelCheckpoint`` that saved in
-    this fit (``final-v1.ckpt`` ... when a file of that name, written before, is there)."""
+    this fit, once per folder (``final-v1.ckpt`` ... when a file of that name, written before, is there), with
+    the weights only where that checkpoint saves weights only."""
+    written: set[str] = set()
     for checkpoint in trainer.checkpoint_callbacks:
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
             continue
         if not (checkpoint.last_model_path or checkpoint.best_model_path):
-            continue  # it never saved: nothing of this run to bring up to date
+            continue  # it never saved in this fit: nothing of this run to bring up to date
+        folder = str(checkpoint.dirpath)
+        if folder in written:
+            continue
+        written.add(folder)
         path = _free_name(trainer, checkpoint)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=checkpoint.save_weights_only)
         rank_zero_info(
             f"ParaBlock: flushed rounds {flushed}; {path} holds the final global model (the last round's checkpoint"
             " stays the one to resume from)."
@@ -38,10 +45,13 @@ def save_final_checkpoints(trainer: "pl.Trainer", flushed: list[int]) -> None:
 
 
 def _free_name(trainer: "pl.Trainer", checkpoint: ModelCheckpoint) -> str:
-    """``final.ckpt`` in the checkpoint's folder, or the first ``final-vN.ckpt`` no file has (decided on rank 0)."""
-    name = os.path.join(checkpoint.dirpath, f"{FINAL_CHECKPOINT}{checkpoint.FILE_EXTENSION}")
+    """``final.ckpt`` in the checkpoint's folder, or the first ``final-vN.ckpt`` no file has, on any file system
+    (decided on rank 0)."""
+    folder = str(checkpoint.dirpath)
+    filesystem = get_filesystem(folder)
+    name = os.path.join(folder, f"{FINAL_CHECKPOINT}{checkpoint.FILE_EXTENSION}")
     version = 0
-    while os.path.exists(name):
+    while filesystem.exists(name):
         version += 1
-        name = os.path.join(checkpoint.dirpath, f"{FINAL_CHECKPOINT}-v{version}{checkpoint.FILE_EXTENSION}")
+        name = os.path.join(folder, f"{FINAL_CHECKPOINT}-v{version}{checkpoint.FILE_EXTENSION}")
     return trainer.strategy.broadcast(name)

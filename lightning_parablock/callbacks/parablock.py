@@ -83,19 +83,19 @@ class ParaBlockCallback(Callback):
         compression: Union[str, Codec, None] = "none",
         transport: Optional[TransportChoice] = None,
     ) -> None:
-        self.spec = ExchangeSpec(
-            staleness=1 if staleness is None else staleness,
-            aggregator=aggregator if aggregator is not None else MeanAggregator(),
-            codec=make_codec(compression),
-            link=link if link is not None else SimulatedLink(),
-            comm_timeout=parse_duration(comm_timeout, "comm_timeout"),
-            transport=transport if transport is not None else ByProcesses(),
-        )
+        self.staleness = 1 if staleness is None else staleness
+        self.aggregator = aggregator if aggregator is not None else MeanAggregator()
+        self.codec = make_codec(compression)
+        self.link = link if link is not None else SimulatedLink()
+        self.comm_timeout = parse_duration(comm_timeout, "comm_timeout")
+        self.transport = transport if transport is not None else ByProcesses()
+        self._take_checked(self.spec)  # every value refused by name now, not when training starts
         self.records: list[RoundRecord] = []
         self._timeline_path: Optional[Path] = None
         self._round_started_at = 0.0
         self._round: Optional[RoundState] = None  # what the strategy said of the round in progress
         self._client_loss: dict[int, list[Tensor]] = {}  # client -> its micro-batches' losses this round
+        self._client_steps: dict[int, list[int]] = {}  # client -> the Trainer step of each of its optimizer steps
         self._shown_client: Optional[int] = None  # the client the progress bar names
 
     @classmethod
@@ -109,24 +109,21 @@ class ParaBlockCallback(Callback):
         return cls(**spec.callback_args(weighting), **kwargs)
 
     @property
-    def staleness(self) -> int:
-        return self.spec.staleness
+    def spec(self) -> ExchangeSpec:
+        """The exchange these arguments describe, checked (the strategy receives it at setup). Built from the
+        attributes each time, so ``callback.link = SimulatedLink(...)`` between fits takes effect."""
+        return ExchangeSpec(
+            staleness=self.staleness,
+            aggregator=self.aggregator,
+            codec=self.codec,
+            link=self.link,
+            comm_timeout=self.comm_timeout,
+            transport=self.transport,
+        )
 
-    @property
-    def aggregator(self) -> Aggregator:
-        return self.spec.aggregator
-
-    @property
-    def link(self) -> SimulatedLink:
-        return self.spec.link
-
-    @property
-    def codec(self) -> Codec:
-        return self.spec.codec
-
-    @property
-    def comm_timeout(self) -> float:
-        return self.spec.comm_timeout
+    def _take_checked(self, spec: ExchangeSpec) -> None:
+        """The values as the spec normalized them (a staleness of ``2.0`` is 2, ``"90s"`` is 90.0)."""
+        self.staleness, self.comm_timeout = spec.staleness, spec.comm_timeout
 
     def _strategy(self, trainer: "pl.Trainer") -> FederatedBlockStrategy:
         strategy = trainer.strategy
@@ -143,9 +140,11 @@ class ParaBlockCallback(Callback):
             return
         strategy = self._strategy(trainer)
         check_trainer(trainer)
-        check_staleness(trainer, self.staleness)
         _check_listed_before(self, LearningRateMonitor, trainer.callbacks)
-        strategy.configure_exchange(replace(self.spec, method=identify(strategy, self.staleness, self.aggregator)))
+        spec = self.spec
+        self._take_checked(spec)
+        check_staleness(trainer, spec.staleness)
+        strategy.configure_exchange(replace(spec, method=identify(strategy, spec.staleness, spec.aggregator)))
         self._timeline_path = None
         self.timeline_path(trainer)  # on every rank: log_dir is a collective
 
@@ -153,7 +152,7 @@ class ParaBlockCallback(Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         strategy = self._strategy(trainer)
         self._round_started_at = time.perf_counter()
-        self._client_loss = {}
+        self._client_loss, self._client_steps = {}, {}
         self._shown_client = None
         round_state = strategy.start_round(trainer.current_epoch)
         self._round = round_state
@@ -175,7 +174,10 @@ class ParaBlockCallback(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if client is not None and loss is not None:
             # Kept on the device until the round ends, so the loss costs no synchronization per step.
-            self._client_loss.setdefault(client, []).append(loss.detach())
+            losses = self._client_loss.setdefault(client, [])
+            losses.append(loss.detach())
+            if len(losses) % trainer.accumulate_grad_batches == 0:  # the step Lightning logs this batch's metrics at
+                self._client_steps.setdefault(client, []).append(trainer.global_step - 1)
         if client != self._shown_client:
             self._shown_client = client
             self._show_turn(trainer, self._round.index, client, self._round.block)
@@ -207,6 +209,7 @@ class ParaBlockCallback(Callback):
         """The round boundary: the last turn ends, the exchange due now is finished and applied."""
         strategy = self._strategy(trainer)
         round_state = strategy.end_last_turn()
+        accumulate = trainer.accumulate_grad_batches
         record = RoundRecord(
             round=round_state.index,
             block=round_state.block,
@@ -214,8 +217,11 @@ class ParaBlockCallback(Callback):
             compute_seconds=dict(round_state.compute_seconds),
             # Lightning hands back the loss divided by the accumulation factor; undo it.
             client_loss={
-                c: float(torch.stack(losses).sum()) * trainer.accumulate_grad_batches / len(losses)
+                c: float(torch.stack(losses).sum()) * accumulate / len(losses)
                 for c, losses in self._client_loss.items()
+            },
+            client_step_loss={
+                c: _step_losses(self._client_loss[c], steps, accumulate) for c, steps in self._client_steps.items()
             },
             probe_seconds=round_state.probe_seconds,
             sync_download_bytes=dict(round_state.sync_download_bytes),
@@ -239,7 +245,8 @@ class ParaBlockCallback(Callback):
         """Algorithm 2, lines 12-14: exchange the rounds still pending, then the model is the global one."""
         strategy = self._strategy(trainer)
         flushed = strategy.rounds_awaiting_exchange()
-        strategy.begin_flush()
+        if flushed:
+            strategy.begin_flush()
         for pending_round in flushed:
             started = time.perf_counter()
             strategy.start_exchange(pending_round)
@@ -273,6 +280,7 @@ class ParaBlockCallback(Callback):
         # epoch-level sync Lightning asks for with several processes (it warns about every metric otherwise).
         distributed = pl_module.trainer.world_size > 1
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=distributed, reduce_fx="max")
+        _log_step_losses(pl_module.trainer, record)
 
     def summary(self) -> RunSummary:
         """Totals over the run so far: seconds measured on this process, bytes counted."""
@@ -310,6 +318,30 @@ class ParaBlockCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = [record_from_json(r) for r in state_dict["records"]]
+
+
+def _step_losses(losses: list[Tensor], steps: list[int], accumulate: int) -> dict[int, float]:
+    """A client's loss at each of its optimizer steps (the mean over the step's micro-batches), by Trainer step:
+    one transfer from the device per client and round."""
+    whole = len(steps) * accumulate  # a turn cut short by max_steps may end inside an accumulation
+    per_step = torch.stack(losses[:whole]).view(len(steps), accumulate).sum(dim=1) if steps else torch.empty(0)
+    return dict(zip(steps, per_step.tolist()))
+
+
+def _log_step_losses(trainer: "pl.Trainer", record: RoundRecord) -> None:
+    """Every client's loss at every optimizer step, one row per Trainer step, written to the loggers when the round
+    ends (whatever ``log_every_n_steps`` says): ``parablock/train_loss/client_<c>`` at the step it was taken, with the
+    round in ``epoch`` as Lightning writes it. Straight to the loggers: ``self.log`` would cost a result-collection
+    update per value."""
+    if not trainer.is_global_zero or not trainer.loggers:
+        return
+    rows: dict[int, dict[str, float]] = {}
+    for client, losses in record.client_step_loss.items():
+        for step, loss in losses.items():
+            rows.setdefault(step, {"epoch": float(record.round)})[f"parablock/train_loss/client_{client}"] = loss
+    for step in sorted(rows):
+        for logger in trainer.loggers:
+            logger.log_metrics(rows[step], step=step)
 
 
 def _record_exchange(record: RoundRecord, outcome: ExchangeOutcome) -> None:

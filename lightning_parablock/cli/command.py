@@ -26,11 +26,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_parablock._compat import InstantiatorFn
 from lightning_parablock.callbacks.parablock import ParaBlockCallback
-from lightning_parablock.cli import evaluate, preflight
+from lightning_parablock.cli import preflight
 from lightning_parablock.cli.disk_full import disk_full_error, disk_full_message
 from lightning_parablock.cli.hub import check_push_to_hub, push_folder
+from lightning_parablock.cli.noise import quiet_dependency_noise
 from lightning_parablock.cli.output_folder import OutputPlan, check_output_dir, save_model
+from lightning_parablock.cli.passes import set_rounds_for_passes
 from lightning_parablock.cli.recipe_method import apply_method, written_for_by_file
+from lightning_parablock.flower.site_mailbox import federation_stop
 from lightning_parablock.methods.registry import MethodName
 from lightning_parablock.strategies.trainer_checks import check_trainer
 from lightning_parablock.telemetry import report
@@ -44,6 +47,8 @@ EXIT_DISK_FULL = 4
 """The disk filled up during training; the line names the last checkpoint written whole."""
 EXIT_PUSH_FAILED = 5
 """The model is saved, but its upload to the Hub failed."""
+EXIT_FEDERATION_STOPPED = 6
+"""A Flower site was stopped by the server: another site failed (the line names it and the round)."""
 
 
 def refuse(error: BaseException | str, status: int = EXIT_USAGE) -> NoReturn:
@@ -137,6 +142,14 @@ class ParaBlockCLI(LightningCLI):
             " config as written.",
         )
         parser.add_argument(
+            "--passes",
+            type=Optional[float],
+            default=None,
+            help="The run's length as passes over the training data: sets trainer.max_epochs (one epoch is one round)"
+            " to the fewest rounds that read the training samples this many times, once the data are loaded."
+            " Default: the config's max_epochs.",
+        )
+        parser.add_argument(
             "--output_dir",
             type=Optional[str],
             default=None,
@@ -192,6 +205,9 @@ class ParaBlockCLI(LightningCLI):
         self._new_folders = [Path(folder) for folder in _run_dirs(self.trainer) if not Path(folder).exists()]
         try:
             self._output_plan = self._preflight()
+            passes = self.config[self.subcommand].get("passes")
+            if passes is not None:
+                print(f"parablock: {set_rounds_for_passes(self.trainer, self.datamodule, passes)}", file=sys.stderr)
         except USAGE_ERRORS as error:
             refuse(error)
         try:  # the first time the model is built when nothing else needed it: a load failure is bad input too
@@ -203,11 +219,17 @@ class ParaBlockCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; an error of the setup (before the first batch) is refused in one line and the run
         folders this run created are removed, so a refused run leaves nothing behind. A disk that fills up during
-        training ends in one line too (exit status 4), naming the checkpoint to resume from."""
+        training ends in one line too (exit status 4), naming the checkpoint to resume from; a Flower site the server
+        stopped ends in one line (exit status 6) naming the site that failed and the round."""
         started_at = time.time()
         try:
             self.trainer.fit(**kwargs)
-        except USAGE_ERRORS as error:
+        except Exception as error:
+            stopped = federation_stop(error)
+            if stopped is not None:  # a Flower site the server stopped: its reason names the failed site and round
+                refuse(f"the federation stopped: {stopped}", status=EXIT_FEDERATION_STOPPED)
+            if not isinstance(error, USAGE_ERRORS):
+                raise
             if self.trainer.fit_loop.epoch_loop.batch_progress.total.ready > 0:
                 full = disk_full_error(error)
                 if full is None:
@@ -346,24 +368,41 @@ def _overrides(obj: object, method: str, base: type) -> bool:
 
 _OPTIMIZER_FLAGS = ("--optimizer", "--lr_scheduler")
 DESCRIPTION = (
-    "ParaBlock for Lightning. Commands: fit, validate, test, predict, report and evaluate. The first four are"
-    " LightningCLI's (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a finished"
-    " run's table and draws its figures (`parablock report --help`); `parablock evaluate MODEL --data FILE` scores a"
-    " saved model's answers to your own chat data (`parablock evaluate --help`)."
+    "ParaBlock for Lightning. Commands: fit, validate, test, predict, report, evaluate and flower-demo. The first four"
+    " are LightningCLI's (e.g. `parablock fit --config recipes/tiny.yaml`); `parablock report RUN_DIR` prints a"
+    " finished run's table and draws its figures (`parablock report --help`); `parablock evaluate MODEL --data FILE`"
+    " scores a saved model's answers to your own chat data (`parablock evaluate --help`); `parablock flower-demo` runs"
+    " a federation of sites over a real Flower deployment on this machine (`parablock flower-demo --help`)."
 )
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """``parablock report ...`` draws a finished run, ``parablock evaluate ...`` scores a saved model; anything else
-    goes to LightningCLI (fit, validate ...)."""
+    """``parablock report ...`` draws a finished run, ``parablock evaluate ...`` scores a saved model,
+    ``parablock flower-demo`` runs a Flower federation on this machine; anything else goes to LightningCLI (fit,
+    validate ...)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         report.main(argv[1:], parser_class=ConciseReportParser)
         return
     if argv[:1] == ["evaluate"]:
+        from lightning_parablock.cli import evaluate  # loads transformers and datasets: only when asked for
+
         evaluate.main(argv[1:], parser_class=ConciseReportParser)
         return
+    if argv[:1] == ["flower-demo"]:
+        from lightning_parablock.flower import demo  # the optional extra: imported only when asked for
+
+        demo.main(argv[1:], parser_class=ConciseReportParser)
+        return
     flag = next((a for a in argv if a.split("=")[0].split(".")[0] in _OPTIMIZER_FLAGS), None)
+    if flag is not None and flag.startswith("--lr_scheduler"):
+        refuse(
+            f"`{flag}` is not an option of parablock: a scheduler would follow one client's optimizer, not the"
+            " federation's rounds. Schedule the clients' learning rate on the strategy:"
+            " `--trainer.strategy.init_args.lr_schedule cosine` (or linear) with"
+            " `--trainer.strategy.init_args.warmup_steps N` (or `warmup_ratio`) and"
+            " `--trainer.strategy.init_args.min_lr_ratio`."
+        )
     if flag is not None:
         refuse(
             f"`{flag}` is not an option of parablock: one optimizer object would be shared by every client. Give"
@@ -372,6 +411,7 @@ def main(args: Optional[list[str]] = None) -> None:
             " --trainer.strategy.init_args.client_optimizer.lr 1e-4`), or let the module's configure_optimizers"
             " build one per client."
         )
+    quiet_dependency_noise()
     ParaBlockCLI(
         LightningModule,
         LightningDataModule,

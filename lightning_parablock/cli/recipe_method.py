@@ -180,15 +180,20 @@ class _Switch:
         ):  # fmt: skip
             init_args.staleness = spec.staleness
         aggregator = init_args.get("aggregator")
+        carried = Namespace()  # the clients' weighting outlives the rule that gives way to the method's
         if aggregator is not None:
             given = _class(aggregator.class_path)
             if self.settle(
                 f"{prefix}.aggregator", aggregator.class_path, lambda m: _aggregator_fits(given, m),
                 _path(spec.aggregator_class or Aggregator), "--trainer.callbacks.aggregator null" if last else None,
             ):  # fmt: skip
+                weighting = (aggregator.get("init_args") or Namespace()).get("weighting")
+                if weighting is not None and spec.aggregator_class is not None:
+                    if "weighting" in _init_parameters(spec.aggregator_class):
+                        carried.weighting = weighting
                 aggregator = None
         if aggregator is None and spec.aggregator_class is not None:
-            aggregator = Namespace(class_path=_path(spec.aggregator_class), init_args=Namespace())
+            aggregator = Namespace(class_path=_path(spec.aggregator_class), init_args=carried)
         init_args.aggregator = aggregator
 
     def model(self, config: Namespace) -> None:

@@ -5,8 +5,9 @@ sends are the payload's bytes, scales and indices included. Only the upload is e
 decodes every delta to fp32 before aggregating, and the aggregate it returns is fp32.
 
 Top-k sends the largest entries of Δ^i plus what earlier rounds left unsent (error feedback): the
-residual is the client's own state, kept per parameter in the federation and checkpointed with it, so
-over rounds everything a client trained reaches the server.
+residual is the client's own state, kept per parameter by the client exchange
+(:mod:`~lightning_parablock.strategies.client_exchange`) and checkpointed with the federation, so over rounds
+everything a client trained reaches the server.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        """The same encoding (its ``repr`` names every setting)."""
+        return type(other) is type(self) and repr(other) == repr(self)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
 
 
 class BF16Codec(Codec):

@@ -37,6 +37,8 @@ class InMemoryTransport:
                 }
             upload_bytes = {client: encoded_nbytes(delta) for client, delta in received.items()}
             decoded = {client: decode_delta(delta) for client, delta in received.items()}
+            if not decoded:  # no sender this round (all sat out, or left out before): nothing to apply
+                return finish_exchange(uploads, None, [], upload_bytes, self.link, start, stop)
             result = self.aggregator(decoded, uploads.weights)
         return finish_exchange(uploads, result.aggregate, result.skipped_clients, upload_bytes, self.link, start, stop)
 

@@ -95,3 +95,12 @@ class SimulatedLink:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bandwidth={self.bandwidth!r}, latency={self.latency!r})"
+
+    def __eq__(self, other: object) -> bool:
+        """The same bandwidth and latency, however they were written."""
+        if type(other) is not type(self):
+            return False
+        return (other.bytes_per_second, other.latency_s) == (self.bytes_per_second, self.latency_s)  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.bytes_per_second, self.latency_s))

@@ -8,6 +8,7 @@ functions that build or find adapters, not with this module: the aggregators and
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -57,7 +58,9 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> "PeftModel":
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(**{**LORA_DEFAULTS, **check_lora_options(options)})
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers 5 for a renamed property; not the user's to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ states it in YAML.
 """
 
 import math
+import warnings
 from dataclasses import asdict, replace
 from typing import Any, Literal, Optional, Union, get_args
 
@@ -49,6 +50,20 @@ except ImportError:
 
 PartitionKind = Literal["iid", "dirichlet", "natural", "cluster"]
 PARTITION_KINDS: tuple[str, ...] = get_args(PartitionKind)
+
+
+class NoEvaluationData(list):
+    """No validation or test set: an empty list of loaders, for which Lightning runs nothing.
+
+    A type of its own so that the warning Lightning gives about any loader of zero length ("Total length of
+    `NoEvaluationData` across ranks is zero"), meant for a loader that came out empty by mistake, is filtered for
+    this intended emptiness alone. The filter is (re)installed whenever one is made, not once at import: a test
+    runner or a user's ``warnings.catch_warnings`` restores the filters it found.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        warnings.filterwarnings("ignore", message=r"Total length of `NoEvaluationData` across ranks is zero")
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -376,12 +391,16 @@ class FederatedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> Union[DataLoader, list]:
         """The held-out loss loader; an empty list (no validation) when there is no validation set."""
         self.setup()
-        return [] if self.val_dataset is None else self._loader(self.val_dataset, self._eval_batch_size)
+        if self.val_dataset is None:
+            return NoEvaluationData()
+        return self._loader(self.val_dataset, self._eval_batch_size)
 
     def test_dataloader(self) -> Union[DataLoader, list]:
         """The ``eval_dataset`` loader; an empty list when there is none."""
         self.setup()
-        return [] if self.test_dataset is None else self._loader(self.test_dataset, self._eval_batch_size)
+        if self.test_dataset is None:
+            return NoEvaluationData()
+        return self._loader(self.test_dataset, self._eval_batch_size)
 
     @property
     def _eval_batch_size(self) -> int:

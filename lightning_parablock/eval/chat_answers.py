@@ -104,7 +104,7 @@ def load_chat_examples(path: Union[str, Path], limit: Optional[int] = None) -> l
             raise ValueError(
                 f"{path}, row {row}: no `messages` (or `conversations`) list of turns, got {str(record)[:200]}."
             )
-        turns = check_conversation(record[column], str(path), row)
+        turns = check_conversation(record[column], f"{path}, row {row}")
         last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
         if not any(turn["role"] == "user" for turn in turns[:last]):
             raise ValueError(f"{path}, row {row}: the last assistant turn answers no user turn before it.")

@@ -23,6 +23,7 @@ from lightning_parablock.comm.transport import ExchangeContext, ExchangeResult, 
 from lightning_parablock.comm.worker import CommWorker
 from lightning_parablock.core.federation import Federation
 from lightning_parablock.core.planning import RoundPlan
+from lightning_parablock.core.sizes import nbytes_of
 from lightning_parablock.strategies.exchange_spec import ExchangeSpec
 from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_records
 
@@ -131,6 +132,10 @@ class ClientExchange:
         if self.plan.world_size == 1 or not torch.distributed.is_initialized():
             return record
         return merge_rank_records(gather_from_ranks(record, self.plan.world_size))
+
+    def residual_nbytes(self) -> int:
+        """Bytes of the hosted clients' error-feedback residuals (up to an fp32 copy of every block they trained)."""
+        return sum(nbytes_of(residual) for residual in self.residuals.values())
 
     # ---------------------------------------------------------------- checkpoints
 

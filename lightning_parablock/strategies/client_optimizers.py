@@ -76,11 +76,18 @@ class ClientOptimizers:
     def _from_module(self) -> Optimizer:
         assert self._module is not None, "ClientOptimizers.attach was not called"
         optimizers, schedulers = init_optimizers_and_lr_schedulers(self._module)
-        if len(optimizers) != 1 or schedulers:
+        if schedulers:
             raise MisconfigurationException(
-                f"FederatedBlockStrategy needs `configure_optimizers` to return exactly one optimizer and no LR"
-                f" scheduler (got {len(optimizers)} optimizers and {len(schedulers)} schedulers): clients"
-                " restart their optimizer every round."
+                f"FederatedBlockStrategy needs `configure_optimizers` to return one optimizer and no LR scheduler (got"
+                f" {len(schedulers)}): a scheduler would follow one client's optimizer, not the federation's rounds."
+                " Schedule the clients' learning rate on the strategy instead:"
+                " `FederatedBlockStrategy(lr_schedule='cosine', warmup_steps=..., min_lr_ratio=...)` (or 'linear';"
+                " `warmup_ratio=` for a fraction of the run)."
+            )
+        if len(optimizers) != 1:
+            raise MisconfigurationException(
+                f"FederatedBlockStrategy needs `configure_optimizers` to return exactly one optimizer (got"
+                f" {len(optimizers)}): clients restart their optimizer every round."
             )
         optimizer = optimizers[0]
         if self._last_from_module is not None and optimizer is self._last_from_module():

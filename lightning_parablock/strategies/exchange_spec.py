@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Union
 
 from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
 from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.argument_checks import check_int, check_positive
 from lightning_parablock.comm.by_processes import ByProcesses
 from lightning_parablock.comm.codecs import Codec
-from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.link import SimulatedLink, parse_duration
 from lightning_parablock.comm.transport import TransportChoice
 from lightning_parablock.strategies.run_settings import RunSettings
 
@@ -34,7 +34,7 @@ class ExchangeSpec:
         aggregator: the server's rule (:class:`~lightning_parablock.aggregation.mean.MeanAggregator` by default).
         codec: how a client's delta is encoded for the upload (:class:`~lightning_parablock.comm.codecs.Codec`, fp32).
         link: the modelled link whose time an exchange takes at least (infinitely fast by default).
-        comm_timeout: longest wait, in seconds, for one exchange at a round boundary.
+        comm_timeout: longest wait for one exchange at a round boundary, in seconds or as a string such as ``"90s"``.
         transport: which transport carries the exchange (:class:`~lightning_parablock.comm.by_processes.ByProcesses`:
             in memory with one process, collectives with several).
         method: the name of the paper's Table 1 method these settings are, when one is (``ParaBlockCallback`` fills
@@ -45,13 +45,14 @@ class ExchangeSpec:
     aggregator: Aggregator = field(default_factory=MeanAggregator)
     codec: Codec = field(default_factory=Codec)
     link: SimulatedLink = field(default_factory=SimulatedLink)
-    comm_timeout: float = 1800.0
+    comm_timeout: Union[float, str] = 1800.0
     transport: TransportChoice = field(default_factory=ByProcesses)
     method: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "staleness", check_int("staleness (0 = FedBCD, 1 = ParaBlock)", self.staleness, minimum=0))
-        object.__setattr__(self, "comm_timeout", check_positive("comm_timeout", self.comm_timeout))
+        timeout = parse_duration(self.comm_timeout, "comm_timeout")  # seconds, or a string such as "90s"
+        object.__setattr__(self, "comm_timeout", check_positive("comm_timeout", timeout))
         expected = {
             "aggregator": (Aggregator, "an Aggregator such as `MeanAggregator()` or `MedianAggregator()`"),
             "codec": (Codec, "a Codec such as `Int8Codec()`, or a name given to ParaBlockCallback(compression=...)"),

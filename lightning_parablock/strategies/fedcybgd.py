@@ -47,6 +47,11 @@ class FedCyBGDStrategy(FederatedBlockStrategy):
                     f" leave it at its default {defaults[name]!r}, got {given!r}."
                 )
 
+    @property
+    @override
+    def participants_per_round(self) -> int:
+        return 1
+
     @override
     def check_exchange(self, spec: ExchangeSpec) -> None:
         if spec.staleness != 0:

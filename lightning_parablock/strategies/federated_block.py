@@ -26,7 +26,9 @@ named hooks: :meth:`~FederatedBlockStrategy.make_round_plan`, :meth:`~FederatedB
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
 
@@ -37,7 +39,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -49,11 +51,13 @@ from lightning_parablock._compat import (
     sync_module_states,
 )
 from lightning_parablock.aggregation.aggregator import Weighting
-from lightning_parablock.argument_checks import check_choice
+from lightning_parablock.argument_checks import check_choice, check_float
 from lightning_parablock.core.blocks import BlockPartition, LayerSplit, RemainderPolicy
 from lightning_parablock.core.federation import Federation, OptimizerStatePolicy
 from lightning_parablock.core.fp32_buffers import fp32_rotary_buffers
+from lightning_parablock.core.lr_schedule import LearningRateSchedule, LrScheduleKind
 from lightning_parablock.core.planning import RoundPlan, place_clients
+from lightning_parablock.core.run_length import rounds_for_passes, rounds_in_run
 from lightning_parablock.core.sampler import FederatedBatchSampler
 from lightning_parablock.core.schedule import BlockSchedule, ScheduleKind
 from lightning_parablock.fault_tolerance.fault_handling import FaultHandling
@@ -71,6 +75,7 @@ from lightning_parablock.strategies.federation_checkpoint import CHECKPOINT_KEY,
 from lightning_parablock.strategies.federation_options import FederationOptions, check_process_options
 from lightning_parablock.strategies.gradient_probe import GradientProbe
 from lightning_parablock.strategies.precision_policy import check_precision
+from lightning_parablock.strategies.run_outline import RunOutline
 from lightning_parablock.strategies.run_settings import RunSettings
 from lightning_parablock.strategies.trainer_checks import check_module_and_precision, check_turn_plan
 from lightning_parablock.strategies.turns import RoundState, Turns
@@ -118,6 +123,15 @@ class FederatedBlockStrategy(DDPStrategy):
         optimizer_state: ``"reset"`` starts every client's optimizer afresh at each block switch (the
             paper); ``"per_block"`` keeps each client's state for each block it has trained, which grows
             towards optimizer state for the whole model per client once every block has been trained.
+        lr_schedule: the clients' learning rate over the run: ``"constant"`` (the paper), or a ``"linear"`` or
+            ``"cosine"`` decay to ``min_lr_ratio`` × the optimizer's rate at the run's end. It follows the
+            federation's progress: step ``k`` of a turn in round ``t`` is at position ``t × local_steps + k`` of a
+            run ``rounds × local_steps`` long (rounds from the Trainer's ``max_epochs`` or ``max_steps``), so every
+            client trains at the same rate at the same point of its turn. Each param group's own rate is scaled.
+        warmup_steps: linear warmup over the first positions (local steps, as above), from ``1/warmup_steps`` of
+            the rate to all of it.
+        warmup_ratio: the warmup as a fraction of the run's positions instead (rounded up).
+        min_lr_ratio: where a decaying schedule ends, as a fraction of the rate.
         global_lr: η, the step the server and the clients take along aggregated deltas (every client applies it to
             its own pending deltas too: it is the federation's, not only the server's).
         participation: fraction of clients that train each round, in (0, 1].
@@ -158,6 +172,10 @@ class FederatedBlockStrategy(DDPStrategy):
         schedule_spacing: Optional[int] = None,
         client_optimizer: Optional[OptimizerCallable] = None,
         optimizer_state: OptimizerStatePolicy = "reset",
+        lr_schedule: LrScheduleKind = "constant",
+        warmup_steps: int = 0,
+        warmup_ratio: Optional[float] = None,
+        min_lr_ratio: float = 0.0,
         global_lr: float = 1.0,
         participation: float = 1.0,
         clients_per_round: Optional[int] = None,
@@ -177,7 +195,8 @@ class FederatedBlockStrategy(DDPStrategy):
             num_clients=num_clients, local_steps=local_steps, layers_per_block=layers_per_block,
             layer_split=layer_split, remainder=remainder, include_embeddings=include_embeddings,
             include_head=include_head, block_patterns=block_patterns, schedule=schedule,
-            schedule_spacing=schedule_spacing, optimizer_state=optimizer_state, global_lr=global_lr,
+            schedule_spacing=schedule_spacing, optimizer_state=optimizer_state, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, global_lr=global_lr,
             participation=participation, clients_per_round=clients_per_round, weighting=weighting, seed=seed,
             shuffle=shuffle, offload_deltas=offload_deltas, master_weights=master_weights,
         )  # fmt: skip
@@ -202,7 +221,8 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.client_optimizers = ClientOptimizers(client_optimizer)
         self.checkpoint = FederationCheckpoint()
-        self.exchange_spec: Optional[ExchangeSpec] = None  # set by configure_exchange, once per fit
+        self._exchange_spec: Optional[ExchangeSpec] = None  # set by configure_exchange, once per fit
+        self._federation_set_up = False  # between the strategy's setup and teardown: the exchange is in use
         self._flushed = False  # the run's last rounds are exchanged: what is saved now is the final model
         self.faults = FaultHandling()
 
@@ -210,6 +230,7 @@ class FederatedBlockStrategy(DDPStrategy):
         self.partition: Optional[BlockPartition] = None
         self.schedule: Optional[BlockSchedule] = None
         self.plan: Optional[RoundPlan] = None
+        self.lr_schedule: Optional[LearningRateSchedule] = None  # resolved at setup, from the run's length
         self.federation: Optional[Federation] = None
         self.client_exchange: Optional[ClientExchange] = None
         self.turns: Optional[Turns] = None
@@ -271,14 +292,27 @@ class FederatedBlockStrategy(DDPStrategy):
     def configure_exchange(self, spec: ExchangeSpec) -> None:
         """Take the run's exchange; ``ParaBlockCallback`` hands its own over at setup, before the strategy's setup.
 
-        Checked here (:meth:`check_exchange`) and owned from then on: it is recorded in the run's checkpoints and
-        compared when one is resumed, once the strategy is set up.
+        Checked here (:meth:`check_exchange`) and owned from then on: the strategy keeps its own copies of the
+        aggregator, codec and link (a change to the caller's objects does not reach a run in progress), records the
+        spec in the run's checkpoints and compares it with a resumed one once the strategy is set up. Refused while
+        a fit is set up: its exchange is in use.
         """
         if not isinstance(spec, ExchangeSpec):
             raise TypeError(f"`configure_exchange` takes an ExchangeSpec, got {spec!r}.")
+        if self._federation_set_up:
+            raise MisconfigurationException(
+                "`configure_exchange` was called while a fit is set up and its exchange in use; hand the strategy its"
+                " ExchangeSpec before the fit's setup (ParaBlockCallback does, in its own `setup`)."
+            )
+        spec = replace(spec, aggregator=copy.deepcopy(spec.aggregator), codec=copy.deepcopy(spec.codec), link=copy.deepcopy(spec.link))
         spec = with_strategy_weighting(spec, self.options.weighting)
         self.check_exchange(spec)
-        self.exchange_spec = spec
+        self._exchange_spec = spec
+
+    @property
+    def exchange_spec(self) -> Optional[ExchangeSpec]:
+        """The run's exchange, as :meth:`configure_exchange` took it (``None`` before)."""
+        return self._exchange_spec
 
     def check_exchange(self, spec: ExchangeSpec) -> None:
         """Hook: refuse an exchange this strategy cannot run (FLoRA and FedCyBGD are synchronous); any goes here."""
@@ -292,6 +326,8 @@ class FederatedBlockStrategy(DDPStrategy):
         Trainer's precision."""
         spec = self.exchange_spec
         settings = {"strategy": type(self).__name__, **self.options.run_settings(None if spec is None else spec.staleness)}
+        if self.lr_schedule is not None:
+            settings.update(self.lr_schedule.run_settings())
         if spec is not None:
             settings.update(spec.run_settings())
         trainer = _attached_trainer(self.lightning_module)
@@ -300,29 +336,29 @@ class FederatedBlockStrategy(DDPStrategy):
         return settings
 
     def _setup_federation(self, trainer: "pl.Trainer") -> None:
-        model, options, spec = self.lightning_module, self.options, self.exchange_spec
+        model, options, spec = self.lightning_module, self.options, self._exchange_spec
         if spec is None:
             raise MisconfigurationException(
-                "FederatedBlockStrategy has no exchange: add `ParaBlockCallback(...)` to the Trainer's callbacks (it"
-                " hands the strategy its ExchangeSpec at setup), or call `strategy.configure_exchange(ExchangeSpec(...))`"
-                " before fitting."
+                "FederatedBlockStrategy has no exchange: add `ParaBlockCallback(...)` to the Trainer's callbacks; it"
+                " hands the strategy its ExchangeSpec at setup and drives every round."
             )
         check_module_and_precision(trainer, model)
         check_precision(model, str(trainer.precision))
         member, members = spec.transport.membership(self.global_rank, self.world_size)
         self.placement = place_clients(options.num_clients, members, options.seed)
-        self.checkpoint.check(options.num_clients, self.world_size, self.placement, self.run_settings())
         self._flushed = False
         self.partition = options.partition(model)
-        self.checkpoint.check_blocks(self.partition)
         shortfall = options.spacing_shortfall(len(self.partition), spec.staleness)
         if shortfall is not None:
             rank_zero_warn(shortfall)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         probe = self._gradient_probe(trainable)
         self.schedule = BlockSchedule(options.schedule, len(self.partition), options.seed, probe, options.spacing(spec.staleness))
-        self.checkpoint.restore_schedule(self.schedule)
         self.plan = self.make_round_plan(self.schedule, member, members)
+        self.lr_schedule = options.learning_rate_schedule(self.rounds_in_run(trainer), _limits(trainer))
+        self.checkpoint.check(options.num_clients, self.world_size, self.placement, self.run_settings())
+        self.checkpoint.check_blocks(self.partition)
+        self.checkpoint.restore_schedule(self.schedule)  # before the plan asks for its first block
         self.federation = Federation(
             model,
             self.partition,
@@ -334,9 +370,32 @@ class FederatedBlockStrategy(DDPStrategy):
         )
         self.client_exchange = self.make_client_exchange(self.federation, self.plan, spec)
         self.client_exchange.open(member, members)
+        self._federation_set_up = True
         self.turns = Turns(self.federation, self.root_device, self.plan, trainable)
         self.checkpoint.setup(self.distributed)
         self.faults.install(trainer, self.distributed, lambda: self.batch_sampler.batches_per_turn)
+
+    def rounds_in_run(self, trainer: "pl.Trainer") -> Optional[int]:
+        """Rounds this fit trains, from the Trainer's ``max_epochs`` and ``max_steps`` (``None``: no set end)."""
+        steps_in_round = lambda t: self.plan.turns_per_round(t) * self.options.local_steps  # noqa: E731
+        return rounds_in_run(trainer.max_epochs, trainer.max_steps, steps_in_round)
+
+    @property
+    def participants_per_round(self) -> int:
+        """Clients that train in each round (FedCyBGD: one)."""
+        return self.options.participants_per_round
+
+    def samples_per_round(self, batch_size: int, accumulate_grad_batches: int = 1) -> int:
+        """Training samples one round reads: participants × local steps × batch size × accumulation."""
+        return self.participants_per_round * self.options.local_steps * batch_size * accumulate_grad_batches
+
+    def rounds_for_passes(
+        self, passes: float, num_samples: int, batch_size: int, accumulate_grad_batches: int = 1
+    ) -> int:
+        """``max_epochs`` for a run that reads its ``num_samples`` training samples ``passes`` times over (rounded
+        up to whole rounds), e.g. ``Trainer(max_epochs=strategy.rounds_for_passes(2, len(dataset), 8))``."""
+        check_float("passes", passes, minimum=0.0, min_open=True)
+        return rounds_for_passes(passes, num_samples, self.samples_per_round(batch_size, accumulate_grad_batches))
 
     def make_round_plan(self, schedule: BlockSchedule, member: int, members: int) -> RoundPlan:
         """Hook: who trains which block in which round (FedCyBGD plans its cycle instead)."""
@@ -405,6 +464,7 @@ class FederatedBlockStrategy(DDPStrategy):
         state = self.turns.start_round(round_index)
         state.sync_download_bytes = self.round_sync_downloads(round_index)
         self.optimizers = [self.turns.start_turn(0)]
+        self._set_learning_rate(0)  # what a LearningRateMonitor reads at the epoch's start
         return state
 
     def round_sync_downloads(self, round_index: int) -> dict[int, int]:
@@ -479,12 +539,19 @@ class FederatedBlockStrategy(DDPStrategy):
         """Before a batch: the next client's turn starts when the previous one is done.
 
         Called by ``ParaBlockCallback``, which refuses to run after a ``LearningRateMonitor``, so every other hook
-        of the batch sees the client's optimizer; the round's first turn starts when the round begins.
+        of the batch sees the client's optimizer, at the learning rate of this point of the run; the round's first
+        turn starts when the round begins.
         """
         per_turn = self.batch_sampler.batches_per_turn
         if batch_idx and batch_idx % per_turn == 0:
             self.end_turn()
             self.optimizers = [self.turns.start_turn(batch_idx // per_turn)]
+        self._set_learning_rate((batch_idx % per_turn) // self.lightning_module.trainer.accumulate_grad_batches)
+
+    def _set_learning_rate(self, step: int) -> None:
+        """The rate of local step ``step`` of the turn in progress (idle turns train nothing and count for nothing)."""
+        if self.lr_schedule.changes_lr and not self.turns.idle:
+            self.lr_schedule.apply(self.optimizers[0], self.turns.current.index * self.options.local_steps + step)
 
     def end_turn(self, record: bool = True) -> None:
         """End the turn in progress, keeping the client's delta (``record=False``: drop it, an exception cut the
@@ -505,6 +572,31 @@ class FederatedBlockStrategy(DDPStrategy):
         if self.turns.idle:  # another rank trains a client now; this one keeps the step count in line with it
             return self.turns.idle_loss()
         return super().training_step(*args, **kwargs)
+
+    @override
+    def on_train_start(self) -> None:
+        rank_zero_info(self.outline().format())
+
+    def outline(self) -> RunOutline:
+        """What a round trains and how much of the data the run reads, printed when training starts (Lightning's
+        model summary counts every parameter a block could hold as trainable)."""
+        module, partition, trainable = self.lightning_module, self.partition, self.turns.trainable
+        trainer, options, sampler = module.trainer, self.options, self.batch_sampler
+        return RunOutline(
+            block_parameters=[
+                sum(p.numel() for n, p in partition.parameters(module, b).items() if n in trainable)
+                for b in range(len(partition))
+            ],
+            model_parameters=sum(p.numel() for p in module.parameters()),
+            participants=self.participants_per_round,
+            clients=options.num_clients,
+            local_steps=options.local_steps,
+            batch_size=sampler.batch_size,
+            accumulate=trainer.accumulate_grad_batches,
+            num_samples=sum(len(indices) for indices in sampler.client_indices),
+            rounds=self.rounds_in_run(trainer),
+            first_round=trainer.current_epoch,
+        )
 
     @override
     def on_validation_start(self) -> None:
@@ -529,6 +621,7 @@ class FederatedBlockStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        self._federation_set_up = False
         self.faults.uninstall()
         if self.client_exchange is not None:
             self.client_exchange.close()
@@ -586,6 +679,10 @@ class FederatedBlockStrategy(DDPStrategy):
             description="ParaBlock: federated block-coordinate fine-tuning (lightning_parablock)",
             override=True,
         )
+
+
+def _limits(trainer: "pl.Trainer") -> str:
+    return f"max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}"
 
 
 def _attached_trainer(module: Optional["pl.LightningModule"]) -> Optional["pl.Trainer"]:

@@ -9,6 +9,7 @@ arguments that ``DDPStrategy`` takes (device, backend, timeout) are checked by :
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,6 +35,7 @@ from lightning_parablock.core.blocks import (
     partition_decoder,
 )
 from lightning_parablock.core.federation import OptimizerStatePolicy
+from lightning_parablock.core.lr_schedule import LR_SCHEDULE_KINDS, LearningRateSchedule, LrScheduleKind
 from lightning_parablock.core.planning import participants_per_round
 from lightning_parablock.core.schedule import SCHEDULE_KINDS, ScheduleKind
 from lightning_parablock.strategies.run_settings import RunSettings
@@ -61,6 +63,10 @@ class FederationOptions:
     schedule: ScheduleKind = "random"
     schedule_spacing: Optional[int] = None
     optimizer_state: OptimizerStatePolicy = "reset"
+    lr_schedule: LrScheduleKind = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: Optional[float] = None
+    min_lr_ratio: float = 0.0
     global_lr: float = 1.0
     participation: float = 1.0
     clients_per_round: Optional[int] = None
@@ -86,6 +92,7 @@ class FederationOptions:
                 f" with schedule={self.schedule!r}."
             )
         check_choice("optimizer_state", self.optimizer_state, get_args(OptimizerStatePolicy))
+        self._check_lr_schedule(normalize)
         if self.weighting is not None:
             check_choice("weighting", self.weighting, get_args(Weighting))
         normalize("global_lr", check_float("global_lr (η)", self.global_lr, minimum=0.0, min_open=True))
@@ -131,6 +138,39 @@ class FederationOptions:
                 f"`block_patterns` gives one block, which every round trains, so `{name}={value!r}` does not apply:"
                 f" leave it at its default {self.default(name)!r}, or give several blocks."
             )
+
+    def _check_lr_schedule(self, normalize: Any) -> None:
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULE_KINDS)
+        normalize("warmup_steps", check_int("warmup_steps", self.warmup_steps, minimum=0))
+        if self.warmup_ratio is not None:
+            ratio = check_float("warmup_ratio", self.warmup_ratio, minimum=0.0, maximum=1.0, max_open=True)
+            normalize("warmup_ratio", ratio)
+            if self.warmup_steps:
+                raise ValueError(
+                    f"Give the warmup as `warmup_steps` or as `warmup_ratio`, not both; got warmup_steps="
+                    f"{self.warmup_steps} and warmup_ratio={self.warmup_ratio}."
+                )
+        normalize("min_lr_ratio", check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0))
+        if self.min_lr_ratio and self.lr_schedule == "constant":
+            raise ValueError(
+                f"`min_lr_ratio={self.min_lr_ratio}` is where a decaying schedule ends; it does not apply to"
+                " lr_schedule='constant'. Use lr_schedule='linear' or 'cosine', or leave min_lr_ratio at 0."
+            )
+
+    def learning_rate_schedule(self, rounds: Optional[int], limits: str) -> LearningRateSchedule:
+        """The clients' schedule over a run of ``rounds`` rounds (``None``: the run has no set end, which a decaying
+        schedule or a ``warmup_ratio`` refuses, naming the Trainer's ``limits``)."""
+        total = None if rounds is None else rounds * self.local_steps
+        if total is None and (self.lr_schedule != "constant" or self.warmup_ratio):
+            given = f"lr_schedule={self.lr_schedule!r}" if self.lr_schedule != "constant" else "warmup_ratio"
+            raise ValueError(
+                f"`{given}` needs the run's length, but the Trainer sets no end ({limits}): set `max_epochs` (one"
+                " epoch is one round) or `max_steps`, or use lr_schedule='constant' with `warmup_steps`."
+            )
+        warmup = self.warmup_steps
+        if self.warmup_ratio and total is not None:
+            warmup = math.ceil(self.warmup_ratio * total)
+        return LearningRateSchedule(self.lr_schedule, warmup, total, self.min_lr_ratio)
 
     def partition(self, model: nn.Module) -> BlockPartition:
         """The model's blocks: by ``block_patterns`` where given, else by the decoder's layers."""

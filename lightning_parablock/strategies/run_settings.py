@@ -1,12 +1,13 @@
 """What defines a federated run: saved in its checkpoints and compared when it resumes.
 
 A resume continues the run it was saved from, or it is refused before training: another method, staleness,
-seed, schedule, participation, weighting, compression, aggregator, optimizer-state policy, global learning rate or
-number of local steps would train a different run from the checkpoint's pending deltas (a top-k checkpoint
-resumed without top-k would drop every client's error-feedback residual). Settings that are safe to change by
-construction are not recorded: how many rounds (``max_epochs``, ``max_steps``), where deltas live
-(``offload_deltas``), the modelled link, ``comm_timeout``, checkpoint cadence, logging and the device.
-A checkpoint written before a setting was recorded is compared only on what it holds.
+seed, schedule, participation, weighting, compression, aggregator, optimizer-state policy, global learning rate,
+number of local steps or learning-rate schedule (its kind, warmup and, when it decays, its length in local steps)
+would train a different run from the checkpoint's pending deltas (a top-k checkpoint resumed without top-k would
+drop every client's error-feedback residual). Settings that are safe to change by construction are not recorded:
+how many rounds (``max_epochs``, ``max_steps``, unless the learning rate decays over them), where deltas live
+(``offload_deltas``), the modelled link, ``comm_timeout``, checkpoint cadence, logging and the device. A
+checkpoint written before a setting was recorded is compared only on what it holds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from lightning_parablock.aggregation.mean import MeanAggregator
 from lightning_parablock.aggregation.median import MedianAggregator
 from lightning_parablock.aggregation.stacking import StackingAggregator
 from lightning_parablock.aggregation.trimmed_mean import TrimmedMeanAggregator
+
+_CONSTANT_LR = {"lr_schedule": "constant", "warmup_steps": 0, "lr_schedule_steps": None, "min_lr_ratio": 0.0}
 
 RunSettings = dict[str, Any]
 """Setting name to a plain value (a number, a string, a list or ``None``), so a weights-only load reads it."""
@@ -42,11 +45,18 @@ def check_same_settings(saved: Mapping[str, Any], current: Mapping[str, Any], ch
 
 def upgraded(saved: Mapping[str, Any]) -> dict[str, Any]:
     """Settings saved by an earlier version, in today's terms: before 0.2 one ``Aggregator(method=...)`` class
-    served every rule (its repr named unused arguments) and ``weighting`` was the strategy's."""
+    served every rule (its repr named unused arguments) and ``weighting`` was the strategy's; before learning-rate
+    schedules every run trained at a constant rate."""
     settings = dict(saved)
+    if "local_steps" in settings:  # recorded settings from before learning-rate schedules: the rate was constant
+        for name, value in _CONSTANT_LR.items():
+            settings.setdefault(name, value)
     aggregator = settings.get("aggregator")
     if isinstance(aggregator, str) and aggregator.startswith(("Aggregator(", "StackingAggregator(")):
-        settings["aggregator"] = repr(_rule_of(aggregator, settings.get("weighting", "uniform")))
+        rule = _rule_of(aggregator, settings.get("weighting", "uniform"))
+        settings["aggregator"] = repr(rule)
+        if "weighting" in settings:
+            settings["weighting"] = rule.weighting  # a median or trimmed mean never used the strategy's weights
     return settings
 
 

@@ -80,7 +80,8 @@ class Turns:
         """End the turn in progress and start this rank's ``turn``-th turn of the round (a client's, or idle);
         the optimizer to step."""
         assert self.current is not None, "no round in progress"
-        self.end_turn()
+        assert self.federation.active_client is None, "end the client's turn first (the strategy's `end_turn`)"
+        self.end_turn()  # an idle turn, if one is in progress
         client = self.current.turns[turn]
         if client is None:
             self.idle = True

@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 
 from lightning_parablock.comm.link import SimulatedLink, parse_bandwidth
 from lightning_parablock.telemetry.timeline import (
+    MEASURED_EXCHANGE_PARTS,
     TIMELINE_FILENAME,
     RoundRecord,
     RunSummary,
@@ -142,6 +143,33 @@ def compare(run_dir: Path, bandwidths: Sequence[str] = DEFAULT_BANDWIDTHS, laten
     return "modelled federated wall-clock (clients in parallel), each run at its own staleness\n" + format_comparison(
         runs, links
     )
+
+
+def format_measured_exchanges(meta: dict) -> list[str]:
+    """Lines on the exchanges a real transport measured (a Flower server's timeline), or none.
+
+    Latency is each round's slower site, from its uploads being ready to the aggregate being back; the parts are
+    means over rounds and sites, each between two processes' stamps.
+    """
+    rows = (meta.get("flower") or {}).get("exchanges") or []
+    latencies = [
+        max(values) for row in rows if (values := [s["latency"] for s in row["sites"].values() if s.get("latency") is not None])
+    ]
+    if not latencies:
+        return []
+    lines = [
+        f"measured exchanges ({meta.get('transport', 'a real transport')}, {meta['flower'].get('sites')} sites):"
+        f" uploads ready to aggregate back, slower site: mean {sum(latencies) / len(latencies):.2f} s"
+        f" (min {min(latencies):.2f}, max {max(latencies):.2f}) over {len(latencies)} exchanges"
+    ]
+    means = []
+    for part in MEASURED_EXCHANGE_PARTS:
+        values = [s[part] for row in rows for s in row["sites"].values() if s.get(part) is not None]
+        if values:
+            means.append(f"{part} {sum(values) / len(values):.2f}")
+    if means:
+        lines.append("  its parts, mean s: " + ", ".join(means))
+    return lines
 
 
 def format_table(records: Sequence[RoundRecord], staleness: int, links: dict[str, SimulatedLink]) -> str:
@@ -291,6 +319,7 @@ def report(
     if others:
         lines.append(f"  (also under {run_dir}: {', '.join(str(p.parent) for p in others)}; choose one with --run)")
     lines.append(f"method: {meta.get('method') or 'not recorded'}; this run's link: {link_label(own_link)}")
+    lines += format_measured_exchanges(meta)
     if validation:
         (first_round, first), (last_round, last) = validation[0], validation[-1]
         lines.append(f"validation loss {first:.4f} after {first_round} rounds -> {last:.4f} after {last_round}")

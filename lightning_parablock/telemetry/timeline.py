@@ -20,6 +20,10 @@ from lightning_parablock.files import write_text_atomic
 from lightning_parablock.telemetry.timeline_checks import check_timeline
 
 TIMELINE_FILENAME = "parablock_timeline.json"
+MEASURED_EXCHANGE_PARTS = ("pickup", "to_server", "other_sites", "aggregate", "push", "to_clientapp", "to_site")
+"""The parts of an exchange a real transport measures, in order (a Flower server's timeline holds them per round and
+site under ``flower``): the uploads are taken from the site; reach the server; wait for the other sites; are
+aggregated; the aggregate is pushed; the site's SuperNode starts a ClientApp for it; it hands it to the site."""
 
 
 @dataclass
@@ -31,6 +35,7 @@ class RoundRecord:
     participants: list[int]
     compute_seconds: dict[int, float]  # per client: its K local steps, measured
     client_loss: dict[int, float] = field(default_factory=dict)  # per client: mean training loss
+    client_step_loss: dict[int, dict[int, float]] = field(default_factory=dict)  # per client: Trainer step -> loss
     exchanged_round: Optional[int] = None  # the round whose deltas crossed the link during this one
     upload_bytes: dict[int, int] = field(default_factory=dict)  # per sender of the exchanged round
     download_bytes: int = 0  # the aggregate, received by each sender
@@ -148,8 +153,10 @@ def merge_rank_records(records: Sequence[RoundRecord]) -> RoundRecord:
     for record in records[1:]:
         merged.compute_seconds.update(record.compute_seconds)
         merged.client_loss.update(record.client_loss)
+        merged.client_step_loss.update(record.client_step_loss)
     merged.compute_seconds = dict(sorted(merged.compute_seconds.items()))
     merged.client_loss = dict(sorted(merged.client_loss.items()))
+    merged.client_step_loss = dict(sorted(merged.client_step_loss.items()))
     merged.client_rank = {client: r.rank for r in records for client in sorted(r.compute_seconds)}
     merged.ranks = {
         r.rank: {
@@ -187,6 +194,10 @@ def record_from_json(data: dict[str, Any]) -> RoundRecord:
     data = dict(data)
     for key in ("compute_seconds", "client_loss", "upload_bytes", "sync_download_bytes", "client_rank", "ranks"):
         data[key] = {int(client): value for client, value in data.get(key, {}).items()}
+    data["client_step_loss"] = {
+        int(client): {int(step): loss for step, loss in losses.items()}
+        for client, losses in data.get("client_step_loss", {}).items()
+    }
     return RoundRecord(**data)
 
 

@@ -126,7 +126,6 @@ def recipe(
         "schedule": schedule,
         "global_lr": 1.0,
         "participation": participation,
-        "weighting": "uniform",
         "seed": 0,
         "offload_deltas": True,  # N x (s + 1) fp32 blocks in host memory: 1.75 GB each for an 8B 2-layer block
     }
