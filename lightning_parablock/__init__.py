@@ -86,10 +86,21 @@ class _WhenLightningLoads(importlib.abc.MetaPathFinder):
 
         def exec_module(module: Any) -> None:
             load(module)
-            importlib.import_module(_LIGHTNING_FACING)
+            if not _part_of_the_package_is_loading():  # that import brings what it needs, and registers later
+                importlib.import_module(_LIGHTNING_FACING)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+def _part_of_the_package_is_loading() -> bool:
+    """Whether a module of this package is being imported right now (Lightning loads from inside it): importing
+    the callback then would find that module half made."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith(f"{__name__}.")
+    )
 
 
 if "lightning.pytorch" in sys.modules:

@@ -336,3 +336,32 @@ def test_an_old_median_checkpoint_with_sample_weights_resumes_as_today_s_median(
     saved = {"aggregator": "Aggregator(method='median', clip_norm=None, trim_fraction=0.1, nonfinite='raise')",
              "weighting": "samples"}  # fmt: skip
     assert upgraded(saved) == {"aggregator": repr(MedianAggregator()), "weighting": "uniform"}
+
+
+@pytest.mark.parametrize(
+    ("delta", "message"),
+    [({"a": torch.ones(1), "b": torch.ones(8, 4)}, r"'a' of shape \(1,\), expected \(1000,\)"),
+     ({"a": torch.ones(1000), "b": torch.ones(8, 4), "c": torch.ones(2)}, r"holds tensors \['a', 'b', 'c'\]")],
+)  # fmt: skip
+def test_a_delta_that_does_not_fit_the_block_is_refused_by_every_transport(one_rank_group, delta, message):
+    uploads = RoundUploads(0, 0, {0: delta, 1: {"a": torch.ones(1000), "b": torch.ones(8, 4)}}, {0: 1.0, 1: 1.0})
+    with pytest.raises(ValueError, match="Client [01] sent"):  # in memory the clients are compared with each other
+        InMemoryTransport(MeanAggregator(), SimulatedLink()).exchange(uploads, threading.Event())
+    collective = CollectiveTransport(dist.group.WORLD, MeanAggregator(), SimulatedLink(), [0, 0], lambda b: LAYOUT, 30.0)
+    with pytest.raises(ValueError, match=f"Client 0 \\(rank 0\\) sent a delta that {message}"):
+        collective.exchange(uploads, threading.Event())  # summed in parts, yet checked as in memory
+
+
+def test_rules_of_ones_own_are_told_what_they_lack_before_training():
+    class Old(MeanAggregator):
+        def __init__(self):
+            super(MeanAggregator, self).__init__(method="median")  # as a subclass of the pre-0.2 Aggregator would
+
+    with pytest.raises(TypeError, match="arguments of the deprecated `Aggregator\\(...\\)` only"):
+        Old()
+
+    class SumsWithoutParts(MedianAggregator):
+        reduces_from_partial_sums = True
+
+    with pytest.raises(TypeError, match="says it `reduces_from_partial_sums` but has no `accumulate`"):
+        ExchangeSpec(aggregator=SumsWithoutParts())

@@ -14,6 +14,7 @@ subclasses :class:`Aggregator` and implements :meth:`Aggregator.combine`.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Aggregator(metaclass=_BuildsTheRule):
         super().__init_subclass__(**kwargs)
         if method is not None:  # one of the rules ``Aggregator(method=...)`` used to name
             _RULE_OF_METHOD[method] = cls
+        cls.__signature__ = _arguments_of(cls)  # help() and IDEs see the constructor, not the metaclass's call
 
     def __init__(
         self,
@@ -74,6 +76,14 @@ class Aggregator(metaclass=_BuildsTheRule):
         """``method``, ``clip_norm`` and ``trim_fraction`` are read only by ``Aggregator(...)`` itself, the
         deprecated configurable form (also from a config's ``class_path: lightning_parablock.Aggregator``), which
         builds the rule's own class; a rule's class takes its own arguments."""
+        given = {"method": method, "clip_norm": clip_norm, "trim_fraction": trim_fraction}
+        legacy = {name: value for name, value in given.items() if value is not None}
+        if legacy:
+            raise TypeError(
+                f"{type(self).__name__} got {legacy}: those are arguments of the deprecated `Aggregator(...)` only. A"
+                " rule's class takes its own (e.g. `MedianAggregator(clip_norm=...)`); a rule of your own calls"
+                " `super().__init__(nonfinite=...)` and implements `combine`."
+            )
         self.nonfinite = check_choice("nonfinite", nonfinite, get_args(NonFinitePolicy))
 
     def client_weights(self, sample_counts: Mapping[int, int]) -> dict[int, float]:
@@ -131,6 +141,15 @@ class Aggregator(metaclass=_BuildsTheRule):
 
     def __hash__(self) -> int:
         return hash((type(self), repr(self)))
+
+
+def _arguments_of(cls: type) -> inspect.Signature:
+    """``cls``'s constructor arguments, without ``self``."""
+    signature = inspect.signature(cls.__init__)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+Aggregator.__signature__ = _arguments_of(Aggregator)  # type: ignore[attr-defined]
 
 
 def normalized_weights(weights: Mapping[int, float], kept: list[int]) -> dict[int, float]:

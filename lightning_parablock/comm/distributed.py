@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -41,13 +41,29 @@ from lightning_parablock.aggregation.aggregator import Aggregator, normalized_we
 from lightning_parablock.aggregation.nonfinite import kept_clients, non_finite_clients
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.comm.link import SimulatedLink
-from lightning_parablock.comm.transport import BlockLayout, ExchangeResult, RoundUploads, finish_exchange
+from lightning_parablock.comm.transport import (
+    BlockLayout,
+    ExchangeResult,
+    RoundUploads,
+    result_after_modelled_link,
+)
 
 GROUP_TIMEOUT_MARGIN_S = 60.0
 """How much longer than ``comm_timeout`` the exchange group's own timeout is: the transport's wait, whose error
 names the ranks that never joined, must end first."""
 
 _HOST = torch.device("cpu")
+
+
+def _misfit(delta: Mapping[str, Tensor], layout: BlockLayout) -> Optional[str]:
+    """What keeps ``delta`` from fitting the block ``layout`` describes, or ``None`` when it fits."""
+    expected = [name for name, _ in layout]
+    if list(delta) != expected:
+        return f"holds tensors {list(delta)}, expected {expected}"
+    for name, shape in layout:
+        if delta[name].shape != shape:
+            return f"holds {name!r} of shape {tuple(delta[name].shape)}, expected {tuple(shape)}"
+    return None
 
 
 def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
@@ -112,16 +128,24 @@ class CollectiveTransport:
             # Explicit dtypes and devices everywhere on this thread: Lightning's half-precision step sets the
             # process-wide default dtype, which this thread sees too (a byte count of 262148 would read 262144 in
             # bf16, and overflow in fp16).
-            status = torch.zeros(len(self.placement), 4, dtype=torch.float64, device=_HOST)
+            misfits = {client: _misfit(delta, layout) for client, delta in mine.items()}
+            status = torch.zeros(len(self.placement), 5, dtype=torch.float64, device=_HOST)
             for client in mine:
                 status[client] = torch.tensor(
-                    [1.0, float(uploads.weights[client]), float(client in bad_here), encoded_nbytes(encoded[client])],
+                    [
+                        1.0,
+                        float(uploads.weights[client]),
+                        float(client in bad_here),
+                        encoded_nbytes(encoded[client]),
+                        float(misfits[client] is not None),
+                    ],
                     dtype=torch.float64,
                     device=_HOST,
                 )
             self._store.set(f"parablock/joined/{round_index}/{self.rank}", "1")
             self._wait(dist.all_reduce(status, group=self.group, async_op=True), round_index)
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
+            self._refuse_misfits(senders, status, misfits)
             raw_weights = {c: float(status[c, 1]) for c in senders}
             if sums_in_parts:
                 aggregate, bad = self._sum(mine, senders, raw_weights, layout, round_index)
@@ -130,12 +154,20 @@ class CollectiveTransport:
                 kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
                 weights = normalized_weights(raw_weights, kept) if kept else {}
                 mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
-                aggregate = self._gather(mine_kept, kept, weights, layout, round_index) if kept else None
+                aggregate = self._gather(mine_kept, kept, weights, raw_weights, layout, round_index) if kept else None
         upload_bytes = {client: int(status[client, 3]) for client in senders}
-        return finish_exchange(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop)
+        return result_after_modelled_link(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop)
 
     def _describe(self, client: int) -> str:
         return f"Client {client} (rank {self.placement[client]})"
+
+    def _refuse_misfits(self, senders: list[int], status: Tensor, misfits: dict[int, Optional[str]]) -> None:
+        """Every rank raises for a delta that does not fit the block (the aggregator's own check, which a sum in
+        parts never gets to run): the same error everywhere, before any rank waits in the next collective."""
+        misfit = next((c for c in senders if status[c, 4] > 0), None)
+        if misfit is not None:
+            detail = misfits.get(misfit) or "does not fit the round's block (names or shapes)"
+            raise ValueError(f"{self._describe(misfit)} sent a delta that {detail}.")
 
     def _sum(
         self,
@@ -172,6 +204,7 @@ class CollectiveTransport:
         mine: dict[int, dict[str, Tensor]],
         kept: list[int],
         weights: dict[int, float],
+        raw_weights: dict[int, float],
         layout: BlockLayout,
         round_index: int,
     ) -> dict[str, Tensor]:
@@ -191,6 +224,9 @@ class CollectiveTransport:
             for rank, clients in enumerate(kept_on)
             for row, client in enumerate(clients)
         }
+        if type(self.aggregator).__call__ is not Aggregator.__call__:  # a rule that does its own checking
+            total = sum(raw_weights[client] for client in every)
+            return self.aggregator(every, {client: raw_weights[client] / total for client in every}).aggregate
         self.aggregator.check(every)
         return self.aggregator.combine(every, weights)
 

@@ -11,7 +11,7 @@ from torch.profiler import record_function
 from lightning_parablock.aggregation.aggregator import Aggregator
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
 from lightning_parablock.comm.link import SimulatedLink
-from lightning_parablock.comm.transport import ExchangeResult, RoundUploads, finish_exchange
+from lightning_parablock.comm.transport import ExchangeResult, RoundUploads, result_after_modelled_link
 from lightning_parablock.core.device_copies import COPY_RANGE
 
 
@@ -38,9 +38,10 @@ class InMemoryTransport:
             upload_bytes = {client: encoded_nbytes(delta) for client, delta in received.items()}
             decoded = {client: decode_delta(delta) for client, delta in received.items()}
             if not decoded:  # no sender this round (all sat out, or left out before): nothing to apply
-                return finish_exchange(uploads, None, [], upload_bytes, self.link, start, stop)
+                return result_after_modelled_link(uploads, None, [], upload_bytes, self.link, start, stop)
             result = self.aggregator(decoded, uploads.weights)
-        return finish_exchange(uploads, result.aggregate, result.skipped_clients, upload_bytes, self.link, start, stop)
+        aggregate, skipped = result.aggregate, result.skipped_clients
+        return result_after_modelled_link(uploads, aggregate, skipped, upload_bytes, self.link, start, stop)
 
     def describe_stall(self, round_index: int) -> str:
         return "Every client is in this process: the aggregator itself did not return."

@@ -107,7 +107,7 @@ class TransportChoice:
         return f"{type(self).__name__}()"
 
 
-def finish_exchange(
+def result_after_modelled_link(
     uploads: RoundUploads,
     aggregate: Optional[dict[str, Tensor]],
     skipped_clients: list[int],

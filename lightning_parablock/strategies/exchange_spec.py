@@ -63,6 +63,13 @@ class ExchangeSpec:
             value = getattr(self, name)
             if not isinstance(value, kind):
                 raise TypeError(f"`{name}` must be {example}, got {value!r}.")
+        rule = type(self.aggregator)
+        if rule.reduces_from_partial_sums and rule.accumulate is Aggregator.accumulate:
+            raise TypeError(
+                f"{rule.__name__} says it `reduces_from_partial_sums` but has no `accumulate`: ranks could not add their"
+                " clients in parts. Implement `accumulate(total, deltas, weights)`, or leave `reduces_from_partial_sums`"
+                " False and every delta is gathered."
+            )
 
     def run_settings(self) -> RunSettings:
         """What of the exchange defines the run: another staleness, rule or codec would train another run from a
