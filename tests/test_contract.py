@@ -340,7 +340,7 @@ def test_an_old_median_checkpoint_with_sample_weights_resumes_as_today_s_median(
 
 @pytest.mark.parametrize(
     ("delta", "message"),
-    [({"a": torch.ones(1), "b": torch.ones(8, 4)}, r"'a' of shape \(1,\), expected \(1000,\)"),
+    [({"a": torch.ones(1), "b": torch.ones(8, 4)}, r"holds 'a' of shape \(1,\), expected \(1000,\)"),
      ({"a": torch.ones(1000), "b": torch.ones(8, 4), "c": torch.ones(2)}, r"holds tensors \['a', 'b', 'c'\]")],
 )  # fmt: skip
 def test_a_delta_that_does_not_fit_the_block_is_refused_by_every_transport(one_rank_group, delta, message):
