@@ -13,17 +13,18 @@ paper's weighted mean (``MeanAggregator``):
   transport ``ByProcesses`` builds for several processes on a real ``CommWorker`` (the exchange group, the status
   all-reduce, the partial sums and their all-reduce).
 
-Per path it prints the seconds of a whole round (submit to the aggregate in hand, the main thread idle: median
-of the repeats), wall clock and CPU seconds of the process, and, per stage, the library's own function on the same
-data, timed alone on one thread: the codec's decode (bf16 only), the mean's one pass that adds a delta into the
-sum and checks it for NaN/Inf (``MeanAggregator.accumulate``), into a new sum (the round's first client: its pages
-are touched for the first time) and into one already touched (each further client), and gloo's all-reduce of the
-sum. GB/s are gigabytes of fp32 delta per CPU second (1e9 bytes; on a loaded machine the wall clock also counts
+Per path it prints the seconds of a whole round (submit to the aggregate in hand, then released as the round
+boundary releases it once applied: median of the repeats, the first round included), wall clock and CPU seconds of
+the process, and, per stage, the library's own function on the same data, timed alone on one thread: the mean's
+one pass that adds a delta as sent (fp32, or bf16 read into the fp32 sum without a decoded copy) into the sum and
+checks it for NaN/Inf, into a new sum (its pages touched for the first time: what every round paid before sums
+were made in released memory, ``MeanAggregator.accumulate``), over a released sum's memory (the round's first
+client: ``MeanAggregator.sum_into``, no zeroing pass) and into a sum already made (each further client); and gloo's
+all-reduce of the sum. GB/s are gigabytes of fp32 delta per CPU second (1e9 bytes; on a loaded machine the wall clock also counts
 waiting for a core), set beside this machine's single-thread memcpy (``dst.copy_(src)``), sum (``a.add_(b)``) and
 read (``aminmax``) over buffers of the block's size, measured in the same run.
 
-Memory: per process, every hosted upload, its fp32 decode (bf16 only: the transport decodes every client before it
-sums) and two sums. A configuration is run only when the memory the kernel reports available (``MemAvailable``)
+Memory: per process, every hosted upload and two sums. A configuration is run only when the memory the kernel reports available (``MemAvailable``)
 covers its need plus a margin; otherwise it is listed as skipped, with the need.
 
     python benchmarks/exchange_throughput.py [--quick] [--clients 1,2,4] [--repeats 3] [--wire fp32,bf16]
@@ -150,29 +151,28 @@ class PathResult:
 
 
 def stage_times(delta: dict[str, Any], layout: list[tuple[str, torch.Size]], repeats: int) -> dict[str, Timing]:
-    """The per-client stages of the path, each the library's own function, alone on one thread: the codec's decode
-    (bf16 only: an fp32 delta decodes to itself), and the mean's one pass that adds a delta into the sum and checks
-    it for NaN/Inf, into a new sum (the round's first client: the sum's memory is touched for the first time) and
-    into one already touched (each further client)."""
+    """The per-client stages of the path, each the library's own function, alone on one thread: the mean's one pass
+    that adds a delta as the transport reads it (``summands_of``: fp32, or bf16 with no decoded copy) into the sum and
+    checks it for NaN/Inf, into a new sum (its memory touched for the first time: ``accumulate`` into zeros), over a
+    released sum's memory (the round's first client, written over it: ``sum_into``) and into a sum already made
+    (each further client: ``accumulate``)."""
     from lightning_parablock import MeanAggregator
-    from lightning_parablock.comm.codecs import as_encoded, decode_delta
+    from lightning_parablock.comm.codecs import as_encoded, summands_of
 
     torch.set_num_threads(1)
-    stages = {}
-    if any(not isinstance(t, torch.Tensor) for t in delta.values()):
-        stages["decode"] = timed(lambda: decode_delta(as_encoded(delta)), repeats)
-    decoded = {0: decode_delta(as_encoded(delta))}
+    summands = {0: summands_of(as_encoded(delta))}
     numel = sum(shape.numel() for _, shape in layout)
     aggregator = MeanAggregator()
 
     def into_a_new_sum() -> Any:
         total = torch.zeros(numel, dtype=torch.float32)
-        aggregator.accumulate(views_of(total, layout), decoded, {0: 0.5})
+        aggregator.accumulate(views_of(total, layout), summands, {0: 0.5})
         return total
 
-    stages["new sum"] = timed(into_a_new_sum, repeats)
+    stages = {"new sum": timed(into_a_new_sum, repeats)}
     total = views_of(into_a_new_sum(), layout)
-    stages["sum"] = timed(lambda: aggregator.accumulate(total, decoded, {0: 0.5}), repeats)
+    stages["write"] = timed(lambda: aggregator.sum_into(total, summands, {0: 0.5}), repeats)
+    stages["sum"] = timed(lambda: aggregator.accumulate(total, summands, {0: 0.5}), repeats)
     return stages
 
 
@@ -203,7 +203,8 @@ def in_memory(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathR
 
 
 def round_of(worker: Any, deltas: dict[int, Any]) -> Callable[[], Any]:
-    """One whole exchange through ``worker`` per call: submit, then wait for the aggregate."""
+    """One whole exchange through ``worker`` per call: submit, wait for the aggregate, release it (the boundary
+    does once it has applied it)."""
     from lightning_parablock.comm.transport import RoundUploads
 
     rounds = iter(range(1_000_000))
@@ -212,7 +213,9 @@ def round_of(worker: Any, deltas: dict[int, Any]) -> Callable[[], Any]:
     def one_round() -> Any:
         round_index = next(rounds)
         worker.submit(RoundUploads(round_index, 0, deltas, weights))
-        return worker.wait(round_index)
+        result = worker.wait(round_index)
+        result.release_aggregate()
+        return result
 
     return one_round
 
@@ -310,11 +313,10 @@ def available_gb() -> float:
 
 
 def need_gb(path: str, wire: str, clients: int, block_gb: float) -> float:
-    """Peak memory of a configuration: the uploads, their fp32 decodes (bf16 only: the transport decodes every
-    client before it sums), and two sums (the stages' new and touched ones; the round's one), per process."""
+    """Peak memory of a configuration: the uploads and two sums (the stages' new and touched ones; the round's one
+    and the transport's reused one), per process."""
     upload = block_gb / 2 if wire == "bf16" else block_gb
-    decoded = clients * block_gb if wire == "bf16" else 0.0
-    per_process = clients * upload + decoded + 2 * block_gb + PROCESS_GB
+    per_process = clients * upload + 2 * block_gb + PROCESS_GB
     return per_process if path == "in memory" else 2 * per_process
 
 
@@ -325,7 +327,7 @@ def format_report(results: list[PathResult], block_gb: float, reference: dict[st
     """Per configuration: each stage's GB of fp32 delta per CPU second; the round's wall and CPU seconds and the
     clients' GB per CPU second of the whole round, against single-thread memcpy."""
     memcpy = reference["memcpy"]
-    columns = (("decode", 6), ("new sum", 7), ("sum", 6), ("all-reduce", 10))
+    columns = (("new sum", 7), ("write", 6), ("sum", 6), ("all-reduce", 10))
     lines = [
         f"{'path':>11} {'wire':>4} {'clients':>7} | " + " ".join(f"{name:>{width}}" for name, width in columns)
         + f" | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9}",

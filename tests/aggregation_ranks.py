@@ -1,7 +1,8 @@
 """Two gloo ranks exchange the same round's deltas through ``CollectiveTransport``; rank 0 saves the aggregates.
 
 A second round has a NaN in the delta of client 3 (rank 1): under ``nonfinite="skip"`` every rule leaves it out on
-both ranks; under ``"raise"`` each rank saves the error it raised.
+both ranks; under ``"raise"`` each rank saves the error it raised. Last, one mean transport runs rounds whose
+aggregates are released as the round boundary releases them: each later sum is made in the same memory.
 
     python aggregation_ranks.py OUT_FILE PORT
 """
@@ -33,8 +34,11 @@ SKIPPING = {
 BAD_CLIENT = 3  # on rank 1; its NaN sits in the last slice of "c"
 
 
-def round_deltas(with_nan: bool = False) -> dict[int, dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(11)
+REUSED_ROUNDS = 3
+
+
+def round_deltas(with_nan: bool = False, seed: int = 11) -> dict[int, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
     deltas = {c: {name: torch.randn(shape, generator=generator) for name, shape in LAYOUT} for c in WEIGHTS}
     if with_nan:
         deltas[BAD_CLIENT]["c"][-1] = float("nan")
@@ -56,6 +60,13 @@ def rank_main(rank: int, out: str, port: int) -> None:
                 results[round_index, name] = (result.aggregate, result.skipped_clients)
             except Exception as error:  # noqa: BLE001 - the "raise" policy's error, compared by the test
                 results[round_index, name] = f"{type(error).__name__}: {error}"
+    group = dist.new_group(backend="gloo")
+    transport = CollectiveTransport(group, RULES["mean"], SimulatedLink(), PLACEMENT, lambda b: LAYOUT, 60.0)
+    for round_index in range(REUSED_ROUNDS):
+        mine = {c: d for c, d in round_deltas(seed=20 + round_index).items() if PLACEMENT[c] == rank}
+        result = transport.exchange(RoundUploads(round_index, 0, mine, {c: WEIGHTS[c] for c in mine}), threading.Event())
+        results["reused", round_index] = ({n: t.clone() for n, t in result.aggregate.items()}, result.aggregate["a"].data_ptr())
+        result.release_aggregate()
     torch.save(results, f"{out}.rank{rank}")
     dist.destroy_process_group()
 

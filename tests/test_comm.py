@@ -221,9 +221,9 @@ def on_aggregate(monkeypatch, note) -> None:
 
     original = Aggregator.__call__
 
-    def spy(self, deltas, weights):
+    def spy(self, deltas, weights, **options):
         note()
-        return original(self, deltas, weights)
+        return original(self, deltas, weights, **options)
 
     monkeypatch.setattr(Aggregator, "__call__", spy)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from aggregation_ranks import BAD_CLIENT, RULES, SKIPPING, WEIGHTS, round_deltas
+from aggregation_ranks import BAD_CLIENT, REUSED_ROUNDS, RULES, SKIPPING, WEIGHTS, round_deltas
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SCRIPT = Path(__file__).parent / "aggregation_ranks.py"
@@ -56,6 +56,13 @@ def test_two_ranks_aggregate_as_one_process_does(tmp_path):
                         torch.testing.assert_close(aggregate[tensor], expected, rtol=1e-6, atol=1e-6)
                     else:
                         assert torch.equal(aggregate[tensor], expected), (name, tensor)
+    for over_ranks in ranks:  # released aggregates: every later round's sum is made in the same memory, and right
+        for round_index in range(REUSED_ROUNDS):
+            aggregate, _ = over_ranks["reused", round_index]
+            expected = RULES["mean"](round_deltas(seed=20 + round_index), WEIGHTS).aggregate
+            for tensor in expected:
+                torch.testing.assert_close(aggregate[tensor], expected[tensor], rtol=1e-6, atol=1e-6)
+        assert len({over_ranks["reused", r][1] for r in range(REUSED_ROUNDS)}) == 1
     for name in RULES:  # the "raise" policy: both ranks stop, naming the client, its rank and, on its own, the tensor
         for rank, tensor in ((0, ""), (1, " for 'c'")):
             assert ranks[rank][2, name] == (

@@ -85,15 +85,16 @@ def test_the_exchange_groups_timeout_leaves_the_librarys_own_error_first(nccl_de
 
 
 def pin_requests(monkeypatch) -> list[bool]:
-    """Every ``torch.zeros`` call's ``pin_memory``, which a CPU build cannot honour: recorded, then left out."""
+    """Every ``torch.empty`` call's ``pin_memory`` (a sum is made in memory it then overwrites), which a CPU build
+    cannot honour: recorded, then left out."""
     requests = []
-    real_zeros = torch.zeros
+    real_empty = torch.empty
 
-    def zeros(*args, pin_memory=False, **kwargs):
+    def empty(*args, pin_memory=False, **kwargs):
         requests.append(pin_memory)
-        return real_zeros(*args, **kwargs)
+        return real_empty(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch, "empty", empty)
     return requests
 
 

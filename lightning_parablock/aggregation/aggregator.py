@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Optional, get_args
 from torch import Tensor
 
 from lightning_parablock.aggregation.nonfinite import NonFinitePolicy, kept_clients, non_finite_clients
-from lightning_parablock.aggregation.rules import Deltas, check_deltas
+from lightning_parablock.aggregation.rules import Deltas, check_deltas, zeros_like_delta
 from lightning_parablock.argument_checks import check_choice, check_float
 
 Weighting = Literal["uniform", "samples"]
@@ -96,23 +96,39 @@ class Aggregator(metaclass=_BuildsTheRule):
         """The tensor names every client sent; a ValueError when clients disagree on names or shapes."""
         return check_deltas(deltas)
 
-    def __call__(self, deltas: Deltas, weights: Mapping[int, float]) -> AggregateResult:
-        """Δ_t from every sender's delta and unnormalized weight."""
+    def __call__(
+        self, deltas: Deltas, weights: Mapping[int, float], into: Optional[Mapping[str, Tensor]] = None
+    ) -> AggregateResult:
+        """Δ_t from every sender's delta and unnormalized weight; a rule that sums makes it in ``into`` when given
+        (fp32 tensors, one per name, holding anything: memory the transport reuses round after round)."""
         self.check(deltas)
         if not set(deltas) <= set(weights):
             raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
-        aggregate, bad = self.checked_combine(deltas, normalized_weights(weights, sorted(deltas)))
+        normalized = normalized_weights(weights, sorted(deltas))
+        if into is None:
+            aggregate, bad = self.checked_combine(deltas, normalized)
+        else:
+            aggregate, bad = self.checked_combine(deltas, normalized, into=into)
         if bad:  # the rare path: the policy raises, or the kept clients are combined again
             kept = kept_clients(list(deltas), bad, self.nonfinite)
             aggregate = self.combine({c: deltas[c] for c in kept}, normalized_weights(weights, kept))
         return AggregateResult(aggregate, sorted(bad))
 
     def checked_combine(
-        self, deltas: Deltas, weights: Mapping[int, float]
+        self, deltas: Deltas, weights: Mapping[int, float], into: Optional[Mapping[str, Tensor]] = None
     ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]]]:
         """Δ_t over every delta given, and the clients whose delta holds NaN or Inf (with the first such tensor's
-        name); the aggregate is ``None`` when there are any. This checks every delta, then combines; a rule that
-        can check while it combines (the mean) overrides it and reads each delta once."""
+        name); the aggregate is ``None`` when there are any. A rule that sums checks while it adds
+        (:meth:`sum_into` ``into``, or :meth:`accumulate` into a new sum) and reads each delta once; any other rule
+        checks every delta, then combines."""
+        if self.reduces_from_partial_sums:
+            if into is None:
+                total = zeros_like_delta(deltas)
+                found = self.accumulate(total, deltas, weights)
+            else:
+                total = dict(into)
+                found = self.sum_into(total, deltas, weights)
+            return (None if found else total), dict(found)
         bad = non_finite_clients(deltas)
         return (None if bad else self.combine(deltas, weights)), bad
 
@@ -126,6 +142,14 @@ class Aggregator(metaclass=_BuildsTheRule):
         caller sums the kept clients again. ``weights`` are normalized over every client the round keeps, on every
         rank. Only for rules with :attr:`reduces_from_partial_sums`."""
         raise NotImplementedError(f"{type(self).__name__} needs every client's delta; it has no partial sums.")
+
+    def sum_into(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
+        """:meth:`accumulate` into ``total`` whatever it holds (memory an earlier round's sum used): these clients'
+        share of Δ_t replaces it. This zeroes ``total`` first; a rule that can write its first client's term
+        instead (the mean) overrides it and saves that pass over the memory."""
+        for tensor in total.values():
+            tensor.zero_()
+        return self.accumulate(total, deltas, weights)
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that define the rule (its ``repr``, saved in checkpoints and compared)."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_parablock.aggregation.aggregator import Aggregator, Weighting
 from lightning_parablock.aggregation.nonfinite import NonFinitePolicy
-from lightning_parablock.aggregation.rules import Deltas, add_weighted, clip_scale, weighted_sum, zeros_like_delta
+from lightning_parablock.aggregation.rules import Deltas, add_weighted, clip_scale, weighted_sum
 from lightning_parablock.argument_checks import check_choice, check_positive
 
 
@@ -40,13 +40,9 @@ class MeanAggregator(Aggregator, method="mean"):
     def accumulate(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
         return add_weighted(total, deltas, self._clipped(deltas, weights))
 
-    def checked_combine(
-        self, deltas: Deltas, weights: Mapping[int, float]
-    ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]]]:
-        """The sum and the check in one pass over each delta (:func:`~.rules.add_weighted`)."""
-        total = zeros_like_delta(deltas)
-        non_finite = self.accumulate(total, deltas, weights)
-        return (None if non_finite else total), dict(non_finite)
+    def sum_into(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
+        """The first client's term is written over whatever ``total`` held, the others added: no zeroing pass."""
+        return add_weighted(total, deltas, self._clipped(deltas, weights), overwrite=True)
 
     def _clipped(self, deltas: Deltas, weights: Mapping[int, float]) -> dict[int, float]:
         """Each client's weight times its clipping factor: clipping folds into the sum, no scaled copy of a delta."""

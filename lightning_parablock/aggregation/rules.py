@@ -74,36 +74,56 @@ def zeros_like_delta(deltas: Deltas) -> dict[str, Tensor]:
     }
 
 
-def add_weighted(total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
+def add_weighted(
+    total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float], overwrite: bool = False
+) -> dict[int, str]:
     """``total += Σ_i w_i Δ^i`` in place, clients in ascending id, and the clients whose delta holds NaN or Inf,
     with the first such tensor's name, found in the same pass: each delta is read from memory once, nothing is
     copied (a partial sum of the clients one process holds). A non-finite delta is added too: whoever gets any
-    back leaves that sum and adds the clients it keeps again."""
+    back leaves that sum and adds the clients it keeps again.
+
+    ``overwrite``: ``total`` holds whatever an earlier round left (memory reused): ``total = Σ_i w_i Δ^i``, the first
+    client's term written rather than added, so the memory needs no zeroing pass first (zeros with no client)."""
     if not set(deltas) <= set(weights):
         raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
+    if overwrite and not deltas:
+        for tensor in total.values():
+            tensor.zero_()
     non_finite: dict[int, str] = {}
-    for client in sorted(deltas):
+    for position, client in enumerate(sorted(deltas)):
         for name, tensor in deltas[client].items():
-            if not _add_checking(total[name], tensor, weights[client]) and client not in non_finite:
+            finite = _add_checking(total[name], tensor, weights[client], write=overwrite and position == 0)
+            if not finite and client not in non_finite:
                 non_finite[client] = name
     return non_finite
 
 
-def _add_checking(total: Tensor, delta: Tensor, weight: float) -> bool:
-    """``total += weight × delta``; whether ``delta`` is finite. A large contiguous host tensor goes slice by slice,
-    each checked while it is in the cache; anything else is added, then checked (a GPU reads fast enough, and a
-    check per slice there would wait for the device each time)."""
+def _add_checking(total: Tensor, delta: Tensor, weight: float, write: bool = False) -> bool:
+    """``total += weight × delta`` (``total = weight × delta`` when ``write``); whether ``delta`` is finite. A large
+    contiguous host tensor goes slice by slice, each checked while it is in the cache; anything else is added, then
+    checked (a GPU reads fast enough, and a check per slice there would wait for the device each time)."""
     on_host = delta.device.type == "cpu" and delta.is_contiguous() and total.is_contiguous()
     if not on_host or delta.numel() <= SLICE_VALUES:
-        total.add_(delta, alpha=weight)
+        _add_or_write(total, delta, weight, write)
         return all_finite(delta)
     flat_total, flat_delta = total.view(-1), delta.view(-1)
     finite = True
     for start in range(0, flat_delta.numel(), SLICE_VALUES):
         piece = flat_delta[start : start + SLICE_VALUES]
-        flat_total[start : start + SLICE_VALUES].add_(piece, alpha=weight)
+        _add_or_write(flat_total[start : start + SLICE_VALUES], piece, weight, write)
         finite = finite and all_finite(piece)
     return finite
+
+
+def _add_or_write(total: Tensor, delta: Tensor, weight: float, write: bool) -> None:
+    """``total += weight × delta``, or ``total = weight × delta``: the same fp32 product either way (read exactly
+    from bf16 too), so a written first term equals an added one (a zero may differ in sign only)."""
+    if not write:
+        total.add_(delta, alpha=weight)
+    elif delta.dtype == total.dtype:
+        torch.mul(delta, weight, out=total)  # one pass
+    else:  # a bf16 product would be rounded to bf16: widen first (the slice is in the cache by then)
+        total.copy_(delta).mul_(weight)
 
 
 def _stacked(deltas: Deltas, name: str) -> Tensor:

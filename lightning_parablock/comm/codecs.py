@@ -2,7 +2,8 @@
 
 A codec turns one fp32 tensor into a payload of smaller tensors and back into fp32; the bytes a client
 sends are the payload's bytes, scales and indices included. Only the upload is encoded: the server
-decodes every delta to fp32 before aggregating, and the aggregate it returns is fp32.
+decodes every delta to fp32 before aggregating (a rule that sums reads an fp32 or bf16 payload as it is, into an
+fp32 sum), and the aggregate it returns is fp32.
 
 Top-k sends the largest entries of Δ^i plus what earlier rounds left unsent (error feedback): the
 residual is the client's own state, kept per parameter by the client exchange
@@ -22,6 +23,10 @@ from torch import Tensor
 
 from lightning_parablock.argument_checks import check_choice, check_float, check_int
 from lightning_parablock.core.sizes import nbytes_of
+
+
+_READ_EXACTLY_INTO_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes that an fp32 sum adds as their fp32 values (a float64 delta would be added in float64, then rounded)."""
 
 
 @dataclass
@@ -44,6 +49,10 @@ class EncodedTensor:
     def decode(self) -> Tensor:
         return self.codec.decode(self)
 
+    def summand(self) -> Tensor:
+        """The values as a sum reads them (:meth:`Codec.summand`)."""
+        return self.codec.summand(self)
+
 
 EncodedDelta = dict[str, EncodedTensor]
 
@@ -59,6 +68,14 @@ class Codec:
 
     def decode(self, encoded: EncodedTensor) -> Tensor:
         return encoded.payload["values"].float()
+
+    def summand(self, encoded: EncodedTensor) -> Tensor:
+        """The values for a rule that adds them into an fp32 sum: the payload itself where decoding is only a cast
+        to fp32 (fp32, bf16: adding a bf16 tensor into fp32 reads it exactly, with no fp32 copy of the delta in
+        new memory), else the decoded tensor."""
+        if type(self).decode is Codec.decode and encoded.payload["values"].dtype in _READ_EXACTLY_INTO_FP32:
+            return encoded.payload["values"]
+        return self.decode(encoded)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -188,6 +205,11 @@ def as_encoded(delta: Mapping[str, Union[Tensor, EncodedTensor]]) -> EncodedDelt
 
 def decode_delta(delta: Mapping[str, EncodedTensor]) -> dict[str, Tensor]:
     return {name: encoded.decode() for name, encoded in delta.items()}
+
+
+def summands_of(delta: Mapping[str, EncodedTensor]) -> dict[str, Tensor]:
+    """A delta as a rule that sums reads it (:meth:`Codec.summand`): decoded only where decoding is more than a cast."""
+    return {name: encoded.summand() for name, encoded in delta.items()}
 
 
 def encoded_nbytes(delta: Mapping[str, EncodedTensor]) -> int:

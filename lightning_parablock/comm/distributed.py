@@ -39,13 +39,15 @@ from torch import Tensor
 from lightning_parablock._compat import default_store
 from lightning_parablock.aggregation.aggregator import Aggregator, normalized_weights
 from lightning_parablock.aggregation.nonfinite import kept_clients, non_finite_clients
-from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
+from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes, summands_of
 from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.sum_buffers import SumBuffers
 from lightning_parablock.comm.transport import (
     BlockLayout,
     ExchangeResult,
     RoundUploads,
     result_after_modelled_link,
+    views_by_layout,
 )
 
 GROUP_TIMEOUT_MARGIN_S = 60.0
@@ -64,16 +66,6 @@ def _misfit(delta: Mapping[str, Tensor], layout: BlockLayout) -> Optional[str]:
         if delta[name].shape != shape:
             return f"holds {name!r} of shape {tuple(delta[name].shape)}, expected {tuple(shape)}"
     return None
-
-
-def _unflatten(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
-    """Views of ``flat`` (no copy: a pinned sum stays pinned)."""
-    tensors, offset = {}, 0
-    for name, shape in layout:
-        numel = shape.numel()
-        tensors[name] = flat[offset : offset + numel].view(shape)
-        offset += numel
-    return tensors
 
 
 class CollectiveTransport:
@@ -111,6 +103,7 @@ class CollectiveTransport:
         self.layout = layout
         self.timeout = timedelta(seconds=timeout_s)
         self.pin_memory = pin_memory
+        self.sums = SumBuffers()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._store = default_store()
@@ -120,9 +113,10 @@ class CollectiveTransport:
         round_index, layout = uploads.round, self.layout(uploads.block)
         sums_in_parts = self.aggregator.reduces_from_partial_sums
         with torch.no_grad():
-            # Encoded deltas are decoded before the reduction: what is counted is what each client would send.
+            # What is counted is what each client sends; a sum reads fp32 and bf16 as sent, the rest is decoded.
             encoded = {client: as_encoded(uploads.deltas[client]) for client in sorted(uploads.deltas)}
-            mine = {client: decode_delta(delta) for client, delta in encoded.items()}
+            read = summands_of if sums_in_parts else decode_delta
+            mine = {client: read(delta) for client, delta in encoded.items()}
             # A rule that sums in parts finds non-finite deltas while it adds them; the others check every delta first.
             bad_here = {} if sums_in_parts else non_finite_clients(mine)
             # Explicit dtypes and devices everywhere on this thread: Lightning's half-precision step sets the
@@ -147,8 +141,9 @@ class CollectiveTransport:
             senders = [c for c in range(len(self.placement)) if status[c, 0] > 0]
             self._refuse_misfits(senders, status, misfits)
             raw_weights = {c: float(status[c, 1]) for c in senders}
+            release: Callable[[], None] = lambda: None
             if sums_in_parts:
-                aggregate, bad = self._sum(mine, senders, raw_weights, layout, round_index)
+                aggregate, bad, release = self._sum(mine, senders, raw_weights, layout, round_index)
             else:
                 bad = {c: bad_here.get(c) for c in senders if status[c, 2] > 0}
                 kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
@@ -156,7 +151,7 @@ class CollectiveTransport:
                 mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
                 aggregate = self._gather(mine_kept, kept, weights, raw_weights, layout, round_index) if kept else None
         upload_bytes = {client: int(status[client, 3]) for client in senders}
-        return result_after_modelled_link(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop)
+        return result_after_modelled_link(uploads, aggregate, sorted(bad), upload_bytes, self.link, start, stop, release)
 
     def _describe(self, client: int) -> str:
         return f"Client {client} (rank {self.placement[client]})"
@@ -176,28 +171,30 @@ class CollectiveTransport:
         raw_weights: dict[int, float],
         layout: BlockLayout,
         round_index: int,
-    ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]]]:
+    ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]], Callable[[], None]]:
         """Each rank adds its senders into one flat partial sum, checking every delta in the same pass, and the ranks
         all-reduce the sum with one flag per client behind it (set where a delta held NaN or Inf). With a flag
-        anywhere the policy raises, or every rank sums its kept clients again: the rare path, one more all-reduce."""
+        anywhere the policy raises, or every rank sums its kept clients again: the rare path, one more all-reduce.
+        The sum is made in memory used again round after round; the release of it comes along."""
         numel = sum(shape.numel() for _, shape in layout)
         bad: dict[int, Optional[str]] = {}
         kept = senders
         while kept:
-            size = numel + len(self.placement)
-            partial = torch.zeros(size, dtype=torch.float32, device=_HOST, pin_memory=self.pin_memory)
-            total, flags = _unflatten(partial, layout), partial[numel:]
+            partial, release = self.sums.take(numel + len(self.placement), pin_memory=self.pin_memory)
+            total, flags = views_by_layout(partial, layout), partial[numel:]
+            flags.zero_()
             mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
-            found = self.aggregator.accumulate(total, mine_kept, normalized_weights(raw_weights, kept))
+            found = self.aggregator.sum_into(total, mine_kept, normalized_weights(raw_weights, kept))
             for client in found:
                 flags[client] = 1.0
             self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
             flagged = {client: found.get(client) for client in kept if flags[client] > 0}
             if not flagged:
-                return total, bad
+                return total, bad, release
+            release()
             bad.update(flagged)
             kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
-        return None, bad
+        return None, bad, lambda: None
 
     def _gather(
         self,
@@ -215,12 +212,12 @@ class CollectiveTransport:
         rows = max(len(clients) for clients in kept_on)
         local = torch.zeros(rows, numel, dtype=torch.float32, device=_HOST)
         for row, client in enumerate(kept_on[self.rank]):
-            for name, view in _unflatten(local[row], layout).items():
+            for name, view in views_by_layout(local[row], layout).items():
                 view.copy_(mine[client][name])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         self._wait(dist.all_gather(gathered, local, group=self.group, async_op=True), round_index)
         every = {
-            client: _unflatten(gathered[rank][row], layout)
+            client: views_by_layout(gathered[rank][row], layout)
             for rank, clients in enumerate(kept_on)
             for row, client in enumerate(clients)
         }

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.profiler import record_function
 
-from lightning_parablock.aggregation.aggregator import Aggregator
-from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes
+from lightning_parablock.aggregation.aggregator import Aggregator, AggregateResult
+from lightning_parablock.comm.codecs import EncodedDelta, as_encoded, decode_delta, encoded_nbytes, summands_of
 from lightning_parablock.comm.link import SimulatedLink
-from lightning_parablock.comm.transport import ExchangeResult, RoundUploads, result_after_modelled_link
+from lightning_parablock.comm.sum_buffers import SumBuffers
+from lightning_parablock.comm.transport import (
+    ExchangeResult,
+    RoundUploads,
+    result_after_modelled_link,
+    views_by_layout,
+)
 from lightning_parablock.core.device_copies import COPY_RANGE
 
 
 class InMemoryTransport:
     """Decodes every upload, aggregates, and returns after the modelled link time (real work counted in it).
+
+    A rule that sums (the mean) reads fp32 and bf16 uploads as they are and makes the sum in memory used again
+    round after round (:class:`~lightning_parablock.comm.sum_buffers.SumBuffers`): each delta is read once and no
+    new memory is touched once the first round is done.
 
     Args:
         aggregator: the server's rule.
@@ -26,6 +37,7 @@ class InMemoryTransport:
     def __init__(self, aggregator: Aggregator, link: SimulatedLink) -> None:
         self.aggregator = aggregator
         self.link = link
+        self.sums = SumBuffers()
 
     def exchange(self, uploads: RoundUploads, stop: threading.Event) -> ExchangeResult:
         start = time.perf_counter()
@@ -36,12 +48,27 @@ class InMemoryTransport:
                     for client, delta in uploads.deltas.items()
                 }
             upload_bytes = {client: encoded_nbytes(delta) for client, delta in received.items()}
-            decoded = {client: decode_delta(delta) for client, delta in received.items()}
-            if not decoded:  # no sender this round (all sat out, or left out before): nothing to apply
+            if not received:  # no sender this round (all sat out, or left out before): nothing to apply
                 return result_after_modelled_link(uploads, None, [], upload_bytes, self.link, start, stop)
-            result = self.aggregator(decoded, uploads.weights)
+            result, release = self._aggregate(received, uploads.weights)
         aggregate, skipped = result.aggregate, result.skipped_clients
-        return result_after_modelled_link(uploads, aggregate, skipped, upload_bytes, self.link, start, stop)
+        return result_after_modelled_link(uploads, aggregate, skipped, upload_bytes, self.link, start, stop, release)
+
+    def _aggregate(
+        self, received: dict[int, EncodedDelta], weights: Mapping[int, float]
+    ) -> tuple[AggregateResult, Callable[[], None]]:
+        """The rule over every upload; a sum is made in reused memory, and the release of that memory comes along."""
+        rule = self.aggregator
+        if not rule.reduces_from_partial_sums or type(rule).__call__ is not Aggregator.__call__:  # not a plain sum
+            return self.aggregator({c: decode_delta(d) for c, d in received.items()}, weights), lambda: None
+        summands = {client: summands_of(delta) for client, delta in received.items()}
+        first = summands[min(summands)]
+        flat, release = self.sums.take(
+            sum(t.numel() for t in first.values()), pin_memory=any(t.is_pinned() for t in first.values())
+        )
+        layout = [(name, tensor.shape) for name, tensor in first.items()]  # every client's, or the rule refuses
+        return self.aggregator(summands, weights, into=views_by_layout(flat, layout)), release
 
     def describe_stall(self, round_index: int) -> str:
         return "Every client is in this process: the aggregator itself did not return."
+

@@ -32,6 +32,16 @@ BlockLayout = list[tuple[str, torch.Size]]
 """The names and shapes of one block's parameters, in the model's order."""
 
 
+def views_by_layout(flat: Tensor, layout: BlockLayout) -> dict[str, Tensor]:
+    """A block's tensors as views of one flat vector (no copy: a pinned or reused sum stays where it is)."""
+    tensors, offset = {}, 0
+    for name, shape in layout:
+        numel = shape.numel()
+        tensors[name] = flat[offset : offset + numel].view(shape)
+        offset += numel
+    return tensors
+
+
 class CommunicationError(RuntimeError):
     """The exchange of a round failed or timed out on the communication thread."""
 
@@ -52,12 +62,15 @@ class ExchangeResult:
 
     round: int
     block: int
-    aggregate: Optional[dict[str, Tensor]]  # Δ_t in fp32, on the host; None when no sender was kept
+    aggregate: Optional[dict[str, Tensor]]  # Δ_t in fp32, on the host, until released; None when no sender was kept
     skipped_clients: list[int]  # left out for a non-finite delta
     upload_bytes: dict[int, int]  # per client, as encoded
     download_bytes: int  # the aggregate, received by each client
     link_seconds: float  # modelled (simulated link) or measured (a real one): upload then download
     work_seconds: float  # measured: this process's copies, aggregation and waiting on the thread
+    release_aggregate: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+    """Called by the round boundary once it has applied ``aggregate`` and reads it no more: the transport may make
+    a later round's sum in its memory (:mod:`~lightning_parablock.comm.sum_buffers`)."""
 
 
 @runtime_checkable
@@ -115,6 +128,7 @@ def result_after_modelled_link(
     link: SimulatedLink,
     started_at: float,
     stop: Optional[threading.Event],
+    release_aggregate: Callable[[], None] = lambda: None,
 ) -> ExchangeResult:
     """Wait out what is left of the modelled link time after the real work, and describe the exchange.
 
@@ -137,4 +151,5 @@ def result_after_modelled_link(
         download_bytes=download_bytes,
         link_seconds=link_seconds,
         work_seconds=work_seconds,
+        release_aggregate=release_aggregate,
     )

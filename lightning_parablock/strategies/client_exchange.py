@@ -88,6 +88,7 @@ class ClientExchange:
         result = self._worker.wait(round_index)
         waited = time.perf_counter() - waited_from
         self.apply_aggregate(result.round, result.aggregate, left_out=result.skipped_clients)
+        result.release_aggregate()  # applied: its memory may hold the next round's sum
         for client in result.skipped_clients:
             self.residuals.pop(client, None)  # it restarts from the global model: nothing of its past is owed
         return ExchangeOutcome(result, waited)
