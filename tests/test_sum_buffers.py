@@ -162,3 +162,84 @@ def test_in_a_fit_each_round_is_summed_in_the_memory_the_last_boundary_released(
     # the first exchange has nothing released before it; each later one reuses when its block fits the largest so far
     assert reused == [False] + [sizes[t] <= max(sizes[:t]) for t in range(1, 5)]
     assert any(reused)
+
+
+# ------------------------------------------------------------------ rules of one's own
+
+
+class DoubledMean(MeanAggregator):
+    """A subclass with a sum of its own: twice the mean."""
+
+    def accumulate(self, total, deltas, weights):
+        seen = []
+        for client in sorted(deltas):
+            for name, tensor in deltas[client].items():
+                seen.append(tensor.dtype)
+                total[name].add_(tensor, alpha=2 * weights[client])
+        self.dtypes = seen
+        return {}
+
+
+def test_a_mean_with_a_sum_of_its_own_gets_it_used_over_reused_memory_and_decoded_deltas():
+    assert MeanAggregator.reads_payloads_as_sent and not DoubledMean.reads_payloads_as_sent
+    rule = DoubledMean()
+    used = {"w": torch.full((3,), float("nan"))}
+    rule.sum_into(used, {0: {"w": torch.ones(3)}, 1: {"w": torch.ones(3)}}, {0: 0.5, 1: 0.5})
+    assert torch.equal(used["w"], torch.full((3,), 2.0))
+    transport = InMemoryTransport(rule, SimulatedLink())
+    result = transport.exchange(_uploads(0, BF16Codec()), threading.Event())
+    assert set(rule.dtypes) == {torch.float32}  # decoded, as a rule of its own always got them
+    expected = _decoded_mean(_uploads(0, BF16Codec()))
+    assert all(torch.allclose(result.aggregate[n], 2 * expected[n]) for n in expected)
+
+
+def test_a_rule_that_overrides_checked_combine_the_old_way_is_called_without_memory():
+    class Logged(MeanAggregator):
+        def checked_combine(self, deltas, weights):  # the signature before `into`
+            return super().checked_combine(deltas, weights)
+
+    assert not Logged().sums_in_given_memory and MeanAggregator().sums_in_given_memory
+    result = InMemoryTransport(Logged(), SimulatedLink()).exchange(_uploads(0), threading.Event())
+    expected = _decoded_mean(_uploads(0))
+    assert all(torch.equal(result.aggregate[n], expected[n]) for n in expected)
+
+
+def test_a_rule_that_says_it_sums_but_only_combines_still_combines_when_called():
+    class Combining(Aggregator):
+        reduces_from_partial_sums = True
+
+        def combine(self, deltas, weights):
+            return {"w": sum(weights[c] * d["w"] for c, d in deltas.items())}
+
+    assert not Combining().sums_in_given_memory
+    result = Combining()({0: {"w": torch.ones(2)}, 1: {"w": torch.full((2,), 3.0)}}, {0: 1.0, 1: 1.0})
+    assert torch.equal(result.aggregate["w"], torch.full((2,), 2.0))
+
+
+def test_writing_over_used_memory_keeps_a_wider_deltas_product_and_clears_what_no_client_sent():
+    from lightning_parablock.aggregation.rules import add_weighted
+
+    delta = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    added, written = {"w": torch.zeros(1000), "x": torch.zeros(1)}, {"w": torch.full((1000,), 9.0), "x": torch.ones(1)}
+    add_weighted(added, {0: {"w": delta}}, {0: 1 / 3})
+    add_weighted(written, {0: {"w": delta}}, {0: 1 / 3}, overwrite=True)
+    assert torch.equal(written["w"], added["w"]) and torch.equal(written["x"], torch.zeros(1))
+    assert not torch.equal(delta.float() * (1 / 3), added["w"])  # rounding the delta to fp32 first would differ
+
+
+def test_an_applied_aggregate_is_not_handed_back_and_closing_lets_its_memory_go():
+    from lightning_parablock.comm.by_processes import ByProcesses
+    from lightning_parablock.core.planning import RoundPlan
+    from lightning_parablock.core.schedule import BlockSchedule
+    from lightning_parablock.strategies.client_exchange import ClientExchange
+    from lightning_parablock.strategies.exchange_spec import ExchangeSpec
+
+    plan = RoundPlan(1, 1, 0, BlockSchedule("sequential", 1, 0), [0], world_size=1, rank=0)
+    exchange = ClientExchange(None, plan, ExchangeSpec(transport=ByProcesses()), 1.0, torch.device("cpu"))
+    exchange.open(member=0, members=1)
+    exchange.apply_aggregate = lambda round_index, aggregate, left_out=(): None  # no federation here
+    exchange._thread().submit(RoundUploads(0, 0, {0: {"w": torch.ones(3)}}, {0: 1.0}))
+    outcome = exchange.finish(0)
+    assert outcome is not None and outcome.result.aggregate is None
+    exchange.close()
+    assert exchange._worker is None  # the transport, and the sum's memory it kept, go with it

@@ -47,8 +47,9 @@ class _BuildsTheRule(type):
 class Aggregator(metaclass=_BuildsTheRule):
     """How the server combines a round's client deltas (subclass it; use e.g. :class:`~.mean.MeanAggregator`).
 
-    Every call first applies the non-finite policy (:mod:`~lightning_parablock.aggregation.nonfinite`), then
-    :meth:`combine` on the kept clients with their weights normalized over them.
+    Every call combines the clients' deltas with their weights normalized over them and applies the non-finite
+    policy (:mod:`~lightning_parablock.aggregation.nonfinite`): a rule that sums (:meth:`accumulate`) checks while
+    it adds; any other checks every delta, then calls :meth:`combine` on the kept clients.
 
     Args:
         nonfinite: a client whose delta holds NaN/Inf makes the exchange fail (``"raise"``) or is left out of
@@ -57,6 +58,9 @@ class Aggregator(metaclass=_BuildsTheRule):
 
     reduces_from_partial_sums: ClassVar[bool] = False
     """Whether Δ_t is the sum of per-rank :meth:`accumulate` results (one all-reduce), or needs every delta."""
+    reads_payloads_as_sent: ClassVar[bool] = False
+    """Whether :meth:`accumulate` and :meth:`sum_into` may get a delta as it crossed the wire (fp32, or bf16/fp16,
+    which adding into an fp32 sum widens exactly) instead of decoded to fp32: saves an fp32 copy of every delta."""
     weighting: Weighting = "uniform"
     """Which weight a client's delta carries: 1 (``"uniform"``) or its sample count (``"samples"``)."""
 
@@ -121,7 +125,7 @@ class Aggregator(metaclass=_BuildsTheRule):
         name); the aggregate is ``None`` when there are any. A rule that sums checks while it adds
         (:meth:`sum_into` ``into``, or :meth:`accumulate` into a new sum) and reads each delta once; any other rule
         checks every delta, then combines."""
-        if self.reduces_from_partial_sums:
+        if self.reduces_from_partial_sums and type(self).accumulate is not Aggregator.accumulate:
             if into is None:
                 total = zeros_like_delta(deltas)
                 found = self.accumulate(total, deltas, weights)
@@ -150,6 +154,18 @@ class Aggregator(metaclass=_BuildsTheRule):
         for tensor in total.values():
             tensor.zero_()
         return self.accumulate(total, deltas, weights)
+
+    @property
+    def sums_in_given_memory(self) -> bool:
+        """Whether a transport may hand ``__call__`` the memory to make Δ_t in (``into=``): a rule that sums and keeps
+        this class's ``__call__`` and ``checked_combine`` (an override written before ``into`` existed takes none)."""
+        rule = type(self)
+        return (
+            self.reduces_from_partial_sums
+            and rule.accumulate is not Aggregator.accumulate
+            and rule.__call__ is Aggregator.__call__
+            and rule.checked_combine is Aggregator.checked_combine
+        )
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that define the rule (its ``repr``, saved in checkpoints and compared)."""

@@ -26,6 +26,12 @@ class MeanAggregator(Aggregator, method="mean"):
     """
 
     reduces_from_partial_sums: ClassVar[bool] = True
+    reads_payloads_as_sent: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "accumulate" in vars(cls) and "reads_payloads_as_sent" not in vars(cls):
+            cls.reads_payloads_as_sent = False  # arithmetic of its own gets decoded fp32 deltas, as it always did
 
     def __init__(
         self, weighting: Weighting = "uniform", clip_norm: Optional[float] = None, nonfinite: NonFinitePolicy = "raise"
@@ -42,6 +48,8 @@ class MeanAggregator(Aggregator, method="mean"):
 
     def sum_into(self, total: Mapping[str, Tensor], deltas: Deltas, weights: Mapping[int, float]) -> dict[int, str]:
         """The first client's term is written over whatever ``total`` held, the others added: no zeroing pass."""
+        if type(self).accumulate is not MeanAggregator.accumulate:  # a subclass's own sum
+            return super().sum_into(total, deltas, weights)
         return add_weighted(total, deltas, self._clipped(deltas, weights), overwrite=True)
 
     def _clipped(self, deltas: Deltas, weights: Mapping[int, float]) -> dict[int, float]:

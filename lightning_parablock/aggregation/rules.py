@@ -86,15 +86,16 @@ def add_weighted(
     client's term written rather than added, so the memory needs no zeroing pass first (zeros with no client)."""
     if not set(deltas) <= set(weights):
         raise ValueError(f"Deltas from clients {sorted(deltas)} but weights for clients {sorted(weights)}.")
-    if overwrite and not deltas:
-        for tensor in total.values():
-            tensor.zero_()
     non_finite: dict[int, str] = {}
     for position, client in enumerate(sorted(deltas)):
         for name, tensor in deltas[client].items():
             finite = _add_checking(total[name], tensor, weights[client], write=overwrite and position == 0)
             if not finite and client not in non_finite:
                 non_finite[client] = name
+    if overwrite:
+        first = deltas[min(deltas)] if deltas else {}
+        for name in set(total) - set(first):  # nothing written there: it holds an earlier round's values
+            total[name].zero_()
     return non_finite
 
 
@@ -120,7 +121,7 @@ def _add_or_write(total: Tensor, delta: Tensor, weight: float, write: bool) -> N
     from bf16 too), so a written first term equals an added one (a zero may differ in sign only)."""
     if not write:
         total.add_(delta, alpha=weight)
-    elif delta.dtype == total.dtype:
+    elif torch.promote_types(delta.dtype, total.dtype) == delta.dtype:  # the product in delta's dtype, as add_'s
         torch.mul(delta, weight, out=total)  # one pass
     else:  # a bf16 product would be rounded to bf16: widen first (the slice is in the cache by then)
         total.copy_(delta).mul_(weight)

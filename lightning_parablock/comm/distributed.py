@@ -113,9 +113,9 @@ class CollectiveTransport:
         round_index, layout = uploads.round, self.layout(uploads.block)
         sums_in_parts = self.aggregator.reduces_from_partial_sums
         with torch.no_grad():
-            # What is counted is what each client sends; a sum reads fp32 and bf16 as sent, the rest is decoded.
+            # What is counted is what each client sends; the mean reads fp32 and bf16 as sent, the rest is decoded.
             encoded = {client: as_encoded(uploads.deltas[client]) for client in sorted(uploads.deltas)}
-            read = summands_of if sums_in_parts else decode_delta
+            read = summands_of if sums_in_parts and self.aggregator.reads_payloads_as_sent else decode_delta
             mine = {client: read(delta) for client, delta in encoded.items()}
             # A rule that sums in parts finds non-finite deltas while it adds them; the others check every delta first.
             bad_here = {} if sums_in_parts else non_finite_clients(mine)

@@ -25,9 +25,9 @@ from lightning_parablock.core.device_copies import COPY_RANGE
 class InMemoryTransport:
     """Decodes every upload, aggregates, and returns after the modelled link time (real work counted in it).
 
-    A rule that sums (the mean) reads fp32 and bf16 uploads as they are and makes the sum in memory used again
-    round after round (:class:`~lightning_parablock.comm.sum_buffers.SumBuffers`): each delta is read once and no
-    new memory is touched once the first round is done.
+    A rule that sums makes the sum in memory used again round after round
+    (:class:`~lightning_parablock.comm.sum_buffers.SumBuffers`), and the mean reads fp32 and bf16 uploads as they
+    are: each delta is read once and no new memory is touched once the first round is done.
 
     Args:
         aggregator: the server's rule.
@@ -59,15 +59,16 @@ class InMemoryTransport:
     ) -> tuple[AggregateResult, Callable[[], None]]:
         """The rule over every upload; a sum is made in reused memory, and the release of that memory comes along."""
         rule = self.aggregator
-        if not rule.reduces_from_partial_sums or type(rule).__call__ is not Aggregator.__call__:  # not a plain sum
-            return self.aggregator({c: decode_delta(d) for c, d in received.items()}, weights), lambda: None
-        summands = {client: summands_of(delta) for client, delta in received.items()}
+        if not rule.sums_in_given_memory:
+            return rule({c: decode_delta(d) for c, d in received.items()}, weights), lambda: None
+        read = summands_of if rule.reads_payloads_as_sent else decode_delta
+        summands = {client: read(delta) for client, delta in received.items()}
         first = summands[min(summands)]
         flat, release = self.sums.take(
             sum(t.numel() for t in first.values()), pin_memory=any(t.is_pinned() for t in first.values())
         )
         layout = [(name, tensor.shape) for name, tensor in first.items()]  # every client's, or the rule refuses
-        return self.aggregator(summands, weights, into=views_by_layout(flat, layout)), release
+        return rule(summands, weights, into=views_by_layout(flat, layout)), release
 
     def describe_stall(self, round_index: int) -> str:
         return "Every client is in this process: the aggregator itself did not return."

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -32,7 +32,7 @@ from lightning_parablock.telemetry.timeline import RoundRecord, merge_rank_recor
 class ExchangeOutcome:
     """A finished exchange, as the round boundary saw it."""
 
-    result: ExchangeResult
+    result: ExchangeResult  # its aggregate applied and gone (``None``): that memory holds a later round's sum
     exposed_wait_seconds: float  # measured: the main thread blocked on it
 
 
@@ -91,7 +91,7 @@ class ClientExchange:
         result.release_aggregate()  # applied: its memory may hold the next round's sum
         for client in result.skipped_clients:
             self.residuals.pop(client, None)  # it restarts from the global model: nothing of its past is owed
-        return ExchangeOutcome(result, waited)
+        return ExchangeOutcome(replace(result, aggregate=None), waited)
 
     def _thread(self) -> CommWorker:
         assert self._worker is not None, "the client exchange is not open: call `open(...)` at setup"
@@ -115,16 +115,20 @@ class ClientExchange:
         self._worker = CommWorker(self.spec.transport.build(context), self.spec.comm_timeout, device=self.device)
 
     def close(self) -> None:
-        """Stop the communication thread without waiting for exchanges nobody will collect."""
+        """Stop the communication thread without waiting for exchanges nobody will collect, and let its transport
+        go with the memory it keeps for sums (a block of fp32: `open` builds a new one)."""
         if self._worker is not None:
             self._worker.shutdown()
+            self._worker = None
 
     # ----------------------------------------------------------------- boundary
 
     def apply_aggregate(
         self, round_index: int, aggregate: Optional[dict[str, Tensor]], left_out: Sequence[int] = ()
     ) -> None:
-        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i."""
+        """The boundary for round ``round_index``: global += η Δ, and every client drops its own Δ^i.
+
+        ``aggregate``'s memory makes a later round's sum once this returns: an override that keeps it copies it."""
         self.federation.apply_aggregate(round_index, aggregate, left_out)
 
     def merge_round_record(self, record: RoundRecord) -> RoundRecord:
