@@ -53,18 +53,19 @@ def measure(options: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_parablock.core.cpu_half import cpu_flags, missing_half_instructions
+    from lightning_parablock.core.cpu_half import NATIVE_INSTRUCTIONS, cpu_flags, missing_half_instructions
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from pretrained import save_tiny_checkpoint
 
-    flags = cpu_flags() or frozenset()
-    missing = missing_half_instructions(torch.bfloat16)
+    read = cpu_flags()
+    flags = read or frozenset()
+    missing = missing_half_instructions(torch.bfloat16, read)
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}"
           f"{f' (capped: ONEDNN_MAX_CPU_ISA={cap})' if cap else ''}")  # fmt: skip
     lacking = "" if missing is None else f" (missing: {' or '.join(missing)})"
-    print(f"bf16 instructions in /proc/cpuinfo: {sorted(flags & {'avx512_bf16', 'amx_bf16', 'bf16'}) or 'none'}{lacking}")
+    print(f"bf16 instructions in /proc/cpuinfo: {sorted(flags & set(NATIVE_INSTRUCTIONS[torch.bfloat16])) or 'none'}{lacking}")
     with tempfile.TemporaryDirectory() as folder:
         if SHAPES[options.shape] is None:
             save_tiny_checkpoint(Path(folder))

@@ -158,6 +158,7 @@ def stage_times(delta: dict[str, Any], layout: list[tuple[str, torch.Size]], rep
     (each further client: ``accumulate``)."""
     from lightning_parablock import MeanAggregator
     from lightning_parablock.comm.codecs import as_encoded, summands_of
+    from lightning_parablock.comm.transport import views_by_layout
 
     torch.set_num_threads(1)
     summands = {0: summands_of(as_encoded(delta))}
@@ -166,23 +167,14 @@ def stage_times(delta: dict[str, Any], layout: list[tuple[str, torch.Size]], rep
 
     def into_a_new_sum() -> Any:
         total = torch.zeros(numel, dtype=torch.float32)
-        aggregator.accumulate(views_of(total, layout), summands, {0: 0.5})
+        aggregator.accumulate(views_by_layout(total, layout), summands, {0: 0.5})
         return total
 
     stages = {"new sum": timed(into_a_new_sum, repeats)}
-    total = views_of(into_a_new_sum(), layout)
+    total = views_by_layout(into_a_new_sum(), layout)
     stages["write"] = timed(lambda: aggregator.sum_into(total, summands, {0: 0.5}), repeats)
     stages["sum"] = timed(lambda: aggregator.accumulate(total, summands, {0: 0.5}), repeats)
     return stages
-
-
-def views_of(flat: torch.Tensor, layout: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
-    """The block's tensors as views of one flat buffer, as the collective transport sums them."""
-    views, offset = {}, 0
-    for name, shape in layout:
-        views[name] = flat[offset : offset + shape.numel()].view(shape)
-        offset += shape.numel()
-    return views
 
 
 def in_memory(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathResult:

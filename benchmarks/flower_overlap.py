@@ -109,8 +109,9 @@ def main() -> None:
     runs = {method: measure(method, rounds, overrides, options.keep) for method in ("fedbcd", "parablock")}
     load_after = os.getloadavg()[0]
     fedbcd, parablock = runs["fedbcd"], runs["parablock"]
-    c = statistics.mean([fedbcd["compute_per_round_s"], parablock["compute_per_round_s"]])
-    m = statistics.mean([fedbcd["exchange_latency_s"], parablock["exchange_latency_s"]])
+    c_p, m_p = parablock["compute_per_round_s"], parablock["exchange_latency_s"]
+    c_f, m_f = fedbcd["compute_per_round_s"], fedbcd["exchange_latency_s"]
+    c, m = statistics.mean([c_f, c_p]), statistics.mean([m_f, m_p])
     predicted = max(c, m) / (c + m)
     measured = parablock["training_wall_s"] / fedbcd["training_wall_s"]
     lines = [
@@ -133,9 +134,7 @@ def main() -> None:
         lines.append(
             f"  {part:26}{fedbcd['exchange_parts_s'][part]:>10.3f}{parablock['exchange_parts_s'][part]:>11.3f}"
         )
-    spread = abs(fedbcd["compute_per_round_s"] - parablock["compute_per_round_s"]) / c
-    c_p, m_p = parablock["compute_per_round_s"], parablock["exchange_latency_s"]
-    c_f, m_f = fedbcd["compute_per_round_s"], fedbcd["exchange_latency_s"]
+    spread = abs(c_f - c_p) / c
     per_run = max(c_p, m_p) / (c_f + m_f)
     lines += [
         f"ParaBlock/FedBCD measured {measured:.3f}; max(c, m)/(c + m) = {predicted:.3f}"

@@ -39,6 +39,14 @@ FROM_SCRATCH_LEARNING_RATE = 1e-3
 ATTN_IMPLEMENTATIONS = (None, "sdpa", "eager", "flash_attention_2")
 
 
+class AdapterMismatch(ValueError):
+    """The LoRA adapter alone would not be the model (``reason``): :meth:`CausalLMModule.save_adapter` refuses."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Cannot save the LoRA adapter alone: {reason}. Save the merged model with `save_pretrained`.")
+        self.reason = reason
+
+
 class CausalLMModule(L.LightningModule):
     """Train a causal LM on batches of ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss).
 
@@ -310,9 +318,7 @@ class CausalLMModule(L.LightningModule):
         """
         reason = self.adapter_mismatch()
         if reason is not None:
-            raise ValueError(
-                f"Cannot save the LoRA adapter alone: {reason}. Save the merged model with `save_pretrained`."
-            )
+            raise AdapterMismatch(reason)
         self.model.save_pretrained(path)
 
     def adapter_mismatch(self) -> Optional[str]:

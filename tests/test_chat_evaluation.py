@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from pretrained import save_tiny_checkpoint
+from test_chat_data import write_jsonl
 from test_finetune_recipe import chat_file, recipe_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +55,7 @@ def saved(tmp_path_factory):
         row["messages"][-1]["content"] = f"  {own} " if index % 2 == 0 else own + " (wrong)"
         rows.append(row)
     data = root / "eval.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(data, rows)
     return folder, data, model, tokenizer
 
 

@@ -11,7 +11,7 @@ from helpers import lightning_and_reference, max_abs_diff
 
 from lightning_parablock.aggregation import Aggregator, MeanAggregator, MedianAggregator
 from lightning_parablock.aggregation.rules import SLICE_VALUES
-from lightning_parablock.comm.codecs import BF16Codec, Codec, Int8Codec
+from lightning_parablock.comm.codecs import BF16Codec, Codec, Int8Codec, decode_delta
 from lightning_parablock.comm.in_memory import InMemoryTransport
 from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.sum_buffers import SumBuffers
@@ -101,9 +101,10 @@ def _uploads(round_index: int, codec: Optional[Codec] = None, clients: int = 3) 
     return RoundUploads(round_index, 0, encoded, {client: float(client + 1) for client in deltas})
 
 
-def _decoded_mean(uploads: RoundUploads) -> dict[str, torch.Tensor]:
-    decoded = {c: {n: t.decode() for n, t in d.items()} for c, d in uploads.deltas.items()}
-    return MeanAggregator()(decoded, uploads.weights).aggregate
+def _decoded(uploads: RoundUploads, rule: Optional[Aggregator] = None) -> dict[str, torch.Tensor]:
+    """What ``rule`` (the mean) makes of every upload decoded to fp32 first."""
+    decoded = {client: decode_delta(delta) for client, delta in uploads.deltas.items()}
+    return (rule or MeanAggregator())(decoded, uploads.weights).aggregate
 
 
 def test_the_in_memory_mean_reuses_a_released_aggregates_memory_and_keeps_one_in_use():
@@ -116,14 +117,14 @@ def test_the_in_memory_mean_reuses_a_released_aggregates_memory_and_keeps_one_in
     second.release_aggregate()
     third = transport.exchange(_uploads(2), threading.Event())
     assert third.aggregate["a"].data_ptr() == second.aggregate["a"].data_ptr()
-    expected = _decoded_mean(_uploads(2))
+    expected = _decoded(_uploads(2))
     assert all(torch.equal(third.aggregate[n], expected[n]) for n in expected)
 
 
 @pytest.mark.parametrize("codec", [Codec(), BF16Codec(), Int8Codec()], ids=["fp32", "bf16", "int8"])
 def test_the_mean_reads_a_cast_on_the_wire_as_sent_and_decodes_the_rest(codec, monkeypatch):
     uploads = _uploads(0, codec)
-    expected = _decoded_mean(uploads)
+    expected = _decoded(uploads)
     decodes = []
     owner = next(kind for kind in type(codec).__mro__ if "decode" in vars(kind))  # the class whose decode runs
     original = owner.decode
@@ -138,8 +139,7 @@ def test_a_rule_that_needs_every_delta_gets_them_decoded_in_new_memory():
     uploads = _uploads(0, BF16Codec())
     transport = InMemoryTransport(MedianAggregator(), SimulatedLink())
     result = transport.exchange(uploads, threading.Event())
-    decoded = {c: {n: t.decode() for n, t in d.items()} for c, d in uploads.deltas.items()}
-    expected = MedianAggregator()(decoded, uploads.weights).aggregate
+    expected = _decoded(uploads, MedianAggregator())
     assert all(torch.equal(result.aggregate[n], expected[n]) for n in expected)
 
 
@@ -189,7 +189,7 @@ def test_a_mean_with_a_sum_of_its_own_gets_it_used_over_reused_memory_and_decode
     transport = InMemoryTransport(rule, SimulatedLink())
     result = transport.exchange(_uploads(0, BF16Codec()), threading.Event())
     assert set(rule.dtypes) == {torch.float32}  # decoded, as a rule of its own always got them
-    expected = _decoded_mean(_uploads(0, BF16Codec()))
+    expected = _decoded(_uploads(0, BF16Codec()))
     assert all(torch.allclose(result.aggregate[n], 2 * expected[n]) for n in expected)
 
 
@@ -200,7 +200,7 @@ def test_a_rule_that_overrides_checked_combine_the_old_way_is_called_without_mem
 
     assert not Logged().sums_in_given_memory and MeanAggregator().sums_in_given_memory
     result = InMemoryTransport(Logged(), SimulatedLink()).exchange(_uploads(0), threading.Event())
-    expected = _decoded_mean(_uploads(0))
+    expected = _decoded(_uploads(0))
     assert all(torch.equal(result.aggregate[n], expected[n]) for n in expected)
 
 

@@ -29,7 +29,7 @@ from lightning_parablock.callbacks.final_checkpoint import save_final_checkpoint
 from lightning_parablock.callbacks.round_line import print_round_line
 from lightning_parablock.comm.by_processes import ByProcesses
 from lightning_parablock.comm.codecs import Codec, make_codec
-from lightning_parablock.comm.link import SimulatedLink, parse_duration
+from lightning_parablock.comm.link import SimulatedLink
 from lightning_parablock.comm.transport import TransportChoice
 from lightning_parablock.methods.registry import Method, identify
 from lightning_parablock.methods.registry import method as method_settings
@@ -87,7 +87,7 @@ class ParaBlockCallback(Callback):
         self.aggregator = aggregator if aggregator is not None else MeanAggregator()
         self.codec = make_codec(compression)
         self.link = link if link is not None else SimulatedLink()
-        self.comm_timeout = parse_duration(comm_timeout, "comm_timeout")
+        self.comm_timeout = comm_timeout  # parsed by the spec, and taken back from it just below
         self.transport = transport if transport is not None else ByProcesses()
         self._take_checked(self.spec)  # every value refused by name now, not when training starts
         self.records: list[RoundRecord] = []

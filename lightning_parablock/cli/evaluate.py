@@ -25,6 +25,7 @@ from lightning_parablock.core.cpu_half import missing_half_instructions
 from lightning_parablock.data.tokenizer import load_tokenizer
 from lightning_parablock.eval.chat_answers import AnswerMatch, check_chat_tokenizer, load_chat_examples, score_chat
 from lightning_parablock.eval.mtbench import write_jsonl_atomic
+from lightning_parablock.pretrained import ADAPTER_CONFIG
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -91,7 +92,7 @@ def find_model_folder(path: Path) -> Path:
         raise FileNotFoundError(f"{str(path)!r} does not exist; give a saved model folder or a run folder holding one.")
     if (path / "config.json").is_file():
         return path
-    if (path / "adapter_config.json").is_file():
+    if (path / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{str(path)!r} holds a LoRA adapter alone; evaluate the merged model folder it sits in"
             f" ({str(path.parent)!r})."

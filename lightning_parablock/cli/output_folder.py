@@ -162,10 +162,12 @@ def write_adapter(module: nn.Module, folder: Path) -> str:
     hparams = getattr(module, "hparams", {})
     if hparams.get("lora") is None or not callable(getattr(module, "adapter_mismatch", None)):
         return ""
-    reason = module.adapter_mismatch()
-    if reason is not None:
-        return f"; no adapter-only copy: {reason}"
-    module.save_adapter(folder / ADAPTER_FOLDER)
+    from lightning_parablock.module import AdapterMismatch  # here: only a LoRA model's save needs the module room
+
+    try:
+        module.save_adapter(folder / ADAPTER_FOLDER)  # checks, then writes: the checkpoint is read once
+    except AdapterMismatch as refusal:
+        return f"; no adapter-only copy: {refusal.reason}"
     return f"; the LoRA adapter alone in {ADAPTER_FOLDER}/ (PeftModel.from_pretrained(base, '{ADAPTER_FOLDER}'))"
 
 

@@ -222,8 +222,7 @@ class CollectiveTransport:
             for row, client in enumerate(clients)
         }
         if type(self.aggregator).__call__ is not Aggregator.__call__:  # a rule that does its own checking
-            total = sum(raw_weights[client] for client in every)
-            return self.aggregator(every, {client: raw_weights[client] / total for client in every}).aggregate
+            return self.aggregator(every, normalized_weights(raw_weights, list(every))).aggregate
         self.aggregator.check(every)
         return self.aggregator.combine(every, weights)
 

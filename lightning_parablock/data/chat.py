@@ -125,15 +125,19 @@ def _first_user(messages: list[dict[str, str]]) -> int:
     return next((index for index, message in enumerate(messages) if message["role"] == "user"), len(messages))
 
 
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, remedy: str) -> None:
+    """Refuse a tokenizer without a chat template, saying what to give instead (``remedy``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer {tokenizer.name_or_path!r} has no chat template to render conversations with; {remedy}"
+        )
+
+
 def encode_conversation(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` of the rendered conversation, uncut; labels are ``-100``
     except on the tokens of assistant turns that answer a user. A template that cannot render the conversation
     raises :class:`~lightning_parablock.data.chat_template.ChatTemplateError`."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The tokenizer {tokenizer.name_or_path!r} has no chat template to render conversations with; use the"
-            " tokenizer of a chat model, or set `tokenizer.chat_template`."
-        )
+    check_chat_template(tokenizer, "use the tokenizer of a chat model, or set `tokenizer.chat_template`.")
     if not tokenizer.is_fast:
         raise ValueError(
             f"Finding assistant turns needs a fast tokenizer (character offsets); {type(tokenizer).__name__} is not."

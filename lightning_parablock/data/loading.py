@@ -13,11 +13,11 @@ from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from lightning_parablock.argument_checks import check_optional_int
-from lightning_parablock.data.chat import MESSAGES, chat_column, to_chat_schema
+from lightning_parablock.data.chat import INSTRUCTION_FIELDS, MESSAGES, chat_column, to_chat_schema
 from lightning_parablock.data.file_checks import DataFiles, check_data_files, check_data_files_shape, listed_files
 
-INSTRUCTION, INPUT, OUTPUT = "instruction", "input", "output"
-TEXT_FIELDS = (INSTRUCTION, INPUT, OUTPUT)
+TEXT_FIELDS = INSTRUCTION_FIELDS
+INSTRUCTION, INPUT, OUTPUT = TEXT_FIELDS
 
 
 @dataclass(frozen=True)

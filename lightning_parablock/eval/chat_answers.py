@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lightning_parablock.data.chat import CHAT_COLUMNS, check_conversation
+from lightning_parablock.data.chat import CHAT_COLUMNS, check_chat_template, check_conversation
 from lightning_parablock.eval.accuracy import MatchAccuracy
 from lightning_parablock.eval.generation import cut_at_stop, generate_token_ids
 from lightning_parablock.eval.global_model import GlobalModelEvaluation
@@ -105,9 +105,7 @@ def load_chat_examples(path: Union[str, Path], limit: Optional[int] = None) -> l
                 f"{path}, row {row}: no `messages` (or `conversations`) list of turns, got {str(record)[:200]}."
             )
         turns = check_conversation(record[column], f"{path}, row {row}")
-        last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")
-        if not any(turn["role"] == "user" for turn in turns[:last]):
-            raise ValueError(f"{path}, row {row}: the last assistant turn answers no user turn before it.")
+        last = max(index for index, turn in enumerate(turns) if turn["role"] == "assistant")  # after a user turn
         examples.append(ChatExample(turns[:last], turns[last]["content"], row))
     if not examples:
         raise ValueError(f"The chat file {str(path)!r} holds no conversation.")
@@ -141,11 +139,7 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> Optional[str]:
 
 def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a tokenizer without a chat template: the prompts could not be rendered as training rendered them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"The tokenizer {tokenizer.name_or_path!r} has no chat template to render conversations with; give the"
-            " tokenizer the model was fine-tuned with (it is saved beside the model)."
-        )
+    check_chat_template(tokenizer, "give the tokenizer the model was fine-tuned with (it is saved beside the model).")
 
 
 def answer_conversations(

@@ -210,7 +210,7 @@ class FlowerSite(TransportChoice, Callback):
         if stage != "fit" or self.mailbox is None:
             return
         try:
-            if self.mailbox.failed is None and self.mailbox.stopped is None and self.transport is not None:
+            if self.mailbox.stopped is None and self.transport is not None:  # a failed site never gets here
                 deliveries = self.transport.deliveries()
                 self.mailbox.finish({"site": self.site, "deliveries": deliveries, **self._telemetry()})
                 self.mailbox.wait_final_taken(self._comm_timeout)

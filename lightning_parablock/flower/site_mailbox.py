@@ -171,11 +171,6 @@ class SiteMailbox:
         """Why the server stopped the federation, once it did."""
         return self._state.stopped
 
-    @property
-    def failed(self) -> Optional[str]:
-        """Why this site failed, once it did."""
-        return self._state.failed
-
     def describe_silence(self) -> str:
         """When the server last wrote, for a timeout's message."""
         contact = self._state.last_contact
