@@ -9,25 +9,29 @@ paper's weighted mean (``MeanAggregator``):
 
 - in memory: every client in this process, ``InMemoryTransport`` on a real ``CommWorker`` (its thread, submit,
   wait);
-- torch.distributed: two processes on this machine (gloo over loopback), each hosting that many clients, the
-  transport ``ByProcesses`` builds for several processes on a real ``CommWorker`` (the exchange group, the status
-  all-reduce, the partial sums and their all-reduce).
+- torch.distributed: two processes on this machine, each hosting that many clients, the transport ``ByProcesses``
+  builds for several processes on a real ``CommWorker`` (the exchange group, the status all-reduce, the partial
+  sums and their all-reduce): the default, which adds up the partial sums in shared memory (``2 proc shm``), and
+  ``ByProcesses(shared_memory=False)``, gloo's all-reduce over loopback TCP (``2 proc gloo``).
 
 Per path it prints the seconds of a whole round (submit to the aggregate in hand, then released as the round
 boundary releases it once applied: median of the repeats, the first round included), wall clock and CPU seconds of
-the process, and, per stage, the library's own function on the same data, timed alone on one thread: the mean's
-one pass that adds a delta as sent (fp32, or bf16 read into the fp32 sum without a decoded copy) into the sum and
-checks it for NaN/Inf, into a new sum (its pages touched for the first time: what every round paid before sums
-were made in released memory, ``MeanAggregator.accumulate``), over a released sum's memory (the round's first
-client: ``MeanAggregator.sum_into``, no zeroing pass) and into a sum already made (each further client); and gloo's
-all-reduce of the sum. GB/s are gigabytes of fp32 delta per CPU second (1e9 bytes; on a loaded machine the wall clock also counts
-waiting for a core), set beside this machine's single-thread memcpy (``dst.copy_(src)``), sum (``a.add_(b)``) and
-read (``aminmax``) over buffers of the block's size, measured in the same run.
+the process, the first round's CPU seconds apart (what a run pays once: its memory made and touched), and, per
+stage, the library's own function on the same data, timed alone on one thread: the mean's one pass that adds a
+delta as sent (fp32, or bf16 read into the fp32 sum without a decoded copy) into the sum and checks it for NaN/Inf,
+into a new sum (its pages touched for the first time: what every round paid before sums were made in released
+memory, ``MeanAggregator.accumulate``), over a released sum's memory (the round's first client:
+``MeanAggregator.sum_into``, no zeroing pass) and into a sum already made (each further client); and the path's
+all-reduce of the sum (``SharedMemorySum`` or gloo's). GB/s are gigabytes of fp32 delta per CPU second (1e9 bytes;
+on a loaded machine the wall clock also counts waiting for a core), set beside this machine's single-thread memcpy
+(``dst.copy_(src)``), sum (``a.add_(b)``) and read (``aminmax``) over buffers of the block's size, measured in the
+same run.
 
-Memory: per process, every hosted upload and two sums. A configuration is run only when the memory the kernel reports available (``MemAvailable``)
-covers its need plus a margin; otherwise it is listed as skipped, with the need.
+Memory: per process, every hosted upload and two sums. A configuration is run only when the memory the kernel
+reports available (``MemAvailable``), and for shared memory the space free in ``/dev/shm``, covers its need plus a margin; otherwise it is listed as skipped, with the need.
 
     python benchmarks/exchange_throughput.py [--quick] [--clients 1,2,4] [--repeats 3] [--wire fp32,bf16]
+        [--paths memory,shared,gloo]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -50,6 +55,7 @@ from typing import Any, Optional
 import torch
 
 HERE = Path(__file__).resolve()
+SHARED_DIRECTORY = Path("/dev/shm")  # where SharedMemorySum puts the partials
 GB = 1e9
 MARGIN_GB = 1.5  # beyond a configuration's tensors: the processes themselves, and other jobs' growth
 PROCESS_GB = 0.4  # one Python process with torch and the library imported
@@ -81,6 +87,7 @@ class BlockShape:
 
 LLAMA3_8B = BlockShape(hidden=4096, intermediate=14336, kv=1024)  # 436 M parameters: 1.745 GB fp32, 0.872 GB bf16
 QUICK = BlockShape(hidden=1024, intermediate=3584, kv=256)  # 27 M parameters: 0.109 GB fp32
+PATH_NAMES = {"memory": "in memory", "shared": "2 proc shm", "gloo": "2 proc gloo"}
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -88,13 +95,15 @@ QUICK = BlockShape(hidden=1024, intermediate=3584, kv=256)  # 27 M parameters: 0
 
 @dataclass(frozen=True)
 class Timing:
-    """Median seconds of some calls: wall clock, and CPU time of this process (every thread: gloo's too).
+    """Median seconds of some calls: wall clock, and CPU time of this process (every thread: gloo's too); and the
+    first call's CPU time (what is paid once: new memory, first touches).
 
     On a loaded machine the wall clock also counts time spent waiting for a core; the CPU seconds do not.
     """
 
     wall: float
     cpu: float
+    first_cpu: float = 0.0
 
 
 def timed(function: Callable[[], Any], repeats: int, before: Callable[[], Any] = lambda: None) -> Timing:
@@ -108,7 +117,7 @@ def timed(function: Callable[[], Any], repeats: int, before: Callable[[], Any] =
         walls.append(time.perf_counter() - started)
         cpus.append(time.process_time() - cpu)
         del result
-    return Timing(statistics.median(walls), statistics.median(cpus))
+    return Timing(statistics.median(walls), statistics.median(cpus), cpus[0])
 
 
 def machine_bandwidth(numel: int, repeats: int) -> dict[str, float]:
@@ -142,7 +151,7 @@ def make_delta(layout: list[tuple[str, torch.Size]], wire: str, seed: int) -> di
 
 @dataclass
 class PathResult:
-    path: str  # "in memory" or "2 processes"
+    path: str  # "in memory", "2 proc shm" or "2 proc gloo"
     wire: str
     clients: int  # per process
     round: Optional[Timing] = None  # submit to the aggregate in hand, the main thread idle
@@ -213,8 +222,8 @@ def round_of(worker: Any, deltas: dict[int, Any]) -> Callable[[], Any]:
 
 
 def rank_main(args: argparse.Namespace) -> None:
-    """One of the two processes: its clients' stages, gloo's all-reduce, then whole rounds through the real worker
-    and the transport the default ``ByProcesses`` builds for several processes."""
+    """One of the two processes: its clients' stages, the path's all-reduce alone, then whole rounds through the
+    real worker and the transport ``ByProcesses`` builds for several processes."""
     import torch.distributed as dist
 
     from lightning_parablock import ByProcesses, MeanAggregator, SimulatedLink
@@ -229,16 +238,14 @@ def rank_main(args: argparse.Namespace) -> None:
     placement = [client // n for client in range(2 * n)]
     deltas = {c: make_delta(layout, args.wire, c) for c in range(2 * n) if placement[c] == args.rank}
     stages = stage_times(next(iter(deltas.values())), layout, args.repeats)
-    result = PathResult("2 processes", args.wire, n, stages=stages)
-    partial = torch.zeros(shape.numel, dtype=torch.float32)
-    group = dist.new_group(backend="gloo")
-    result.stages["all-reduce"] = timed(lambda: dist.all_reduce(partial, group=group), args.repeats, dist.barrier)
-    del partial
+    shared_memory = args.path == "shared"
+    result = PathResult(PATH_NAMES[args.path], args.wire, n, stages=stages)
+    result.stages["all-reduce"] = all_reduce_alone([s.numel() for _, s in layout], shared_memory, args.repeats)
     context = ExchangeContext(
         aggregator=MeanAggregator(), link=SimulatedLink(), timeout_s=3600.0, placement=placement, member=args.rank,
         members=2, block_layout=lambda block: layout, device=torch.device("cpu"),
     )  # fmt: skip
-    worker = CommWorker(ByProcesses().build(context), timeout_s=3600.0)
+    worker = CommWorker(ByProcesses(shared_memory=shared_memory).build(context), timeout_s=3600.0)
     try:
         result.round = timed(round_of(worker, deltas), args.repeats, dist.barrier)
     finally:
@@ -249,7 +256,30 @@ def rank_main(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def two_processes(shape: BlockShape, wire: str, clients: int, repeats: int) -> PathResult:
+def all_reduce_alone(sizes: list[int], shared_memory: bool, repeats: int) -> Timing:
+    """The all-reduce of a sum of tensors of ``sizes`` fp32 values between the two processes, on a group of its own:
+    in shared memory (partials already written, as a round's sum leaves them) or gloo's."""
+    import torch.distributed as dist
+
+    from lightning_parablock.comm.shared_memory import SharedMemorySum
+
+    group = dist.new_group(backend="gloo")
+    if not shared_memory:
+        partial = torch.zeros(sum(sizes), dtype=torch.float32)
+        return timed(lambda: dist.all_reduce(partial, group=group), repeats, dist.barrier)
+    shared = SharedMemorySum.between(group)
+    assert shared is not None, "two processes of one machine share /dev/shm"
+    agree = lambda values: dist.all_reduce(values, group=group)  # noqa: E731
+
+    def all_reduce() -> None:
+        shared.partial(sizes, agree)
+        shared.all_reduce(agree)[1]()  # handed back, as the round boundary does
+
+    all_reduce()  # its memory made and touched, as in every round after the first
+    return timed(all_reduce, repeats, dist.barrier)
+
+
+def two_processes(shape: BlockShape, path: str, wire: str, clients: int, repeats: int) -> PathResult:
     """Both ranks as two processes of this script; each in a session of its own, killed if still there after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -261,7 +291,7 @@ def two_processes(shape: BlockShape, wire: str, clients: int, repeats: int) -> P
             subprocess.Popen(
                 [sys.executable, str(HERE), "--rank", str(rank), "--port", str(port), "--out", str(out),
                  "--shape", json.dumps(asdict(shape)), "--wire", wire, "--clients", str(clients),
-                 "--repeats", str(repeats)],
+                 "--repeats", str(repeats), "--path", path],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             )
             for rank in (0, 1)
@@ -306,10 +336,10 @@ def available_gb() -> float:
 
 def need_gb(path: str, wire: str, clients: int, block_gb: float) -> float:
     """Peak memory of a configuration: the uploads and two sums (the stages' new and touched ones; the round's one
-    and the transport's reused one), per process."""
+    and the transport's reused one, in /dev/shm or not), per process."""
     upload = block_gb / 2 if wire == "bf16" else block_gb
     per_process = clients * upload + 2 * block_gb + PROCESS_GB
-    return per_process if path == "in memory" else 2 * per_process
+    return per_process if path == "memory" else 2 * per_process
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -317,14 +347,14 @@ def need_gb(path: str, wire: str, clients: int, block_gb: float) -> float:
 
 def format_report(results: list[PathResult], block_gb: float, reference: dict[str, float]) -> str:
     """Per configuration: each stage's GB of fp32 delta per CPU second; the round's wall and CPU seconds and the
-    clients' GB per CPU second of the whole round, against single-thread memcpy."""
+    clients' GB per CPU second of the whole round, against single-thread memcpy; the first round's CPU seconds."""
     memcpy = reference["memcpy"]
     columns = (("new sum", 7), ("write", 6), ("sum", 6), ("all-reduce", 10))
     lines = [
         f"{'path':>11} {'wire':>4} {'clients':>7} | " + " ".join(f"{name:>{width}}" for name, width in columns)
-        + f" | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9}",
+        + f" | {'round s':>7} {'CPU s':>6} {'GB/CPU s':>8} {'of memcpy':>9} {'1st CPU s':>9}",
         f"{'':>11} {'':>4} {'/proc':>7} | {'GB/s per CPU second, alone':^32} |",
-        "-" * 98,
+        "-" * 108,
     ]  # fmt: skip
     for r in results:
         head = f"{r.path:>11} {r.wire:>4} {r.clients:>7}"
@@ -338,20 +368,25 @@ def format_report(results: list[PathResult], block_gb: float, reference: dict[st
         rate = r.clients * block_gb / r.round.cpu
         lines.append(
             f"{head} | {' '.join(cells)} | {r.round.wall:7.2f} {r.round.cpu:6.2f} {rate:8.2f} {rate / memcpy:9.0%}"
+            f" {r.round.first_cpu:9.2f}"
         )
     return "\n".join(lines)
 
 
 def run_configuration(shape: BlockShape, path: str, wire: str, clients: int, repeats: int) -> PathResult:
     """One path, wire format and number of clients; skipped when the memory available does not cover it."""
-    name = "in memory" if path == "memory" else "2 processes"
-    need, have = need_gb(name, wire, clients, shape.numel * 4 / GB), available_gb()
+    block_gb = shape.numel * 4 / GB
+    need, have = need_gb(path, wire, clients, block_gb), available_gb()
     if need + MARGIN_GB > have:
         why = f"needs {need:.1f} GB + {MARGIN_GB} GB margin, {have:.1f} GB available"
-        return PathResult(name, wire, clients, skipped=why)
+        return PathResult(PATH_NAMES[path], wire, clients, skipped=why)
+    shared_free = shutil.disk_usage(SHARED_DIRECTORY).free / GB if SHARED_DIRECTORY.is_dir() else 0.0
+    if path == "shared" and 2 * block_gb > shared_free:  # one partial per process
+        why = f"needs {2 * block_gb:.1f} GB in {SHARED_DIRECTORY}, {shared_free:.1f} GB free"
+        return PathResult(PATH_NAMES[path], wire, clients, skipped=why)
     if path == "memory":
         return in_memory(shape, wire, clients, repeats)
-    return two_processes(shape, wire, clients, repeats)
+    return two_processes(shape, path, wire, clients, repeats)
 
 
 def main() -> None:
@@ -359,10 +394,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 0.11 GB block (27 M parameters) instead of 1.75 GB")
     parser.add_argument("--clients", default="1,2,4", help="clients per process, comma-separated")
     parser.add_argument("--wire", default="fp32,bf16", help="fp32 (no compression) and/or bf16 (the bf16 codec)")
-    parser.add_argument("--paths", default="memory,processes", help="memory and/or processes")
+    parser.add_argument(
+        "--paths", default="memory,shared,gloo", help="in memory; 2 processes summing in shared memory; or by gloo"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    for hidden in ("--rank", "--port", "--out", "--shape"):
+    for hidden in ("--rank", "--port", "--out", "--shape", "--path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank is not None:
@@ -372,7 +409,7 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     wires = [w.strip() for w in args.wire.split(",")]
     paths = [p.strip() for p in args.paths.split(",")]
-    for value, allowed, name in ((wires, {"fp32", "bf16"}, "--wire"), (paths, {"memory", "processes"}, "--paths")):
+    for value, allowed, name in ((wires, {"fp32", "bf16"}, "--wire"), (paths, set(PATH_NAMES), "--paths")):
         if not value or not set(value) <= allowed:
             parser.error(f"{name} takes a comma-separated list from {sorted(allowed)}, got {','.join(value)!r}")
     if not clients or min(clients) < 1:

@@ -109,6 +109,25 @@ def test_the_weighted_sum_is_allocated_pinned_when_the_model_is_on_a_gpu(one_ran
     assert pinned_requests[-1] is True  # the sum; the status row is tiny and stays pageable
 
 
+def test_a_shared_memory_sum_is_copied_to_pinned_memory_and_the_shared_set_handed_back(one_rank_group, monkeypatch):
+    # On a GPU host the boundary uploads the aggregate without blocking only from pinned memory: the shared sum's
+    # tensors are gathered into one pinned vector and the shared set is free at once for the next round.
+    pinned_requests = pin_requests(monkeypatch)
+    layout = [("a", torch.Size([2, 3])), ("b", torch.Size([4]))]
+    transport = distributed_module.CollectiveTransport(
+        dist.group.WORLD, MeanAggregator(), SimulatedLink(), [0, 0], lambda block: layout, 30.0, pin_memory=True
+    )
+    shared_tensors = [torch.arange(6.0), torch.arange(4.0) + 10, torch.tensor([0.0, 1.0])]  # the flags come last
+    handed_back = []
+    total, flags, release = transport._settled(layout, shared_tensors, lambda: handed_back.append(True))
+    assert pinned_requests == [True] and handed_back == [True]
+    assert torch.equal(total["a"], torch.arange(6.0).view(2, 3)) and torch.equal(total["b"], torch.arange(4.0) + 10)
+    assert torch.equal(flags, torch.tensor([0.0, 1.0]))
+    assert total["a"].untyped_storage().data_ptr() == flags.untyped_storage().data_ptr()  # one pinned vector
+    release()
+    assert handed_back == [True]  # pinned memory is torch's cache's to reuse, not the shared set's
+
+
 def test_in_memory_the_sum_is_pinned_when_the_deltas_are(monkeypatch):
     # Deltas staged from a GPU are in pinned host memory: the in-memory sum is pinned too (torch caches pinned
     # buffers, so no new pages each round, and the boundary's upload does not block the host).

@@ -23,10 +23,10 @@ def test_quick_runs_both_paths_and_wires_and_reports_every_stage_beside_memcpy(t
     assert re.search(r"one thread, .*: memcpy [0-9.]+ GB/s, sum [0-9.]+ GB/s, read \(aminmax\) [0-9.]+ GB/s", out), out
     table = out.split("\n\n")[-1]
     number = r" +[0-9.]+"
-    for path, all_reduce in (("in memory", " +-"), ("2 processes", number)):
+    for path, all_reduce in (("in memory", " +-"), ("2 proc shm", number), ("2 proc gloo", number)):
         for wire in ("fp32", "bf16"):
             for clients in (1, 2):
                 stages = rf"{number}{number}{number}{all_reduce}"  # new sum, write, sum, all-reduce
-                row = rf"^ *{path} {wire} +{clients} \|{stages} \|{number}{number}{number} +[0-9]+%$"
+                row = rf"^ *{path} {wire} +{clients} \|{stages} \|{number}{number}{number} +[0-9]+%{number}$"
                 assert re.search(row, table, re.MULTILINE), (path, wire, clients, table)
     assert summary.stat().st_size > 0

@@ -5,7 +5,8 @@ on a process group of the transport's own (Lightning uses the default group from
 every batch; a collective on it from the communication thread would deadlock):
 
 1. a small all-reduce of who sent a delta and with which weight, so every rank normalizes the same weights;
-2. the weighted sum of the deltas by all-reduce, with one flag per client behind it for a delta that held NaN or
+2. the weighted sum of the deltas by all-reduce (in shared memory between ranks of one machine,
+   :mod:`.shared_memory`), with one flag per client behind it for a delta that held NaN or
    Inf (found while it was added), so every rank takes the same decision about non-finite clients; or, for the
    robust aggregators that need every delta (median, trimmed mean), the finiteness of each delta in the first
    all-reduce and an all-gather of the kept deltas.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Optional
@@ -41,6 +43,7 @@ from lightning_parablock.aggregation.aggregator import Aggregator, normalized_we
 from lightning_parablock.aggregation.nonfinite import kept_clients, non_finite_clients
 from lightning_parablock.comm.codecs import as_encoded, decode_delta, encoded_nbytes, summands_of
 from lightning_parablock.comm.link import SimulatedLink
+from lightning_parablock.comm.shared_memory import SharedMemorySum
 from lightning_parablock.comm.sum_buffers import SumBuffers
 from lightning_parablock.comm.transport import (
     BlockLayout,
@@ -84,6 +87,8 @@ class CollectiveTransport:
         timeout_s: longest wait for one collective (``comm_timeout``).
         pin_memory: put the weighted sum in pinned host memory (the model is on a GPU: its upload then does not
             block the host).
+        shared: add up the partial sums in shared memory (ranks of one machine, :meth:`SharedMemorySum.between`)
+            instead of gloo's all-reduce; ``None``: gloo.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class CollectiveTransport:
         layout: Callable[[int], BlockLayout],
         timeout_s: float,
         pin_memory: bool = False,
+        shared: Optional[SharedMemorySum] = None,
     ) -> None:
         self.group = group
         self.aggregator = aggregator
@@ -104,6 +110,7 @@ class CollectiveTransport:
         self.timeout = timedelta(seconds=timeout_s)
         self.pin_memory = pin_memory
         self.sums = SumBuffers()
+        self.shared = shared
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._store = default_store()
@@ -173,21 +180,20 @@ class CollectiveTransport:
         round_index: int,
     ) -> tuple[Optional[dict[str, Tensor]], dict[int, Optional[str]], Callable[[], None]]:
         """Each rank adds its senders into one flat partial sum, checking every delta in the same pass, and the ranks
-        all-reduce the sum with one flag per client behind it (set where a delta held NaN or Inf). With a flag
-        anywhere the policy raises, or every rank sums its kept clients again: the rare path, one more all-reduce.
-        The sum is made in memory used again round after round; the release of it comes along."""
-        numel = sum(shape.numel() for _, shape in layout)
+        all-reduce the sum with one flag per client behind it (set where a delta held NaN or Inf): in shared memory
+        between ranks of one machine (:mod:`.shared_memory`), else by gloo. With a flag anywhere the policy raises,
+        or every rank sums its kept clients again: the rare path, one more all-reduce. The sum is made in memory
+        used again round after round; the release of it comes along."""
+        sizes = [shape.numel() for _, shape in layout] + [len(self.placement)]  # the block, then one flag per client
         bad: dict[int, Optional[str]] = {}
         kept = senders
         while kept:
-            partial, release = self.sums.take(numel + len(self.placement), pin_memory=self.pin_memory)
-            total, flags = views_by_layout(partial, layout), partial[numel:]
-            flags.zero_()
-            mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
-            found = self.aggregator.sum_into(total, mine_kept, normalized_weights(raw_weights, kept))
-            for client in found:
-                flags[client] = 1.0
-            self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
+            try:
+                total, flags, found, release = self._sum_kept(mine, kept, raw_weights, layout, sizes, round_index)
+            except BaseException:
+                if self.shared is not None:  # no file of this round's left in /dev/shm
+                    self.shared.discard_round()
+                raise
             flagged = {client: found.get(client) for client in kept if flags[client] > 0}
             if not flagged:
                 return total, bad, release
@@ -195,6 +201,67 @@ class CollectiveTransport:
             bad.update(flagged)
             kept = kept_clients(senders, bad, self.aggregator.nonfinite, self._describe)
         return None, bad, lambda: None
+
+    def _sum_kept(
+        self,
+        mine: dict[int, dict[str, Tensor]],
+        kept: list[int],
+        raw_weights: dict[int, float],
+        layout: BlockLayout,
+        sizes: list[int],
+        round_index: int,
+    ) -> tuple[dict[str, Tensor], Tensor, dict[int, str], Callable[[], None]]:
+        """The sum of every rank's ``kept`` clients and the flags behind it, the clients of this rank found
+        non-finite, and what releases the sum."""
+
+        def agree(values: Tensor) -> None:
+            self._wait(dist.all_reduce(values, group=self.group, async_op=True), round_index)
+
+        shared_partial = self.shared.partial(sizes, agree) if self.shared is not None else None
+        if shared_partial is not None:
+            partial, release = shared_partial, lambda: None
+        else:
+            partial, release = self.sums.take(sum(sizes), pin_memory=self.pin_memory)
+        total, flags = views_by_layout(partial, layout), partial[sum(sizes[:-1]) :]
+        flags.zero_()
+        mine_kept = {client: mine[client] for client in sorted(set(mine) & set(kept))}
+        found = self.aggregator.sum_into(total, mine_kept, normalized_weights(raw_weights, kept))
+        for client in found:
+            flags[client] = 1.0
+        if self.shared is not None:
+            summed = self.shared.all_reduce(agree)
+            if summed is not None:
+                total, flags, release = self._settled(layout, *summed)
+                return total, flags, found, release
+            self._give_up_shared_memory(self.shared)
+        self._wait(dist.all_reduce(partial, group=self.group, async_op=True), round_index)
+        return total, flags, found, release
+
+    def _give_up_shared_memory(self, shared: SharedMemorySum) -> None:
+        """A rank could not get shared memory: every rank adds up the sums by gloo from now on, and says why."""
+        why = f"this rank's: {shared.failed}" if shared.failed is not None else "another rank could not get its memory"
+        warnings.warn(
+            f"Rank {self.rank} adds up the exchange's sums by gloo from now on: shared memory in {shared.directory}"
+            f" failed ({why}). A larger /dev/shm (Docker: --shm-size) keeps them in shared memory;"
+            " ByProcesses(shared_memory=False) says gloo from the start.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        self.shared = None
+
+    def _settled(
+        self, layout: BlockLayout, tensors: list[Tensor], release: Callable[[], None]
+    ) -> tuple[dict[str, Tensor], Tensor, Callable[[], None]]:
+        """The shared sum's tensors, by name, and its flags, where the round boundary reads them: in place, or (a
+        GPU model) copied to pinned memory, so that their upload does not block the host, and the shared memory is
+        free at once."""
+        if self.pin_memory:
+            pinned, keep = self.sums.take(sum(tensor.numel() for tensor in tensors), pin_memory=True)
+            torch.cat(tensors, out=pinned)
+            release()
+            tensors, release = list(torch.split(pinned, [tensor.numel() for tensor in tensors])), keep
+        total = {name: tensor.view(shape) for (name, shape), tensor in zip(layout, tensors)}
+        return total, tensors[-1], release
 
     def _gather(
         self,
