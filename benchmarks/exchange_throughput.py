@@ -28,7 +28,8 @@ on a loaded machine the wall clock also counts waiting for a core), set beside t
 same run.
 
 Memory: per process, every hosted upload and two sums. A configuration is run only when the memory the kernel
-reports available (``MemAvailable``), and for shared memory the space free in ``/dev/shm``, covers its need plus a margin; otherwise it is listed as skipped, with the need.
+reports available (``MemAvailable``), and for shared memory the space free in ``/dev/shm``, covers its need plus
+a margin; otherwise it is listed as skipped, with the need.
 
     python benchmarks/exchange_throughput.py [--quick] [--clients 1,2,4] [--repeats 3] [--wire fp32,bf16]
         [--paths memory,shared,gloo]
@@ -55,7 +56,6 @@ from typing import Any, Optional
 import torch
 
 HERE = Path(__file__).resolve()
-SHARED_DIRECTORY = Path("/dev/shm")  # where SharedMemorySum puts the partials
 GB = 1e9
 MARGIN_GB = 1.5  # beyond a configuration's tensors: the processes themselves, and other jobs' growth
 PROCESS_GB = 0.4  # one Python process with torch and the library imported
@@ -380,6 +380,8 @@ def run_configuration(shape: BlockShape, path: str, wire: str, clients: int, rep
     if need + MARGIN_GB > have:
         why = f"needs {need:.1f} GB + {MARGIN_GB} GB margin, {have:.1f} GB available"
         return PathResult(PATH_NAMES[path], wire, clients, skipped=why)
+    from lightning_parablock.comm.shared_memory import SHARED_DIRECTORY
+
     shared_free = shutil.disk_usage(SHARED_DIRECTORY).free / GB if SHARED_DIRECTORY.is_dir() else 0.0
     if path == "shared" and 2 * block_gb > shared_free:  # one partial per process
         why = f"needs {2 * block_gb:.1f} GB in {SHARED_DIRECTORY}, {shared_free:.1f} GB free"

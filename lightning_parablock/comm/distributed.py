@@ -256,10 +256,11 @@ class CollectiveTransport:
         GPU model) copied to pinned memory, so that their upload does not block the host, and the shared memory is
         free at once."""
         if self.pin_memory:
-            pinned, keep = self.sums.take(sum(tensor.numel() for tensor in tensors), pin_memory=True)
+            sizes = [tensor.numel() for tensor in tensors]
+            pinned, keep = self.sums.take(sum(sizes), pin_memory=True)
             torch.cat(tensors, out=pinned)
             release()
-            tensors, release = list(torch.split(pinned, [tensor.numel() for tensor in tensors])), keep
+            tensors, release = list(torch.split(pinned, sizes)), keep
         total = {name: tensor.view(shape) for (name, shape), tensor in zip(layout, tensors)}
         return total, tensors[-1], release
 

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_parablock.comm.sum_buffers import first_call_only
+
 SHARED_DIRECTORY = Path("/dev/shm")
 FILE_PREFIX = "lightning_parablock-"
 MAX_SETS = 8
@@ -81,6 +83,13 @@ def _mapped(path: Path, numel: int) -> Tensor:
     if size < numel * 4:
         raise OSError(errno.EINVAL, f"{path} holds {size} bytes, not the {numel * 4} expected")
     return torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+
+
+def _ranks_where(true_here: bool, agree: Agree) -> int:
+    """On how many ranks something is true (agreed: every rank gets the same count)."""
+    votes = torch.tensor([float(true_here)], dtype=torch.float64)
+    agree(votes)
+    return int(votes.item())
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -142,12 +151,12 @@ class SharedMemorySum:
                 seen = probe.read_text() == network
             except OSError:
                 seen = False
-            everywhere = torch.tensor([float(seen)], dtype=torch.float64)
-            dist.all_reduce(everywhere, group=group)  # every rank has read the probe after this
+            # every rank has read the probe after this
+            seen_everywhere = _ranks_where(seen, lambda votes: dist.all_reduce(votes, group=group)) == world_size
         finally:
             if rank == 0:
                 probe.unlink(missing_ok=True)
-        if everywhere.item() < world_size:
+        if not seen_everywhere:
             return None
         return cls(token[0], rank, world_size, directory)
 
@@ -180,13 +189,12 @@ class SharedMemorySum:
         when a rank could not get shared memory (every rank then gloo-reduces its partial, and this object is used
         no more)."""
         current = self._current
-        failed = torch.tensor([float(current is None)], dtype=torch.float64)
-        agree(failed)  # every partial written and every new file made
-        if failed.item() == 0 and self._unmapped:
+        failed = _ranks_where(current is None, agree)  # every partial written and every new file made
+        if not failed and self._unmapped:
             assert current is not None
             failed = self._map_others(current, agree)
         _unlink_all(self._named)  # every rank has mapped every file made this round, or given up on them
-        if failed.item() > 0:
+        if failed:
             return None
         assert current is not None
         partials: list[Tensor] = current.partials  # type: ignore[assignment]  # every one mapped by now
@@ -200,7 +208,11 @@ class SharedMemorySum:
         starts = [start for start, _ in ranges]
         edges = list(itertools.accumulate(self._sizes, initial=0))
         tensors = [partials[bisect.bisect_right(starts, lo) - 1][lo:hi] for lo, hi in zip(edges, edges[1:])]
-        return tensors, self._release_of(current)
+
+        def hand_back() -> None:  # on the main thread, once the round boundary has applied the sum
+            current.held = False
+
+        return tensors, first_call_only(hand_back, self._lock)
 
     def _set_for(self, numel: int, usable: list[int]) -> _PartialSet:
         """A set free on every rank and large enough, a larger one in place of a free one too small, or a new one;
@@ -226,35 +238,21 @@ class SharedMemorySum:
         new.partials[self.rank] = _make(names[self.rank], numel)
         return new
 
-    def _map_others(self, current: _PartialSet, agree: Agree) -> Tensor:
-        """Map the other ranks' files of a set made this round; how many ranks could not (agreed)."""
+    def _map_others(self, current: _PartialSet, agree: Agree) -> int:
+        """Map the other ranks' files of a set made this round; on how many ranks that failed (agreed)."""
         try:
             for rank, path in self._unmapped.items():
                 current.partials[rank] = _mapped(path, current.numel)
         except (OSError, RuntimeError) as error:
             self._failed = error
         self._unmapped = {}
-        failed = torch.tensor([float(self._failed is not None)], dtype=torch.float64)
-        agree(failed)
-        return failed
+        return _ranks_where(self._failed is not None, agree)
 
     def discard_round(self) -> None:
         """The exchange failed between :meth:`partial` and the end of :meth:`all_reduce`: unlink the file this rank
         made in it, if any (the other ranks do the same with theirs)."""
         _unlink_all(self._named)
         self._unmapped = {}
-
-    def _release_of(self, partials: _PartialSet) -> Callable[[], None]:
-        """Marks ``partials`` free on its first call only: a second must not free them while a later round holds
-        them."""
-        held = [partials]
-
-        def release() -> None:
-            with self._lock:
-                if held:
-                    held.pop().held = False
-
-        return release
 
 
 def _network_namespace() -> str:

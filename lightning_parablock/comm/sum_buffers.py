@@ -48,16 +48,21 @@ class SumBuffers:
             free, self._free = self._free, None
         if free is None or free.numel() < numel:
             free = torch.empty(numel, dtype=torch.float32, device=_HOST)
-        return free[:numel], self._release_of(free)
+        return free[:numel], first_call_only(lambda: self._keep_if_largest(free), self._lock)
 
-    def _release_of(self, vector: Tensor) -> Callable[[], None]:
-        """Hands ``vector`` back on its first call only: a second call must not free memory a later sum holds."""
-        held = [vector]
+    def _keep_if_largest(self, vector: Tensor) -> None:
+        if self._free is None or self._free.numel() < vector.numel():
+            self._free = vector
 
-        def release() -> None:
-            with self._lock:
-                if held and (self._free is None or self._free.numel() < held[0].numel()):
-                    self._free = held[0]
-                held.clear()
 
-        return release
+def first_call_only(release: Callable[[], None], lock: threading.Lock) -> Callable[[], None]:
+    """``release`` run on the first call only, under ``lock`` (memory is handed back on the main thread and taken
+    on the communication thread): a second call must not free memory a later round's sum holds."""
+    pending = [release]
+
+    def release_once() -> None:
+        with lock:
+            if pending:
+                pending.pop()()
+
+    return release_once
